@@ -1,0 +1,340 @@
+"""The ``client`` command: classify images, check health, load-test a server.
+
+Exit status: 0 on success; 1 when the server refused or failed a request (``classify``: any
+image not classified; ``health``: not SERVING or unreachable; ``bench``: any failed request);
+2 for bad arguments or unreadable inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from server.client.api import AsyncInferenceClient, InferenceClient, Prediction, RequestError
+from server.client.bench import BenchSetupError, bench_classify, bench_infer, synthetic_jpeg
+from server.client.connection import ClientConfigError, ConnectionOptions, read_token_file
+from server.client.loadgen import LoadSpec
+from server.client.stats import BenchReport
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad arguments or unreadable inputs (exit status 2)."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    group = parser.add_argument_group("connection (each flag also reads CLIENT_<FLAG>)")
+    group.add_argument(
+        "--target",
+        default=env("CLIENT_TARGET"),
+        required=env("CLIENT_TARGET") is None,
+        help="server address HOST:PORT",
+    )
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        default=bool(env("CLIENT_TLS")),
+        help="use TLS with the system CA roots (implied by --ca-cert)",
+    )
+    group.add_argument(
+        "--ca-cert",
+        type=Path,
+        default=env("CLIENT_CA_CERT"),
+        help="PEM CA certificate that signed the server's certificate",
+    )
+    group.add_argument(
+        "--client-cert",
+        type=Path,
+        default=env("CLIENT_CLIENT_CERT"),
+        help="PEM client certificate for mutual TLS",
+    )
+    group.add_argument(
+        "--client-key",
+        type=Path,
+        default=env("CLIENT_CLIENT_KEY"),
+        help="PEM private key of --client-cert",
+    )
+    group.add_argument(
+        "--server-name",
+        default=env("CLIENT_SERVER_NAME"),
+        help="name to check the server certificate against",
+    )
+    group.add_argument(
+        "--token-file",
+        type=Path,
+        default=env("CLIENT_TOKEN_FILE"),
+        help="file holding a bearer token sent on every call",
+    )
+    group.add_argument(
+        "--timeout-s",
+        type=_positive_float,
+        default=float(env("CLIENT_TIMEOUT_S", "30")),
+        help="deadline of each call in seconds (default %(default)s)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="client", description="Client of the finetune inference server."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    classify = commands.add_parser(
+        "classify",
+        help="classify image files",
+        description="Prints PATH<TAB>LABEL<TAB>SCORE per image; with --top-k K, each line "
+        "carries K label/score column pairs, best first. Exit 0 only if every image was "
+        "classified.",
+    )
+    _add_connection_flags(classify)
+    classify.add_argument(
+        "paths",
+        nargs="+",
+        metavar="IMAGE_OR_DIR",
+        help="image files, or directories searched recursively for images",
+    )
+    classify.add_argument(
+        "--top-k", type=_positive_int, default=1, help="labels per image (default 1)"
+    )
+    classify.add_argument("--json", action="store_true", help="print one JSON document")
+    classify.add_argument("--model", default="", help="model name (default: server's default)")
+    classify.add_argument("--model-version", default="", help="model version (default: latest)")
+    classify.add_argument(
+        "--parallel", type=_positive_int, default=8, help="requests in flight at once (default 8)"
+    )
+
+    health = commands.add_parser(
+        "health",
+        help="check grpc.health.v1 status",
+        description="Prints the health status; exit 0 only when SERVING.",
+    )
+    _add_connection_flags(health)
+    health.add_argument("--service", default="", help="service name (default: whole server)")
+
+    bench = commands.add_parser(
+        "bench",
+        help="load-test the server",
+        description="asyncio load generator. Closed loop at --concurrency, or open loop at "
+        "--rate requests/s (then --concurrency caps requests in flight). Sends Classify "
+        "requests with --image (a generated JPEG when absent), or raw ModelInfer requests "
+        "with random inputs when --model is given.",
+    )
+    _add_connection_flags(bench)
+    bench.add_argument(
+        "--concurrency", type=_positive_int, default=1, help="requests in flight (default 1)"
+    )
+    bench.add_argument(
+        "--rate",
+        type=_positive_float,
+        default=None,
+        help="fixed request rate per second (open loop)",
+    )
+    bench.add_argument(
+        "--duration-s", type=_positive_float, default=10.0, help="measurement window (default 10)"
+    )
+    bench.add_argument(
+        "--warmup-s", type=float, default=1.0, help="load before measuring, not counted (default 1)"
+    )
+    bench.add_argument(
+        "--batch", type=_positive_int, default=1, help="images per request (default 1)"
+    )
+    bench.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        help="encoded image to classify (default: a generated 256 px JPEG)",
+    )
+    bench.add_argument(
+        "--model", default="", help="send raw ModelInfer requests to this model instead of Classify"
+    )
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def connection_options(args: argparse.Namespace) -> ConnectionOptions:
+    token = read_token_file(args.token_file) if args.token_file else None
+    return ConnectionOptions(
+        target=args.target,
+        tls=args.tls,
+        ca_cert=args.ca_cert,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
+        server_name=args.server_name,
+        token=token,
+        timeout_s=args.timeout_s,
+    )
+
+
+def collect_images(paths: Sequence[str]) -> list[Path]:
+    """Files as given; directories expanded to their image files, sorted, recursively."""
+    found: list[Path] = []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            images = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not images:
+                raise UsageError(f"directory {path} holds no image files")
+            found.extend(images)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UsageError(f"no such file or directory: {path}")
+    return found
+
+
+async def _classify_all(
+    options: ConnectionOptions, paths: list[Path], args: argparse.Namespace
+) -> list[list[Prediction] | Exception]:
+    slots = asyncio.Semaphore(args.parallel)
+
+    async def one(client: AsyncInferenceClient, path: Path) -> list[Prediction] | Exception:
+        async with slots:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                return exc
+            try:
+                results = await client.classify(
+                    [data], args.top_k, model_name=args.model, model_version=args.model_version
+                )
+            except RequestError as exc:
+                return exc
+            if len(results) != 1:
+                return RequestError(
+                    grpc.StatusCode.UNKNOWN, f"server answered {len(results)} results for one image"
+                )
+            return results[0]
+
+    async with AsyncInferenceClient(options) as client:
+        return list(await asyncio.gather(*(one(client, p) for p in paths)))
+
+
+def _describe_error(error: Exception) -> str:
+    if isinstance(error, OSError):
+        return f"cannot read: {error.strerror or error}"
+    return str(error)
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    paths = collect_images(args.paths)
+    outcomes = asyncio.run(_classify_all(connection_options(args), paths, args))
+    failed = 0
+    records: list[dict[str, object]] = []
+    for path, outcome in zip(paths, outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            failed += 1
+            records.append({"path": str(path), "error": _describe_error(outcome)})
+            if not args.json:
+                print(f"{path}: {_describe_error(outcome)}", file=sys.stderr)
+            continue
+        records.append(
+            {
+                "path": str(path),
+                "predictions": [
+                    {"label": p.label, "index": p.index, "score": p.score} for p in outcome
+                ],
+            }
+        )
+        if not args.json:
+            columns = [str(path)]
+            for p in outcome:
+                columns += [p.label, f"{p.score:.6f}"]
+            print("\t".join(columns))
+    if args.json:
+        print(json.dumps({"results": records, "failed": failed}, indent=2))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def run_health(args: argparse.Namespace) -> int:
+    with InferenceClient(connection_options(args)) as client:
+        try:
+            status = client.health(args.service)
+        except RequestError as exc:
+            print(f"UNREACHABLE {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    print(status)
+    return EXIT_OK if status == "SERVING" else EXIT_FAILED
+
+
+async def _bench(args: argparse.Namespace) -> BenchReport:
+    spec = LoadSpec(
+        concurrency=args.concurrency,
+        rate=args.rate,
+        duration_s=args.duration_s,
+        warmup_s=args.warmup_s,
+        batch=args.batch,
+    )
+    if args.model and args.image:
+        raise UsageError("--image sends Classify requests; --model sends ModelInfer: pick one")
+    async with AsyncInferenceClient(connection_options(args)) as client:
+        if args.model:
+            return await bench_infer(client, spec, args.model)
+        image = _read_file(args.image) if args.image else synthetic_jpeg()
+        return await bench_classify(client, spec, image)
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.warmup_s < 0:
+        raise UsageError(f"--warmup-s must not be negative, got {args.warmup_s}")
+    report = asyncio.run(_bench(args))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.format_text())
+    return EXIT_FAILED if report.error_count or not report.requests_ok else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"classify": run_classify, "health": run_health, "bench": run_bench}
+    try:
+        return handlers[args.command](args)
+    except (UsageError, ClientConfigError, BenchSetupError) as exc:
+        print(f"client {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RequestError as exc:
+        print(f"client {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""An asyncio load generator: closed loop at fixed concurrency, or open loop at a fixed rate.
+
+It knows nothing about what a request is: it awaits a zero-argument coroutine factory and
+classifies failures by gRPC status code. Only requests that *complete* inside the measurement
+window (after warm-up) count, so warm-up and the drain at the end do not bias throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from server.client.stats import BenchReport, LatencySummary
+
+Call = Callable[[], Awaitable[object]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadSpec:
+    """Shape of a load test.
+
+    Attributes:
+        concurrency: closed-loop workers; in rate mode, the cap on requests in flight.
+        rate: requests per second for an open-loop test; ``None`` for closed loop.
+        duration_s: measurement window.
+        warmup_s: load applied before the window opens, not counted.
+        batch: images per request, used only to report images per second.
+    """
+
+    concurrency: int = 1
+    rate: float | None = None
+    duration_s: float = 10.0
+    warmup_s: float = 1.0
+    batch: int = 1
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.rate is not None and self.rate <= 0:
+            raise ValueError(f"rate must be positive, got {self.rate}")
+        if self.duration_s <= 0:
+            raise ValueError(f"duration_s must be positive, got {self.duration_s}")
+        if self.warmup_s < 0:
+            raise ValueError(f"warmup_s must not be negative, got {self.warmup_s}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be at least 1, got {self.batch}")
+
+
+def status_name(exc: BaseException) -> str:
+    """The gRPC status code name of a failed call; other exceptions are named by type."""
+    code = getattr(exc, "code", None)
+    if callable(code):
+        value = code()
+        if isinstance(value, grpc.StatusCode):
+            return value.name
+    return type(exc).__name__
+
+
+class _Recorder:
+    def __init__(self, window_start: float, window_end: float) -> None:
+        self.window_start = window_start
+        self.window_end = window_end
+        self.latencies: list[float] = []
+        self.errors: collections.Counter[str] = collections.Counter()
+
+    async def measure(self, call: Call, scheduled: float) -> None:
+        try:
+            await call()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if self.window_start <= time.perf_counter() <= self.window_end:
+                self.errors[status_name(exc)] += 1
+            return
+        done = time.perf_counter()
+        if self.window_start <= done <= self.window_end:
+            self.latencies.append(done - scheduled)
+
+
+async def run_load(call: Call, spec: LoadSpec, *, target: str) -> BenchReport:
+    """Applies the load described by ``spec`` and reports what was measured."""
+    start = time.perf_counter()
+    recorder = _Recorder(start + spec.warmup_s, start + spec.warmup_s + spec.duration_s)
+    if spec.rate is None:
+        await _closed_loop(call, spec, recorder)
+    else:
+        await _open_loop(call, spec, recorder, spec.rate)
+    return BenchReport(
+        target=target,
+        mode="concurrency" if spec.rate is None else "rate",
+        concurrency=spec.concurrency,
+        rate=spec.rate,
+        batch=spec.batch,
+        duration_s=spec.duration_s,
+        requests_ok=len(recorder.latencies),
+        errors=dict(recorder.errors),
+        latency=LatencySummary.from_seconds(recorder.latencies),
+    )
+
+
+async def _closed_loop(call: Call, spec: LoadSpec, recorder: _Recorder) -> None:
+    async def worker() -> None:
+        while time.perf_counter() < recorder.window_end:
+            await recorder.measure(call, time.perf_counter())
+
+    await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
+
+
+async def _open_loop(call: Call, spec: LoadSpec, recorder: _Recorder, rate: float) -> None:
+    # Latency runs from the scheduled send time: when the server falls behind, the wait for a
+    # free slot is part of what a user would see (no coordinated omission).
+    slots = asyncio.Semaphore(spec.concurrency)
+    tasks: set[asyncio.Task[None]] = set()
+    interval = 1.0 / rate
+    begin = time.perf_counter()
+
+    async def one(scheduled: float) -> None:
+        async with slots:
+            # Sends still waiting for a slot when the window closes would only prolong the drain.
+            if time.perf_counter() < recorder.window_end:
+                await recorder.measure(call, scheduled)
+
+    n = 0
+    while True:
+        scheduled = begin + n * interval
+        if scheduled >= recorder.window_end:
+            break
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.ensure_future(one(scheduled))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        n += 1
+    if tasks:
+        await asyncio.gather(*tasks)
