@@ -1,0 +1,148 @@
+"""The end-of-training report: PNGs that decode, per-class scores that add up, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer.report import per_class_scores, read_metrics, write_report
+
+CLASSES = ["cat", "dog", "a rather long class name that would not fit on an axis"]
+CONFUSION = np.array([[8, 1, 1], [2, 6, 0], [0, 0, 0]], dtype=np.int64)
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _two_phase_rows(lrs_as_list: bool = False) -> list[dict]:
+    rows = []
+    for global_epoch, (phase, epoch) in enumerate(
+        [("head", 1), ("head", 2), ("finetune", 1), ("finetune", 2), ("finetune", 3)], start=1
+    ):
+        lrs = {"head": 1e-3 / global_epoch}
+        if phase == "finetune":
+            lrs["layer4"] = 1e-4 / global_epoch
+        rows.append(
+            {
+                "phase": phase,
+                "epoch": epoch,
+                "global_epoch": global_epoch,
+                "train_loss": 2.0 / global_epoch,
+                "val_loss": 2.2 / global_epoch,
+                "val_accuracy": 0.4 + 0.1 * global_epoch,
+                "lrs": list(lrs.values()) if lrs_as_list else lrs,
+                "images_per_second": 100.0 + global_epoch,
+            }
+        )
+    return rows
+
+
+def test_report_files(tmp_path):
+    metrics = _write_metrics(tmp_path / "metrics.jsonl", _two_phase_rows())
+    backend = matplotlib.get_backend()
+    write_report(tmp_path / "report", metrics, CONFUSION, CLASSES)
+    assert matplotlib.get_backend() == backend  # no backend switch in the caller
+
+    for name in ("curves.png", "confusion_matrix.png"):
+        with Image.open(tmp_path / "report" / name) as image:
+            assert image.format == "PNG"
+            assert image.width > 600 and image.height > 400
+            # not a blank canvas: plotted lines and cells give many distinct colours
+            assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 50
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+        "confusion_matrix.png",
+        "curves.png",
+        "per_class.json",
+    ]
+
+    scores = json.loads((tmp_path / "report" / "per_class.json").read_text())
+    assert scores["accuracy"] == pytest.approx(14 / 18)
+    assert scores["total"] == 18
+    assert list(scores["per_class"]) == CLASSES
+    cat = scores["per_class"]["cat"]
+    assert cat["precision"] == pytest.approx(8 / 10)
+    assert cat["recall"] == pytest.approx(8 / 10)
+    assert cat["support"] == 10
+    dog = scores["per_class"]["dog"]
+    assert dog["precision"] == pytest.approx(6 / 7)
+    assert dog["recall"] == pytest.approx(6 / 8)
+    assert dog["f1"] == pytest.approx(2 * (6 / 7) * (6 / 8) / (6 / 7 + 6 / 8))
+    # a class with no validation images and one wrong prediction: zeros, never NaN
+    assert scores["per_class"][CLASSES[2]] == {
+        "precision": 0.0,
+        "recall": 0.0,
+        "f1": 0.0,
+        "support": 0,
+    }
+    assert scores["weighted_avg"]["recall"] == pytest.approx(scores["accuracy"])
+
+
+def test_learning_rates_as_dict_or_list(tmp_path):
+    by_name = read_metrics(_write_metrics(tmp_path / "a.jsonl", _two_phase_rows()))
+    assert set(by_name.lrs) == {"head", "layer4"}
+    assert by_name.lrs["head"][0] == pytest.approx(1e-3)
+    assert np.isnan(by_name.lrs["layer4"][0])  # layer4 had no group in the head phase
+    assert by_name.lrs["layer4"][2] == pytest.approx(1e-4 / 3)
+
+    positional = read_metrics(_write_metrics(tmp_path / "b.jsonl", _two_phase_rows(True)))
+    assert set(positional.lrs) == {"head", "finetune group 0", "finetune group 1"}
+    write_report(tmp_path / "report", tmp_path / "b.jsonl", CONFUSION, CLASSES)
+    assert (tmp_path / "report" / "curves.png").stat().st_size > 10_000
+
+
+def test_resumed_epoch_keeps_the_last_line(tmp_path):
+    rows = _two_phase_rows()
+    rerun = dict(rows[2], train_loss=0.123)
+    history = read_metrics(_write_metrics(tmp_path / "m.jsonl", [*rows[:4], rerun, rows[4]]))
+    assert history.global_epoch == [1, 2, 3, 4, 5]
+    assert history.train_loss[2] == pytest.approx(0.123)
+    assert history.phase == ["head", "head", "finetune", "finetune", "finetune"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "no epoch records"),
+        ("{not json\n", r"m\.jsonl:1: not valid JSON"),
+        ('{"phase": "head"}\n', r"m\.jsonl:1: missing key\(s\) global_epoch"),
+        ("[1, 2]\n", "expected a JSON object"),
+    ],
+)
+def test_bad_metrics_file(tmp_path, content, message):
+    (tmp_path / "m.jsonl").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        write_report(tmp_path / "report", tmp_path / "m.jsonl", CONFUSION, CLASSES)
+    assert not (tmp_path / "report").exists()
+
+
+def test_missing_metrics_file(tmp_path):
+    with pytest.raises(ValueError, match="metrics file not found"):
+        write_report(tmp_path / "report", tmp_path / "none.jsonl", CONFUSION, CLASSES)
+
+
+@pytest.mark.parametrize(
+    ("confusion", "message"),
+    [
+        (np.zeros((3, 2), dtype=np.int64), "square"),
+        (np.zeros((2, 2), dtype=np.int64), "3 class names"),
+        (np.zeros((3, 3), dtype=np.float32), "integer counts"),
+        (-np.ones((3, 3), dtype=np.int64), "negative"),
+    ],
+)
+def test_bad_confusion_matrix(tmp_path, confusion, message):
+    metrics = _write_metrics(tmp_path / "m.jsonl", _two_phase_rows())
+    with pytest.raises(ValueError, match=message):
+        write_report(tmp_path / "report", metrics, confusion, CLASSES)
+
+
+def test_scores_of_an_empty_matrix_are_zero():
+    scores = per_class_scores(np.zeros((2, 2), dtype=np.int64), ["a", "b"])
+    assert scores["accuracy"] == 0.0
+    assert scores["per_class"]["a"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}

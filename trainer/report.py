@@ -1,0 +1,379 @@
+"""The end-of-training report: curves, confusion matrix and per-class scores.
+
+``write_report`` reads the run's ``metrics.jsonl`` and the validation confusion matrix and
+writes three files into ``report_dir``:
+
+- ``curves.png``: train/val loss, val accuracy, the learning rate of every parameter group
+  and throughput over global epochs, with the head -> finetune boundary marked.
+- ``confusion_matrix.png``: counts in the cells, colours normalised per true class (so a
+  rare class is as visible as a common one), class names on both axes.
+- ``per_class.json``: precision, recall, F1 and support per class, overall accuracy, macro
+  and support-weighted averages.
+
+Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas: no pyplot, so no
+global figure registry and no backend switch in the caller's process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+REQUIRED_KEYS = ("phase", "global_epoch", "train_loss", "val_loss", "val_accuracy")
+MAX_LABEL_CHARS = 28
+MAX_ANNOTATED_CLASSES = 30
+PHASE_COLOURS = {"head": "#fff3d6", "finetune": "#e3f0fb"}
+DPI = 110
+
+
+@dataclass
+class _History:
+    """The metrics file as columns, one entry per global epoch (sorted)."""
+
+    global_epoch: list[int] = field(default_factory=list)
+    phase: list[str] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    images_per_second: list[float] = field(default_factory=list)
+    lrs: dict[str, list[float]] = field(default_factory=dict)
+
+
+def write_report(
+    report_dir: Path,
+    metrics_path: Path,
+    confusion: np.ndarray,
+    classes: list[str],
+) -> None:
+    """Write ``curves.png``, ``confusion_matrix.png`` and ``per_class.json`` into ``report_dir``.
+
+    Args:
+        report_dir: output folder, created if missing.
+        metrics_path: the run's ``metrics.jsonl`` (one JSON object per epoch). A resumed run
+            that wrote the same ``global_epoch`` twice is plotted with the last line.
+        confusion: ``[C, C]`` integer counts, rows = true class, columns = predicted class.
+        classes: the C class names in output order.
+
+    Raises:
+        ValueError: the metrics file is missing, empty or malformed (naming the line and key),
+            or the confusion matrix does not match ``classes``.
+    """
+    matrix = _check_confusion(confusion, classes)
+    history = read_metrics(Path(metrics_path))
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    _save_figure(_curves_figure(history), report_dir / "curves.png")
+    _save_figure(_confusion_figure(matrix, classes), report_dir / "confusion_matrix.png")
+    scores = per_class_scores(matrix, classes)
+    _atomic_write(
+        report_dir / "per_class.json",
+        lambda f: f.write(json.dumps(scores, indent=2).encode() + b"\n"),
+    )
+
+
+def read_metrics(metrics_path: Path) -> _History:
+    """Parse ``metrics.jsonl`` into columns sorted by global epoch.
+
+    Raises:
+        ValueError: missing or empty file, a line that is not a JSON object, or a line
+            without one of the required keys.
+    """
+    if not metrics_path.is_file():
+        raise ValueError(f"metrics file not found: {metrics_path}")
+    rows: dict[int, dict[str, Any]] = {}
+    with metrics_path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{metrics_path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            missing = [key for key in REQUIRED_KEYS if key not in row]
+            if missing:
+                raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
+            try:
+                rows[int(row["global_epoch"])] = row
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{where}: global_epoch must be an integer, got {row['global_epoch']!r}"
+                ) from None
+    if not rows:
+        raise ValueError(f"{metrics_path}: no epoch records to plot")
+    history = _History()
+    ordered = [rows[key] for key in sorted(rows)]
+    for index, row in enumerate(ordered):
+        history.global_epoch.append(int(row["global_epoch"]))
+        history.phase.append(str(row["phase"]))
+        history.train_loss.append(_float(row["train_loss"]))
+        history.val_loss.append(_float(row["val_loss"]))
+        history.val_accuracy.append(_float(row["val_accuracy"]))
+        history.images_per_second.append(_float(row.get("images_per_second")))
+        for name, lr in _named_lrs(row.get("lrs"), str(row["phase"])).items():
+            series = history.lrs.setdefault(name, [math.nan] * len(ordered))
+            series[index] = lr
+    return history
+
+
+def _named_lrs(lrs: Any, phase: str) -> dict[str, float]:
+    """A dict is keyed by group name already; a list is positional, and positions mean
+    different groups in different phases, so list entries are named per phase."""
+    if lrs is None:
+        return {}
+    if isinstance(lrs, dict):
+        return {str(name): _float(lr) for name, lr in lrs.items()}
+    if isinstance(lrs, list | tuple):
+        if len(lrs) == 1:
+            return {f"{phase}": _float(lrs[0])}
+        return {f"{phase} group {i}": _float(lr) for i, lr in enumerate(lrs)}
+    raise ValueError(f"lrs must be a dict or a list, got {type(lrs).__name__}")
+
+
+def _float(value: Any) -> float:
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number, got {value!r}") from None
+
+
+def _check_confusion(confusion: Any, classes: Sequence[str]) -> np.ndarray:
+    matrix = np.asarray(confusion)
+    count = len(classes)
+    if count < 1:
+        raise ValueError("classes must name at least one class")
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"confusion matrix must be square [C, C], got shape {matrix.shape}")
+    if matrix.shape[0] != count:
+        raise ValueError(
+            f"confusion matrix is {matrix.shape[0]}x{matrix.shape[1]} but {count} class "
+            "names were given"
+        )
+    if not np.issubdtype(matrix.dtype, np.integer):
+        raise ValueError(f"confusion matrix must hold integer counts, got dtype {matrix.dtype}")
+    if (matrix < 0).any():
+        raise ValueError("confusion matrix has negative counts")
+    return matrix.astype(np.int64)
+
+
+def per_class_scores(confusion: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Precision, recall, F1 and support per class from a confusion matrix.
+
+    A class never predicted has precision 0 and a class with no validation images has recall
+    0 (scikit-learn's ``zero_division=0``), so the JSON never holds NaN.
+    """
+    matrix = np.asarray(confusion, dtype=np.int64)
+    true_positive = np.diag(matrix).astype(np.float64)
+    support = matrix.sum(axis=1)
+    predicted = matrix.sum(axis=0)
+    precision = np.divide(
+        true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0
+    )
+    recall = np.divide(true_positive, support, out=np.zeros_like(true_positive), where=support > 0)
+    denominator = precision + recall
+    f1 = np.divide(
+        2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0
+    )
+    total = int(matrix.sum())
+    per_class = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(classes)
+    }
+    weights = support / total if total else np.zeros_like(true_positive)
+    return {
+        "accuracy": float(true_positive.sum() / total) if total else 0.0,
+        "total": total,
+        "macro_avg": {
+            "precision": float(precision.mean()),
+            "recall": float(recall.mean()),
+            "f1": float(f1.mean()),
+        },
+        "weighted_avg": {
+            "precision": float((precision * weights).sum()),
+            "recall": float((recall * weights).sum()),
+            "f1": float((f1 * weights).sum()),
+        },
+        "per_class": per_class,
+    }
+
+
+def _shade_phases(axis: Any, history: _History) -> None:
+    """Background band per phase and a dashed line where the head phase hands over."""
+    epochs, phases = history.global_epoch, history.phase
+    start = 0
+    for i in range(1, len(phases) + 1):
+        if i == len(phases) or phases[i] != phases[start]:
+            axis.axvspan(
+                epochs[start] - 0.5,
+                epochs[i - 1] + 0.5,
+                color=PHASE_COLOURS.get(phases[start], "#eeeeee"),
+                zorder=0,
+                linewidth=0,
+            )
+            if i < len(phases):
+                boundary = (epochs[i - 1] + epochs[i]) / 2
+                axis.axvline(boundary, color="#555555", linestyle="--", linewidth=1.2, zorder=1)
+            start = i
+
+
+def _boundary_label(history: _History) -> str:
+    for i in range(1, len(history.phase)):
+        if history.phase[i] != history.phase[i - 1]:
+            last = history.global_epoch[i - 1]
+            return f"{history.phase[i - 1]} -> {history.phase[i]} after epoch {last}"
+    return f"single phase: {history.phase[0]}"
+
+
+def _curves_figure(history: _History) -> Figure:
+    fig = Figure(figsize=(12, 8.5), dpi=DPI, layout="constrained")
+    loss_ax, acc_ax, lr_ax, speed_ax = fig.subplots(2, 2, sharex=True).flat
+    x = history.global_epoch
+    style = {"marker": "o", "markersize": 4, "linewidth": 1.8}
+
+    loss_ax.plot(x, history.train_loss, label="train loss", color="#1f77b4", **style)
+    loss_ax.plot(x, history.val_loss, label="val loss", color="#d62728", **style)
+    loss_ax.set_title("Loss")
+    loss_ax.set_ylabel("cross-entropy")
+
+    acc_ax.plot(x, history.val_accuracy, label="val accuracy", color="#2ca02c", **style)
+    accuracies = np.asarray(history.val_accuracy, dtype=np.float64)
+    if np.isfinite(accuracies).any():
+        best = int(np.nanargmax(accuracies))
+        acc_ax.scatter(
+            [x[best]], [accuracies[best]], s=120, facecolors="none", edgecolors="black", zorder=5
+        )
+        acc_ax.annotate(
+            f"best {accuracies[best]:.1%} (epoch {x[best]})",
+            (x[best], accuracies[best]),
+            textcoords="offset points",
+            xytext=(0, -18),
+            # keep the label inside the axes when the best epoch is at either end
+            ha="right" if best > len(x) / 2 else "left" if len(x) > 1 else "center",
+            fontsize=9,
+        )
+    acc_ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    acc_ax.set_title("Validation accuracy")
+    acc_ax.set_ylabel("accuracy")
+
+    if history.lrs:
+        for name, series in history.lrs.items():
+            lr_ax.plot(x, series, label=name, **style)
+        if all(v > 0 for series in history.lrs.values() for v in series if math.isfinite(v)):
+            lr_ax.set_yscale("log")
+    else:
+        lr_ax.text(0.5, 0.5, "learning rates not recorded", ha="center", transform=lr_ax.transAxes)
+    lr_ax.set_title("Learning rate per parameter group")
+    lr_ax.set_ylabel("learning rate")
+
+    speed_ax.plot(x, history.images_per_second, label="train images/s", color="#9467bd", **style)
+    speed_ax.set_title("Training throughput")
+    speed_ax.set_ylabel("images / second")
+    speed_ax.set_ylim(bottom=0)
+
+    for axis in (loss_ax, acc_ax, lr_ax, speed_ax):
+        _shade_phases(axis, history)
+        axis.grid(True, alpha=0.35)
+        axis.set_xlim(x[0] - 0.5, x[-1] + 0.5)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(loc="best", fontsize=9, framealpha=0.9)
+    for axis in (lr_ax, speed_ax):
+        axis.set_xlabel("global epoch")
+    fig.suptitle(
+        f"Training curves ({_boundary_label(history)}; shaded: "
+        + ", ".join(f"{p} phase" for p in dict.fromkeys(history.phase))
+        + ")",
+        fontsize=12,
+    )
+    return fig
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= MAX_LABEL_CHARS else name[: MAX_LABEL_CHARS - 1] + "\u2026"
+
+
+def _confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> Figure:
+    count = len(classes)
+    labels = [_short(name) for name in classes]
+    longest = max(len(label) for label in labels)
+    label_room = 0.09 * longest  # inches for the rotated / left labels
+    cell = 0.55 if count <= 12 else 0.4 if count <= MAX_ANNOTATED_CLASSES else 0.25
+    side = min(30.0, max(4.5, cell * count + 1.5))
+    fig = Figure(
+        figsize=(side + label_room + 1.5, side + label_room), dpi=DPI, layout="constrained"
+    )
+    axis = fig.subplots()
+    support = matrix.sum(axis=1, keepdims=True)
+    normalised = np.divide(
+        matrix, support, out=np.zeros(matrix.shape, dtype=np.float64), where=support > 0
+    )
+    image = axis.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    colorbar = fig.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
+    colorbar.set_label("share of the true class")
+    colorbar.ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    font = 10 if count <= 12 else 8 if count <= MAX_ANNOTATED_CLASSES else 7
+    axis.set_xticks(range(count), labels, rotation=45, ha="right", fontsize=font)
+    axis.set_yticks(range(count), labels, fontsize=font)
+    if count <= MAX_ANNOTATED_CLASSES:
+        for row in range(count):
+            for col in range(count):
+                axis.text(
+                    col,
+                    row,
+                    str(int(matrix[row, col])),
+                    ha="center",
+                    va="center",
+                    fontsize=font,
+                    color="white" if normalised[row, col] > 0.5 else "black",
+                )
+    axis.set_xlabel("predicted class")
+    axis.set_ylabel("true class")
+    total = int(matrix.sum())
+    accuracy = np.trace(matrix) / total if total else 0.0
+    axis.set_title(
+        f"Confusion matrix (validation, {total} images, accuracy {accuracy:.1%})\n"
+        "cells: counts; colour: share of the row's true class"
+    )
+    return fig
+
+
+def _save_figure(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)
+    # tight bounding box: long rotated class names are never cut off at the edge
+    _atomic_write(
+        path, lambda f: fig.savefig(f, format="png", bbox_inches="tight", pad_inches=0.15)
+    )
+
+
+def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+    """Write through a temp file in the same folder, fsync, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
