@@ -123,24 +123,28 @@ def read_metrics(metrics_path: Path) -> _History:
         history.val_loss.append(_float(row["val_loss"]))
         history.val_accuracy.append(_float(row["val_accuracy"]))
         history.images_per_second.append(_float(row.get("images_per_second")))
-        for name, lr in _named_lrs(row.get("lrs"), str(row["phase"])).items():
+        lrs = row.get("lrs")
+        if lrs is None:  # also accept flat "lr/<group>" keys beside the others
+            lrs = {key: value for key, value in row.items() if key.startswith("lr/")} or None
+        for name, lr in _named_lrs(lrs, str(row["phase"]), where=f"{metrics_path}").items():
             series = history.lrs.setdefault(name, [math.nan] * len(ordered))
             series[index] = lr
     return history
 
 
-def _named_lrs(lrs: Any, phase: str) -> dict[str, float]:
-    """A dict is keyed by group name already; a list is positional, and positions mean
-    different groups in different phases, so list entries are named per phase."""
+def _named_lrs(lrs: Any, phase: str, where: str) -> dict[str, float]:
+    """A dict is keyed by group name already (an ``lr/`` prefix is dropped); a list is
+    positional, and positions mean different groups in different phases, so list entries are
+    named per phase."""
     if lrs is None:
         return {}
     if isinstance(lrs, dict):
-        return {str(name): _float(lr) for name, lr in lrs.items()}
+        return {str(name).removeprefix("lr/"): _float(lr) for name, lr in lrs.items()}
     if isinstance(lrs, list | tuple):
         if len(lrs) == 1:
             return {f"{phase}": _float(lrs[0])}
         return {f"{phase} group {i}": _float(lr) for i, lr in enumerate(lrs)}
-    raise ValueError(f"lrs must be a dict or a list, got {type(lrs).__name__}")
+    raise ValueError(f"{where}: lrs must be a dict or a list, got {type(lrs).__name__}")
 
 
 def _float(value: Any) -> float:

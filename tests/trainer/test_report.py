@@ -97,6 +97,17 @@ def test_learning_rates_as_dict_or_list(tmp_path):
     assert (tmp_path / "report" / "curves.png").stat().st_size > 10_000
 
 
+def test_learning_rates_as_flat_keys(tmp_path):
+    rows = _two_phase_rows()
+    for row in rows:
+        row.update({f"lr/{name}": lr for name, lr in row.pop("lrs").items()})
+    history = read_metrics(_write_metrics(tmp_path / "m.jsonl", rows))
+    assert set(history.lrs) == {"head", "layer4"}
+    rows[0]["lrs"] = "fast"
+    with pytest.raises(ValueError, match="lrs must be a dict or a list"):
+        read_metrics(_write_metrics(tmp_path / "m.jsonl", rows))
+
+
 def test_resumed_epoch_keeps_the_last_line(tmp_path):
     rows = _two_phase_rows()
     rerun = dict(rows[2], train_loss=0.123)
