@@ -43,6 +43,8 @@ def classify_payload(image: bytes, batch: int, model_name: str = "") -> bytes:
 def infer_payload(info: ModelInfo, batch: int, model_version: str = "", seed: int = 0) -> bytes:
     """A ModelInfer request with random inputs shaped as the metadata says, batch first."""
     rng = np.random.default_rng(seed)
+    if not info.inputs:
+        raise BenchSetupError(f"the metadata of model {info.name!r} lists no inputs")
     inputs: dict[str, np.ndarray] = {}
     for spec in info.inputs:
         try:
@@ -90,9 +92,19 @@ async def bench_classify(
 
 
 async def bench_infer(
-    client: AsyncInferenceClient, spec: LoadSpec, model_name: str, model_version: str = ""
+    client: AsyncInferenceClient,
+    spec: LoadSpec,
+    model_name: str,
+    model_version: str = "",
+    *,
+    info: ModelInfo | None = None,
 ) -> BenchReport:
-    info = await client.model_metadata(model_name, model_version)
+    """Loads the server with ModelInfer requests of random inputs.
+
+    The inputs follow ``info``, or the server's ModelMetadata when ``info`` is not given.
+    """
+    if info is None:
+        info = await client.model_metadata(model_name, model_version)
     payload = infer_payload(info, spec.batch, model_version)
     return await run_load(
         raw_call(client, MODEL_INFER_METHOD, payload), spec, target=client.options.target

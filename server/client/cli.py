@@ -22,6 +22,7 @@ from server.client.bench import BenchSetupError, bench_classify, bench_infer, sy
 from server.client.connection import ClientConfigError, ConnectionOptions, read_token_file
 from server.client.loadgen import LoadSpec
 from server.client.stats import BenchReport
+from server.client.tensors import TensorError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -328,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"classify": run_classify, "health": run_health, "bench": run_bench}
     try:
         return handlers[args.command](args)
-    except (UsageError, ClientConfigError, BenchSetupError) as exc:
+    except (UsageError, ClientConfigError, BenchSetupError, TensorError) as exc:
         print(f"client {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except RequestError as exc:

@@ -82,25 +82,43 @@ class _Recorder:
             self.latencies.append(done - scheduled)
 
 
-async def run_load(call: Call, spec: LoadSpec, *, target: str) -> BenchReport:
-    """Applies the load described by ``spec`` and reports what was measured."""
+@dataclasses.dataclass(frozen=True)
+class LoadSamples:
+    """Raw measurements of one window, for callers that merge several windows."""
+
+    latencies_s: list[float]
+    errors: dict[str, int]
+    window_s: float
+
+
+async def collect_load(call: Call, spec: LoadSpec) -> LoadSamples:
+    """Applies the load described by ``spec``; returns what completed inside the window."""
     start = time.perf_counter()
     recorder = _Recorder(start + spec.warmup_s, start + spec.warmup_s + spec.duration_s)
     if spec.rate is None:
         await _closed_loop(call, spec, recorder)
     else:
         await _open_loop(call, spec, recorder, spec.rate)
+    return LoadSamples(recorder.latencies, dict(recorder.errors), spec.duration_s)
+
+
+def build_report(samples: LoadSamples, spec: LoadSpec, *, target: str) -> BenchReport:
     return BenchReport(
         target=target,
         mode="concurrency" if spec.rate is None else "rate",
         concurrency=spec.concurrency,
         rate=spec.rate,
         batch=spec.batch,
-        duration_s=spec.duration_s,
-        requests_ok=len(recorder.latencies),
-        errors=dict(recorder.errors),
-        latency=LatencySummary.from_seconds(recorder.latencies),
+        duration_s=samples.window_s,
+        requests_ok=len(samples.latencies_s),
+        errors=dict(samples.errors),
+        latency=LatencySummary.from_seconds(samples.latencies_s),
     )
+
+
+async def run_load(call: Call, spec: LoadSpec, *, target: str) -> BenchReport:
+    """Applies the load described by ``spec`` and reports what was measured."""
+    return build_report(await collect_load(call, spec), spec, target=target)
 
 
 async def _closed_loop(call: Call, spec: LoadSpec, recorder: _Recorder) -> None:

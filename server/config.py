@@ -1,0 +1,290 @@
+"""The server's settings: one frozen, typed object.
+
+Precedence, lowest first: defaults < ``--config`` YAML file < ``SERVER_*`` environment
+variables < command-line flags. Unknown keys and values of the wrong type are errors that name
+the setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from server.errors import ConfigError
+
+ENV_PREFIX = "SERVER_"
+PROVIDER_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
+GRAPH_OPTIMIZATION_CHOICES = ("disable", "basic", "extended", "all")
+MIB = 1024 * 1024
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Every setting of the server. Each field's ``help`` is also its --help text."""
+
+    model_repository: Path = field(
+        default=Path("models"), metadata=_doc("Triton-layout model repository directory.")
+    )
+    model_name: str | None = field(
+        default=None,
+        metadata=_doc("Serve only this model (default: every model in the repository)."),
+    )
+    host: str = field(default="0.0.0.0", metadata=_doc("Address to bind both ports to."))
+    grpc_port: int = field(default=8001, metadata=_doc("gRPC port (0: pick a free one)."))
+    metrics_port: int = field(
+        default=8002, metadata=_doc("Prometheus /metrics port (0: pick one; -1: disabled).")
+    )
+    max_batch_size: int | None = field(
+        default=None,
+        metadata=_doc("Largest batch the dynamic batcher forms (default: config.pbtxt's)."),
+    )
+    max_queue_delay_us: int | None = field(
+        default=None,
+        metadata=_doc(
+            "How long the batcher waits to fill a batch, in microseconds "
+            "(default: config.pbtxt's dynamic_batching)."
+        ),
+    )
+    max_queue_size: int = field(
+        default=512,
+        metadata=_doc("Requests waiting per model version; beyond it: RESOURCE_EXHAUSTED."),
+    )
+    instances: int = field(
+        default=1, metadata=_doc("onnxruntime sessions per model version, running in parallel.")
+    )
+    providers: str = field(
+        default="auto",
+        metadata=_doc(
+            "Execution providers: auto (CUDA if a GPU works, else CPU), cpu, cuda, tensorrt."
+        ),
+    )
+    intra_op_threads: int = field(
+        default=0, metadata=_doc("onnxruntime intra-op threads per session (0: its default).")
+    )
+    inter_op_threads: int = field(
+        default=0, metadata=_doc("onnxruntime inter-op threads per session (0: its default).")
+    )
+    graph_optimization: str = field(
+        default="all", metadata=_doc("onnxruntime graph optimisation: disable|basic|extended|all.")
+    )
+    warmup_batch_sizes: tuple[int, ...] = field(
+        default=(1,), metadata=_doc("Batch sizes run once per session before serving.")
+    )
+    poll_interval_s: float = field(
+        default=5.0, metadata=_doc("Seconds between repository polls for new versions (0: off).")
+    )
+    drain_delay_s: float = field(
+        default=1.0,
+        metadata=_doc("After SIGTERM, keep serving this long with health NOT_SERVING."),
+    )
+    grace_period_s: float = field(
+        default=30.0, metadata=_doc("After SIGTERM, time allowed to finish accepted requests.")
+    )
+    tls_cert: Path | None = field(default=None, metadata=_doc("PEM server certificate (TLS)."))
+    tls_key: Path | None = field(default=None, metadata=_doc("PEM server private key (TLS)."))
+    tls_client_ca: Path | None = field(
+        default=None, metadata=_doc("PEM CA bundle; when set, clients must present a cert (mTLS).")
+    )
+    auth_token_file: Path | None = field(
+        default=None,
+        metadata=_doc("File holding the bearer token every RPC but health must carry."),
+    )
+    max_message_bytes: int = field(
+        default=64 * MIB, metadata=_doc("Largest gRPC message received or sent, in bytes.")
+    )
+    max_image_bytes: int = field(
+        default=32 * MIB, metadata=_doc("Largest encoded image accepted by Classify, in bytes.")
+    )
+    max_image_pixels: int = field(
+        default=50_000_000, metadata=_doc("Largest decoded image (width*height) accepted.")
+    )
+    preprocess_workers: int = field(
+        default=2, metadata=_doc("Threads decoding and resizing images.")
+    )
+    log_level: str = field(default="INFO", metadata=_doc("Python logging level."))
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+def _validate(config: ServerConfig) -> None:
+    if config.providers not in PROVIDER_CHOICES:
+        raise ConfigError(f"providers must be one of {PROVIDER_CHOICES}, got {config.providers!r}")
+    if config.graph_optimization not in GRAPH_OPTIMIZATION_CHOICES:
+        raise ConfigError(
+            f"graph_optimization must be one of {GRAPH_OPTIMIZATION_CHOICES}, "
+            f"got {config.graph_optimization!r}"
+        )
+    for name in ("grpc_port",):
+        value = getattr(config, name)
+        if not 0 <= value <= 65535:
+            raise ConfigError(f"{name} must be in 0..65535, got {value}")
+    if not -1 <= config.metrics_port <= 65535:
+        raise ConfigError(f"metrics_port must be in -1..65535, got {config.metrics_port}")
+    positive = (
+        "max_queue_size",
+        "instances",
+        "max_message_bytes",
+        "max_image_bytes",
+        "max_image_pixels",
+        "preprocess_workers",
+    )
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    for name in ("intra_op_threads", "inter_op_threads"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must be >= 0")
+    if config.max_batch_size is not None and config.max_batch_size < 1:
+        raise ConfigError(f"max_batch_size must be >= 1, got {config.max_batch_size}")
+    if config.max_queue_delay_us is not None and config.max_queue_delay_us < 0:
+        raise ConfigError("max_queue_delay_us must be >= 0")
+    for name in ("poll_interval_s", "drain_delay_s", "grace_period_s"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must be >= 0")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError("tls_cert and tls_key must be given together")
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise ConfigError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+    if any(size < 1 for size in config.warmup_batch_sizes):
+        raise ConfigError("warmup_batch_sizes must be >= 1")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+_TYPE_HINTS = typing.get_type_hints(ServerConfig)
+
+
+def _base_type(name: str) -> tuple[type, bool]:
+    """(the non-None type of a field, whether None is allowed)."""
+    hint = _TYPE_HINTS[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert a YAML, environment or flag value to the field's type, or raise ConfigError."""
+    if name not in FIELDS:
+        raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(FIELDS))}")
+    base, optional = _base_type(name)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("", "none")):
+        if optional:
+            return None
+        raise ConfigError(f"{name} must not be empty")
+    try:
+        if typing.get_origin(base) is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(int(item) for item in items if str(item).strip())
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            lowered = str(value).lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(value)
+            return lowered in ("1", "true", "yes")
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if base is Path:
+            return Path(str(value))
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: cannot read {value!r} as {base}") from None
+
+
+def _from_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"config file {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path}: invalid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of settings")
+    return {str(k).replace("-", "_"): coerce(str(k).replace("-", "_"), v) for k, v in data.items()}
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    values = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == f"{ENV_PREFIX}CONFIG":
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name not in FIELDS:
+            raise ConfigError(f"unknown environment setting {key}")
+        values[name] = coerce(name, raw)
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``server`` command line; every flag defaults to 'not given' so precedence works."""
+    parser = argparse.ArgumentParser(
+        prog="server",
+        description=(
+            "gRPC inference server for ONNX image classifiers: the Open Inference Protocol v2 "
+            "(Triton-compatible), a finetune.v1.Classifier service, grpc.health.v1 and "
+            "reflection on one port, Prometheus metrics on another. Every flag can also be set "
+            "as SERVER_<FLAG> in the environment (e.g. SERVER_GRPC_PORT=9001) or in the "
+            "--config YAML file (keys as the flag names). Precedence: defaults < file < "
+            "environment < flags."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", type=Path, help="YAML file of settings (env SERVER_CONFIG).")
+    for name, spec in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        kwargs: dict[str, Any] = {"help": f"{spec.metadata['help']} [default: {spec.default}]"}
+        if name == "providers":
+            kwargs["choices"] = PROVIDER_CHOICES
+        if name == "graph_optimization":
+            kwargs["choices"] = GRAPH_OPTIMIZATION_CHOICES
+        parser.add_argument(flag, dest=name, metavar=name.upper(), **kwargs)
+    return parser
+
+
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """Resolve the settings from flags, environment and an optional YAML file."""
+    environ = os.environ if environ is None else environ
+    args = vars(build_parser().parse_args(argv))
+    config_path = args.pop("config", None) or environ.get(f"{ENV_PREFIX}CONFIG")
+    values: dict[str, Any] = {}
+    if config_path:
+        values.update(_from_yaml(Path(config_path)))
+    values.update(_from_env(environ))
+    values.update({name: coerce(name, raw) for name, raw in args.items()})
+    return ServerConfig(**values)
+
+
+def config_as_dict(config: ServerConfig) -> dict[str, Any]:
+    """The resolved settings as plain JSON-able values (for logs)."""
+    result = {}
+    for name in FIELDS:
+        value = getattr(config, name)
+        result[name] = str(value) if isinstance(value, Path) else value
+    return result

@@ -1,0 +1,256 @@
+"""The one place where protobuf messages and numpy arrays / plain dataclasses meet.
+
+Raw tensors (``raw_input_contents``) are little-endian, row-major; BYTES elements are a 4-byte
+little-endian length followed by the bytes. A request uses either raw contents for every input
+or typed ``contents`` for every input, never both.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import numpy as np
+
+from server._proto.finetune.v1 import classifier_pb2
+from server._proto.inference import grpc_service_pb2 as pb
+from server.errors import InvalidInput
+from server.types import (
+    DATATYPES,
+    ClassifyRequest,
+    ClassifyResponse,
+    InferRequest,
+    InferResponse,
+    ModelInfo,
+    Tensor,
+)
+
+# OIP datatype -> the InferTensorContents field carrying it.
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+_MAX_ELEMENTS = 1 << 31
+
+
+def _parameter_value(parameter: pb.InferParameter) -> Any:
+    choice = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, choice) if choice else None
+
+
+def parameters_from_proto(parameters: Any) -> dict[str, Any]:
+    return {key: _parameter_value(value) for key, value in parameters.items()}
+
+
+def _element_count(shape: list[int], where: str) -> int:
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"{where}: shape {shape} has a negative dimension")
+    count = math.prod(shape)
+    if count > _MAX_ELEMENTS:
+        raise InvalidInput(f"{where}: shape {shape} is too large")
+    return count
+
+
+def deserialize_bytes(raw: bytes, count: int, where: str) -> np.ndarray:
+    """Split length-prefixed BYTES elements into an object array of ``count`` bytes values."""
+    items: list[bytes] = []
+    offset = 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidInput(f"{where}: truncated BYTES element length")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise InvalidInput(f"{where}: BYTES element longer than the data")
+        items.append(bytes(raw[offset : offset + length]))
+        offset += length
+    if len(items) != count:
+        raise InvalidInput(f"{where}: {len(items)} BYTES elements, shape needs {count}")
+    array = np.empty(count, dtype=np.object_)
+    array[:] = items
+    return array
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    """Length-prefix every element of a BYTES (object or str) array, row-major."""
+    parts = []
+    for item in array.reshape(-1):
+        value = item.encode() if isinstance(item, str) else bytes(item)
+        parts.append(struct.pack("<I", len(value)))
+        parts.append(value)
+    return b"".join(parts)
+
+
+def _raw_to_array(raw: bytes, datatype: str, shape: list[int], where: str) -> np.ndarray:
+    count = _element_count(shape, where)
+    if datatype == "BYTES":
+        return deserialize_bytes(raw, count, where).reshape(shape)
+    dtype = DATATYPES[datatype]
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidInput(
+            f"{where}: raw contents are {len(raw)} bytes, shape {shape} of {datatype} needs "
+            f"{expected}"
+        )
+    # frombuffer shares the message's memory; the copy makes the array writable and aligned.
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+
+
+def _typed_to_array(
+    contents: pb.InferTensorContents, datatype: str, shape: list[int], where: str
+) -> np.ndarray:
+    count = _element_count(shape, where)
+    if datatype not in CONTENTS_FIELD:
+        raise InvalidInput(f"{where}: datatype {datatype} can only be sent as raw contents")
+    field = CONTENTS_FIELD[datatype]
+    for other in set(CONTENTS_FIELD.values()) - {field}:
+        if len(getattr(contents, other)):
+            raise InvalidInput(f"{where}: {other} set for a {datatype} tensor; expected {field}")
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise InvalidInput(f"{where}: {len(values)} values in {field}, shape {shape} needs {count}")
+    if datatype == "BYTES":
+        array = np.empty(count, dtype=np.object_)
+        array[:] = list(values)
+        return array.reshape(shape)
+    dtype = DATATYPES[datatype]
+    wide = np.array(values, dtype=np.float64 if dtype.kind == "f" else None)
+    if dtype.kind in "iu" and count:
+        info = np.iinfo(dtype)
+        if wide.min() < info.min or wide.max() > info.max:
+            raise InvalidInput(f"{where}: values out of range for {datatype}")
+    return wide.astype(dtype).reshape(shape)
+
+
+def infer_request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
+    """Validate the wire format and build plain tensors; the handler checks the model's specs."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
+        )
+    names: set[str] = set()
+    tensors = []
+    for index, tensor in enumerate(request.inputs):
+        where = f"inputs[{index}] ({tensor.name!r})"
+        if tensor.name in names:
+            raise InvalidInput(f"{where}: duplicate input name")
+        names.add(tensor.name)
+        if tensor.datatype not in DATATYPES:
+            raise InvalidInput(f"{where}: unknown datatype {tensor.datatype!r}")
+        shape = list(tensor.shape)
+        has_typed = tensor.HasField("contents") and tensor.contents.ByteSize() > 0
+        if raw:
+            if has_typed:
+                raise InvalidInput(
+                    f"{where}: sets contents while the request uses raw_input_contents"
+                )
+            array = _raw_to_array(raw[index], tensor.datatype, shape, where)
+        else:
+            array = _typed_to_array(tensor.contents, tensor.datatype, shape, where)
+        tensors.append(Tensor(tensor.name, tensor.datatype, array))
+    return InferRequest(
+        model_name=request.model_name,
+        model_version=request.model_version,
+        id=request.id,
+        inputs=tensors,
+        requested_outputs=[o.name for o in request.outputs],
+        parameters=parameters_from_proto(request.parameters),
+    )
+
+
+def infer_response_to_proto(response: InferResponse, *, raw: bool) -> pb.ModelInferResponse:
+    """Outputs as raw_output_contents when the request used raw inputs, else typed contents."""
+    message = pb.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id
+    )
+    for tensor in response.outputs:
+        output = message.outputs.add(name=tensor.name, datatype=tensor.datatype)
+        output.shape.extend(tensor.shape)
+        if tensor.datatype == "BYTES":
+            data = serialize_bytes(tensor.data)
+            if raw:
+                message.raw_output_contents.append(data)
+            else:
+                output.contents.bytes_contents.extend(bytes(x) for x in tensor.data.reshape(-1))
+        elif raw or tensor.datatype not in CONTENTS_FIELD:
+            dtype = DATATYPES[tensor.datatype]
+            message.raw_output_contents.append(
+                np.ascontiguousarray(tensor.data, dtype=dtype).tobytes()
+            )
+        else:
+            values = getattr(output.contents, CONTENTS_FIELD[tensor.datatype])
+            values.extend(tensor.data.reshape(-1).tolist())
+    return message
+
+
+def model_metadata_to_proto(info: ModelInfo) -> pb.ModelMetadataResponse:
+    message = pb.ModelMetadataResponse(
+        name=info.name, versions=info.versions, platform=info.platform
+    )
+    for target, tensors in ((message.inputs, info.inputs), (message.outputs, info.outputs)):
+        for tensor in tensors:
+            target.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+    message.properties.update(info.properties)
+    return message
+
+
+def classify_request_from_proto(request: classifier_pb2.ClassifyRequest) -> ClassifyRequest:
+    if not request.images:
+        raise InvalidInput("images: at least one image is required")
+    return ClassifyRequest(
+        images=list(request.images),
+        top_k=request.top_k or 1,
+        model_name=request.model_name,
+        model_version=request.model_version,
+        id=request.id,
+    )
+
+
+def classify_response_to_proto(response: ClassifyResponse) -> classifier_pb2.ClassifyResponse:
+    message = classifier_pb2.ClassifyResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id
+    )
+    for predictions in response.results:
+        result = message.results.add()
+        for prediction in predictions:
+            result.predictions.add(
+                label=prediction.label, index=prediction.index, score=prediction.score
+            )
+    return message
+
+
+def _duration(target: pb.StatisticDuration, count: int, ns: int) -> None:
+    target.count = count
+    target.ns = ns
+
+
+def statistics_to_proto(models: list[Any]) -> pb.ModelStatisticsResponse:
+    """Triton's ModelStatistics for loaded versions (``server.models.LoadedModel``)."""
+    message = pb.ModelStatisticsResponse()
+    for model in models:
+        stats = model.stats
+        entry = message.model_stats.add(
+            name=model.name,
+            version=model.version_str,
+            last_inference=stats.last_inference_ms,
+            inference_count=stats.inference_count,
+            execution_count=stats.execution_count,
+        )
+        inference = entry.inference_stats
+        _duration(inference.success, stats.success.count, stats.success.ns)
+        _duration(inference.fail, stats.fail.count, stats.fail.ns)
+        _duration(inference.queue, stats.queue.count, stats.queue.ns)
+        _duration(inference.compute_infer, stats.compute_infer.count, stats.compute_infer.ns)
+    return message

@@ -1,0 +1,67 @@
+"""Domain exceptions of the server.
+
+Handlers, the batcher and the runtime raise these; one interceptor (server.interceptors) maps
+them to gRPC status codes. This module imports nothing from gRPC on purpose.
+"""
+
+from __future__ import annotations
+
+
+class ServerError(Exception):
+    """Base class. ``reason`` is the failure label used in metrics."""
+
+    reason = "internal"
+
+
+class InvalidInput(ServerError):  # noqa: N818 (names of the domain)
+    """The request is malformed; the message names the offending field."""
+
+    reason = "invalid"
+
+
+class ModelNotFound(ServerError):  # noqa: N818 (names of the domain)
+    """No such model, or no such loaded version of it."""
+
+    reason = "not_found"
+
+
+class ModelNotReady(ServerError):  # noqa: N818 (names of the domain)
+    """The model exists but cannot serve now (loading, unloading, draining)."""
+
+    reason = "unavailable"
+
+
+class ShuttingDown(ModelNotReady):
+    """The server is draining and accepts no new work."""
+
+
+class Overloaded(ServerError):  # noqa: N818 (names of the domain)
+    """The request queue is full; the client should back off and retry."""
+
+    reason = "rejected"
+
+
+class DeadlineExceeded(ServerError):  # noqa: N818 (names of the domain)
+    """The client's deadline passed before the request was computed."""
+
+    reason = "deadline"
+
+
+class Cancelled(ServerError):  # noqa: N818 (names of the domain)
+    """The client cancelled the request."""
+
+    reason = "cancelled"
+
+
+class Unauthenticated(ServerError):  # noqa: N818 (names of the domain)
+    """Missing or wrong bearer token."""
+
+    reason = "unauthenticated"
+
+
+class ModelLoadError(ServerError):
+    """A model version could not be read, loaded or warmed up."""
+
+
+class ConfigError(ValueError):
+    """The server settings are invalid; the message names the setting."""

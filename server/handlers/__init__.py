@@ -1,0 +1,1 @@
+"""Request handlers on plain numpy arrays and dataclasses (no protobuf, no gRPC)."""

@@ -1,0 +1,102 @@
+"""The task-level classification handler: encoded images in, top-k labels out."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Executor
+
+import numpy as np
+
+from server.errors import InvalidInput
+from server.handlers.common import RequestRecord, recorded
+from server.metrics import ServerMetrics
+from server.models import LoadedModel, ModelManager
+from server.preprocess import ImageLimits, decode_images
+from server.types import ClassifyRequest, ClassifyResponse, Prediction
+
+
+def _probabilities(model: LoadedModel, outputs: dict[str, np.ndarray]) -> np.ndarray:
+    if "probabilities" in outputs:
+        return np.asarray(outputs["probabilities"], dtype=np.float64)
+    logits = np.asarray(outputs[model.runtime.outputs[0].name], dtype=np.float64)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def top_k(probabilities: np.ndarray, labels: tuple[str, ...], k: int) -> list[list[Prediction]]:
+    """The k best classes per row, highest first; labels fall back to the class index."""
+    k = min(k, probabilities.shape[1])
+    results = []
+    for row in probabilities:
+        best = np.argsort(-row, kind="stable")[:k]
+        results.append(
+            [
+                Prediction(labels[i] if i < len(labels) else str(i), int(i), float(row[i]))
+                for i in best
+            ]
+        )
+    return results
+
+
+class ClassificationHandler:
+    """Decodes images per the model's export metadata and runs them through its batcher."""
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        metrics: ServerMetrics,
+        decode_executor: Executor,
+        limits: ImageLimits,
+    ) -> None:
+        self.manager = manager
+        self.metrics = metrics
+        self.decode_executor = decode_executor
+        self.limits = limits
+
+    async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
+        record = RequestRecord(request.model_name or "")
+        with recorded(self.metrics, record, request.deadline):
+            async with self.manager.lease(request.model_name, request.model_version) as model:
+                record.model, record.version = model.name, model.version_str
+                return await self._classify(model, request)
+
+    async def _classify(self, model: LoadedModel, request: ClassifyRequest) -> ClassifyResponse:
+        if model.metadata is None or model.metadata.preprocessing is None:
+            raise InvalidInput(
+                f"model {model.name!r} has no preprocessing metadata (model.json); "
+                "use ModelInfer with decoded tensors"
+            )
+        if request.top_k < 1:
+            raise InvalidInput("top_k must be >= 1")
+        limit = model.max_batch_size
+        if limit > 0 and len(request.images) > limit:
+            raise InvalidInput(f"images: {len(request.images)} images, the limit is {limit}")
+        started = time.monotonic()
+        batch = await decode_images(
+            request.images, model.metadata.preprocessing, self.limits, self.decode_executor
+        )
+        self.metrics.preprocess_seconds.labels(model.name, model.version_str).observe(
+            time.monotonic() - started
+        )
+        if limit == 0:
+            if len(request.images) != 1:
+                raise InvalidInput("images: this model takes one image per request")
+            batch = batch[0]
+        input_name = model.runtime.inputs[0].name
+        result = await model.batcher.submit({input_name: batch}, request.deadline)
+        self.metrics.queue_seconds.labels(model.name, model.version_str).observe(result.queue_s)
+        stats = model.stats
+        stats.success.add(time.monotonic() - started)
+        stats.queue.add(result.queue_s)
+        stats.compute_infer.add(result.compute_s)
+        stats.inference_count += len(request.images)
+        stats.last_inference_ms = int(time.time() * 1000)
+        probabilities = _probabilities(model, result.outputs)
+        if limit == 0:
+            probabilities = probabilities.reshape(1, -1)
+        return ClassifyResponse(
+            results=top_k(probabilities, model.labels, request.top_k),
+            model_name=model.name,
+            model_version=model.version_str,
+            id=request.id,
+        )

@@ -1,0 +1,48 @@
+"""Outcome bookkeeping shared by the handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+
+from server.errors import ServerError
+from server.metrics import ServerMetrics
+
+
+class RequestRecord:
+    """Labels of one request, filled in as the handler learns them."""
+
+    def __init__(self, model: str, version: str = "") -> None:
+        self.model = model
+        self.version = version
+        self.started = time.monotonic()
+
+
+@contextlib.contextmanager
+def recorded(
+    metrics: ServerMetrics, record: RequestRecord, deadline: float | None
+) -> Iterator[RequestRecord]:
+    """Count the request's outcome and, on success, its end-to-end latency."""
+    metrics.inflight.inc()
+    try:
+        yield record
+    except ServerError as error:
+        metrics.requests.labels(record.model, record.version, error.reason).inc()
+        raise
+    except asyncio.CancelledError:
+        expired = deadline is not None and time.monotonic() >= deadline
+        outcome = "deadline" if expired else "cancelled"
+        metrics.requests.labels(record.model, record.version, outcome).inc()
+        raise
+    except Exception:
+        metrics.requests.labels(record.model, record.version, "internal").inc()
+        raise
+    else:
+        metrics.requests.labels(record.model, record.version, "success").inc()
+        metrics.request_seconds.labels(record.model, record.version).observe(
+            time.monotonic() - record.started
+        )
+    finally:
+        metrics.inflight.dec()

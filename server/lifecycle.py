@@ -1,0 +1,88 @@
+"""Graceful shutdown.
+
+On SIGTERM: health turns NOT_SERVING at once; the server keeps serving for ``drain_delay_s``
+(Kubernetes needs that long to take the pod out of the Service's endpoints); then the gate
+interceptor answers new inference RPCs with UNAVAILABLE itself; every accepted request is
+finished within ``grace_period_s``; only then is the gRPC server stopped.
+
+The pitfall this avoids: grpc.aio's ``server.stop(grace)`` cancels calls that have arrived but
+were not yet handed to a handler, and they reach the client as CANCELLED -- lost requests.
+Rejecting new work ourselves first, and stopping only once nothing is in flight, turns those
+into UNAVAILABLE answers a client can retry elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+
+class ServerState:
+    """Shared between the interceptors and the drain sequence."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.rejecting = False
+        self.active = 0
+        self._idle: asyncio.Event | None = None
+
+    def _event(self) -> asyncio.Event:
+        if self._idle is None:
+            self._idle = asyncio.Event()
+            if self.active == 0:
+                self._idle.set()
+        return self._idle
+
+    def enter(self) -> None:
+        self.active += 1
+        self._event().clear()
+
+    def exit(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._event().set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True when no tracked RPC is running; False if the timeout came first."""
+        try:
+            await asyncio.wait_for(self._event().wait(), timeout=max(timeout, 0.0))
+        except TimeoutError:
+            return False
+        return True
+
+
+async def drain(handle: DrainTarget, *, drain_delay_s: float, grace_period_s: float) -> None:
+    """Run the shutdown sequence described in the module docstring."""
+    started = time.monotonic()
+    state = handle.state
+    state.draining = True
+    await handle.set_not_serving()
+    log.info("draining: health NOT_SERVING, still serving for %.1fs", drain_delay_s)
+    await asyncio.sleep(drain_delay_s)
+    state.rejecting = True
+    remaining = grace_period_s - (time.monotonic() - started) + drain_delay_s
+    log.info("draining: rejecting new requests, %d in flight", state.active)
+    if not await state.wait_idle(remaining):
+        log.warning("grace period over with %d request(s) still running", state.active)
+    # Nothing accepted is still running; a short grace lets the UNAVAILABLE answers go out.
+    await handle.stop_transport(grace=0.5)
+    await handle.unload_models()
+    log.info("drained in %.2fs", time.monotonic() - started)
+
+
+class DrainTarget:
+    """What drain needs from the running server (implemented by server.app.ServerHandle)."""
+
+    state: ServerState
+
+    async def set_not_serving(self) -> None:
+        raise NotImplementedError
+
+    async def stop_transport(self, grace: float) -> None:
+        raise NotImplementedError
+
+    async def unload_models(self) -> None:
+        raise NotImplementedError

@@ -1,0 +1,221 @@
+"""Prometheus metrics of the server, registered on an explicit CollectorRegistry.
+
+Latencies are histograms in seconds so percentiles aggregate across replicas; counters end in
+``_total``. The registry is passed in (never the process-global one) so tests and several
+servers in one process stay apart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from server.batching import BatchObserver
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+OUTCOMES = (
+    "success",
+    "invalid",
+    "not_found",
+    "unavailable",
+    "rejected",
+    "deadline",
+    "cancelled",
+    "unauthenticated",
+    "internal",
+)
+
+
+class ServerMetrics:
+    """Every metric the server exports."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        model = ["model", "version"]
+        self.requests = Counter(
+            "inference_requests_total",
+            "Inference requests (ModelInfer and Classify) by outcome.",
+            [*model, "outcome"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "inference_request_duration_seconds",
+            "End-to-end handler latency of successful inference requests.",
+            model,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_seconds = Histogram(
+            "inference_queue_duration_seconds",
+            "Time a request waited in the batcher's queue.",
+            model,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.preprocess_seconds = Histogram(
+            "inference_preprocess_duration_seconds",
+            "Image decoding and resizing per Classify request.",
+            model,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.compute_seconds = Histogram(
+            "inference_compute_duration_seconds",
+            "onnxruntime time per executed batch.",
+            model,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "inference_batch_size",
+            "Rows per executed batch.",
+            model,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.inferences = Counter(
+            "inference_rows_total",
+            "Rows (images) computed; a batch of n counts n.",
+            model,
+            registry=registry,
+        )
+        self.expired = Counter(
+            "inference_expired_in_queue_total",
+            "Requests dropped before compute because their deadline had passed.",
+            model,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "inference_queue_depth",
+            "Requests waiting in the batcher's queue.",
+            model,
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "inference_inflight_requests", "Inference RPCs being handled now.", registry=registry
+        )
+        self.model_loads = Counter(
+            "model_loads_total",
+            "Model versions loaded and warmed up.",
+            ["model"],
+            registry=registry,
+        )
+        self.model_load_failures = Counter(
+            "model_load_failures_total",
+            "Model versions rejected because they failed to load or warm up.",
+            ["model"],
+            registry=registry,
+        )
+        self.model_info = Gauge(
+            "model_info",
+            "1 for each loaded model version, labelled with its execution provider.",
+            ["model", "version", "provider", "precision"],
+            registry=registry,
+        )
+        grpc_labels = ["grpc_service", "grpc_method", "grpc_type"]
+        self.grpc_started = Counter(
+            "grpc_server_started_total",
+            "RPCs started on the server.",
+            grpc_labels,
+            registry=registry,
+        )
+        self.grpc_handled = Counter(
+            "grpc_server_handled_total",
+            "RPCs completed on the server, by status code.",
+            [*grpc_labels, "grpc_code"],
+            registry=registry,
+        )
+        self.grpc_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "RPC handling time on the server.",
+            grpc_labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        gpu = GpuCollector()
+        if gpu.available:
+            registry.register(gpu)
+
+    def observer(self, model: str, version: str) -> BatchObserver:
+        return _BatchMetrics(self, model, version)
+
+
+class _BatchMetrics(BatchObserver):
+    def __init__(self, metrics: ServerMetrics, model: str, version: str) -> None:
+        self._depth = metrics.queue_depth.labels(model, version)
+        self._batch = metrics.batch_size.labels(model, version)
+        self._compute = metrics.compute_seconds.labels(model, version)
+        self._rows = metrics.inferences.labels(model, version)
+        self._expired = metrics.expired.labels(model, version)
+
+    def queue_depth(self, depth: int) -> None:
+        self._depth.set(depth)
+
+    def batch_done(self, batch_size: int, request_count: int, compute_s: float) -> None:
+        self._batch.observe(batch_size)
+        self._compute.observe(compute_s)
+        self._rows.inc(batch_size)
+
+    def expired(self) -> None:
+        self._expired.inc()
+
+
+class GpuCollector(Collector):
+    """GPU utilisation and memory from NVML, when pynvml and a GPU are present."""
+
+    def __init__(self) -> None:
+        self._nvml: Any = None
+        try:
+            import pynvml  # optional; not a dependency
+
+            pynvml.nvmlInit()
+            self._count = pynvml.nvmlDeviceGetCount()
+            self._nvml = pynvml
+        except Exception:  # no library, no driver or no GPU: no GPU metrics
+            self._count = 0
+
+    @property
+    def available(self) -> bool:
+        return self._nvml is not None and self._count > 0
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        utilisation = GaugeMetricFamily(
+            "gpu_utilization_ratio", "GPU busy fraction (NVML).", labels=["gpu"]
+        )
+        used = GaugeMetricFamily("gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"])
+        total = GaugeMetricFamily("gpu_memory_total_bytes", "GPU memory size.", labels=["gpu"])
+        for index in range(self._count):
+            try:
+                handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
+                rates = self._nvml.nvmlDeviceGetUtilizationRates(handle)
+                memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+            except Exception:  # a GPU that vanished must not break /metrics
+                log.debug("NVML query failed for GPU %d", index, exc_info=True)
+                continue
+            utilisation.add_metric([str(index)], rates.gpu / 100.0)
+            used.add_metric([str(index)], float(memory.used))
+            total.add_metric([str(index)], float(memory.total))
+        return [utilisation, used, total]

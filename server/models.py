@@ -1,0 +1,359 @@
+"""Loaded model versions and hot reload.
+
+The manager reads the repository, loads every version the policy selects (sessions + warm-up,
+off the event loop), and polls for changes. A new version is swapped in only after it loaded
+and warmed up; a version that fails is rejected with a log line and a metric while the old one
+keeps serving. A version leaving the policy is removed from lookup at once and unloaded only
+after the requests holding it (leases) finish, so a swap under load fails no request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from server._proto.inference import model_config_pb2
+from server.batching import BatchingSettings, BatchObserver, DynamicBatcher
+from server.config import ServerConfig
+from server.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServerError
+from server.metrics import ServerMetrics
+from server.repository import (
+    ExportMetadata,
+    VersionSource,
+    list_models,
+    read_metadata,
+    read_model,
+)
+from server.runtime import ModelRuntime, SessionSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DurationStat:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass
+class ModelStats:
+    """Cumulative statistics in Triton's ModelStatistics shape."""
+
+    success: DurationStat = field(default_factory=DurationStat)
+    fail: DurationStat = field(default_factory=DurationStat)
+    queue: DurationStat = field(default_factory=DurationStat)
+    compute_infer: DurationStat = field(default_factory=DurationStat)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+
+
+class _StatsObserver(BatchObserver):
+    """Forwards batch events to the metrics and counts executions for ModelStatistics."""
+
+    def __init__(self, inner: BatchObserver, stats: ModelStats) -> None:
+        self._inner = inner
+        self._stats = stats
+
+    def queue_depth(self, depth: int) -> None:
+        self._inner.queue_depth(depth)
+
+    def batch_done(self, batch_size: int, request_count: int, compute_s: float) -> None:
+        self._stats.execution_count += 1
+        self._inner.batch_done(batch_size, request_count, compute_s)
+
+    def expired(self) -> None:
+        self._inner.expired()
+
+
+class LoadedModel:
+    """One model version ready to serve: configuration, sessions and batcher."""
+
+    def __init__(
+        self,
+        source: VersionSource,
+        config: model_config_pb2.ModelConfig,
+        labels: tuple[str, ...],
+        metadata: ExportMetadata | None,
+        runtime: ModelRuntime,
+        batcher: DynamicBatcher,
+        executor: ThreadPoolExecutor,
+        stats: ModelStats,
+    ) -> None:
+        self.name = source.model_name
+        self.version = source.version
+        self.source = source
+        self.config = config
+        self.labels = metadata.labels if metadata and metadata.labels else labels
+        self.metadata = metadata
+        self.runtime = runtime
+        self.batcher = batcher
+        self.stats = stats
+        self._executor = executor
+        self._leases = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def max_batch_size(self) -> int:
+        """The per-request limit from config.pbtxt (0: no batch dimension)."""
+        return int(self.config.max_batch_size)
+
+    @property
+    def version_str(self) -> str:
+        return str(self.version)
+
+    def acquire(self) -> None:
+        self._leases += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self._leases -= 1
+        if self._leases == 0:
+            self._idle.set()
+
+    async def unload(self) -> None:
+        """Wait for the requests holding this version, then stop its batcher and threads."""
+        await self._idle.wait()
+        await self.batcher.stop()
+        self._executor.shutdown(wait=False)
+
+
+def batching_settings(
+    settings: ServerConfig, config: model_config_pb2.ModelConfig, instances: int
+) -> BatchingSettings:
+    """Server flags override the model's config.pbtxt; no dynamic_batching means batch 1."""
+    has_dynamic = config.HasField("dynamic_batching")
+    if config.max_batch_size <= 0:
+        max_batch = 0
+    elif settings.max_batch_size is not None:
+        max_batch = settings.max_batch_size
+    else:
+        max_batch = config.max_batch_size if has_dynamic else 1
+    if settings.max_queue_delay_us is not None:
+        delay_us = settings.max_queue_delay_us
+    else:
+        delay_us = config.dynamic_batching.max_queue_delay_microseconds if has_dynamic else 0
+    queue_size = settings.max_queue_size
+    model_queue = config.dynamic_batching.default_queue_policy.max_queue_size
+    if model_queue > 0:
+        queue_size = min(queue_size, model_queue)
+    return BatchingSettings(
+        max_batch_size=max_batch,
+        max_queue_delay_s=delay_us / 1e6,
+        max_queue_size=queue_size,
+        workers=instances,
+    )
+
+
+class ModelManager:
+    """Owns every loaded version; looks them up for handlers; reloads on change."""
+
+    def __init__(self, settings: ServerConfig, metrics: ServerMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._models: dict[str, dict[int, LoadedModel]] = {}
+        self._rejected: dict[tuple[str, int], float] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._lock: asyncio.Lock | None = None
+
+    @property
+    def is_ready(self) -> bool:
+        return any(self._models.values())
+
+    def model_names(self) -> list[str]:
+        return sorted(name for name, versions in self._models.items() if versions)
+
+    def default_model_name(self) -> str:
+        """The model served when a request names none: --model-name, else the first one."""
+        names = self.model_names()
+        if self.settings.model_name:
+            return self.settings.model_name
+        if not names:
+            raise ModelNotReady("no model is loaded")
+        return names[0]
+
+    def versions(self, name: str) -> list[LoadedModel]:
+        return [self._models[name][v] for v in sorted(self._models.get(name, {}))]
+
+    def resolve(self, name: str, version: str = "") -> LoadedModel:
+        """The loaded version asked for, or the latest loaded one when version is empty."""
+        name = name or self.default_model_name()
+        versions = self._models.get(name)
+        if not versions:
+            if self._is_known(name):
+                raise ModelNotReady(f"model {name!r} has no loaded version")
+            raise ModelNotFound(f"unknown model {name!r}")
+        if not version:
+            return versions[max(versions)]
+        if not version.isdigit() or int(version) not in versions:
+            raise ModelNotFound(
+                f"model {name!r} has no loaded version {version!r} "
+                f"(loaded: {', '.join(str(v) for v in sorted(versions))})"
+            )
+        return versions[int(version)]
+
+    def _is_known(self, name: str) -> bool:
+        return name in self._models
+
+    @contextlib.asynccontextmanager
+    async def lease(self, name: str, version: str = "") -> AsyncIterator[LoadedModel]:
+        """Hold a version for the length of a request so a reload cannot unload it."""
+        model = self.resolve(name, version)
+        model.acquire()
+        try:
+            yield model
+        finally:
+            model.release()
+
+    async def refresh(self) -> None:
+        """Load new versions, reject broken ones, retire versions the policy dropped."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            names = await asyncio.to_thread(list_models, self.settings.model_repository)
+            if self.settings.model_name:
+                if self.settings.model_name not in names:
+                    raise ModelLoadError(
+                        f"model {self.settings.model_name!r} not found in "
+                        f"{self.settings.model_repository} (found: {names})"
+                    )
+                names = [self.settings.model_name]
+            for name in names:
+                await self._refresh_model(name)
+
+    async def _refresh_model(self, name: str) -> None:
+        try:
+            source = await asyncio.to_thread(read_model, self.settings.model_repository, name)
+        except ModelLoadError as error:
+            log.error("model %s: cannot read its configuration: %s", name, error)
+            return
+        loaded = self._models.setdefault(name, {})
+        wanted = {v.version: v for v in source.versions}
+        for version, version_source in sorted(wanted.items()):
+            if version in loaded or self._recently_rejected(version_source):
+                continue
+            model = await self._load(version_source, source.config, source.labels)
+            if model is not None:
+                loaded[version] = model
+        # Retire only once something newer is serving; never leave the model empty.
+        for version in [v for v in loaded if v not in wanted]:
+            if not any(v in loaded for v in wanted):
+                break
+            self._retire(loaded.pop(version))
+
+    def _recently_rejected(self, source: VersionSource) -> bool:
+        key = (source.model_name, source.version)
+        if key not in self._rejected:
+            return False
+        try:
+            mtime = source.onnx_path.stat().st_mtime
+        except OSError:
+            return True
+        return self._rejected[key] == mtime
+
+    async def _load(
+        self, source: VersionSource, config: model_config_pb2.ModelConfig, labels: tuple[str, ...]
+    ) -> LoadedModel | None:
+        started = time.monotonic()
+        try:
+            runtime, metadata = await asyncio.to_thread(self._load_runtime, source)
+        except ServerError as error:
+            self._reject(source, error)
+            return None
+        except Exception as error:  # anything while loading must not take the server down
+            log.exception("unexpected error loading %s", source.directory)
+            self._reject(source, error)
+            return None
+        settings = batching_settings(self.settings, config, runtime.instances)
+        executor = ThreadPoolExecutor(
+            max_workers=runtime.instances,
+            thread_name_prefix=f"{source.model_name}-{source.version}",
+        )
+        stats = ModelStats()
+        observer = _StatsObserver(
+            self.metrics.observer(source.model_name, str(source.version)), stats
+        )
+        batcher = DynamicBatcher(runtime.run, settings, executor, observer)
+        await batcher.start()
+        model = LoadedModel(source, config, labels, metadata, runtime, batcher, executor, stats)
+        precision = (metadata.precision if metadata else None) or "unknown"
+        self.metrics.model_loads.labels(source.model_name).inc()
+        self.metrics.model_info.labels(
+            source.model_name, str(source.version), runtime.providers[0], precision
+        ).set(1)
+        log.info(
+            "model %s version %d ready in %.2fs (provider %s, batching %s)",
+            source.model_name,
+            source.version,
+            time.monotonic() - started,
+            runtime.providers[0],
+            settings,
+        )
+        return model
+
+    def _load_runtime(self, source: VersionSource) -> tuple[ModelRuntime, ExportMetadata | None]:
+        settings = SessionSettings(
+            providers=self.settings.providers,
+            instances=self.settings.instances,
+            intra_op_threads=self.settings.intra_op_threads,
+            inter_op_threads=self.settings.inter_op_threads,
+            graph_optimization=self.settings.graph_optimization,
+        )
+        runtime = ModelRuntime(source.onnx_path, settings)
+        metadata = read_metadata(source, runtime.custom_metadata)
+        runtime.warm_up(self.settings.warmup_batch_sizes)
+        return runtime, metadata
+
+    def _reject(self, source: VersionSource, error: BaseException) -> None:
+        log.error(
+            "model %s version %d rejected, previous versions keep serving: %s",
+            source.model_name,
+            source.version,
+            error,
+        )
+        self.metrics.model_load_failures.labels(source.model_name).inc()
+        try:
+            self._rejected[(source.model_name, source.version)] = source.onnx_path.stat().st_mtime
+        except OSError:
+            self._rejected[(source.model_name, source.version)] = -1.0
+
+    def _retire(self, model: LoadedModel) -> None:
+        log.info(
+            "model %s version %d retired; unloading after in-flight requests",
+            model.name,
+            model.version,
+        )
+        self.metrics.model_info.remove(
+            model.name,
+            model.version_str,
+            model.runtime.providers[0],
+            (model.metadata.precision if model.metadata else None) or "unknown",
+        )
+        task = asyncio.get_running_loop().create_task(model.unload())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def poll_forever(self, interval_s: float) -> None:
+        """Refresh every interval_s seconds until cancelled; errors are logged, not raised."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("repository poll failed; will retry")
+
+    async def close(self) -> None:
+        """Drain and unload everything (used at shutdown)."""
+        models = [m for versions in self._models.values() for m in versions.values()]
+        self._models = {name: {} for name in self._models}
+        await asyncio.gather(*(m.unload() for m in models), *self._retiring)

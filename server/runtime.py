@@ -1,0 +1,204 @@
+"""onnxruntime sessions for one model version.
+
+Picks the execution providers once, builds ``instances`` sessions, describes the graph's inputs
+and outputs in OIP datatypes, warms up, and runs a batch synchronously. It knows nothing about
+batching, queues or gRPC; the batcher calls ``run`` from its worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from server.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# ONNX element type string -> (OIP datatype, numpy dtype).
+_ONNX_TYPES: dict[str, tuple[str, np.dtype]] = {
+    "tensor(bool)": ("BOOL", np.dtype(np.bool_)),
+    "tensor(uint8)": ("UINT8", np.dtype(np.uint8)),
+    "tensor(uint16)": ("UINT16", np.dtype(np.uint16)),
+    "tensor(uint32)": ("UINT32", np.dtype(np.uint32)),
+    "tensor(uint64)": ("UINT64", np.dtype(np.uint64)),
+    "tensor(int8)": ("INT8", np.dtype(np.int8)),
+    "tensor(int16)": ("INT16", np.dtype(np.int16)),
+    "tensor(int32)": ("INT32", np.dtype(np.int32)),
+    "tensor(int64)": ("INT64", np.dtype(np.int64)),
+    "tensor(float16)": ("FP16", np.dtype(np.float16)),
+    "tensor(float)": ("FP32", np.dtype(np.float32)),
+    "tensor(double)": ("FP64", np.dtype(np.float64)),
+    "tensor(string)": ("BYTES", np.dtype(np.object_)),
+}
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+_GRAPH_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: OIP datatype and shape (-1 where dynamic)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What the runtime needs from the server settings."""
+
+    providers: str = "auto"
+    instances: int = 1
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    graph_optimization: str = "all"
+
+
+def requested_providers(choice: str) -> list[str]:
+    """The provider list to ask onnxruntime for; 'auto' prefers CUDA when it is built in."""
+    available = ort.get_available_providers()
+    if choice == "auto":
+        wanted = _PROVIDERS["cuda"] if "CUDAExecutionProvider" in available else _PROVIDERS["cpu"]
+    else:
+        wanted = _PROVIDERS[choice]
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise ModelLoadError(
+                f"providers={choice!r} needs {missing}, this onnxruntime has {available}"
+            )
+    return wanted
+
+
+def _spec(node: ort.NodeArg) -> TensorSpec:
+    if node.type not in _ONNX_TYPES:
+        raise ModelLoadError(f"tensor {node.name!r} has unsupported type {node.type}")
+    datatype, dtype = _ONNX_TYPES[node.type]
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+    return TensorSpec(node.name, datatype, shape, dtype)
+
+
+class ModelRuntime:
+    """``instances`` onnxruntime sessions of one ONNX file; ``run`` is thread-safe."""
+
+    def __init__(self, onnx_path: Path, settings: SessionSettings) -> None:
+        self.path = onnx_path
+        self.settings = settings
+        wanted = requested_providers(settings.providers)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = _GRAPH_LEVELS[settings.graph_optimization]
+        options.intra_op_num_threads = settings.intra_op_threads
+        options.inter_op_num_threads = settings.inter_op_threads
+        try:
+            self._sessions = [
+                ort.InferenceSession(str(onnx_path), sess_options=options, providers=wanted)
+                for _ in range(settings.instances)
+            ]
+        except Exception as error:  # onnxruntime raises several unrelated types
+            raise ModelLoadError(f"{onnx_path}: onnxruntime could not load it: {error}") from None
+        first = self._sessions[0]
+        # What onnxruntime actually uses: CUDA falls back to CPU when no GPU is usable.
+        self.providers: tuple[str, ...] = tuple(first.get_providers())
+        self.inputs = tuple(_spec(n) for n in first.get_inputs())
+        self.outputs = tuple(_spec(n) for n in first.get_outputs())
+        self.custom_metadata: dict[str, str] = dict(first.get_modelmeta().custom_metadata_map)
+        self._use_io_binding = self.providers[0] in (
+            "CUDAExecutionProvider",
+            "TensorrtExecutionProvider",
+        )
+        self._free = list(range(len(self._sessions)))
+        self._lock = threading.Lock()
+        self._available = threading.Semaphore(len(self._sessions))
+        log.info(
+            "loaded %s with providers %s (%d session(s), io_binding=%s)",
+            onnx_path,
+            list(self.providers),
+            len(self._sessions),
+            self._use_io_binding,
+        )
+
+    @property
+    def instances(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.outputs]
+
+    def run(
+        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run one batch on a free session; blocks until one is free."""
+        names = list(output_names) if output_names else self.output_names
+        with self._available:
+            with self._lock:
+                index = self._free.pop()
+            try:
+                session = self._sessions[index]
+                if self._use_io_binding:
+                    return self._run_bound(session, inputs, names)
+                values = session.run(names, dict(inputs))
+                return dict(zip(names, values, strict=True))
+            finally:
+                with self._lock:
+                    self._free.append(index)
+
+    @staticmethod
+    def _run_bound(
+        session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], names: list[str]
+    ) -> dict[str, np.ndarray]:
+        # IO binding copies inputs to the device once and lets onnxruntime allocate outputs on
+        # the device, avoiding the extra staging copies of session.run on CUDA.
+        binding = session.io_binding()
+        for name, value in inputs.items():
+            device_value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), "cuda", 0)
+            binding.bind_ortvalue_input(name, device_value)
+        for name in names:
+            binding.bind_output(name, "cuda", 0)
+        session.run_with_iobinding(binding)
+        values = binding.copy_outputs_to_cpu()
+        return dict(zip(names, values, strict=True))
+
+    def example_inputs(self, batch_size: int) -> dict[str, np.ndarray]:
+        """Zero inputs of the given batch size; other dynamic dimensions get size 1."""
+        result = {}
+        for spec in self.inputs:
+            shape = [
+                batch_size if i == 0 and d == -1 else (d if d >= 0 else 1)
+                for i, d in enumerate(spec.shape)
+            ]
+            if spec.datatype == "BYTES":
+                result[spec.name] = np.full(shape, b"", dtype=np.object_)
+            else:
+                result[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        return result
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Run every session once per batch size, so the first request pays no setup cost."""
+        for batch_size in batch_sizes:
+            example = self.example_inputs(batch_size)
+            for session in self._sessions:
+                try:
+                    if self._use_io_binding:
+                        self._run_bound(session, example, self.output_names)
+                    else:
+                        session.run(self.output_names, example)
+                except Exception as error:
+                    raise ModelLoadError(
+                        f"{self.path}: warm-up at batch size {batch_size} failed: {error}"
+                    ) from None

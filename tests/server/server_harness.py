@@ -1,0 +1,95 @@
+"""Runs a real server (server.app) on 127.0.0.1 with OS-chosen ports in a background thread.
+
+The server's event loop lives in its own thread, so tests drive it with ordinary synchronous
+clients (tritonclient.grpc, grpc stubs) from the test thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from prometheus_client import CollectorRegistry
+
+from server.app import ServerHandle, build_server
+from server.config import ServerConfig
+
+T = TypeVar("T")
+
+
+def test_config(repository: Path, **overrides: Any) -> ServerConfig:
+    """Settings for tests: loopback, port 0, no polling, no drain delay, small pools."""
+    values: dict[str, Any] = {
+        "model_repository": repository,
+        "host": "127.0.0.1",
+        "grpc_port": 0,
+        "metrics_port": 0,
+        "poll_interval_s": 0.0,
+        "drain_delay_s": 0.0,
+        "grace_period_s": 5.0,
+        "intra_op_threads": 1,
+        "preprocess_workers": 1,
+    }
+    values.update(overrides)
+    return ServerConfig(**values)
+
+
+class RunningServer:
+    """A started server; ``port``/``metrics_port`` are the bound ports."""
+
+    def __init__(self, config: ServerConfig, *, start_models: bool = True) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.handle: ServerHandle = self.call(build_server(config, self.registry))
+        if start_models:
+            self.call(self.handle.start())
+
+    @property
+    def port(self) -> int:
+        return self.handle.port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.handle.port}"
+
+    @property
+    def metrics_port(self) -> int:
+        assert self.handle.metrics_port is not None
+        return self.handle.metrics_port
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        return self.submit(coroutine).result(timeout)
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """One sample's value from this server's registry (0 when absent)."""
+        value = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else value
+
+    def stop(self) -> None:
+        try:
+            self.call(self.handle.stop(), timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+            self.loop.close()
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def replace(config: ServerConfig, **changes: Any) -> ServerConfig:
+    return dataclasses.replace(config, **changes)
