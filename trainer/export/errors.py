@@ -1,0 +1,13 @@
+"""Errors of the export: what the user can fix (exit 2) and what failed at run time (exit 1)."""
+
+from __future__ import annotations
+
+from trainer.errors import UsageError
+
+
+class CheckpointError(UsageError):
+    """The checkpoint file is missing, unreadable, or not in the finetune-checkpoint format."""
+
+
+class ExportError(RuntimeError):
+    """The export or its verification failed; nothing was published."""

@@ -1,0 +1,375 @@
+"""export_checkpoint: checkpoint -> verified ONNX -> published model version."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from torch import nn
+
+from trainer.errors import ConfigError, DataError
+from trainer.export import metadata as meta
+from trainer.export.checkpoint import build_classifier, load_checkpoint
+from trainer.export.errors import ExportError
+from trainer.export.graph import INPUT_FORMATS, UINT8_NHWC, ServingModel
+from trainer.export.images import ImageSet, load_split
+from trainer.export.onnx_export import export_onnx
+from trainer.export.optimize import optimize_offline
+from trainer.export.quantize import (
+    DEFAULT_INT8_ACCURACY_BUDGET,
+    INT8_MODES,
+    LATENCY_BATCH,
+    check_accuracy_budget,
+    compare_with_fp32,
+    convert_fp16,
+    quantize_int8,
+)
+from trainer.export.repository import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE_DELAY_US,
+    METADATA_FILENAME,
+    MODEL_FILENAME,
+    publish,
+    render_config,
+    validate_model_name,
+)
+from trainer.export.verify import (
+    FP32_TOLERANCE,
+    ParityReport,
+    check_model,
+    check_signature,
+    onnx_parity,
+    random_images,
+    torch_parity,
+)
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+#: fp16 logits may differ from fp32's by this fraction of the largest |logit| (at least 1).
+FP16_RELATIVE_TOLERANCE = 1e-2
+#: Val images used for parity, the accuracy comparison and latency; calibration images.
+VAL_LIMIT = 2000
+CALIBRATION_LIMIT = 128
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """A published model version.
+
+    Attributes:
+        version: the version number it was published as.
+        model_dir: ``REPO/<model-name>/<version>``.
+        max_abs_diff: largest absolute logit difference of the published model against its
+            reference (PyTorch for fp32, the verified fp32 ONNX model for fp16 and int8).
+        precision: ``fp32``, ``fp16`` or ``int8``.
+        exporter: the torch exporter that produced the graph.
+        metadata: the ``model.json`` document.
+    """
+
+    version: int
+    model_dir: Path
+    max_abs_diff: float
+    precision: str = "fp32"
+    exporter: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_path(self) -> Path:
+        return self.model_dir / MODEL_FILENAME
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """What every step needs to know about the graph's input."""
+
+    input_format: str
+    input_size: tuple[int, int]
+    mean: list[float]
+    std: list[float]
+    num_classes: int
+
+    @property
+    def io(self) -> dict[str, Any]:
+        return {
+            "input_format": self.input_format,
+            "mean": self.mean,
+            "std": self.std,
+        }
+
+
+def export_checkpoint(
+    checkpoint_path: Path,
+    repository: Path,
+    *,
+    model_name: str = "classifier",
+    input_format: str = UINT8_NHWC,
+    precision: str = "fp32",
+    data_dir: Path | None = None,
+    int8_mode: str = "static",
+    int8_accuracy_budget: float = DEFAULT_INT8_ACCURACY_BUDGET,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
+) -> ExportResult:
+    """Export a checkpoint to ONNX, verify it, and publish it as the next model version.
+
+    Args:
+        checkpoint_path: a ``finetune-checkpoint`` file; EMA weights are used when present.
+        repository: the Triton-layout model repository root.
+        model_name: the model's directory in the repository.
+        input_format: ``uint8-nhwc`` (preprocessing in the graph) or ``float32-nchw``.
+        precision: ``fp32``, ``fp16`` or ``int8``.
+        data_dir: ImageFolder root with ``train/`` and ``val/``: real-image parity, int8
+            calibration and the accuracy comparison. Without it parity uses random images
+            only, and int8 cannot be exported.
+        int8_mode: ``static`` (calibrated on train images) or ``dynamic``.
+        int8_accuracy_budget: largest val-accuracy drop (points) an int8 model may have.
+        max_batch_size: ``max_batch_size`` written into ``config.pbtxt``.
+        max_queue_delay_us: the dynamic batcher's queue delay written into ``config.pbtxt``.
+
+    Raises:
+        UsageError: bad options, checkpoint or data (exit code 2).
+        ExportError: the export or a verification failed; nothing was published.
+    """
+    _validate_options(
+        model_name, input_format, precision, data_dir, int8_mode, int8_accuracy_budget
+    )
+    started = time.perf_counter()
+    checkpoint = load_checkpoint(Path(checkpoint_path))
+    classifier, state_source = build_classifier(checkpoint)
+    preprocessing = checkpoint["preprocessing"]
+    graph = _Graph(
+        input_format=input_format,
+        input_size=(int(preprocessing["input_size"][0]), int(preprocessing["input_size"][1])),
+        mean=[float(v) for v in preprocessing["mean"]],
+        std=[float(v) for v in preprocessing["std"]],
+        num_classes=int(checkpoint["num_classes"]),
+    )
+    val = _load(data_dir, "val", checkpoint, VAL_LIMIT)
+    calibration = None
+    if precision == "int8" and int8_mode == "static":
+        calibration = _load(data_dir, "train", checkpoint, CALIBRATION_LIMIT)
+
+    with tempfile.TemporaryDirectory(prefix="export-") as work_dir:
+        work = Path(work_dir)
+        fp32_path = work / "fp32.onnx"
+        serving = ServingModel(
+            classifier, input_format=input_format, mean=graph.mean, std=graph.std
+        )
+        exporter = export_onnx(
+            serving, fp32_path, input_format=input_format, input_size=graph.input_size
+        )
+        log.info("exported %s with %s", checkpoint["arch"], exporter)
+        parity_fp32 = _verify_fp32(fp32_path, classifier, graph, val)
+        fp32_path, optimization = _optimize(fp32_path, work, classifier, graph, val)
+        extra: dict[str, Any] = {"state_source": state_source, "optimization": optimization}
+        final_path, parity = fp32_path, parity_fp32
+        if precision != "fp32":
+            final_path, parity, variant_extra = _reduced_precision(
+                precision,
+                fp32_path,
+                work,
+                graph,
+                val,
+                calibration,
+                int8_mode,
+                int8_accuracy_budget,
+            )
+            extra.update(variant_extra, parity_fp32=parity_fp32.as_metadata())
+        document = meta.build_metadata(
+            checkpoint,
+            input_format=input_format,
+            precision=precision,
+            parity=parity.as_metadata(),
+            exporter=exporter,
+            extra=extra,
+        )
+        model = onnx.load(str(final_path))
+        meta.embed(model, document)
+        try:
+            model_bytes = model.SerializeToString()
+        except ValueError as error:
+            raise ExportError(f"the model does not fit one ONNX file (2 GB): {error}") from error
+
+    config_text = render_config(
+        model_name,
+        input_format=input_format,
+        input_size=graph.input_size,
+        num_classes=graph.num_classes,
+        max_batch_size=max_batch_size,
+        max_queue_delay_us=max_queue_delay_us,
+    )
+    version, model_dir = publish(
+        Path(repository),
+        model_name,
+        version_files={
+            MODEL_FILENAME: model_bytes,
+            METADATA_FILENAME: meta.to_json_bytes(document),
+        },
+        config_text=config_text,
+        labels=document["labels"],
+    )
+    log.info(
+        "published %s version %d (%s, max abs logit diff %.3g) in %.1f s",
+        model_name,
+        version,
+        precision,
+        parity.max_abs_diff_logits,
+        time.perf_counter() - started,
+    )
+    return ExportResult(
+        version=version,
+        model_dir=model_dir,
+        max_abs_diff=parity.max_abs_diff_logits,
+        precision=precision,
+        exporter=exporter,
+        metadata=document,
+    )
+
+
+def _validate_options(
+    model_name: str,
+    input_format: str,
+    precision: str,
+    data_dir: Path | None,
+    int8_mode: str,
+    int8_accuracy_budget: float,
+) -> None:
+    validate_model_name(model_name)
+    if input_format not in INPUT_FORMATS:
+        raise ConfigError(f"input format {input_format!r} is unknown; choose from {INPUT_FORMATS}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is unknown; choose from {PRECISIONS}")
+    if int8_mode not in INT8_MODES:
+        raise ConfigError(f"int8 mode {int8_mode!r} is unknown; choose from {INT8_MODES}")
+    if not int8_accuracy_budget >= 0:
+        raise ConfigError(f"int8 accuracy budget must be >= 0 points, got {int8_accuracy_budget}")
+    if precision == "int8" and data_dir is None:
+        raise ConfigError(
+            "int8 precision needs --data: val images for the accuracy check "
+            "(and train images to calibrate static quantization)"
+        )
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DataError(f"data directory {data_dir} does not exist")
+
+
+def _load(
+    data_dir: Path | None, split: str, checkpoint: dict[str, Any], limit: int
+) -> ImageSet | None:
+    if data_dir is None:
+        return None
+    preprocessing = checkpoint["preprocessing"]
+    return load_split(
+        Path(data_dir) / split,
+        checkpoint["classes"],
+        input_size=preprocessing["input_size"],
+        resize_size=int(preprocessing["resize_size"]),
+        limit=limit,
+    )
+
+
+def _verify_fp32(
+    path: Path, classifier: nn.Module, graph: _Graph, val: ImageSet | None
+) -> ParityReport:
+    model = check_model(path)
+    check_signature(
+        model,
+        input_format=graph.input_format,
+        input_size=graph.input_size,
+        num_classes=graph.num_classes,
+    )
+    return torch_parity(
+        path,
+        classifier,
+        **graph.io,
+        input_size=graph.input_size,
+        val_images=None if val is None else val.images,
+        tolerance=FP32_TOLERANCE,
+    )
+
+
+def _optimize(
+    path: Path, work: Path, classifier: nn.Module, graph: _Graph, val: ImageSet | None
+) -> tuple[Path, dict[str, object]]:
+    optimized = work / "optimized.onnx"
+    report = optimize_offline(path, optimized)
+    if not report.is_smaller:
+        return path, report.as_metadata(applied=False)
+    try:
+        _verify_fp32(optimized, classifier, graph, val)
+    except ExportError as error:
+        log.warning(
+            "offline optimisation broke verification, keeping the exported graph: %s", error
+        )
+        return path, report.as_metadata(applied=False)
+    return optimized, report.as_metadata(applied=True)
+
+
+def _reduced_precision(
+    precision: str,
+    fp32_path: Path,
+    work: Path,
+    graph: _Graph,
+    val: ImageSet | None,
+    calibration: ImageSet | None,
+    int8_mode: str,
+    int8_accuracy_budget: float,
+) -> tuple[Path, ParityReport, dict[str, Any]]:
+    target = work / f"{precision}.onnx"
+    val_images = None if val is None else val.images
+    extra: dict[str, Any] = {}
+    if precision == "fp16":
+        convert_fp16(fp32_path, target)
+        tolerance: float | None = FP16_RELATIVE_TOLERANCE
+    else:
+        quantize_int8(
+            fp32_path,
+            target,
+            mode=int8_mode,
+            calibration_images=None if calibration is None else calibration.images,
+            **graph.io,
+        )
+        tolerance = None
+        extra["int8"] = {
+            "mode": int8_mode,
+            "calibration_images": 0 if calibration is None else len(calibration),
+            "accuracy_budget_points": int8_accuracy_budget,
+        }
+    model = check_model(target)
+    check_signature(
+        model,
+        input_format=graph.input_format,
+        input_size=graph.input_size,
+        num_classes=graph.num_classes,
+    )
+    parity = onnx_parity(
+        target,
+        fp32_path,
+        **graph.io,
+        input_size=graph.input_size,
+        val_images=val_images,
+        tolerance=tolerance,
+        relative=True,
+    )
+    latency_images = (
+        val_images[:LATENCY_BATCH]
+        if val_images is not None and len(val_images) >= LATENCY_BATCH
+        else random_images(LATENCY_BATCH, graph.input_size, seed=0)
+    )
+    comparison = compare_with_fp32(
+        target,
+        fp32_path,
+        val=val,
+        latency_images=np.asarray(latency_images),
+        **graph.io,
+    )
+    extra["precision_comparison"] = comparison.as_metadata()
+    if precision == "int8":
+        check_accuracy_budget(comparison, int8_accuracy_budget)
+    return target, parity, extra

@@ -1,0 +1,190 @@
+"""Publishing into a Triton-layout model repository, atomically.
+
+``REPO/<name>/<version>/`` is staged as ``REPO/<name>/.staging-<random>/`` (every file
+fsynced), then renamed to the next integer version, so a polling server sees either no new
+version or a complete one. ``config.pbtxt`` and ``labels.txt`` are replaced with the same
+temp-file + fsync + ``os.replace`` pattern. A staging directory left by a killed export is a
+dot-directory, which no reader treats as a version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from trainer.errors import ConfigError
+from trainer.export.graph import UINT8_NHWC
+from trainer.export.onnx_export import INPUT_NAME
+
+MODEL_FILENAME = "model.onnx"
+METADATA_FILENAME = "model.json"
+CONFIG_FILENAME = "config.pbtxt"
+LABELS_FILENAME = "labels.txt"
+STAGING_PREFIX = ".staging-"
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_QUEUE_DELAY_US = 2000
+
+_VERSION = re.compile(r"[1-9][0-9]*")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_CHUNK = 1 << 20
+
+
+def validate_model_name(name: str) -> str:
+    """A model name is one path component of letters, digits, ``_``, ``.`` and ``-``."""
+    if not _MODEL_NAME.fullmatch(name):
+        raise ConfigError(
+            f"model name {name!r} is invalid: use letters, digits, '_', '.' and '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def existing_versions(model_root: Path) -> list[int]:
+    """Published versions: directories named by an integer without a leading zero."""
+    if not model_root.is_dir():
+        return []
+    return sorted(
+        int(p.name) for p in model_root.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name)
+    )
+
+
+def render_config(
+    model_name: str,
+    *,
+    input_format: str,
+    input_size: Sequence[int],
+    num_classes: int,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
+) -> str:
+    """Triton model configuration (protobuf text format) for the exported graph."""
+    height, width = (int(v) for v in input_size)
+    if input_format == UINT8_NHWC:
+        data_type, layout, dims = "TYPE_UINT8", "FORMAT_NHWC", [height, width, 3]
+    else:
+        data_type, layout, dims = "TYPE_FP32", "FORMAT_NCHW", [3, height, width]
+    return (
+        f'name: "{model_name}"\n'
+        'platform: "onnxruntime_onnx"\n'
+        f"max_batch_size: {max_batch_size}\n"
+        "input [\n"
+        "  {\n"
+        f'    name: "{INPUT_NAME}"\n'
+        f"    data_type: {data_type}\n"
+        f"    format: {layout}\n"
+        f"    dims: [ {', '.join(str(d) for d in dims)} ]\n"
+        "  }\n"
+        "]\n"
+        "output [\n"
+        "  {\n"
+        '    name: "logits"\n'
+        "    data_type: TYPE_FP32\n"
+        f"    dims: [ {num_classes} ]\n"
+        "  },\n"
+        "  {\n"
+        '    name: "probabilities"\n'
+        "    data_type: TYPE_FP32\n"
+        f"    dims: [ {num_classes} ]\n"
+        f'    label_filename: "{LABELS_FILENAME}"\n'
+        "  }\n"
+        "]\n"
+        "dynamic_batching {\n"
+        f"  max_queue_delay_microseconds: {max_queue_delay_us}\n"
+        "}\n"
+    )
+
+
+def render_labels(labels: Sequence[str]) -> str:
+    """One class name per line, in output order."""
+    for label in labels:
+        if not label or "\n" in label or "\r" in label:
+            raise ConfigError(f"class name {label!r} cannot be written as one line of labels.txt")
+    return "".join(f"{label}\n" for label in labels)
+
+
+def publish(
+    repository: Path,
+    model_name: str,
+    *,
+    version_files: Mapping[str, bytes],
+    config_text: str,
+    labels: Sequence[str],
+) -> tuple[int, Path]:
+    """Write ``version_files`` as the next version of ``model_name``; return (version, dir).
+
+    On any failure the staging directory is removed and no version appears.
+    """
+    validate_model_name(model_name)
+    model_root = Path(repository) / model_name
+    model_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_root))
+    try:
+        for filename, data in version_files.items():
+            _write_synced(staging / filename, data)
+        _fsync_directory(staging)
+        atomic_write(model_root / LABELS_FILENAME, render_labels(labels).encode())
+        atomic_write(model_root / CONFIG_FILENAME, config_text.encode())
+        version, target = _rename_to_next_version(staging, model_root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync_directory(model_root)
+    return version, target
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file in the same directory, fsync, ``os.replace``."""
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            _write_all(handle, data)
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _rename_to_next_version(staging: Path, model_root: Path) -> tuple[int, Path]:
+    # Two exports may race for the same number: rename() onto a non-empty directory fails,
+    # and the loser takes the next one.
+    for _ in range(100):
+        versions = existing_versions(model_root)
+        version = (versions[-1] if versions else 0) + 1
+        target = model_root / str(version)
+        try:
+            os.rename(staging, target)
+        except OSError as error:
+            if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                continue
+            raise
+        return version, target
+    raise RuntimeError(f"could not claim a version number under {model_root}")
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "xb") as handle:
+        _write_all(handle, data)
+
+
+def _write_all(handle, data: bytes) -> None:
+    view = memoryview(data)
+    for start in range(0, len(view), _CHUNK):
+        handle.write(view[start : start + _CHUNK])
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,77 @@
+"""onnxruntime on CPU for the export's own checks: sessions, feeds, accuracy and latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from trainer.export.graph import UINT8_NHWC
+from trainer.export.images import ImageSet
+from trainer.export.onnx_export import INPUT_NAME
+
+
+def cpu_session(path: Path) -> ort.InferenceSession:
+    """A CPU session with onnxruntime's default (full) graph optimisations."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def to_feed(
+    images: np.ndarray, input_format: str, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+    """uint8 NHWC images in the graph's input format (normalised float NCHW when asked)."""
+    if input_format == UINT8_NHWC:
+        return np.ascontiguousarray(images, dtype=np.uint8)
+    x = images.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
+    m = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x - m) / s, dtype=np.float32)
+
+
+def run_logits(
+    session: ort.InferenceSession,
+    images: np.ndarray,
+    input_format: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """Logits for uint8 NHWC images, in batches."""
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        feed = to_feed(images[start : start + batch_size], input_format, mean, std)
+        chunks.append(session.run(["logits"], {INPUT_NAME: feed})[0])
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def top1_accuracy(
+    session: ort.InferenceSession,
+    data: ImageSet,
+    input_format: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> float:
+    """Fraction of ``data`` whose arg-max logit is the true class (0..1)."""
+    logits = run_logits(session, data.images, input_format, mean, std)
+    return float(np.mean(np.argmax(logits, axis=1) == data.labels))
+
+
+def median_latency_seconds(
+    session: ort.InferenceSession, feed: np.ndarray, *, warmup: int = 2, runs: int = 10
+) -> float:
+    """Median wall time of one ``session.run`` on ``feed``."""
+    for _ in range(warmup):
+        session.run(None, {INPUT_NAME: feed})
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, {INPUT_NAME: feed})
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
