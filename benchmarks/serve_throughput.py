@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import platform
 import signal
@@ -44,10 +47,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from server.client.api import AsyncInferenceClient, RequestError
-from server.client.bench import bench_infer
+from server.client.api import AsyncInferenceClient, ModelInfo, RequestError, TensorSpec
+from server.client.bench import MODEL_INFER_METHOD, infer_payload, raw_call
 from server.client.connection import ConnectionOptions
-from server.client.loadgen import LoadSpec
+from server.client.loadgen import LoadSpec, collect_load
 from server.client.stats import LatencySummary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,26 +161,64 @@ def build_repository(root: Path, case: ModelCase) -> Path:
     return onnx_path
 
 
-# ------------------------------------------------------------------------- (a) in-process
+# ------------------------------------------------------------------------- measurement
 
 
-def measure_in_process(onnx_path: Path, size: int, batch: int, duration_s: float) -> Cell:
-    """Back-to-back session.run at one batch size: the ceiling the server can approach."""
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    feed = {
-        "image": np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    }
-    for _ in range(3):
-        session.run(None, feed)
-    latencies: list[float] = []
+class Accumulator:
+    """Merges the windows of one (system, concurrency) cell across rounds."""
+
+    def __init__(self) -> None:
+        self.latencies_s: list[float] = []
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.window_s = 0.0
+        self.images = 0
+        self.batch_sum = 0.0
+        self.batch_count = 0.0
+
+    def cell(self, model: str, system: str, concurrency: int, batch: int) -> Cell:
+        summary = LatencySummary.from_seconds(self.latencies_s)
+        return Cell(
+            model=model,
+            system=system,
+            concurrency=concurrency,
+            batch=batch,
+            images_per_s=self.images / self.window_s if self.window_s else 0.0,
+            p50_ms=summary.p50_ms,
+            p99_ms=summary.p99_ms,
+            errors=dict(self.errors),
+            mean_server_batch=self.batch_sum / self.batch_count if self.batch_count else None,
+        )
+
+
+def in_process_window(
+    session: ort.InferenceSession, feed: dict[str, np.ndarray], window_s: float, into: Accumulator
+) -> None:
+    """Back-to-back session.run at one batch size: the ceiling a server can approach."""
+    batch = len(feed["image"])
     start = time.perf_counter()
-    while time.perf_counter() - start < duration_s:
+    while time.perf_counter() - start < window_s:
         t0 = time.perf_counter()
         session.run(None, feed)
-        latencies.append(time.perf_counter() - t0)
-    elapsed = time.perf_counter() - start
-    summary = LatencySummary.from_seconds(latencies)
-    return Cell("", "a", 0, batch, len(latencies) * batch / elapsed, summary.p50_ms, summary.p99_ms)
+        into.latencies_s.append(time.perf_counter() - t0)
+        into.images += batch
+    into.window_s += time.perf_counter() - start
+
+
+async def server_window(
+    target: str, case: ModelCase, spec: LoadSpec, metrics_port: int | None, into: Accumulator
+) -> None:
+    before = batch_histogram(metrics_port) if metrics_port else None
+    async with AsyncInferenceClient(ConnectionOptions(target=target, timeout_s=60.0)) as client:
+        call = raw_call(client, MODEL_INFER_METHOD, infer_payload(model_info(case), spec.batch))
+        samples = await collect_load(call, spec)
+    after = batch_histogram(metrics_port) if metrics_port else None
+    into.latencies_s += samples.latencies_s
+    into.errors.update(samples.errors)
+    into.window_s += samples.window_s
+    into.images += len(samples.latencies_s) * spec.batch
+    if before and after:
+        into.batch_sum += after[0] - before[0]
+        into.batch_count += after[1] - before[1]
 
 
 # ------------------------------------------------------------------------------- servers
@@ -231,7 +272,7 @@ async def wait_ready(target: str, model: str, timeout_s: float, log_path: Path) 
     raise RuntimeError(f"{target} not ready for {model} after {timeout_s} s: {last}\n{tail}")
 
 
-def mean_batch_from_metrics(metrics_port: int) -> tuple[float, float] | None:
+def batch_histogram(metrics_port: int) -> tuple[float, float] | None:
     """(sum, count) of the server's batch-size histogram, or None when it has none."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
@@ -253,45 +294,16 @@ def mean_batch_from_metrics(metrics_port: int) -> tuple[float, float] | None:
     return (total, count) if found else None
 
 
-async def load_cells(
-    system: str,
-    target: str,
-    case: ModelCase,
-    concurrencies: Sequence[int],
-    duration_s: float,
-    warmup_s: float,
-    metrics_port: int | None = None,
-) -> list[Cell]:
-    cells = []
-    options = ConnectionOptions(target=target, timeout_s=60.0)
-    for concurrency in concurrencies:
-        before = mean_batch_from_metrics(metrics_port) if metrics_port else None
-        async with AsyncInferenceClient(options) as client:
-            spec = LoadSpec(concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s)
-            report = await bench_infer(client, spec, case.name)
-        after = mean_batch_from_metrics(metrics_port) if metrics_port else None
-        mean_batch = None
-        if before and after and after[1] > before[1]:
-            mean_batch = (after[0] - before[0]) / (after[1] - before[1])
-        cells.append(
-            Cell(
-                case.name,
-                system,
-                concurrency,
-                1,
-                report.images_per_s,
-                report.latency.p50_ms,
-                report.latency.p99_ms,
-                dict(report.errors),
-                mean_batch,
-            )
-        )
-        print(
-            f"  {case.name} ({system}) c={concurrency}: {report.images_per_s:.1f} img/s, "
-            f"p50 {report.latency.p50_ms:.2f} ms, errors {dict(report.errors) or 0}",
-            flush=True,
-        )
-    return cells
+def model_info(case: ModelCase) -> ModelInfo:
+    """The served signature, so servers whose metadata omits inputs (KServe's) need none."""
+    return ModelInfo(
+        name=case.name,
+        versions=("1",),
+        platform="onnxruntime_onnx",
+        inputs=(TensorSpec("image", "UINT8", (-1, case.size, case.size, 3)),),
+        outputs=(),
+        properties={},
+    )
 
 
 def server_command(
@@ -318,115 +330,48 @@ def server_command(
     ]
 
 
-KSERVE_MODEL = '''
-import argparse
-import kserve
-import onnxruntime as ort
-from kserve import InferOutput, InferRequest, InferResponse
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    system: str
+    target: str
+    metrics_port: int | None
 
 
-class OnnxModel(kserve.Model):
-    """The custom-model pattern of KServe's documentation, around an onnxruntime session."""
-
-    def __init__(self, name, path):
-        super().__init__(name)
-        self.path = path
-        self.load()
-
-    def load(self):
-        self.session = ort.InferenceSession(self.path, providers=["CPUExecutionProvider"])
-        self.ready = True
-        return self.ready
-
-    def predict(self, payload: InferRequest, headers=None) -> InferResponse:
-        feeds = {tensor.name: tensor.as_numpy() for tensor in payload.inputs}
-        names = [o.name for o in self.session.get_outputs()]
-        outputs = []
-        for name, value in zip(names, self.session.run(names, feeds)):
-            output = InferOutput(name=name, shape=list(value.shape), datatype="FP32")
-            output.set_data_from_numpy(value, binary_data=True)
-            outputs.append(output)
-        return InferResponse(model_name=self.name, infer_outputs=outputs, response_id=payload.id)
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(parents=[kserve.model_server.parser])
-    parser.add_argument("--model_path", required=True)
-    parser.add_argument("--model_name", required=True)
-    args, _ = parser.parse_known_args()
-    kserve.ModelServer().start([OnnxModel(args.model_name, args.model_path)])
-'''
-
-
-# ----------------------------------------------------------------------------------- run
-
-
-def bench_model(
+def start_servers(
+    stack: contextlib.ExitStack,
     case: ModelCase,
-    workdir: Path,
-    logs: Path,
-    args: argparse.Namespace,
-    onnx_path: Path,
     repo: Path,
-) -> list[Cell]:
-    cells: list[Cell] = []
-    conc = args.concurrency
-    print(f"{case.name}: (a) in-process onnxruntime", flush=True)
-    for concurrency in conc:
-        batch = min(concurrency, case.max_batch_size)
-        cell = measure_in_process(onnx_path, case.size, batch, args.in_process_s)
-        cell.model, cell.concurrency = case.name, concurrency
-        cells.append(cell)
-        print(
-            f"  c={concurrency} batch {batch}: {cell.images_per_s:.1f} img/s, "
-            f"p50 {cell.p50_ms:.2f} ms",
-            flush=True,
-        )
-
-    def server_cells(
-        system: str,
-        command: list[str],
-        port: int,
-        metrics: int | None,
-        env: dict[str, str] | None = None,
-    ) -> list[Cell]:
-        log_path = logs / f"{case.name}-{system}.log"
-        print(f"{case.name}: ({system}) {SYSTEMS[system]}", flush=True)
-        target = f"127.0.0.1:{port}"
-        try:
-            with running(command, log_path, env):
-                asyncio.run(wait_ready(target, case.name, args.start_timeout_s, log_path))
-                return asyncio.run(
-                    load_cells(system, target, case, conc, args.duration_s, args.warmup_s, metrics)
-                )
-        except RuntimeError as exc:
-            print(f"  skipped: {exc}", flush=True)
-            return []
-
+    onnx_path: Path,
+    args: argparse.Namespace,
+    logs: Path,
+    workdir: Path,
+) -> list[Endpoint]:
+    """Starts every server system asked for, all at once, and waits until each is ready."""
+    commands: list[tuple[str, list[str], int, int | None]] = []
     for system, max_batch in (("b", case.max_batch_size), ("c", 1)):
-        port, metrics = free_port(), free_port()
-        cells += server_cells(
-            system, server_command(repo, case, port, metrics, max_batch), port, metrics
-        )
-    port = free_port()
-    naive = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "naive_server.py"),
-        "--model",
-        str(onnx_path),
-        "--model-name",
-        case.name,
-        "--port",
-        str(port),
-    ]
-    cells += server_cells("d", naive, port, None)
-    if args.kserve_python:
-        script = workdir / "kserve_onnx_model.py"
-        script.write_text(KSERVE_MODEL)
+        if system in args.systems:
+            port, metrics = free_port(), free_port()
+            commands.append(
+                (system, server_command(repo, case, port, metrics, max_batch), port, metrics)
+            )
+    if "d" in args.systems:
         port = free_port()
-        command = [
+        naive = [
+            sys.executable,
+            str(ROOT / "benchmarks" / "naive_server.py"),
+            "--model",
+            str(onnx_path),
+            "--model-name",
+            case.name,
+            "--port",
+            str(port),
+        ]
+        commands.append(("d", naive, port, None))
+    if "e" in args.systems and args.kserve_python:
+        port = free_port()
+        kserve = [
             str(args.kserve_python),
-            str(script),
+            str(ROOT / "benchmarks" / "kserve_onnx_model.py"),
             "--model_path",
             str(onnx_path),
             "--model_name",
@@ -438,7 +383,73 @@ def bench_model(
             "--enable_latency_logging",
             "false",
         ]
-        cells += server_cells("e", command, port, None)
+        commands.append(("e", kserve, port, None))
+    endpoints = []
+    for system, command, grpc_port, metrics_port in commands:
+        stack.enter_context(running(command, logs / f"{case.name}-{system}.log"))
+        endpoints.append(Endpoint(system, f"127.0.0.1:{grpc_port}", metrics_port))
+    ready = []
+    for endpoint in endpoints:
+        log_path = logs / f"{case.name}-{endpoint.system}.log"
+        try:
+            asyncio.run(wait_ready(endpoint.target, case.name, args.start_timeout_s, log_path))
+            ready.append(endpoint)
+        except RuntimeError as exc:
+            print(f"  ({endpoint.system}) skipped: {exc}", flush=True)
+    return ready
+
+
+def bench_model(
+    case: ModelCase,
+    repo: Path,
+    onnx_path: Path,
+    args: argparse.Namespace,
+    logs: Path,
+    workdir: Path,
+) -> list[Cell]:
+    """Every system at every concurrency, in interleaved rounds.
+
+    The machine is shared, so its load drifts; round-robin windows spread that drift over
+    all systems instead of charging it to whichever ran at a bad moment.
+    """
+    cells: list[Cell] = []
+    window_s = args.duration_s / args.rounds
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    with contextlib.ExitStack() as stack:
+        endpoints = start_servers(stack, case, repo, onnx_path, args, logs, workdir)
+        for concurrency in args.concurrency:
+            batch = min(concurrency, case.max_batch_size)
+            feed = {"image": rng.integers(0, 256, (batch, case.size, case.size, 3), np.uint8)}
+            session.run(None, feed)
+            spec = LoadSpec(concurrency=concurrency, duration_s=window_s, warmup_s=args.warmup_s)
+            totals = {system: Accumulator() for system in SYSTEMS}
+            for _ in range(args.rounds):
+                if "a" in args.systems:
+                    in_process_window(session, feed, window_s, totals["a"])
+                for endpoint in endpoints:
+                    asyncio.run(
+                        server_window(
+                            endpoint.target,
+                            case,
+                            spec,
+                            endpoint.metrics_port,
+                            totals[endpoint.system],
+                        )
+                    )
+            for system in ["a", *(e.system for e in endpoints)]:
+                if system == "a" and "a" not in args.systems:
+                    continue
+                cell = totals[system].cell(
+                    case.name, system, concurrency, batch if system == "a" else 1
+                )
+                cells.append(cell)
+                print(
+                    f"  {case.name} ({system}) c={concurrency}: {cell.images_per_s:.1f} img/s, "
+                    f"p50 {cell.p50_ms:.2f} ms, p99 {cell.p99_ms:.2f} ms, "
+                    f"errors {cell.errors or 0}",
+                    flush=True,
+                )
     return cells
 
 
@@ -538,14 +549,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration-s", type=float, default=5.0, help="measured seconds per cell")
     parser.add_argument("--warmup-s", type=float, default=1.0, help="unmeasured load per cell")
     parser.add_argument(
-        "--in-process-s",
-        type=float,
-        default=3.0,
-        help="seconds of back-to-back session.run per (a) cell",
+        "--rounds", type=int, default=3, help="interleaved rounds the duration is split into"
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument(
         "--models", nargs="+", default=["demo", "resnet50"], choices=["demo", "resnet50"]
+    )
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        default=list(SYSTEMS),
+        choices=list(SYSTEMS),
+        help="which of (a)-(e) to measure",
     )
     parser.add_argument(
         "--kserve-python",
@@ -579,9 +594,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         workdir = Path(tmp)
         repo = workdir / "repository"
-        onnx_paths = {name: build_repository(repo, CASES[name]) for name in args.models}
+        # torch stays out of this process: its thread pools would share the cores with the
+        # in-process onnxruntime measurement.
+        spawn = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            onnx_paths = {
+                name: pool.submit(build_repository, repo, CASES[name]).result()
+                for name in args.models
+            }
         for name in args.models:
-            cells += bench_model(CASES[name], workdir, logs, args, onnx_paths[name], repo)
+            cells += bench_model(CASES[name], repo, onnx_paths[name], args, logs, workdir)
     checks = evaluate_targets(cells, args.models, max(args.concurrency))
     print()
     print(format_table(cells))
