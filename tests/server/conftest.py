@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from repository_factory import make_model_repository
-from server_harness import RunningServer, test_config
+from server_harness import RunningServer, server_config
 
 
 @pytest.fixture
@@ -18,5 +18,5 @@ def model_repository(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def running_server(model_repository: Path) -> Iterator[RunningServer]:
-    with RunningServer(test_config(model_repository)) as server:
+    with RunningServer(server_config(model_repository)) as server:
         yield server

@@ -206,9 +206,7 @@ def make_model_repository(
             extra=config_extra,
         )
     )
-    (model_dir / "labels.txt").write_text(
-        "".join(f"class_{i}\n" for i in range(num_classes))
-    )
+    (model_dir / "labels.txt").write_text("".join(f"class_{i}\n" for i in range(num_classes)))
     for version in versions:
         write_version(
             model_dir,

@@ -59,7 +59,7 @@ def test_infer_raw_matches_onnxruntime(
     result = client.infer(
         "classifier",
         [tensor],
-        outputs=[triton.InferRequestedOutput("logits"), triton.InferRequestedOutput("probabilities")],
+        outputs=[triton.InferRequestedOutput(n) for n in ("logits", "probabilities")],
     )
     logits, probabilities = _reference(model_repository, images)
     np.testing.assert_allclose(result.as_numpy("logits"), logits, rtol=1e-5, atol=1e-5)

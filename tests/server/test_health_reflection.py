@@ -1,0 +1,92 @@
+"""Health transitions (loading -> SERVING -> draining -> NOT_SERVING) and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_helpers import infer_request
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from server_harness import RunningServer, server_config
+
+from server._proto.inference import grpc_service_pb2 as pb
+from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _check(channel: grpc.Channel, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_health_follows_loading_serving_and_draining(model_repository: Path) -> None:
+    config = server_config(model_repository, drain_delay_s=0.4, grace_period_s=5)
+    server = RunningServer(config, start_models=False)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=30
+            )
+            assert _check(channel) == NOT_SERVING
+            assert _check(channel, "inference.GRPCInferenceService") == NOT_SERVING
+            assert next(watch).status == NOT_SERVING
+            server.call(server.handle.start())
+            assert _check(channel) == SERVING
+            assert _check(channel, "finetune.v1.Classifier") == SERVING
+            assert next(watch).status == SERVING
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            request = infer_request(np.zeros((1, 32, 32, 3), dtype=np.uint8))
+            draining = server.submit(server.handle.drain())
+            time.sleep(0.1)
+            # Draining: NOT_SERVING at once, but requests are still served during the delay.
+            assert _check(channel) == NOT_SERVING
+            assert next(watch).status == NOT_SERVING
+            assert stub.ModelInfer(request, timeout=5).model_version == "1"
+            time.sleep(0.5)
+            with pytest.raises(grpc.RpcError) as error:
+                stub.ModelInfer(request, timeout=5)
+            assert error.value.code() is grpc.StatusCode.UNAVAILABLE
+            draining.result(timeout=10)
+    finally:
+        server.stop()
+
+
+def test_reflection_lists_the_services(running_server: RunningServer) -> None:
+    with grpc.insecure_channel(running_server.target) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {
+            "inference.GRPCInferenceService",
+            "finetune.v1.Classifier",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        } <= services
+        pool = descriptor_pool.DescriptorPool(database)
+        method = pool.FindServiceByName("inference.GRPCInferenceService").methods_by_name[
+            "ModelInfer"
+        ]
+        assert method.input_type.full_name == "inference.ModelInferRequest"
+        classify = pool.FindMessageTypeByName("finetune.v1.ClassifyRequest")
+        assert "images" in classify.fields_by_name
+
+
+def test_server_ready_and_model_ready(running_server: RunningServer) -> None:
+    async def scenario() -> tuple[bool, bool, bool]:
+        async with grpc.aio.insecure_channel(running_server.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            live = (await stub.ServerLive(pb.ServerLiveRequest())).live
+            ready = (await stub.ServerReady(pb.ServerReadyRequest())).ready
+            model = (await stub.ModelReady(pb.ModelReadyRequest(name="classifier"))).ready
+            return live, ready, model
+
+    assert asyncio.run(scenario()) == (True, True, True)

@@ -1,0 +1,83 @@
+"""/metrics parses with prometheus_client's parser and counts what the test sent."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_helpers import infer_request
+from prometheus_client.parser import text_string_to_metric_families
+from server_harness import RunningServer, server_config
+
+from server._proto.inference import grpc_service_pb2 as pb
+from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+
+
+def _scrape(server: RunningServer) -> dict[tuple[str, tuple], float]:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_metrics_count_what_was_sent(model_repository: Path) -> None:
+    with RunningServer(server_config(model_repository, metrics_port=0)) as server:
+        _check_metrics(server)
+
+
+def _check_metrics(running_server: RunningServer) -> None:
+    sent, invalid = 5, 2
+    with grpc.insecure_channel(running_server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for i in range(sent):
+            stub.ModelInfer(infer_request(np.full((2, 32, 32, 3), i, np.uint8)), timeout=10)
+        for _ in range(invalid):
+            bad = pb.ModelInferRequest(model_name="classifier")
+            bad.inputs.add(name="image", datatype="FP32", shape=[1, 32, 32, 3])
+            bad.raw_input_contents.append(bytes(4 * 32 * 32 * 3))
+            try:
+                stub.ModelInfer(bad, timeout=10)
+            except grpc.RpcError as error:
+                assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    samples = _scrape(running_server)
+    model = (("model", "classifier"), ("version", "1"))
+
+    def value(name: str, *labels: tuple[str, str]) -> float:
+        return samples.get((name, tuple(sorted(model + labels))), 0.0)
+
+    assert value("inference_requests_total", ("outcome", "success")) == sent
+    assert value("inference_requests_total", ("outcome", "invalid")) == invalid
+    assert value("inference_request_duration_seconds_count") == sent
+    assert value("inference_queue_duration_seconds_count") == sent
+    assert value("inference_batch_size_sum") == 2 * sent
+    assert value("inference_compute_duration_seconds_count") == value("inference_batch_size_count")
+    assert value("inference_rows_total") == 2 * sent
+    grpc_labels = (
+        ("grpc_method", "ModelInfer"),
+        ("grpc_service", "inference.GRPCInferenceService"),
+        ("grpc_type", "unary"),
+    )
+    ok = samples[("grpc_server_handled_total", tuple(sorted((*grpc_labels, ("grpc_code", "OK")))))]
+    rejected = samples[
+        (
+            "grpc_server_handled_total",
+            tuple(sorted((*grpc_labels, ("grpc_code", "INVALID_ARGUMENT")))),
+        )
+    ]
+    assert (ok, rejected) == (sent, invalid)
+    assert samples[("grpc_server_started_total", tuple(sorted(grpc_labels)))] == sent + invalid
+    assert (
+        samples[("grpc_server_handling_seconds_count", tuple(sorted(grpc_labels)))]
+        == sent + invalid
+    )
+    assert samples[("model_loads_total", (("model", "classifier"),))] == 1
+    assert (
+        "model_info",
+        tuple(sorted((*model, ("provider", "CPUExecutionProvider"), ("precision", "fp32")))),
+    ) in samples
