@@ -1,0 +1,83 @@
+"""The ``trainer export`` subcommand: parses flags and calls ``export_checkpoint``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from trainer.errors import ConfigError
+
+_INPUT_FORMATS = ("uint8-nhwc", "float32-nchw")
+_PRECISIONS = ("fp32", "fp16", "int8")
+_INT8_MODES = ("static", "dynamic")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``export`` on the ``trainer`` command line; sets ``func``."""
+    parser = subparsers.add_parser(
+        "export",
+        help="export a checkpoint to a verified ONNX model in a Triton-layout repository",
+        description=(
+            "Export a training checkpoint to ONNX, verify it against PyTorch, and publish it "
+            "as the next version of REPO/<model-name>/."
+        ),
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file (.pt)")
+    parser.add_argument(
+        "--output-repository", type=Path, required=True, help="model repository root"
+    )
+    parser.add_argument("--model-name", default="classifier", help="model directory name")
+    parser.add_argument(
+        "--input-format",
+        choices=_INPUT_FORMATS,
+        default="uint8-nhwc",
+        help="graph input: uint8 RGB NHWC with preprocessing in the graph, or normalised NCHW",
+    )
+    parser.add_argument("--precision", choices=_PRECISIONS, default="fp32")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="ImageFolder root (train/, val/): real-image parity, int8 calibration, accuracy",
+    )
+    parser.add_argument("--int8-mode", choices=_INT8_MODES, default="static")
+    parser.add_argument(
+        "--int8-accuracy-budget",
+        type=float,
+        default=1.0,
+        metavar="POINTS",
+        help="refuse an int8 model whose val accuracy drops more than this (default 1 point)",
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the export; usage problems raise ``UsageError``, failed checks ``ExportError``."""
+    from trainer.export.pipeline import export_checkpoint
+
+    if args.int8_accuracy_budget < 0:
+        raise ConfigError("--int8-accuracy-budget must be >= 0 points")
+    result = export_checkpoint(
+        args.checkpoint,
+        args.output_repository,
+        model_name=args.model_name,
+        input_format=args.input_format,
+        precision=args.precision,
+        data_dir=args.data,
+        int8_mode=args.int8_mode,
+        int8_accuracy_budget=args.int8_accuracy_budget,
+    )
+    summary = {
+        "model_dir": str(result.model_dir),
+        "version": result.version,
+        "precision": result.precision,
+        "max_abs_diff_logits": result.max_abs_diff,
+        "exporter": result.exporter,
+    }
+    comparison = result.metadata.get("precision_comparison")
+    if comparison:
+        summary["precision_comparison"] = comparison
+    print(json.dumps(summary, indent=2))
+    return 0
