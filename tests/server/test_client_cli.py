@@ -1,0 +1,172 @@
+"""The ``client`` command against a real server, and its import boundary."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from server_harness import RunningServer, server_config
+from test_client_library import solid_png
+
+from server.client.cli import main
+
+
+def test_cli_imports_neither_torch_nor_onnxruntime() -> None:
+    code = (
+        "import sys\n"
+        "import server.client, server.client.cli, server.client.bench\n"
+        "heavy = [m for m in ('torch', 'onnxruntime') if m in sys.modules]\n"
+        "print(heavy)\n"
+        "sys.exit(1 if heavy else 0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    usage = subprocess.run(
+        [sys.executable, "-m", "server.client.cli", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert usage.returncode == 0, usage.stderr
+    for command in ("classify", "health", "bench"):
+        assert command in usage.stdout
+    script = Path(sys.executable).with_name("client")
+    if script.exists():  # the installed console script
+        assert subprocess.run([script, "--help"], check=False, capture_output=True).returncode == 0
+
+
+def write_images(root: Path) -> list[Path]:
+    (root / "nested").mkdir(parents=True)
+    paths = [root / "red.png", root / "nested" / "blue.png"]
+    paths[0].write_bytes(solid_png((255, 0, 0)))
+    paths[1].write_bytes(solid_png((0, 0, 255)))
+    (root / "notes.txt").write_text("not an image, skipped by directory expansion")
+    return paths
+
+
+def test_classify_prints_one_line_per_image(
+    running_server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = write_images(tmp_path / "images")
+    assert main(["classify", "--target", running_server.target, str(tmp_path / "images")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == sorted(str(p) for p in paths)
+    for line in lines:
+        _, label, score = line.split("\t")
+        assert label.startswith("class_")
+        assert 0.0 < float(score) <= 1.0
+
+    assert main(["classify", "--target", running_server.target, "--top-k", "3", str(paths[0])]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    columns = line.split("\t")
+    assert len(columns) == 1 + 2 * 3
+    scores = [float(s) for s in columns[2::2]]
+    assert scores == sorted(scores, reverse=True)
+
+    assert main(["classify", "--target", running_server.target, "--json", *map(str, paths)]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["failed"] == 0
+    assert [r["path"] for r in document["results"]] == [str(p) for p in paths]
+    assert all(len(r["predictions"]) == 1 for r in document["results"])
+
+
+def test_classify_fails_when_any_image_fails(
+    running_server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good, bad = tmp_path / "good.png", tmp_path / "bad.jpg"
+    good.write_bytes(solid_png((0, 255, 0)))
+    bad.write_bytes(b"\xff\xd8 truncated")
+    assert main(["classify", "--target", running_server.target, str(good), str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{good}\tclass_")
+    assert f"{bad}: INVALID_ARGUMENT" in captured.err
+
+    assert main(["classify", "--target", running_server.target, str(tmp_path / "nope")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["classify", "--target", running_server.target, str(empty)]) == 2
+    assert "holds no image files" in capsys.readouterr().err
+
+
+def test_health_exit_codes(
+    running_server: RunningServer, model_repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["health", "--target", running_server.target]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+
+    with RunningServer(server_config(model_repository), start_models=False) as loading:
+        assert main(["health", "--target", loading.target]) == 1
+        assert capsys.readouterr().out.strip() == "NOT_SERVING"
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{sock.getsockname()[1]}"
+    assert main(["health", "--target", closed, "--timeout-s", "2"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def _bench_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict]:
+    code = main(["bench", "--duration-s", "0.6", "--warmup-s", "0.1", "--json", *args])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_bench_reports_throughput_latency_and_errors(
+    running_server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = ["--target", running_server.target]
+    code, report = _bench_json(capsys, *target, "--concurrency", "4")
+    assert code == 0
+    assert report["mode"] == "concurrency" and report["error_count"] == 0
+    assert report["requests_ok"] > 0
+    assert report["requests_per_s"] == pytest.approx(report["requests_ok"] / 0.6)
+    latency = report["latency"]
+    assert 0 < latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+
+    code, report = _bench_json(capsys, *target, "--model", "classifier", "--batch", "3")
+    assert code == 0 and report["requests_ok"] > 0
+    assert report["images_per_s"] == pytest.approx(3 * report["requests_per_s"])
+
+    code, report = _bench_json(capsys, *target, "--rate", "40", "--concurrency", "8")
+    assert code == 0 and report["mode"] == "rate"
+    assert 10 <= report["requests_ok"] <= 30  # 40/s over a 0.6 s window
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    code, report = _bench_json(capsys, *target, "--image", str(bad), "--concurrency", "2")
+    assert code == 1
+    assert report["requests_ok"] == 0
+    assert set(report["errors"]) == {"INVALID_ARGUMENT"} and report["error_count"] > 0
+
+
+def test_bench_text_report(running_server: RunningServer, capsys) -> None:  # type: ignore[no-untyped-def]
+    args = ["bench", "--target", running_server.target, "--duration-s", "0.3", "--warmup-s", "0"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "throughput" in out and "p99" in out and "errors      none" in out
+
+
+def test_argument_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as usage:
+        main(["bench", "--target", "127.0.0.1:1", "--concurrency", "0"])
+    assert usage.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
+
+    assert main(["health", "--target", "no-port-here"]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err
+
+    image = tmp_path / "x.png"
+    image.write_bytes(solid_png((1, 1, 1)))
+    assert main(["bench", "--target", "127.0.0.1:1", "--model", "m", "--image", str(image)]) == 2
+    assert "pick one" in capsys.readouterr().err
+
+    missing = tmp_path / "token"
+    assert main(["health", "--target", "127.0.0.1:1", "--token-file", str(missing)]) == 2
+    assert "cannot read token file" in capsys.readouterr().err
