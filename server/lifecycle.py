@@ -19,6 +19,9 @@ import time
 
 log = logging.getLogger(__name__)
 
+# How long no inference RPC must arrive before the transport is stopped.
+QUIET_S = 0.2
+
 
 class ServerState:
     """Shared between the interceptors and the drain sequence."""
@@ -27,6 +30,7 @@ class ServerState:
         self.draining = False
         self.rejecting = False
         self.active = 0
+        self.last_arrival = 0.0
         self._idle: asyncio.Event | None = None
 
     def _event(self) -> asyncio.Event:
@@ -38,12 +42,26 @@ class ServerState:
 
     def enter(self) -> None:
         self.active += 1
+        self.last_arrival = time.monotonic()
         self._event().clear()
 
     def exit(self) -> None:
         self.active -= 1
         if self.active == 0:
             self._event().set()
+
+    async def wait_quiet(self, quiet_s: float, timeout: float) -> bool:
+        """Wait until nothing is running and nothing arrived for quiet_s seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not await self.wait_idle(deadline - time.monotonic()):
+                return False
+            since = time.monotonic() - self.last_arrival
+            if since >= quiet_s:
+                return True
+            if time.monotonic() + (quiet_s - since) > deadline:
+                return False
+            await asyncio.sleep(quiet_s - since)
 
     async def wait_idle(self, timeout: float) -> bool:
         """True when no tracked RPC is running; False if the timeout came first."""
@@ -65,9 +83,10 @@ async def drain(handle: DrainTarget, *, drain_delay_s: float, grace_period_s: fl
     state.rejecting = True
     remaining = grace_period_s - (time.monotonic() - started) + drain_delay_s
     log.info("draining: rejecting new requests, %d in flight", state.active)
-    if not await state.wait_idle(remaining):
+    # Stop only once nothing is running and clients have stopped arriving (they were told
+    # UNAVAILABLE), so that server.stop() has no undispatched call left to cancel.
+    if not await state.wait_quiet(QUIET_S, remaining):
         log.warning("grace period over with %d request(s) still running", state.active)
-    # Nothing accepted is still running; a short grace lets the UNAVAILABLE answers go out.
     await handle.stop_transport(grace=0.5)
     await handle.unload_models()
     log.info("drained in %.2fs", time.monotonic() - started)
