@@ -327,6 +327,9 @@ def server_command(
         str(max_batch),
         "--poll-interval-s",
         "0",
+        # onnxruntime's first run at a new batch shape is slow; warm the shapes the load forms.
+        "--warmup-batch-sizes",
+        ",".join(str(b) for b in sorted({1, min(8, max_batch), max_batch})),
     ]
 
 
@@ -546,8 +549,12 @@ def _json_safe(value: Any) -> Any:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration-s", type=float, default=5.0, help="measured seconds per cell")
-    parser.add_argument("--warmup-s", type=float, default=1.0, help="unmeasured load per cell")
+    parser.add_argument(
+        "--duration-s", type=float, default=6.0, help="measured seconds per cell, all rounds"
+    )
+    parser.add_argument(
+        "--warmup-s", type=float, default=0.5, help="unmeasured load before each window"
+    )
     parser.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds the duration is split into"
     )
@@ -575,6 +582,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.kserve_python is not None and not args.kserve_python.is_file():
         parser.error(f"--kserve-python {args.kserve_python} is not a file")
+    if args.rounds < 1 or args.duration_s <= 0 or args.warmup_s < 0:
+        parser.error("--rounds and --duration-s must be positive, --warmup-s not negative")
     if any(c < 1 for c in args.concurrency):
         parser.error("--concurrency values must be >= 1")
     return args
@@ -589,6 +598,7 @@ CASES = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
+    load_at_start = os.getloadavg()
     cells: list[Cell] = []
     logs = args.output.parent / "serve_throughput_logs"
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
@@ -616,6 +626,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "onnxruntime": ort.__version__,
+            # Other work on a shared machine moves every figure; the load says how much.
+            "load_average_start": load_at_start,
+            "load_average_end": os.getloadavg(),
         },
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "cases": [dataclasses.asdict(CASES[n]) for n in args.models],
