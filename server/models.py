@@ -195,7 +195,7 @@ class ModelManager:
             raise ModelNotFound(f"unknown model {name!r}")
         if not version:
             return versions[max(versions)]
-        if not version.isdigit() or int(version) not in versions:
+        if not (version.isascii() and version.isdigit()) or int(version) not in versions:
             raise ModelNotFound(
                 f"model {name!r} has no loaded version {version!r} "
                 f"(loaded: {', '.join(str(v) for v in sorted(versions))})"
