@@ -1,0 +1,309 @@
+"""The trainer's one typed config and how it is resolved.
+
+Precedence: field defaults < YAML file (``--config``) < environment (``TRAINER_<FIELD>``) <
+command-line flags. Every field is a flag (``head_lr`` -> ``--head-lr``) and an environment
+variable (``TRAINER_HEAD_LR``). Unknown keys and bad values are ``ConfigError``s naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.errors import ConfigError
+from trainer.fsutil import atomic_write_bytes
+
+ENV_PREFIX = "TRAINER_"
+
+
+def _doc(text: str, default: Any, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": text, "choices": choices})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; saved as ``OUTPUT/config.yaml``."""
+
+    data: Path | None = _doc("ImageFolder root: train/<class>/*, optional val/.", None)  # noqa: RUF009
+    output: Path | None = _doc("Directory for checkpoints, metrics, report.", None)  # noqa: RUF009
+    arch: str = _doc("torchvision classification architecture name.", "resnet18")
+    weights: str = _doc(
+        "Starting weights: DEFAULT, a torchvision weights name, none, or a PATH to a state "
+        "dict or trainer checkpoint.",
+        "DEFAULT",
+    )
+    image_size: int | None = _doc(
+        "Training/eval crop size in pixels; default: the weights' own (224 without metadata).",
+        None,
+    )
+    batch_size: int = _doc("Images per step on each process.", 32)
+    head_epochs: int | None = _doc(
+        "Epochs of phase 1 (head only); default 2, or 0 with --weights none.", None
+    )
+    finetune_epochs: int = _doc("Epochs of phase 2 (fine-tuning unfrozen groups).", 5)
+    device: str = _doc("Where to train.", "auto", ("auto", "cpu", "cuda"))
+    seed: int = _doc("Seed for every random number generator.", 0)
+    resume: str = _doc(
+        "auto: continue from the newest valid checkpoint in OUTPUT; never; or a PATH.", "auto"
+    )
+    model_name: str = _doc("Model name in the exported model repository.", "classifier")
+    repository: Path | None = _doc("Export target; default OUTPUT/model_repository.", None)  # noqa: RUF009
+    export: bool = _doc("Export best.pt to ONNX at the end of the run.", True)
+    input_format: str = _doc("Exported graph input.", "uint8-nhwc", ("uint8-nhwc", "float32-nchw"))
+    precision: str = _doc("Exported model precision.", "fp32", ("fp32", "fp16", "int8"))
+    val_fraction: float = _doc(
+        "Share of each class held out for validation when there is no val/ folder.", 0.2
+    )
+    strict_data: bool = _doc("Fail on corrupt or unreadable images instead of skipping.", False)
+    cache_max_mb: int = _doc(
+        "Decode the dataset once into memory when it fits in this many MiB (0: never).", 2048
+    )
+    num_workers: int | None = _doc(
+        "DataLoader worker processes; default: 0 for an in-memory dataset, else min(8, CPUs).",
+        None,
+    )
+    head_hidden: int | None = _doc("Hidden units of a two-layer head; default: one Linear.", None)
+    head_dropout: float = _doc("Dropout before the head's last Linear.", 0.0)
+    unfreeze: str = _doc(
+        "Phase-2 policy: top:K (the top K layer groups), all, or gradual:N (one more group "
+        "every N epochs); default top:1, or all with --weights none.",
+        "",
+    )
+    lr: float | None = _doc(
+        "Phase-2 LR of the top unfrozen group; default 1e-4, or head_lr with --weights none.",
+        None,
+    )
+    head_lr: float = _doc("Learning rate of the head (phase 1, and phase 2).", 1e-3)
+    lr_decay: float | None = _doc(
+        "Group at depth d below the top gets lr * lr_decay**d; default 0.3, or 1 from scratch.",
+        None,
+    )
+    warmup_fraction: float = _doc("Share of each phase's steps with linear LR warmup.", 0.1)
+    weight_decay: float = _doc("AdamW weight decay (never on norms and biases).", 0.05)
+    freeze_bn: bool = _doc(
+        "Keep BatchNorm statistics frozen in the unfrozen groups in phase 2 too.", False
+    )
+    patience: int = _doc("Stop a phase after this many epochs without a better val accuracy.", 5)
+    grad_clip: float = _doc("Clip the gradient norm to this value (0: off).", 1.0)
+    label_smoothing: float = _doc("Label smoothing of the cross-entropy loss.", 0.1)
+    random_resized_crop: bool = _doc("RandomResizedCrop for training (else resize+crop).", True)
+    crop_scale_min: float = _doc("Smallest area share kept by RandomResizedCrop.", 0.25)
+    hflip: bool = _doc("Random horizontal flip.", True)
+    rotation: float = _doc("Random rotation range in degrees (0: off).", 0.0)
+    color_jitter: float = _doc("Brightness/contrast/saturation jitter strength (0: off).", 0.0)
+    auto_augment: str = _doc("Automatic augmentation policy.", "none", ("none", "trivial", "rand"))
+    random_erasing: float = _doc("RandomErasing probability (0: off).", 0.0)
+    mixup_alpha: float = _doc("MixUp alpha (0: off).", 0.0)
+    cutmix_alpha: float = _doc("CutMix alpha (0: off).", 0.0)
+    amp: str = _doc(
+        "Mixed precision: auto (bf16 where supported and faster, fp16+GradScaler on older GPUs).",
+        "auto",
+        ("auto", "off", "bf16", "fp16"),
+    )
+    channels_last: bool | None = _doc("channels_last memory format; default: on CUDA.", None)
+    compile: bool = _doc("torch.compile the model (recompiled at every phase change).", False)
+    ema: bool = _doc("Keep an exponential moving average of the weights; export it.", False)
+    ema_decay: float = _doc("EMA decay per step.", 0.999)
+    deterministic: bool = _doc("Use deterministic algorithms only (slower).", False)
+    stop_timeout: float = _doc(
+        "Seconds allowed between SIGTERM and exit (finish step, save checkpoint).", 20.0
+    )
+    metrics_port: int | None = _doc("Serve Prometheus training gauges on this port.", None)
+    log_format: str = _doc("Log line format when not on a terminal.", "plain", ("plain", "json"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (paths as strings): for YAML and the checkpoint."""
+        return {
+            f.name: str(v) if isinstance(v, Path) else v
+            for f in dataclasses.fields(self)
+            for v in [getattr(self, f.name)]
+        }
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def field_help(name: str) -> str:
+    """The documentation of a config field."""
+    return str(FIELDS[name].metadata["help"])
+
+
+def field_choices(name: str) -> tuple[str, ...] | None:
+    """Allowed values of a string field, if restricted."""
+    choices = FIELDS[name].metadata.get("choices")
+    return tuple(choices) if choices else None
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """The field's base type and whether it may be None."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        base = next(a for a in args if a is not type(None))
+        return base, True
+    return hint, False
+
+
+def resolve_config(
+    *,
+    file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """Merge defaults < YAML ``file`` < ``environ`` (``TRAINER_*``) < ``flags``; validate.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, or bad value (the message names the key).
+    """
+    values: dict[str, Any] = {}
+    if file is not None:
+        values.update({k: convert(k, v, f"{file}") for k, v in _read_yaml(file).items()})
+    env = os.environ if environ is None else environ
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name not in FIELDS:
+            raise ConfigError(f"{key}: unknown setting (no config field {name!r})")
+        values[name] = convert(name, raw, key)
+    for name, value in (flags or {}).items():
+        if name not in FIELDS:
+            raise ConfigError(f"--{name.replace('_', '-')}: unknown setting")
+        values[name] = convert(name, value, f"--{name.replace('_', '-')}")
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def _read_yaml(file: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(Path(file).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {file}: {exc}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {file}: expected a mapping of settings at the top level")
+    unknown = sorted(
+        str(k).replace("-", "_") for k in loaded if str(k).replace("-", "_") not in FIELDS
+    )
+    if unknown:
+        raise ConfigError(f"config file {file}: unknown key(s) {', '.join(unknown)}")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def convert(name: str, value: Any, source: str) -> Any:
+    """Coerce ``value`` (a YAML scalar, an environment string or a flag) to the field's type."""
+    base, optional = field_type(name)
+    where = (
+        f"{source}"
+        if source.startswith("--") or source.startswith(ENV_PREFIX)
+        else (f"{source}: {name}")
+    )
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: a value is required")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError(f"expected true or false, got {value!r}")
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(f"expected an integer, got {value!r}")
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError(f"expected a number, got {value!r}")
+            return float(value)
+        if base is Path:
+            return Path(str(value)).expanduser()
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"expected a string, got {value!r}")
+        return str(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def validate(config: TrainConfig) -> None:
+    """Check ranges and choices; raises ``ConfigError`` naming the first bad key."""
+    for name in FIELDS:
+        choices = field_choices(name)
+        value = getattr(config, name)
+        if choices and value not in choices:
+            raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+    checks: list[tuple[str, bool, str]] = [
+        ("data", config.data is not None, "is required (--data DIR)"),
+        ("output", config.output is not None, "is required (--output DIR)"),
+        ("batch_size", config.batch_size >= 1, "must be at least 1"),
+        ("head_epochs", config.head_epochs is None or config.head_epochs >= 0, "must be >= 0"),
+        ("finetune_epochs", config.finetune_epochs >= 0, "must be >= 0"),
+        ("val_fraction", 0.0 < config.val_fraction < 1.0, "must be between 0 and 1"),
+        ("lr", config.lr is None or config.lr > 0, "must be positive"),
+        ("head_lr", config.head_lr > 0, "must be positive"),
+        ("lr_decay", config.lr_decay is None or 0.0 < config.lr_decay <= 1.0, "must be in (0, 1]"),
+        ("warmup_fraction", 0.0 <= config.warmup_fraction < 1.0, "must be in [0, 1)"),
+        ("weight_decay", config.weight_decay >= 0, "must be >= 0"),
+        ("patience", config.patience >= 1, "must be at least 1"),
+        ("grad_clip", config.grad_clip >= 0, "must be >= 0"),
+        ("label_smoothing", 0.0 <= config.label_smoothing < 1.0, "must be in [0, 1)"),
+        ("crop_scale_min", 0.0 < config.crop_scale_min <= 1.0, "must be in (0, 1]"),
+        ("rotation", config.rotation >= 0, "must be >= 0"),
+        ("color_jitter", config.color_jitter >= 0, "must be >= 0"),
+        ("random_erasing", 0.0 <= config.random_erasing <= 1.0, "must be in [0, 1]"),
+        ("mixup_alpha", config.mixup_alpha >= 0, "must be >= 0"),
+        ("cutmix_alpha", config.cutmix_alpha >= 0, "must be >= 0"),
+        ("ema_decay", 0.0 < config.ema_decay < 1.0, "must be in (0, 1)"),
+        ("stop_timeout", config.stop_timeout > 0, "must be positive"),
+        ("cache_max_mb", config.cache_max_mb >= 0, "must be >= 0"),
+        ("num_workers", config.num_workers is None or config.num_workers >= 0, "must be >= 0"),
+        ("head_dropout", 0.0 <= config.head_dropout < 1.0, "must be in [0, 1)"),
+        (
+            "metrics_port",
+            config.metrics_port is None or 0 <= config.metrics_port <= 65535,
+            "must be a port number 0-65535",
+        ),
+        ("model_name", _is_model_name(config.model_name), "must be [A-Za-z0-9_.-], not '.'"),
+        ("unfreeze", _is_unfreeze_policy(config.unfreeze), "must be top:K, all or gradual:N"),
+    ]
+    for name, ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{name}: {message}, got {getattr(config, name)!r}")
+
+
+def _is_model_name(name: str) -> bool:
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+    return bool(name) and set(name) <= allowed and not name.startswith(".")
+
+
+def _is_unfreeze_policy(policy: str) -> bool:
+    if policy in ("", "all"):
+        return True
+    kind, _, count = policy.partition(":")
+    return kind in ("top", "gradual") and count.isdigit() and int(count) >= 1
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    text = "# Resolved training config (defaults < file < environment < flags)\n"
+    text += yaml.safe_dump(config.to_dict(), sort_keys=False)
+    atomic_write_bytes(path, text.encode())
