@@ -28,8 +28,8 @@ ALLOWED = {
 }
 DATATYPES = ["BOOL", "UINT8", "INT8", "UINT16", "INT16", "FP16", "BF16", "UINT32", "INT32",
              "FP32", "UINT64", "INT64", "FP64", "BYTES"]  # fmt: skip
-CONTENT_FIELDS = ["bool_contents", "int_contents", "int64_contents", "uint_contents",
-                  "uint64_contents", "fp32_contents", "fp64_contents", "bytes_contents"]  # fmt: skip
+CONTENT_FIELDS = [f"{kind}_contents" for kind in ("bool", "int", "int64", "uint", "uint64",
+                                                  "fp32", "fp64", "bytes")]  # fmt: skip
 SETTINGS = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

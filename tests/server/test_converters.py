@@ -1,0 +1,98 @@
+"""Protobuf <-> numpy: raw and typed contents, BYTES, and the checks on them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server._proto.inference import grpc_service_pb2 as pb
+from server.converters import (
+    deserialize_bytes,
+    infer_request_from_proto,
+    infer_response_to_proto,
+    serialize_bytes,
+)
+from server.errors import InvalidInput
+from server.types import InferResponse, Tensor
+
+
+def test_bytes_round_trip() -> None:
+    values = np.array([b"", b"a", b"\x00\xff" * 3, "caf\u00e9".encode()], dtype=np.object_)
+    raw = serialize_bytes(values)
+    assert raw[:4] == b"\x00\x00\x00\x00"
+    assert list(deserialize_bytes(raw, 4, "x")) == list(values)
+    with pytest.raises(InvalidInput, match="longer than the data"):
+        deserialize_bytes(raw[:-1], 4, "x")
+    with pytest.raises(InvalidInput, match="3 BYTES elements"):
+        deserialize_bytes(serialize_bytes(values[:3]), 4, "x")
+
+
+def test_raw_and_typed_requests_decode_the_same() -> None:
+    data = np.arange(12, dtype=np.int32).reshape(2, 6) - 5
+    raw = pb.ModelInferRequest(model_name="m")
+    raw.inputs.add(name="x", datatype="INT32", shape=[2, 6])
+    raw.raw_input_contents.append(data.tobytes())
+    typed = pb.ModelInferRequest(model_name="m")
+    typed.inputs.add(name="x", datatype="INT32", shape=[2, 6]).contents.int_contents.extend(
+        data.reshape(-1).tolist()
+    )
+    for message in (raw, typed):
+        [tensor] = infer_request_from_proto(message).inputs
+        np.testing.assert_array_equal(tensor.data, data)
+        assert tensor.data.dtype == np.int32
+
+
+def test_bytes_input_raw_and_typed() -> None:
+    values = [b"one", b"", b"three"]
+    raw = pb.ModelInferRequest()
+    raw.inputs.add(name="s", datatype="BYTES", shape=[3])
+    raw.raw_input_contents.append(serialize_bytes(np.array(values, dtype=np.object_)))
+    typed = pb.ModelInferRequest()
+    typed.inputs.add(name="s", datatype="BYTES", shape=[3]).contents.bytes_contents.extend(values)
+    for message in (raw, typed):
+        assert list(infer_request_from_proto(message).inputs[0].data) == values
+
+
+@pytest.mark.parametrize(
+    ("datatype", "shape", "payload", "message"),
+    [
+        ("FP32", [2], b"\x00" * 7, "needs 8"),
+        ("FP32", [-1], b"", "negative"),
+        ("COMPLEX", [1], b"\x00", "unknown datatype"),
+        ("UINT8", [2**40, 2**40], b"", "too large"),
+    ],
+)
+def test_raw_checks(datatype: str, shape: list[int], payload: bytes, message: str) -> None:
+    request = pb.ModelInferRequest()
+    request.inputs.add(name="x", datatype=datatype, shape=shape)
+    request.raw_input_contents.append(payload)
+    with pytest.raises(InvalidInput, match=message):
+        infer_request_from_proto(request)
+
+
+def test_typed_checks() -> None:
+    wrong_field = pb.ModelInferRequest()
+    wrong_field.inputs.add(name="x", datatype="FP32", shape=[1]).contents.int_contents.append(1)
+    with pytest.raises(InvalidInput, match="int_contents set for a FP32"):
+        infer_request_from_proto(wrong_field)
+    out_of_range = pb.ModelInferRequest()
+    out_of_range.inputs.add(name="x", datatype="UINT8", shape=[1]).contents.uint_contents.append(
+        300
+    )
+    with pytest.raises(InvalidInput, match="out of range"):
+        infer_request_from_proto(out_of_range)
+    half = pb.ModelInferRequest()
+    half.inputs.add(name="x", datatype="FP16", shape=[0])
+    with pytest.raises(InvalidInput, match="only be sent as raw"):
+        infer_request_from_proto(half)
+
+
+def test_response_raw_or_typed() -> None:
+    response = InferResponse(
+        "m", "1", "id", [Tensor("y", "FP32", np.array([[0.5, 1.5]], dtype=np.float32))]
+    )
+    raw = infer_response_to_proto(response, raw=True)
+    assert np.frombuffer(raw.raw_output_contents[0], "<f4").tolist() == [0.5, 1.5]
+    typed = infer_response_to_proto(response, raw=False)
+    assert list(typed.outputs[0].contents.fp32_contents) == [0.5, 1.5]
+    assert list(typed.outputs[0].shape) == [1, 2]
