@@ -251,7 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
             "--config YAML file (keys as the flag names). Precedence: defaults < file < "
             "environment < flags."
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", type=Path, help="YAML file of settings (env SERVER_CONFIG).")

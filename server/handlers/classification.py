@@ -54,7 +54,7 @@ class ClassificationHandler:
         self.limits = limits
 
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
-        record = RequestRecord(request.model_name or "")
+        record = RequestRecord()
         with recorded(self.metrics, record, request.deadline):
             async with self.manager.lease(request.model_name, request.model_version) as model:
                 record.model, record.version = model.name, model.version_str

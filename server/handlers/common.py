@@ -12,9 +12,13 @@ from server.metrics import ServerMetrics
 
 
 class RequestRecord:
-    """Labels of one request, filled in as the handler learns them."""
+    """Labels of one request, filled in as the handler learns them.
 
-    def __init__(self, model: str, version: str = "") -> None:
+    Until the model version is resolved the labels stay empty: names sent by clients must not
+    become label values, or a client could grow the metrics without bound.
+    """
+
+    def __init__(self, model: str = "", version: str = "") -> None:
         self.model = model
         self.version = version
         self.started = time.monotonic()

@@ -107,7 +107,7 @@ class InferenceHandler:
         return [m for n in self.manager.model_names() for m in self.manager.versions(n)]
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        record = RequestRecord(request.model_name or "")
+        record = RequestRecord()
         with recorded(self.metrics, record, request.deadline):
             async with self.manager.lease(request.model_name, request.model_version) as model:
                 record.model, record.version = model.name, model.version_str

@@ -81,3 +81,22 @@ def _check_metrics(running_server: RunningServer) -> None:
         "model_info",
         tuple(sorted((*model, ("provider", "CPUExecutionProvider"), ("precision", "fp32")))),
     ) in samples
+
+
+def test_unknown_model_names_do_not_become_labels(running_server: RunningServer) -> None:
+    with grpc.insecure_channel(running_server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for name in ("a", "b", "c"):
+            request = infer_request(np.zeros((1, 32, 32, 3), np.uint8), model=name)
+            try:
+                stub.ModelInfer(request, timeout=10)
+            except grpc.RpcError as error:
+                assert error.code() is grpc.StatusCode.NOT_FOUND
+    labels = {"model": "", "version": "", "outcome": "not_found"}
+    assert running_server.sample("inference_requests_total", labels) == 3
+    assert (
+        running_server.registry.get_sample_value(
+            "inference_requests_total", {"model": "a", "version": "", "outcome": "not_found"}
+        )
+        is None
+    )
