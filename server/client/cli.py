@@ -64,7 +64,7 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--tls",
         action="store_true",
-        default=bool(env("CLIENT_TLS")),
+        default=env("CLIENT_TLS", "").strip().lower() in ("1", "true", "yes", "on"),
         help="use TLS with the system CA roots (implied by --ca-cert)",
     )
     group.add_argument(
@@ -99,7 +99,8 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--timeout-s",
         type=_positive_float,
-        default=float(env("CLIENT_TIMEOUT_S", "30")),
+        # A string default goes through `type`, so a bad environment value is a usage error.
+        default=env("CLIENT_TIMEOUT_S", "30"),
         help="deadline of each call in seconds (default %(default)s)",
     )
 
