@@ -8,7 +8,7 @@ labels out), the Open Inference Protocol's ``ModelInfer`` (numpy in and out, raw
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -205,6 +205,33 @@ class AsyncInferenceClient:
         """Top-k predictions for each encoded image (JPEG, PNG, WebP), in input order."""
         request = _classify_request(images, top_k, model_name, model_version)
         return _predictions(await self._call(self._classifier.Classify, request))
+
+    async def classify_stream(
+        self,
+        batches: AsyncIterable[Sequence[bytes]],
+        top_k: int = 1,
+        *,
+        model_name: str = "",
+        model_version: str = "",
+    ) -> AsyncIterator[list[list[Prediction]]]:
+        """Classifies each batch of encoded images sent on one bidirectional stream.
+
+        Yields one result per batch, in order; a request the server refuses ends the stream
+        with :class:`RequestError`.
+        """
+
+        async def requests() -> AsyncIterator[classifier_pb2.ClassifyRequest]:
+            async for images in batches:
+                yield _classify_request(images, top_k, model_name, model_version)
+
+        call = self._classifier.ClassifyStream(
+            requests(), timeout=self.options.timeout_s, metadata=self.options.call_metadata()
+        )
+        try:
+            async for response in call:
+                yield _predictions(response)
+        except grpc.RpcError as exc:
+            raise RequestError.from_rpc_error(exc) from None
 
     async def infer(
         self,

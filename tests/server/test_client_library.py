@@ -125,6 +125,27 @@ def test_async_client_concurrent_requests_get_their_own_answers(
     assert status == "SERVING"
 
 
+def test_async_classify_stream_answers_each_batch_in_order(running_server: RunningServer) -> None:
+    batches = [[solid_png(c)] for c in COLOURS] + [[solid_png(c) for c in COLOURS[:3]]]
+
+    async def run() -> tuple[list, list]:
+        async def source():  # type: ignore[no-untyped-def]
+            for batch in batches:
+                yield batch
+
+        options = ConnectionOptions(target=running_server.target, timeout_s=10)
+        async with AsyncInferenceClient(options) as client:
+            streamed = [r async for r in client.classify_stream(source(), top_k=2)]
+            unary = [await client.classify(b, top_k=2) for b in batches]
+            return streamed, unary
+
+    streamed, unary = asyncio.run(run())
+    assert [len(r) for r in streamed] == [1] * len(COLOURS) + [3]
+    assert [[[p.index for p in ps] for ps in r] for r in streamed] == [
+        [[p.index for p in ps] for ps in r] for r in unary
+    ]
+
+
 def test_health_reports_not_serving_before_models_load(model_repository: Path) -> None:
     with (
         RunningServer(server_config(model_repository), start_models=False) as server,
