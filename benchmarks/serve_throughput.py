@@ -3,8 +3,8 @@
 For each model (the demo ResNet-18 at 64 px and a ResNet-50-size model at 224 px, random
 weights, uint8-nhwc input) and each concurrency (1, 8, 32) it measures:
 
-  (a) in-process onnxruntime at the batch the batcher can form, min(concurrency, max batch):
-      the ceiling;
+  (a) in-process onnxruntime, back-to-back session.run at the largest batch the batcher can
+      form, min(concurrency, max batch): the ceiling;
   (b) our server with dynamic batching;
   (c) our server with batching off (max batch size 1);
   (d) the naive baseline (benchmarks/naive_server.py: synchronous grpc server, thread pool,
@@ -12,11 +12,16 @@ weights, uint8-nhwc input) and each concurrency (1, 8, 32) it measures:
   (e) KServe's Python model server serving the same ONNX file, when --kserve-python names a
       Python that has kserve and onnxruntime installed.
 
-(b)-(e) are loaded over loopback by the same asyncio load generator (``client bench``'s
-engine) with raw ModelInfer requests of one image each. Prints a table and writes
-bench-output/serve_throughput.json.
+(b)-(e) run as separate processes, all started before measuring, and are loaded over
+loopback by the same asyncio load generator (``client bench``'s engine) with raw ModelInfer
+requests of one image each. Each cell is measured in rounds that visit every system in turn,
+so drifting load from other work on a shared machine is spread over all systems. The demo
+model gets 6 s per cell (3 rounds), ResNet-50 12 s (2 rounds) at max batch 8. Prints a
+Markdown table and the targets, and writes bench-output/serve_throughput.json; the servers'
+logs go to bench-output/serve_throughput_logs/.
 
     python benchmarks/serve_throughput.py --kserve-python /tmp/kserve-venv/bin/python
+    python benchmarks/serve_throughput.py --models demo --time-scale 0.2   # smoke run
 """
 
 from __future__ import annotations
