@@ -15,9 +15,11 @@ workers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import random
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -146,8 +148,20 @@ class CorruptImage(Exception):  # noqa: N818 - reads as the condition it reports
     """A file that neither torchvision.io nor Pillow can decode."""
 
 
+@functools.cache
+def _quiet_torchvision_io() -> None:
+    # torchvision 0.29 warns on every decode that TorchCodec will replace it; once per process
+    # is enough for us to know, and the warning would otherwise flood the log per image.
+    warnings.filterwarnings(
+        "ignore",
+        message="The image decoding and encoding capabilities",
+        category=DeprecationWarning,
+    )
+
+
 def decode_image(path: Path) -> torch.Tensor:
     """Decode to an RGB uint8 tensor [3, H, W] (torchvision.io, Pillow as the fallback)."""
+    _quiet_torchvision_io()
     try:
         data = tv_io.read_file(str(path))
         return tv_io.decode_image(data, mode=tv_io.ImageReadMode.RGB)

@@ -1,0 +1,56 @@
+"""Builders shared by the trainer tests: tiny image folders and configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from trainer.config import TrainConfig, resolve_config
+
+FORMATS = ("png", "jpg", "bmp", "webp")
+
+
+def make_image_folder(
+    root: Path,
+    classes: tuple[str, ...] = ("circle", "square", "triangle"),
+    train_per_class: int = 8,
+    val_per_class: int | None = 3,
+    size: tuple[int, int] = (40, 48),
+    seed: int = 0,
+) -> Path:
+    """``root/train/<class>/*`` (and ``val/`` unless None): noise with a class-coloured tint."""
+    rng = np.random.default_rng(seed)
+    splits = {"train": train_per_class}
+    if val_per_class is not None:
+        splits["val"] = val_per_class
+    for split, count in splits.items():
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 80, (*size, 3), dtype=np.uint8)
+                pixels[..., label % 3] += 150
+                Image.fromarray(pixels).save(folder / f"{name}-{i}.{FORMATS[i % len(FORMATS)]}")
+    return root
+
+
+def tiny_config(data: Path, output: Path, **overrides: Any) -> TrainConfig:
+    """A fast CPU config: 32 px, small batches, no export, fp32, no environment."""
+    flags: dict[str, Any] = {
+        "data": data,
+        "output": output,
+        "arch": "resnet18",
+        "weights": "none",
+        "image_size": 32,
+        "batch_size": 4,
+        "head_epochs": 0,
+        "finetune_epochs": 1,
+        "export": False,
+        "amp": "off",
+        "device": "cpu",
+    }
+    flags.update(overrides)
+    return resolve_config(environ={}, flags=flags)
