@@ -469,6 +469,17 @@ def bench_model(
     return cells
 
 
+def kserve_versions(python: Path | None) -> str | None:
+    if python is None:
+        return None
+    code = "import kserve, onnxruntime; print(kserve.__version__, onnxruntime.__version__)"
+    result = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        return f"not importable: {result.stderr.strip()[-200:]}"
+    kserve_version, ort_version = result.stdout.split()
+    return f"kserve {kserve_version}, onnxruntime {ort_version}"
+
+
 def find(cells: Sequence[Cell], model: str, system: str, concurrency: int) -> Cell | None:
     return next(
         (c for c in cells if (c.model, c.system, c.concurrency) == (model, system, concurrency)),
@@ -653,6 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Other work on a shared machine moves every figure; the load says how much.
             "load_average_start": load_at_start,
             "load_average_end": os.getloadavg(),
+            "kserve": kserve_versions(args.kserve_python),
         },
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "cases": [dataclasses.asdict(CASES[n]) for n in args.models],
