@@ -472,7 +472,7 @@ def bench_model(
 def kserve_versions(python: Path | None) -> str | None:
     if python is None:
         return None
-    code = "import kserve, onnxruntime; print(kserve.__version__, onnxruntime.__version__)"
+    code = "import importlib.metadata as m; print(m.version('kserve'), m.version('onnxruntime'))"
     result = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         return f"not importable: {result.stderr.strip()[-200:]}"
