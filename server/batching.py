@@ -87,11 +87,22 @@ class DynamicBatcher:
         settings: BatchingSettings,
         executor: Executor,
         observer: BatchObserver | None = None,
+        upstream: Callable[[], int] | None = None,
     ) -> None:
+        """
+        Args:
+            run_batch: computes one batch; called in ``executor``.
+            upstream: how many requests are on their way to ``submit`` (e.g. being decoded).
+                The batcher waits for more requests only while this is positive, so a lone
+                request is not held for ``max_queue_delay`` waiting for company that cannot
+                come. Without it the batcher always waits up to the delay, as Triton does.
+        """
         self._run_batch = run_batch
         self.settings = settings
         self._executor = executor
         self._observer = observer or BatchObserver()
+        self._upstream = upstream
+        self.inflight = 0
         # Loop-bound objects are created in start(), on the running loop.
         self._queue: collections.deque[_Pending] = collections.deque()
         self._arrival: asyncio.Future[None] | None = None
@@ -140,6 +151,7 @@ class DynamicBatcher:
         self._queue.append(pending)
         self._observer.queue_depth(len(self._queue))
         self._notify()
+        self.inflight += 1
         try:
             return await pending.future
         except asyncio.CancelledError:
@@ -148,6 +160,8 @@ class DynamicBatcher:
                 self._queue.remove(pending)
                 self._observer.queue_depth(len(self._queue))
             raise
+        finally:
+            self.inflight -= 1
 
     def _notify(self) -> None:
         if self._arrival is not None and not self._arrival.done():
@@ -208,7 +222,7 @@ class DynamicBatcher:
         close_at = first.enqueued + self.settings.max_queue_delay_s
         while rows < self.settings.max_batch_size and not self._closed:
             remaining = close_at - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or (self._upstream is not None and self._upstream() <= 0):
                 break
             await self._wait_for_arrival(remaining)
             rows = self._take_compatible(batch, rows)

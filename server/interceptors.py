@@ -140,6 +140,9 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: ServerMetrics, state: ServerState) -> None:
         self.metrics = metrics
         self.state = state
+        # method -> (inner handler, wrapped handler), so a method is wrapped once, not per call.
+        # Holding the inner handler keeps the identity check sound.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -149,7 +152,16 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        service, method = _split_method(handler_call_details.method)
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        service, method = _split_method(full_method)
         labels = (service, method, _rpc_type(handler))
 
         def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:

@@ -112,6 +112,11 @@ class LoadedModel:
     def version_str(self) -> str:
         return str(self.version)
 
+    @property
+    def upstream(self) -> int:
+        """Requests holding this version that have not reached the batcher yet."""
+        return self._leases - self.batcher.inflight
+
     def acquire(self) -> None:
         self._leases += 1
         self._idle.clear()
@@ -283,7 +288,9 @@ class ModelManager:
         observer = _StatsObserver(
             self.metrics.observer(source.model_name, str(source.version)), stats
         )
-        batcher = DynamicBatcher(runtime.run, settings, executor, observer)
+        batcher = DynamicBatcher(
+            runtime.run, settings, executor, observer, upstream=lambda: model.upstream
+        )
         await batcher.start()
         model = LoadedModel(source, config, labels, metadata, runtime, batcher, executor, stats)
         precision = (metadata.precision if metadata else None) or "unknown"

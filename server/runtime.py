@@ -70,11 +70,33 @@ class SessionSettings:
     graph_optimization: str = "all"
 
 
+def has_nvidia_gpu() -> bool:
+    """Whether an NVIDIA driver and device are visible (no CUDA call, no library load)."""
+    return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
+
+
+def _preload_cuda_libraries() -> None:
+    # onnxruntime-gpu can load CUDA/cuDNN from the nvidia-* wheels when asked to; without the
+    # wheels this is a no-op and onnxruntime falls back to the system libraries.
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception:  # best effort; session creation reports what is really missing
+            log.debug("onnxruntime.preload_dlls failed", exc_info=True)
+
+
 def requested_providers(choice: str) -> list[str]:
-    """The provider list to ask onnxruntime for; 'auto' prefers CUDA when it is built in."""
+    """The provider list to ask onnxruntime for.
+
+    'auto' asks for CUDA when this onnxruntime has it and an NVIDIA GPU is visible, else CPU;
+    onnxruntime itself still falls back to CPU if CUDA cannot start, and ModelRuntime reports
+    the providers actually in use.
+    """
     available = ort.get_available_providers()
     if choice == "auto":
-        wanted = _PROVIDERS["cuda"] if "CUDAExecutionProvider" in available else _PROVIDERS["cpu"]
+        use_cuda = "CUDAExecutionProvider" in available and has_nvidia_gpu()
+        wanted = _PROVIDERS["cuda"] if use_cuda else _PROVIDERS["cpu"]
     else:
         wanted = _PROVIDERS[choice]
         missing = [p for p in wanted if p not in available]
@@ -82,6 +104,8 @@ def requested_providers(choice: str) -> list[str]:
             raise ModelLoadError(
                 f"providers={choice!r} needs {missing}, this onnxruntime has {available}"
             )
+    if wanted[0] != "CPUExecutionProvider":
+        _preload_cuda_libraries()
     return wanted
 
 

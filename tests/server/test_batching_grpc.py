@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import grpc
@@ -109,3 +110,16 @@ def test_cancelled_request_is_not_computed(slow_repository: Path) -> None:
         asyncio.run(asyncio.sleep(0.3))
         assert server.sample("inference_rows_total", LABELS) == 1
         assert server.sample("inference_requests_total", {**LABELS, "outcome": "cancelled"}) == 1
+
+
+def test_lone_request_is_not_held_for_the_queue_delay(model_repository: Path) -> None:
+    # With nothing else on its way, waiting 0.5 s for company would only add latency.
+    config = server_config(model_repository, max_queue_delay_us=500_000)
+    with RunningServer(config) as server, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = infer_request(np.zeros((1, 32, 32, 3), np.uint8))
+        stub.ModelInfer(request, timeout=10)
+        started = time.monotonic()
+        for _ in range(3):
+            stub.ModelInfer(request, timeout=10)
+        assert (time.monotonic() - started) / 3 < 0.25
