@@ -111,3 +111,21 @@ def test_unknown_model_or_version(
         with pytest.raises(grpc.RpcError) as error:
             stub.ModelMetadata(pb.ModelMetadataRequest(name=name, version=version), timeout=10)
     assert error.value.code() is code
+
+
+def test_stream_infer_and_statistics(running_server: RunningServer) -> None:
+    images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    client = triton.InferenceServerClient(running_server.target)
+    received: list[object] = []
+    client.start_stream(callback=lambda result, error: received.append(error or result))
+    for request_id in ("a", "b", "c"):
+        tensor = triton.InferInput("image", list(images.shape), "UINT8")
+        tensor.set_data_from_numpy(images)
+        client.async_stream_infer("classifier", [tensor], request_id=request_id)
+    client.stop_stream()  # waits for the responses
+    assert sorted(r.get_response().id for r in received) == ["a", "b", "c"]  # type: ignore[attr-defined]
+    assert all(r.as_numpy("probabilities").shape == (2, 4) for r in received)  # type: ignore[attr-defined]
+    [stats] = client.get_inference_statistics("classifier").model_stats
+    assert (stats.version, stats.inference_count) == ("1", 6)
+    assert stats.inference_stats.success.count == 3
+    assert 1 <= stats.execution_count <= 3
