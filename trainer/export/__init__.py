@@ -1,6 +1,30 @@
-"""Export a training checkpoint to a verified ONNX model in a Triton-layout repository."""
+"""Export a training checkpoint to a verified ONNX model in a Triton-layout repository.
 
-from trainer.export.errors import CheckpointError, ExportError
-from trainer.export.pipeline import ExportResult, export_checkpoint
+The public names are imported on first use, so ``trainer.export.cli`` and
+``trainer.export.repository`` stay cheap to import (no torch, no onnx).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainer.export.errors import CheckpointError, ExportError
+    from trainer.export.pipeline import ExportResult, export_checkpoint
 
 __all__ = ["CheckpointError", "ExportError", "ExportResult", "export_checkpoint"]
+
+_HOMES = {
+    "CheckpointError": "trainer.export.errors",
+    "ExportError": "trainer.export.errors",
+    "ExportResult": "trainer.export.pipeline",
+    "export_checkpoint": "trainer.export.pipeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'trainer.export' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_HOMES[name]), name)

@@ -7,10 +7,8 @@ import json
 from pathlib import Path
 
 from trainer.errors import ConfigError
-
-_INPUT_FORMATS = ("uint8-nhwc", "float32-nchw")
-_PRECISIONS = ("fp32", "fp16", "int8")
-_INT8_MODES = ("static", "dynamic")
+from trainer.export.errors import CheckpointError
+from trainer.export.signature import INPUT_FORMATS, INT8_MODES, PRECISIONS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,18 +28,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--model-name", default="classifier", help="model directory name")
     parser.add_argument(
         "--input-format",
-        choices=_INPUT_FORMATS,
+        choices=INPUT_FORMATS,
         default="uint8-nhwc",
         help="graph input: uint8 RGB NHWC with preprocessing in the graph, or normalised NCHW",
     )
-    parser.add_argument("--precision", choices=_PRECISIONS, default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument(
         "--data",
         type=Path,
         default=None,
         help="ImageFolder root (train/, val/): real-image parity, int8 calibration, accuracy",
     )
-    parser.add_argument("--int8-mode", choices=_INT8_MODES, default="static")
+    parser.add_argument("--int8-mode", choices=INT8_MODES, default="static")
     parser.add_argument(
         "--int8-accuracy-budget",
         type=float,
@@ -55,10 +53,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Run the export; usage problems raise ``UsageError``, failed checks ``ExportError``."""
-    from trainer.export.pipeline import export_checkpoint
-
     if args.int8_accuracy_budget < 0:
         raise ConfigError("--int8-accuracy-budget must be >= 0 points")
+    if not args.checkpoint.is_file():
+        # Checked before the import below, which pulls in torch and onnx (seconds).
+        raise CheckpointError(f"checkpoint {args.checkpoint} does not exist or is not a file")
+    from trainer.export.pipeline import export_checkpoint
+
     result = export_checkpoint(
         args.checkpoint,
         args.output_repository,

@@ -12,9 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-UINT8_NHWC = "uint8-nhwc"
-FLOAT32_NCHW = "float32-nchw"
-INPUT_FORMATS = (UINT8_NHWC, FLOAT32_NCHW)
+from trainer.export.signature import INPUT_FORMATS, UINT8_NHWC
 
 
 class ServingModel(nn.Module):

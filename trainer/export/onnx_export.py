@@ -9,13 +9,11 @@ import torch
 from torch import nn
 
 from trainer.export.errors import ExportError
-from trainer.export.graph import UINT8_NHWC
+from trainer.export.signature import INPUT_NAME, OUTPUT_NAMES, UINT8_NHWC
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "probabilities")
 DYNAMO_EXPORTER = "torch.onnx.export(dynamo=True)"
 LEGACY_EXPORTER = "torch.onnx.export(dynamo=False)"
 # Export traces with a batch of 2: a batch of 1 lets the tracer specialise the dimension to a

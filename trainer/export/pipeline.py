@@ -17,13 +17,12 @@ from trainer.errors import ConfigError, DataError
 from trainer.export import metadata as meta
 from trainer.export.checkpoint import build_classifier, load_checkpoint
 from trainer.export.errors import ExportError
-from trainer.export.graph import INPUT_FORMATS, UINT8_NHWC, ServingModel
+from trainer.export.graph import ServingModel
 from trainer.export.images import ImageSet, load_split
 from trainer.export.onnx_export import export_onnx
 from trainer.export.optimize import optimize_offline
 from trainer.export.quantize import (
     DEFAULT_INT8_ACCURACY_BUDGET,
-    INT8_MODES,
     LATENCY_BATCH,
     check_accuracy_budget,
     compare_with_fp32,
@@ -39,6 +38,7 @@ from trainer.export.repository import (
     render_config,
     validate_model_name,
 )
+from trainer.export.signature import INPUT_FORMATS, INT8_MODES, PRECISIONS, UINT8_NHWC
 from trainer.export.verify import (
     FP32_TOLERANCE,
     ParityReport,
@@ -51,7 +51,6 @@ from trainer.export.verify import (
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
 #: fp16 logits may differ from fp32's by this fraction of the largest |logit| (at least 1).
 FP16_RELATIVE_TOLERANCE = 1e-2
 #: Val images used for parity, the accuracy comparison and latency; calibration images.

@@ -23,12 +23,11 @@ import onnx
 
 from trainer.export.errors import ExportError
 from trainer.export.images import ImageSet
-from trainer.export.onnx_export import INPUT_NAME
 from trainer.export.runtime import cpu_session, median_latency_seconds, to_feed, top1_accuracy
+from trainer.export.signature import INPUT_NAME, INT8_MODES
 
 log = logging.getLogger(__name__)
 
-INT8_MODES = ("static", "dynamic")
 DEFAULT_INT8_ACCURACY_BUDGET = 1.0
 CALIBRATION_BATCH = 8
 LATENCY_BATCH = 8

@@ -19,8 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from trainer.errors import ConfigError
-from trainer.export.graph import UINT8_NHWC
-from trainer.export.onnx_export import INPUT_NAME
+from trainer.export.signature import INPUT_NAME, UINT8_NHWC
 
 MODEL_FILENAME = "model.onnx"
 METADATA_FILENAME = "model.json"

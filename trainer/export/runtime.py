@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from trainer.export.graph import UINT8_NHWC
 from trainer.export.images import ImageSet
-from trainer.export.onnx_export import INPUT_NAME
+from trainer.export.signature import INPUT_NAME, UINT8_NHWC
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:

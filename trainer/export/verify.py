@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from trainer.export.errors import ExportError
-from trainer.export.graph import UINT8_NHWC, normalize_uint8_nhwc
-from trainer.export.onnx_export import INPUT_NAME, OUTPUT_NAMES
+from trainer.export.graph import normalize_uint8_nhwc
 from trainer.export.runtime import cpu_session, to_feed
+from trainer.export.signature import INPUT_NAME, OUTPUT_NAMES, UINT8_NHWC
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ import torch
 from export_fixtures import CLASSES, MEAN, SIZE, STD
 from google.protobuf import text_format
 
-from trainer.export import ExportResult, export_checkpoint
 from trainer.export.graph import normalize_uint8_nhwc
 from trainer.export.images import load_split
 from trainer.export.metadata import read_embedded
@@ -64,24 +63,6 @@ def _model_config():
     from server._proto.inference import model_config_pb2
 
     return model_config_pb2
-
-
-@pytest.fixture(scope="module")
-def resnet_export(tmp_path_factory, checkpoint_factory, image_folder) -> tuple[ExportResult, Path]:
-    root = tmp_path_factory.mktemp("resnet")
-    checkpoint = checkpoint_factory(root / "best.pt", "resnet18", ema=True)
-    result = export_checkpoint(checkpoint, root / "repo", data_dir=image_folder)
-    return result, checkpoint
-
-
-@pytest.fixture(scope="module")
-def mobilenet_export(tmp_path_factory, checkpoint_factory) -> tuple[ExportResult, Path]:
-    root = tmp_path_factory.mktemp("mobilenet")
-    checkpoint = checkpoint_factory(root / "best.pt", "mobilenet_v3_small", head_hidden=16, seed=1)
-    result = export_checkpoint(
-        checkpoint, root / "repo", model_name="mnv3", input_format="float32-nchw"
-    )
-    return result, checkpoint
 
 
 @pytest.mark.parametrize("batch", [1, 3, 17])
@@ -183,14 +164,3 @@ def test_repository_layout_config_and_labels(resnet_export, mobilenet_export):
         assert list(logits.dims) == list(probabilities.dims) == [len(CLASSES)]
         assert probabilities.label_filename == "labels.txt"
         assert (model_root / "labels.txt").read_text().splitlines() == CLASSES
-
-
-def test_next_export_takes_next_version(resnet_export, checkpoint_factory, tmp_path):
-    result, checkpoint = resnet_export
-    repository = result.model_dir.parent.parent
-    again = export_checkpoint(checkpoint, repository)
-    assert again.version == 2
-    assert sorted(p.name for p in result.model_dir.parent.iterdir() if p.name.isdigit()) == [
-        "1",
-        "2",
-    ]
