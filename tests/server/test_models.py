@@ -1,0 +1,82 @@
+"""Model manager: warm-up failures are rejected, several instances serve, leases hold versions."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from prometheus_client import CollectorRegistry
+from repository_factory import make_model_repository
+from server_harness import server_config
+
+from server.metrics import ServerMetrics
+from server.models import ModelManager
+
+
+def _write_failing_at_runtime(version_dir: Path) -> None:
+    """Loads fine, fails when run: Reshape to [7, -1] cannot split 32*32*3 elements."""
+    nodes = [
+        helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["f", "shape"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fails",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 32, 32, 3])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, None),
+        ],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [7, -1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    staging = version_dir.parent / f".staging-{version_dir.name}"
+    staging.mkdir()
+    onnx.save(model, str(staging / "model.onnx"))
+    staging.rename(version_dir)
+
+
+def test_warm_up_failure_is_rejected_and_old_version_serves(tmp_path: Path) -> None:
+    repo = make_model_repository(tmp_path / "models")
+    registry = CollectorRegistry()
+
+    async def scenario() -> tuple[str, str]:
+        manager = ModelManager(server_config(repo), ServerMetrics(registry))
+        await manager.refresh()
+        _write_failing_at_runtime(repo / "classifier" / "2")
+        await manager.refresh()
+        await manager.refresh()  # not retried while the file is unchanged
+        async with manager.lease("classifier") as model:
+            result = await model.batcher.submit({"image": np.zeros((1, 32, 32, 3), np.uint8)})
+            served = (model.version_str, str(result.outputs["probabilities"].shape))
+        await manager.close()
+        return served
+
+    assert asyncio.run(scenario()) == ("1", "(1, 4)")
+    assert registry.get_sample_value("model_load_failures_total", {"model": "classifier"}) == 1
+    assert registry.get_sample_value("model_loads_total", {"model": "classifier"}) == 1
+
+
+def test_two_instances_compute_in_parallel_with_own_answers(tmp_path: Path) -> None:
+    repo = make_model_repository(tmp_path / "models")
+
+    async def scenario() -> None:
+        manager = ModelManager(
+            server_config(repo, instances=2, max_batch_size=1), ServerMetrics(CollectorRegistry())
+        )
+        await manager.refresh()
+        model = manager.resolve("classifier")
+        assert model.runtime.instances == 2 and model.batcher.settings.workers == 2
+        inputs = [np.full((1, 32, 32, 3), i, np.uint8) for i in range(12)]
+        results = await asyncio.gather(*(model.batcher.submit({"image": x}) for x in inputs))
+        expected = [model.runtime.run({"image": x})["logits"] for x in inputs]
+        for result, want in zip(results, expected, strict=True):
+            np.testing.assert_allclose(result.outputs["logits"], want, rtol=1e-6)
+        await manager.close()
+
+    asyncio.run(scenario())
