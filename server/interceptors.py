@@ -106,28 +106,25 @@ class _Guard:
             self._interceptor.state.enter()
 
     async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
-        metrics = self._interceptor.metrics
-        context = self._context
-        code = grpc.StatusCode.OK
-        try:
-            if error is None:
-                return False
-            if isinstance(error, asyncio.CancelledError):
-                code = grpc.StatusCode.CANCELLED
-                return False
-            if isinstance(error, grpc.aio.AbortError):
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                return False
+        code, message = grpc.StatusCode.OK, ""
+        if isinstance(error, asyncio.CancelledError):
+            code = grpc.StatusCode.CANCELLED
+        elif isinstance(error, grpc.aio.AbortError):
+            code = self._context.code() or grpc.StatusCode.UNKNOWN
+        elif error is not None:
             code, message = status_for(error)
             if code is grpc.StatusCode.INTERNAL:
                 log.error("unhandled error in %s", self._labels[1], exc_info=error)
-            await context.abort(code, message)
-            return False  # abort raises; never reached
-        finally:
-            if self._tracked:
-                self._interceptor.state.exit()
-            metrics.grpc_handled.labels(*self._labels, code.name).inc()
-            metrics.grpc_seconds.labels(*self._labels).observe(time.monotonic() - self._started)
+        # Recorded before abort() sends the status, so a client that has its answer also
+        # sees it counted.
+        if self._tracked:
+            self._interceptor.state.exit()
+        metrics = self._interceptor.metrics
+        metrics.grpc_handled.labels(*self._labels, code.name).inc()
+        metrics.grpc_seconds.labels(*self._labels).observe(time.monotonic() - self._started)
+        if error is not None and message:
+            await self._context.abort(code, message)  # raises AbortError
+        return False
 
     def bind(self, context: grpc.aio.ServicerContext) -> _Guard:
         self._context = context
