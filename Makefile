@@ -7,7 +7,7 @@ UV_VERSION := 0.13.9
 EXTRAS := --extra train --extra serve --extra dev
 STAMP := $(VENV)/.synced
 
-.PHONY: venv demo test lint protos bench images manifests smoke-containers clean
+.PHONY: venv demo test lint lint-deploy protos bench images manifests smoke-containers clean
 
 venv: $(STAMP)
 
@@ -25,11 +25,35 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-lint: $(STAMP)
+lint: $(STAMP) lint-deploy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy trainer server
 	$(PY) protos/generate.py --check
+
+# Containers and Kubernetes (deploy/README.md). The static-check tools live in their own venv,
+# pinned in deploy/tools-requirements.txt, and run offline once installed.
+TOOLS_VENV := .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.installed
+
+$(TOOLS_STAMP): deploy/tools-requirements.txt
+	@test -x $(TOOLS_VENV)/bin/python || python3 -m venv $(TOOLS_VENV)
+	@echo '*' > $(TOOLS_VENV)/.gitignore
+	$(TOOLS_VENV)/bin/pip install --quiet --disable-pip-version-check -r deploy/tools-requirements.txt
+	@touch $@
+
+lint-deploy: $(TOOLS_STAMP)
+	TOOLS=$(TOOLS_VENV) bash deploy/lint.sh
+
+manifests:
+	bash deploy/render-manifests.sh
+
+# ENGINE=docker|podman, BASE_IMAGE, ENGINE_FLAGS, BUILD_FLAGS, RUN_FLAGS: see deploy/README.md.
+images:
+	bash deploy/build-images.sh
+
+smoke-containers:
+	bash deploy/smoke-containers.sh
 
 protos: $(STAMP)
 	$(PY) protos/generate.py

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Container smoke test (make smoke-containers): builds both images, makes the demo data and
+# trains a tiny model in the train container, serves it from the serve container with a
+# read-only root filesystem, classifies through the published port with the host's `client`,
+# checks the HEALTHCHECK and /metrics, stops the server with SIGTERM (it must exit 0) and
+# removes everything it made. Settings: deploy/engine.sh; SKIP_BUILD=1 reuses built images;
+# CLIENT names the client executable (default: .venv/bin/client, else `client` on PATH).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source deploy/engine.sh
+
+CLIENT="${CLIENT:-$( [[ -x .venv/bin/client ]] && echo .venv/bin/client || echo client)}"
+command -v "$CLIENT" >/dev/null || {
+    echo "error: no client executable ($CLIENT); run 'make venv' or set CLIENT" >&2
+    exit 2
+}
+run_id="smoke-$$"
+server_name="finetune-$run_id-server"
+work="$(mktemp -d "${TMPDIR:-/tmp}/finetune-$run_id.XXXXXX")"
+started=$SECONDS
+
+log() { printf '[smoke %4ds] %s\n' $((SECONDS - started)) "$*"; }
+
+cleanup() {
+    local rc=$?
+    engine rm -f "$server_name" >/dev/null 2>&1 || true
+    # The containers wrote as uid 10001: remove their files from inside an image.
+    engine run --rm "${RUN_FLAGS[@]}" --user 0 -v "$work:/work" --entrypoint /bin/rm \
+        "$SERVE_IMAGE" -rf /work/data /work/outputs >/dev/null 2>&1 || true
+    rm -rf "$work"
+    if [[ $rc -eq 0 ]]; then log "PASSED"; else log "FAILED (exit $rc)"; fi
+}
+trap cleanup EXIT
+
+if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+    deploy/build-images.sh serve train
+fi
+log "engine: $ENGINE; images: $TRAIN_IMAGE ($(image_size_mb "$TRAIN_IMAGE") MB)," \
+    "$SERVE_IMAGE ($(image_size_mb "$SERVE_IMAGE") MB)"
+if engine run --rm "${RUN_FLAGS[@]}" --entrypoint python "$SERVE_IMAGE" \
+    -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is not None)'; then
+    log "serve image carries no torch"
+else
+    echo "error: torch is importable in $SERVE_IMAGE" >&2
+    exit 1
+fi
+
+mkdir -p "$work/data" "$work/outputs"
+chmod 0777 "$work/data" "$work/outputs"
+hardened=(--read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges)
+
+log "demo data (train container)"
+engine run --rm "${RUN_FLAGS[@]}" "${hardened[@]}" -v "$work/data:/data" "$TRAIN_IMAGE" \
+    make-demo-data /data --source-train-per-class 4 --target-train-per-class 16 --val-per-class 8
+
+log "training (train container, CPU, read-only root)"
+engine run --rm "${RUN_FLAGS[@]}" "${hardened[@]}" --shm-size 256m \
+    -v "$work/data:/data:ro" -v "$work/outputs:/outputs" "$TRAIN_IMAGE" \
+    train --data /data/target --output /outputs --weights none --arch resnet18 \
+    --image-size 64 --batch-size 16 --finetune-epochs 1 --device cpu --num-workers 0
+model="$work/outputs/model_repository/classifier/1/model.onnx"
+[[ -s "$model" ]] || { echo "error: training did not export $model" >&2; exit 1; }
+log "exported $(du -k "$model" | cut -f1) KiB: outputs/model_repository/classifier/1/model.onnx"
+
+log "serving (serve container, read-only root, ports on 127.0.0.1 chosen by the engine)"
+engine run -d "${RUN_FLAGS[@]}" "${hardened[@]}" --name "$server_name" \
+    -p 127.0.0.1::8001 -p 127.0.0.1::8002 \
+    -v "$work/outputs/model_repository:/models:ro" "$SERVE_IMAGE" \
+    --model-name classifier --providers cpu >/dev/null
+grpc_addr="$(engine port "$server_name" 8001/tcp | head -n1)"
+metrics_addr="$(engine port "$server_name" 8002/tcp | head -n1)"
+grpc_addr="127.0.0.1:${grpc_addr##*:}"
+metrics_addr="127.0.0.1:${metrics_addr##*:}"
+log "gRPC on $grpc_addr, metrics on $metrics_addr"
+
+deadline=$((SECONDS + ${HEALTH_TIMEOUT_S:-120}))
+until "$CLIENT" health --target "$grpc_addr" >/dev/null 2>&1; do
+    if ((SECONDS > deadline)) || [[ "$(engine inspect -f '{{.State.Running}}' "$server_name")" != true ]]; then
+        engine logs "$server_name" >&2 || true
+        echo "error: the server did not become SERVING on $grpc_addr" >&2
+        exit 1
+    fi
+    sleep 1
+done
+log "grpc.health.v1: SERVING"
+
+# The image's own HEALTHCHECK (client health inside the container).
+if [[ "$ENGINE" == podman ]]; then
+    engine healthcheck run "$server_name"
+else
+    health_deadline=$((SECONDS + 60))
+    until [[ "$(engine inspect -f '{{.State.Health.Status}}' "$server_name")" == healthy ]]; do
+        ((SECONDS < health_deadline)) || { echo "error: HEALTHCHECK never healthy" >&2; exit 1; }
+        sleep 2
+    done
+fi
+log "image HEALTHCHECK: healthy"
+
+images=("$work"/data/target/val/*/*)
+classified="$("$CLIENT" classify --target "$grpc_addr" "${images[@]}")"
+lines="$(wc -l <<<"$classified")"
+correct="$(awk -F'\t' '{n = split($1, p, "/"); if (p[n - 1] == $2) c++} END {print c + 0}' <<<"$classified")"
+[[ "$lines" -eq ${#images[@]} ]] || { echo "error: $lines results for ${#images[@]} images" >&2; exit 1; }
+log "classified ${#images[@]} val images through $grpc_addr: $correct correct (tiny 1-epoch model)"
+head -n 3 <<<"$classified" | sed "s|$work/||"
+
+metrics="$(python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' "http://$metrics_addr/metrics")"
+ok_requests="$(awk '/^inference_requests_total\{/ && /outcome="success"/ {s += $NF} END {print s + 0}' <<<"$metrics")"
+awk -v n="$ok_requests" 'BEGIN {exit !(n > 0)}' || {
+    echo "error: /metrics shows no successful inference requests" >&2
+    grep '^inference_requests_total' <<<"$metrics" >&2 || true
+    exit 1
+}
+log "/metrics: inference_requests_total{outcome=success} = $ok_requests"
+
+engine stop -t 30 "$server_name" >/dev/null
+exit_code="$(engine inspect -f '{{.State.ExitCode}}' "$server_name")"
+[[ "$exit_code" == 0 ]] || { engine logs "$server_name" >&2; echo "error: server exited $exit_code after SIGTERM" >&2; exit 1; }
+log "SIGTERM: server drained and exited 0"

@@ -1,0 +1,259 @@
+"""The Kubernetes manifests render, carry the fields that make them safe, and match the CLIs.
+
+Each overlay is rendered with `kubectl kustomize` (skipped only when kubectl is absent); the
+committed deploy/rendered/ must equal a fresh render; the trainer and server arguments in the
+manifests must parse with the programs' own parsers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+OVERLAYS = sorted(p.name for p in (DEPLOY / "overlays").iterdir() if p.is_dir())
+GPU_OVERLAYS = [name for name in OVERLAYS if name.startswith("gpu")]
+# The trainer's SIGTERM budget (trainer.config stop_timeout default) and the server's
+# drain delay before it stops accepting RPCs.
+TRAINER_STOP_BUDGET_S = 20
+SERVER_DRAIN_DELAY_S = 1
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+
+
+def render_text(overlay: str) -> str:
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(DEPLOY / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+_CACHE: dict[str, list[dict[str, Any]]] = {}
+
+
+def render(overlay: str) -> list[dict[str, Any]]:
+    if overlay not in _CACHE:
+        _CACHE[overlay] = [d for d in yaml.safe_load_all(render_text(overlay)) if d]
+    return _CACHE[overlay]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    specs = []
+    for d in docs:
+        if d["kind"] in ("Deployment", "Job"):
+            specs.append((d["metadata"]["name"], d["spec"]["template"]["spec"]))
+        elif d["kind"] == "PyTorchJob":
+            for role, replica in d["spec"]["pytorchReplicaSpecs"].items():
+                specs.append((f"{d['metadata']['name']}/{role}", replica["template"]["spec"]))
+    return specs
+
+
+def flag_value(args: list[str], flag: str) -> str:
+    for arg in args:
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    raise AssertionError(f"{flag} not in {args}")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_committed_render_is_fresh(overlay: str) -> None:
+    committed = (DEPLOY / "rendered" / f"{overlay}.yaml").read_text()
+    body = "".join(committed.splitlines(keepends=True)[1:])
+    assert body == render_text(overlay), "deploy/rendered is stale: run `make manifests`"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_is_hardened(overlay: str) -> None:
+    docs = render(overlay)
+    specs = pod_specs(docs)
+    assert specs
+    for name, spec in specs:
+        assert spec["automountServiceAccountToken"] is False, name
+        assert spec["enableServiceLinks"] is False, name
+        pod_sc = spec["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True, name
+        assert pod_sc["runAsUser"] >= 10000, name
+        assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault", name
+        for container in spec["containers"] + spec.get("initContainers", []):
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["capabilities"]["drop"] == ["ALL"], name
+            assert "limits" in container["resources"], name
+            mounts = {m["mountPath"] for m in container["volumeMounts"]}
+            assert "/tmp" in mounts, f"{name}: read-only root needs a writable /tmp"
+    assert all(d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_server_probes_service_and_disruption(overlay: str) -> None:
+    docs = render(overlay)
+    deployment = one(docs, "Deployment", "finetune-server")
+    spec = deployment["spec"]["template"]["spec"]
+    server = spec["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["grpc"]["port"] == ports["grpc"], probe
+    grace = float(flag_value(server["args"], "--grace-period-s"))
+    assert spec["terminationGracePeriodSeconds"] > grace + SERVER_DRAIN_DELAY_S
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert {c["topologyKey"] for c in spec["topologySpreadConstraints"]} >= {
+        "kubernetes.io/hostname"
+    }
+    mount = next(m for m in server["volumeMounts"] if m["mountPath"] == "/models")
+    assert mount["readOnly"] is True
+    assert mount["subPath"] == "model_repository"
+    assert flag_value(server["args"], "--model-repository") == "/models"
+
+    service = one(docs, "Service", "finetune-server")
+    protocols = {p["name"]: p["appProtocol"] for p in service["spec"]["ports"]}
+    assert protocols == {"grpc": "kubernetes.io/h2c", "metrics": "http"}
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= (
+        labels.items()
+    )
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "finetune-server"
+    assert any(m["type"] == "Resource" for m in hpa["spec"]["metrics"])
+    policies = find(docs, "NetworkPolicy")
+    assert any(
+        p["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/part-of": "finetune-serve"}
+        for p in policies
+    )
+
+
+@pytest.mark.parametrize("overlay", [o for o in OVERLAYS if o != "gpu-pytorchjob"])
+def test_training_jobs_survive_preemption(overlay: str) -> None:
+    jobs = find(render(overlay), "Job")
+    assert len(jobs) == 1, "exactly one training Job per overlay"
+    job = jobs[0]
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    ignore = next(r for r in rules if r["action"] == "Ignore")
+    assert ignore["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+    fail = next(r for r in rules if r["action"] == "FailJob")
+    assert fail["onExitCodes"]["values"] == [2]  # trainer.errors.USAGE_EXIT_CODE
+    spec = job["spec"]["template"]["spec"]
+    assert spec["restartPolicy"] == "Never"
+    assert spec["terminationGracePeriodSeconds"] > TRAINER_STOP_BUDGET_S
+    trainer = next(c for c in spec["containers"] if c["name"] == "trainer")
+    assert "--resume=auto" in trainer["args"]
+    shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+
+
+@pytest.mark.parametrize("overlay", GPU_OVERLAYS)
+def test_gpu_overlays_request_gpus_on_gpu_nodes(overlay: str) -> None:
+    docs = render(overlay)
+    assert find(docs, "ServiceMonitor")
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert any(m["type"] == "Pods" for m in hpa["spec"]["metrics"])
+    for name, spec in pod_specs(docs):
+        assert spec["nodeSelector"], name
+        assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"]), name
+        limits = spec["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == "1", name
+
+
+def test_indexed_job_rendezvous_matches_headless_service() -> None:
+    docs = render("gpu-distributed")
+    assert not find(docs, "Job", "finetune-train"), "the single-pod Job is replaced"
+    job = one(docs, "Job", "finetune-train-ddp")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"]
+    pod = spec["template"]["spec"]
+    service = one(docs, "Service", pod["subdomain"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    trainer = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in trainer["env"]}
+    assert int(env["NNODES"]) == spec["completions"]
+    assert trainer["command"] == ["torchrun"]
+    assert "--rdzv-backend=c10d" in trainer["args"]
+    endpoint = flag_value(trainer["args"], "--rdzv-endpoint")
+    host, port = endpoint.rsplit(":", 1)
+    assert host == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+
+
+def test_pytorchjob_follows_the_operator_contract() -> None:
+    docs = render("gpu-pytorchjob")
+    assert not find(docs, "Job"), "the single-pod Job is replaced"
+    job = one(docs, "PyTorchJob")
+    assert job["apiVersion"] == "kubeflow.org/v1"
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1
+    for replica in replicas.values():
+        container = replica["template"]["spec"]["containers"][0]
+        assert container["name"] == "pytorch"  # the operator looks the container up by name
+        assert container["command"] == ["torchrun"]
+        assert "--resume=auto" in container["args"]
+
+
+def test_servicemonitor_scrapes_the_metrics_port() -> None:
+    docs = render("gpu")
+    monitor = one(docs, "ServiceMonitor")
+    service = one(docs, "Service", "finetune-server")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= (
+        service["metadata"]["labels"].items()
+    )
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= port_names
+
+
+def _trainer_argv(container: dict[str, Any]) -> list[str]:
+    args: list[str] = container["args"]
+    if container.get("command") == ["torchrun"]:
+        args = args[args.index("/opt/venv/bin/trainer") + 1 :]
+    return args
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_manifest_arguments_parse_with_the_real_clis(overlay: str) -> None:
+    from server.config import load_config
+    from trainer.cli import build_parser
+    from trainer.config import FIELDS, resolve_config
+
+    docs = render(overlay)
+    server = one(docs, "Deployment", "finetune-server")["spec"]["template"]["spec"]
+    config = load_config(server["containers"][0]["args"], environ={})
+    assert str(config.model_repository) == "/models"
+    assert config.grpc_port == 8001
+
+    parser = build_parser()
+    for name, spec in pod_specs(docs):
+        if name == "finetune-server":
+            continue
+        containers = spec["containers"] + spec.get("initContainers", [])
+        for container in containers:
+            args = parser.parse_args(_trainer_argv(container))
+            if args.command == "train":
+                flags = {f: getattr(args, f) for f in FIELDS if hasattr(args, f)}
+                train_config = resolve_config(environ={}, flags=flags)
+                assert train_config.resume == "auto", name
+                assert str(train_config.output) == "/outputs", name
