@@ -24,6 +24,7 @@ from server.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServerEr
 from server.metrics import ServerMetrics
 from server.repository import (
     ExportMetadata,
+    ModelSource,
     VersionSource,
     list_models,
     read_metadata,
@@ -250,11 +251,36 @@ class ModelManager:
             model = await self._load(version_source, source.config, source.labels)
             if model is not None:
                 loaded[version] = model
+        if not loaded:
+            await self._fall_back(source, loaded)
         # Retire only once something newer is serving; never leave the model empty.
         for version in [v for v in loaded if v not in wanted]:
             if not any(v in loaded for v in wanted):
                 break
             self._retire(loaded.pop(version))
+
+    async def _fall_back(self, source: ModelSource, loaded: dict[int, LoadedModel]) -> None:
+        """Nothing the policy selects would load: serve the newest older version that does.
+
+        Without this a restarted server would stay down after a broken version was published,
+        although the previous version was healthy.
+        """
+        wanted = {v.version for v in source.versions}
+        newest_wanted = max(wanted, default=0)
+        for candidate in reversed(source.available):
+            if candidate.version in wanted or candidate.version > newest_wanted:
+                continue
+            if self._recently_rejected(candidate):
+                continue
+            model = await self._load(candidate, source.config, source.labels)
+            if model is not None:
+                log.warning(
+                    "model %s: no version selected by the policy loads; serving version %d",
+                    source.name,
+                    candidate.version,
+                )
+                loaded[candidate.version] = model
+                return
 
     def _recently_rejected(self, source: VersionSource) -> bool:
         key = (source.model_name, source.version)

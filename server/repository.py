@@ -73,7 +73,10 @@ class ModelSource:
     directory: Path
     config: model_config_pb2.ModelConfig
     labels: tuple[str, ...]
+    # Selected by the version policy.
     versions: tuple[VersionSource, ...]
+    # Every complete version on disk, oldest first.
+    available: tuple[VersionSource, ...] = ()
 
 
 def is_version_dir(path: Path) -> bool:
@@ -152,6 +155,7 @@ def read_model(repository: Path, name: str) -> ModelSource:
         config=config,
         labels=read_labels(model_dir, config),
         versions=tuple(VersionSource(name, v, model_dir / str(v)) for v in selected),
+        available=tuple(VersionSource(name, v, model_dir / str(v)) for v in sorted(available)),
     )
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 from prometheus_client import CollectorRegistry
-from repository_factory import make_model_repository
+from repository_factory import make_model_repository, write_version
 from server_harness import server_config
 
 from server.metrics import ServerMetrics
@@ -80,3 +80,23 @@ def test_two_instances_compute_in_parallel_with_own_answers(tmp_path: Path) -> N
         await manager.close()
 
     asyncio.run(scenario())
+
+
+def test_start_falls_back_when_the_latest_version_is_broken(tmp_path: Path) -> None:
+    repo = make_model_repository(tmp_path / "models", versions=(1,))
+    write_version(repo / "classifier", 2, corrupt=True)
+    registry = CollectorRegistry()
+
+    async def scenario() -> list[str]:
+        manager = ModelManager(server_config(repo), ServerMetrics(registry))
+        await manager.refresh()
+        await manager.refresh()
+        served = [m.version_str for m in manager.versions("classifier")]
+        write_version(repo / "classifier", 3)
+        await manager.refresh()
+        served.append(manager.resolve("classifier").version_str)
+        await manager.close()
+        return served
+
+    assert asyncio.run(scenario()) == ["1", "3"]
+    assert registry.get_sample_value("model_load_failures_total", {"model": "classifier"}) == 1
