@@ -107,3 +107,22 @@ def test_pixel_limit_rejects_large_images(model_repository: Path) -> None:
         pb_grpc.ClassifierStub(channel).Classify(request, timeout=10)
     assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "images[0]" in error.value.details() and "limit" in error.value.details()
+
+
+def test_messages_over_grpcs_4_mib_default_are_accepted(model_repository: Path) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (1400, 1400, 3), dtype=np.uint8)
+    image = _encode(noise, compress_level=0)
+    assert len(image) > 5 * 1024 * 1024
+    request = pb.ClassifyRequest(images=[image])
+    with RunningServer(server_config(model_repository)) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            response = pb_grpc.ClassifierStub(channel).Classify(request, timeout=30)
+        assert len(response.results[0].predictions) == 1
+    small = server_config(model_repository, max_message_bytes=1024 * 1024)
+    with (
+        RunningServer(small) as server,
+        grpc.insecure_channel(server.target) as channel,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        pb_grpc.ClassifierStub(channel).Classify(request, timeout=30)
+    assert error.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
