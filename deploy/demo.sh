@@ -80,7 +80,7 @@ step 7 "Prometheus metrics excerpt"
 python - "$metrics_port" <<'PY'
 import sys, urllib.request
 text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
-wanted = ("_requests_total{", "_request_duration_seconds_count", "_batch_size_count", "_model_info")
+wanted = ("_requests_total{", "_request_duration_seconds_count", "_batch_size_count", "model_info{")
 print("\n".join(line for line in text.splitlines() if any(w in line for w in wanted))[:3000])
 PY
 
