@@ -73,6 +73,7 @@ def train_one_epoch(
     desc: str,
     show_progress: bool | None,
     should_stop: Callable[[], bool],
+    distributed: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> EpochResult:
     """Train over ``batches`` (the model is already in train mode with frozen BN in eval).
@@ -122,7 +123,16 @@ def train_one_epoch(
             break
     bar.close()
     seconds = time.perf_counter() - started
-    mean_loss = float(loss_sum) / images if images else float("nan")
+    if distributed:
+        # One collective per epoch: the logged loss is the mean over every rank's images.
+        totals = torch.stack(
+            [loss_sum.double(), torch.tensor(float(images), dtype=torch.float64, device=device)]
+        )
+        dist.all_reduce(totals)
+        loss_sum, seen = totals[0], int(totals[1])
+    else:
+        seen = images
+    mean_loss = float(loss_sum) / seen if seen else float("nan")
     return EpochResult(mean_loss, steps, images, seconds, interrupted)
 
 

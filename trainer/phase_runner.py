@@ -251,6 +251,7 @@ class PhaseRunner:
                 desc=f"{phase.name} {epoch}/{phase.epochs}",
                 show_progress=None if self.is_main else False,
                 should_stop=stop.should_stop,
+                distributed=self.run.info.enabled,
                 on_step=(lambda step, loss: telemetry.update(step=step, loss=loss))
                 if telemetry.enabled
                 else None,

@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training as configured; returns the summary (rank 0 writes it)."""
     info = dist_info_from_env()
+    if not info.is_main:
+        # Rank 0 alone logs progress; the others speak up only for warnings and errors.
+        logging.getLogger().setLevel(logging.WARNING)
     device = select_device(config.device, info)
     init_distributed(info, device)
     try:

@@ -1,0 +1,63 @@
+"""DDP: torchrun with two CPU processes (gloo) trains both phases and exports exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from trainer_helpers import make_image_folder
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_complete_both_phases_and_export_once(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), train_per_class=8)
+    output = tmp_path / "out"
+    # One thread per process: two ranks share the two cores without oversubscription.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAINER_LOG_FORMAT": "plain"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "trainer",
+        "train",
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--head-epochs",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--amp",
+        "off",
+    ]
+    done = subprocess.run(
+        command, check=False, env=env, capture_output=True, text=True, timeout=540
+    )
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert list(summary["phases"]) == ["head", "finetune"]
+    assert summary["model_name"] == "classifier" and summary["model_version"] == 1
+    versions = [
+        p.name for p in (output / "model_repository" / "classifier").iterdir() if p.is_dir()
+    ]
+    assert versions == ["1"]
+    assert log.count("event=exported") == 1
+    assert log.count("event=epoch_end") == 2  # rank 0 alone logs
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["phase"] for x in lines] == ["head", "finetune"]
+    assert all(json.loads(x)["train_loss"] > 0 for x in lines)
