@@ -38,7 +38,7 @@ echo "ok"
 
 echo "== kubernetes-validate --strict"
 for version in $K8S_VERSIONS; do
-    report="$("$TOOLS/bin/kubernetes-validate" --strict --quiet -k "$version" deploy/rendered/*.yaml 2>&1)" || {
+    report="$("$TOOLS/bin/kubernetes-validate" --strict --quiet -k "$version" deploy/rendered/*.yaml deploy/data-loader.yaml 2>&1)" || {
         echo "$report" >&2
         exit 1
     }
@@ -59,4 +59,6 @@ echo "== checkov"
     -f Dockerfile.train -f Dockerfile.serve
 "$TOOLS/bin/checkov" --quiet --compact --skip-download --framework kubernetes \
     -d deploy/rendered
+"$TOOLS/bin/checkov" --quiet --compact --skip-download --framework kubernetes \
+    -f deploy/data-loader.yaml
 echo "ok"

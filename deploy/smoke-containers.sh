@@ -49,15 +49,17 @@ mkdir -p "$work/data" "$work/outputs"
 chmod 0777 "$work/data" "$work/outputs"
 hardened=(--read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges)
 
-log "demo data (train container)"
-engine run --rm "${RUN_FLAGS[@]}" "${hardened[@]}" -v "$work/data:/data" "$TRAIN_IMAGE" \
-    make-demo-data /data --source-train-per-class 4 --target-train-per-class 16 --val-per-class 8
-
-log "training (train container, CPU, read-only root)"
+# One container for both steps: on copy-based storage (vfs) every container start copies the
+# multi-GB train image. make-demo-data stages next to its target, so it writes /data/demo.
+log "demo data + training (train container, CPU, read-only root)"
 engine run --rm "${RUN_FLAGS[@]}" "${hardened[@]}" --shm-size 256m \
-    -v "$work/data:/data:ro" -v "$work/outputs:/outputs" "$TRAIN_IMAGE" \
-    train --data /data/target --output /outputs --weights none --arch resnet18 \
-    --image-size 64 --batch-size 16 --finetune-epochs 1 --device cpu --num-workers 0
+    -v "$work/data:/data" -v "$work/outputs:/outputs" --entrypoint /bin/sh "$TRAIN_IMAGE" -c '
+        set -e
+        trainer make-demo-data /data/demo --source-train-per-class 4 \
+            --target-train-per-class 16 --val-per-class 8
+        exec trainer train --data /data/demo/target --output /outputs --weights none \
+            --arch resnet18 --image-size 64 --batch-size 16 --finetune-epochs 1 \
+            --device cpu --num-workers 0'
 model="$work/outputs/model_repository/classifier/1/model.onnx"
 [[ -s "$model" ]] || { echo "error: training did not export $model" >&2; exit 1; }
 log "exported $(du -k "$model" | cut -f1) KiB: outputs/model_repository/classifier/1/model.onnx"
@@ -96,7 +98,7 @@ else
 fi
 log "image HEALTHCHECK: healthy"
 
-images=("$work"/data/target/val/*/*)
+images=("$work"/data/demo/target/val/*/*)
 classified="$("$CLIENT" classify --target "$grpc_addr" "${images[@]}")"
 lines="$(wc -l <<<"$classified")"
 correct="$(awk -F'\t' '{n = split($1, p, "/"); if (p[n - 1] == $2) c++} END {print c + 0}' <<<"$classified")"
