@@ -194,10 +194,19 @@ def _logfmt_value(value: Any) -> str:
         return f"{value:.6g}"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, list) and value and all(_is_plain_scalar(v) for v in value):
+        # a list of simple values reads best comma-joined: groups=head,layer4
+        return ",".join(_logfmt_value(v) for v in value)
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
     if text and not any(c.isspace() or c in '"=\\' for c in text):
         return text
     return json.dumps(text)
+
+
+def _is_plain_scalar(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value) and not any(c.isspace() or c in '",=\\' for c in value)
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class JsonFormatter(logging.Formatter):

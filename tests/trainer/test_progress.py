@@ -79,13 +79,16 @@ def test_logfmt_quotes_and_types():
             "path": "/tmp/a b/c",
             "quote": 'say "hi"',
             "lrs": {"head": 0.001, "layer4": 1e-4},
-            "groups": [1, 2],
+            "groups": ["head", "layer4"],
+            "sizes": [1, 2.5],
+            "odd": ["a b", "c"],
             "bad": math.nan,
         },
     )
     assert line == (
         'event=epoch_end phase=head loss=0.25 step=7 ok=true missing=null path="/tmp/a b/c" '
-        r'quote="say \"hi\"" lrs.head=0.001 lrs.layer4=0.0001 groups=[1,2] bad=nan'
+        r'quote="say \"hi\"" lrs.head=0.001 lrs.layer4=0.0001 groups=head,layer4 sizes=1,2.5 '
+        r'odd="[\"a b\",\"c\"]" bad=nan'
     )
 
 
