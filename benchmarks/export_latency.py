@@ -10,7 +10,10 @@ softmax inside) and times three engines on the same uint8 batches of 1, 8 and 32
 - ``ort-int8``: that graph after static QDQ int8 quantization (calibrated on 16 images).
 
 The engines take turns run by run (the first one rotates), so load from other processes on a
-shared machine hits all three alike. Each cell is the median of the timed runs; throughput is
+shared machine hits all three alike. Because they alternate, no engine may keep its idle
+threads spinning: that would steal the cores from the next one (onnxruntime's intra-op
+spinning is switched off, and OpenMP's wait policy is set to passive before torch loads).
+Each cell is the median of the timed runs; throughput is
 batch / median latency. All engines use the same thread count (``--threads``, default: all
 cores).
 
@@ -21,9 +24,13 @@ prints a table and writes ``bench-output/export_latency.json``.
 
 from __future__ import annotations
 
+import os
+
+# Before torch (and its OpenMP runtime) loads: idle OpenMP threads must sleep, not spin.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
-import os
 import platform
 import statistics
 import tempfile
@@ -91,6 +98,7 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -160,7 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, help="demo checkpoint (default: random)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--budget-s", type=float, default=4.0, help="timing per model and batch")
+    parser.add_argument("--budget-s", type=float, default=2.0, help="timing per model and batch")
     parser.add_argument("--output", type=Path, default=Path("bench-output/export_latency.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
