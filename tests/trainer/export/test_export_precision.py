@@ -58,9 +58,11 @@ def _fragile_checkpoint(root: Path) -> tuple[Path, Path]:
     """
     torch.manual_seed(3)
     model = create_model("resnet18", len(CLASSES)).eval()
+    fc = model.get_submodule("fc")
+    assert isinstance(fc, torch.nn.Linear)
     with torch.no_grad():
-        model.fc.weight.mul_(1e-3)
-        model.fc.bias.copy_(torch.tensor([999.0, 1000.0, 1000.0]))
+        fc.weight.mul_(1e-3)
+        fc.bias.copy_(torch.tensor([999.0, 1000.0, 1000.0]))
     checkpoint = make_checkpoint(root / "fragile.pt", "resnet18", model=model)
     rng = np.random.default_rng(5)
     data = root / "data"
