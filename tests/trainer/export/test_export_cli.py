@@ -136,6 +136,7 @@ def test_bad_options_are_usage_errors(small_checkpoint, tmp_path, options, messa
     assert isinstance(error.value, ConfigError) or "does not exist" in message
 
 
+@pytest.mark.slow
 def test_verification_rejects_a_wrong_graph(mobilenet_export, tmp_path):
     from trainer.export.errors import ExportError
     from trainer.export.verify import check_signature, torch_parity

@@ -106,6 +106,7 @@ def test_accuracy_budget_boundary():
         check_accuracy_budget(PrecisionComparison(None, None, 0, 0.5, 8), 1.0)
 
 
+@pytest.mark.slow
 def test_int8_dynamic_quantizes_weights(resnet_export, tmp_path):
     result, _ = resnet_export
     target = tmp_path / "dynamic.onnx"
