@@ -4,7 +4,8 @@
 fsynced), then renamed to the next integer version, so a polling server sees either no new
 version or a complete one. ``config.pbtxt`` and ``labels.txt`` are replaced with the same
 temp-file + fsync + ``os.replace`` pattern. A staging directory left by a killed export is a
-dot-directory, which no reader treats as a version.
+dot-directory, which no reader treats as a version; the next publish removes staging
+directories older than an hour (a live export stages for seconds).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -28,6 +30,7 @@ LABELS_FILENAME = "labels.txt"
 STAGING_PREFIX = ".staging-"
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_QUEUE_DELAY_US = 2000
+STALE_STAGING_SECONDS = 3600.0
 
 _VERSION = re.compile(r"[1-9][0-9]*")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -122,6 +125,7 @@ def publish(
     validate_model_name(model_name)
     model_root = Path(repository) / model_name
     model_root.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(model_root)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_root))
     try:
         for filename, data in version_files.items():
@@ -135,6 +139,15 @@ def publish(
         raise
     _fsync_directory(model_root)
     return version, target
+
+
+def remove_stale_staging(model_root: Path, older_than_s: float = STALE_STAGING_SECONDS) -> None:
+    """Delete staging directories left by killed exports (not touched for ``older_than_s``)."""
+    now = time.time()
+    for path in model_root.glob(f"{STAGING_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and now - path.stat().st_mtime > older_than_s:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import onnx
@@ -129,3 +131,16 @@ def test_next_version_follows_the_highest(tmp_path):
 def test_bad_model_names_are_refused(name):
     with pytest.raises(ConfigError, match="model name"):
         validate_model_name(name)
+
+
+def test_stale_staging_directories_are_removed(tmp_path):
+    model_root = tmp_path / "classifier"
+    stale, fresh = model_root / ".staging-stale", model_root / ".staging-fresh"
+    for path in (stale, fresh):
+        path.mkdir(parents=True)
+        (path / "model.onnx").write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    assert _publish(tmp_path, b"new")[0] == 1
+    assert not stale.exists()
+    assert fresh.exists()  # may belong to an export that is running right now
