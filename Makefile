@@ -52,7 +52,7 @@ manifests:
 images:
 	bash deploy/build-images.sh
 
-smoke-containers:
+smoke-containers: $(STAMP)
 	bash deploy/smoke-containers.sh
 
 protos: $(STAMP)

@@ -90,6 +90,15 @@ def test_every_pod_is_hardened(overlay: str) -> None:
     docs = render(overlay)
     specs = pod_specs(docs)
     assert specs
+    templates = [d["spec"]["template"] for d in docs if d["kind"] in ("Deployment", "Job")]
+    templates += [
+        r["template"]
+        for d in find(docs, "PyTorchJob")
+        for r in d["spec"]["pytorchReplicaSpecs"].values()
+    ]
+    for template in templates:
+        # The default-deny NetworkPolicy (and its DNS egress) selects pods by this label.
+        assert template["metadata"]["labels"]["app.kubernetes.io/part-of"] == "finetune-serve"
     for name, spec in specs:
         assert spec["automountServiceAccountToken"] is False, name
         assert spec["enableServiceLinks"] is False, name
