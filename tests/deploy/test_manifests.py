@@ -136,6 +136,13 @@ def test_server_probes_service_and_disruption(overlay: str) -> None:
     assert mount["readOnly"] is True
     assert mount["subPath"] == "model_repository"
     assert flag_value(server["args"], "--model-repository") == "/models"
+    # The init container waits for the first version of the model the server is told to load.
+    wait = next(c for c in spec["initContainers"] if c["name"] == "wait-for-model")
+    model_name = flag_value(server["args"], "--model-name")
+    assert wait["command"][-1] == f"/models/{model_name}"
+    assert [m["subPath"] for m in wait["volumeMounts"] if m["mountPath"] == "/models"] == [
+        "model_repository"
+    ]
 
     service = one(docs, "Service", "finetune-server")
     protocols = {p["name"]: p["appProtocol"] for p in service["spec"]["ports"]}
