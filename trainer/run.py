@@ -31,6 +31,7 @@ from trainer.pipeline import build_pipeline
 from trainer.progress import log_event
 from trainer.runtime import (
     DistInfo,
+    configure_threads,
     dist_info_from_env,
     init_distributed,
     seed_everything,
@@ -55,6 +56,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # Rank 0 alone logs progress; the others speak up only for warnings and errors.
         logging.getLogger().setLevel(logging.WARNING)
     device = select_device(config.device, info)
+    configure_threads()
     init_distributed(info, device)
     try:
         return Run(config, info, device).execute()

@@ -7,6 +7,7 @@ import os
 import random
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -115,6 +116,36 @@ def select_amp(requested: str, device: torch.device) -> tuple[torch.dtype | None
 def _cpu_has_native_bf16() -> bool:
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def configure_threads(environ: dict[str, str] | None = None) -> int:
+    """Intra-op threads: the CPUs this container may use, shared by the ranks of this node.
+
+    torch sizes its pool by the host's cores, not by the pod's CPU limit: 8 CPUs of a 64-core
+    node would run 64 threads and thrash. An explicit OMP_NUM_THREADS wins.
+    """
+    env = dict(os.environ) if environ is None else environ
+    if env.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        available = min(available, quota)
+    local_ranks = int(env.get("LOCAL_WORLD_SIZE", "1") or 1)
+    threads = max(1, available // max(1, local_ranks))
+    if threads < torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def _cgroup_cpu_quota() -> int | None:
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, int(int(quota) / int(period)))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
