@@ -7,6 +7,9 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +123,51 @@ def test_newest_valid_checkpoint_wins(tmp_path: Path) -> None:
 def test_atomic_save_leaves_no_temp_files(tmp_path: Path) -> None:
     ckpt.save(tmp_path, b"x" * 1000, best=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.BEST, ckpt.LAST]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_cli_saves_and_exits_0_in_time(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), train_per_class=8)
+    output = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "train",
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--finetune-epochs",
+        "50",
+        "--amp",
+        "off",
+        "--no-export",
+        "--stop-timeout",
+        "15",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if "event=phase_start" in line:
+                break
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=60)
+        elapsed = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, rest[-3000:]
+    assert elapsed < 15, elapsed
+    assert "received SIGTERM" in rest and "event=stopped" in rest
+    stopped = torch.load(output / "checkpoints" / "last.pt", weights_only=True)
+    assert stopped["phase"] == "finetune" and stopped["epoch"] == 1
