@@ -65,7 +65,11 @@ SYSTEMS = {
     "c": "server, batching off",
     "d": "naive grpc server",
     "e": "KServe Python server",
+    "f": "server, dynamic batching, one 1-thread session per core",
 }
+# (f) is (b) tuned for a small CPU: onnxruntime's default spreads each run over every core,
+# and on two cores its intra-op synchronisation costs more than it gains.
+CPU_TUNED_FLAGS = ["--instances", str(os.cpu_count() or 1), "--intra-op-threads", "1"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,12 +366,16 @@ def start_servers(
 ) -> list[Endpoint]:
     """Starts every server system asked for, all at once, and waits until each is ready."""
     commands: list[tuple[str, list[str], int, int | None]] = []
-    for system, max_batch in (("b", case.max_batch_size), ("c", 1)):
+    variants: tuple[tuple[str, int, list[str]], ...] = (
+        ("b", case.max_batch_size, []),
+        ("c", 1, []),
+        ("f", case.max_batch_size, CPU_TUNED_FLAGS),
+    )
+    for system, max_batch, extra in variants:
         if system in args.systems:
             port, metrics = free_port(), free_port()
-            commands.append(
-                (system, server_command(repo, case, port, metrics, max_batch), port, metrics)
-            )
+            command = server_command(repo, case, port, metrics, max_batch) + extra
+            commands.append((system, command, port, metrics))
     if "d" in args.systems:
         port = free_port()
         naive = [
@@ -505,21 +513,24 @@ def evaluate_targets(
         )
 
     for model in models:
-        b = find(cells, model, "b", top)
-        ratio(f"(b)/(a) throughput at c={top}", model, b, find(cells, model, "a", top), 0.85)
-        ratio(f"(b)/(d) throughput at c={top}", model, b, find(cells, model, "d", top), 2.0)
-        ratio(f"(b)/(e) throughput at c={top}", model, b, find(cells, model, "e", top), 1.0)
-        b1, a1 = find(cells, model, "b", 1), find(cells, model, "a", 1)
-        gap = None if b1 is None or a1 is None else b1.p50_ms - a1.p50_ms
-        checks.append(
-            {
-                "target": "p50 (b) c=1 minus (a) batch-1, ms",
-                "model": model,
-                "value": gap,
-                "goal": 1.5,
-                "met": None if gap is None else gap <= 1.5,
-            }
-        )
+        for ours in ("b", "f"):
+            b = find(cells, model, ours, top)
+            if b is None:
+                continue
+            for other, goal in (("a", 0.85), ("d", 2.0), ("e", 1.0)):
+                name = f"({ours})/({other}) throughput at c={top}"
+                ratio(name, model, b, find(cells, model, other, top), goal)
+            b1, a1 = find(cells, model, ours, 1), find(cells, model, "a", 1)
+            gap = None if b1 is None or a1 is None else b1.p50_ms - a1.p50_ms
+            checks.append(
+                {
+                    "target": f"p50 ({ours}) c=1 minus (a) batch-1, ms",
+                    "model": model,
+                    "value": gap,
+                    "goal": 1.5,
+                    "met": None if gap is None else gap <= 1.5,
+                }
+            )
     return checks
 
 
