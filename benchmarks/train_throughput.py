@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse as fx_fuse
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
@@ -255,6 +256,95 @@ def counted_flops_per_image(
     return counter.get_total_flops() / len(inputs)
 
 
+# ---------------------------------------------------------------- where the time goes
+
+
+def frozen_forward_variants(
+    model: nn.Module, image_size: int, batch_size: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    """Images/s of the frozen backbone's forward pass (phase 1's whole cost) done several
+    ways, interleaved: what the trainer does against what it could do on this CPU."""
+    inputs = torch.randn(batch_size, 3, image_size, image_size)
+    inputs_cl = inputs.contiguous(memory_format=torch.channels_last)
+    train_mode = copy.deepcopy(model).train()
+    eval_nchw = copy.deepcopy(model).eval()
+    eval_cl = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    folded = fx_fuse(copy.deepcopy(model).eval()).to(memory_format=torch.channels_last)
+    folded_bf16 = copy.deepcopy(folded).to(torch.bfloat16)
+    inputs_bf16 = inputs_cl.to(torch.bfloat16)
+
+    def autocast(module: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return module(x)
+
+        return run
+
+    variants: dict[str, Callable[[], Any]] = {
+        "baseline: fp32 NCHW, BatchNorm in train mode": lambda: train_mode(inputs),
+        "trainer default: autocast bf16, NCHW, BatchNorm eval": autocast(eval_nchw, inputs),
+        "+ channels_last": autocast(eval_cl, inputs_cl),
+        "+ BatchNorm folded into the convs": autocast(folded, inputs_cl),
+        "+ bf16 weights cast once (no autocast)": lambda: folded_bf16(inputs_bf16),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.no_grad():
+        for run in variants.values():
+            run()
+        for _ in range(rounds):
+            for name, run in variants.items():
+                started = time.perf_counter()
+                run()
+                seconds[name].append(time.perf_counter() - started)
+    baseline = statistics.median(next(iter(seconds.values())))
+    return {
+        name: {
+            "images_per_second": round(batch_size / statistics.median(times), 1),
+            "vs_baseline": round(baseline / statistics.median(times), 2),
+        }
+        for name, times in seconds.items()
+    }
+
+
+def data_item_costs(setup: Setup, count: int) -> dict[str, float]:
+    """Microseconds per training image of each input pipeline, interleaved in chunks."""
+    pipeline = trainer_pipeline(setup, 32, 0)
+    cached = pipeline.train_loader.dataset
+    tutorial = datasets.ImageFolder(
+        str(setup.root / "train"),
+        transform=transforms.Compose(
+            [
+                transforms.RandomResizedCrop(setup.pre.input_size[0], scale=(0.25, 1.0)),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        ),
+    )
+    size = min(len(tutorial), len(cached))  # type: ignore[arg-type]
+
+    def reseed(index: int) -> None:
+        # what CachedTrainSet does around every item's transform
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(index)
+
+    items: dict[str, Callable[[int], Any]] = {
+        "trainer: cached uint8 item (v2 transforms, per-item reseed)": lambda i: cached[(i, 1)],
+        "  of which fork_rng + torch.manual_seed": reseed,
+        "baseline: ImageFolder item (PIL decode + Compose)": lambda i: tutorial[i],
+    }
+    spent = {name: 0.0 for name in items}
+    chunk = 25
+    for start in range(0, count, chunk):
+        for name, get in items.items():
+            started = time.perf_counter()
+            for i in range(start, start + chunk):
+                get(i % size)
+            spent[name] += time.perf_counter() - started
+    total = (count + chunk - 1) // chunk * chunk
+    return {name: round(1e6 * value / total, 1) for name, value in spent.items()}
+
+
 # ---------------------------------------------------------------- driver
 
 DEFAULT_SIDE = "trainer"
@@ -439,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"measuring {phase.name} ...", file=sys.stderr, flush=True)
             results.append(run_phase(phase, setup, args))
         forward = counted_flops_per_image(setup.model, args.image_size, None)
+        print("measuring where the time goes ...", file=sys.stderr, flush=True)
+        variants = frozen_forward_variants(setup.model, args.image_size, args.batch_size, 12)
+        data_costs = data_item_costs(setup, 200)
     peaks = {
         "fp32": matmul_flops_per_second(torch.float32),
         "bf16": matmul_flops_per_second(torch.bfloat16),
@@ -457,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         "full_training_gflops_per_image": 3 * forward / 1e9,
         "matmul_gflops_per_second": {k: v / 1e9 for k, v in peaks.items()},
         "phases": results,
+        "frozen_backbone_forward": variants,
+        "data_us_per_image": data_costs,
         "gpu_resnet50_224": "no GPU lent",
         "machine": {
             "cpus": os.cpu_count(),
@@ -520,6 +615,18 @@ def format_table(report: dict[str, Any]) -> str:
                 f"| {label} | {gflop:.3f} | {rate:.1f} | {rate / peak['bf16']:.0%} | "
                 f"{rate / peak['fp32']:.0%} |"
             )
+    lines += [
+        "",
+        "| frozen backbone forward (phase 1 compute) | img/s | vs baseline |",
+        "|---|---:|---:|",
+    ]
+    for name, numbers in report["frozen_backbone_forward"].items():
+        lines.append(
+            f"| {name} | {numbers['images_per_second']:.1f} | {numbers['vs_baseline']:.2f}x |"
+        )
+    lines += ["", "| input pipeline, per training image | us |", "|---|---:|"]
+    for name, micros in report["data_us_per_image"].items():
+        lines.append(f"| {name} | {micros:.0f} |")
     lines += [
         "",
         f"forward {report['forward_gflops_per_image']:.3f} GFLOP/image; matmul 2048x2048: "
