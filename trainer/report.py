@@ -275,6 +275,7 @@ def _curves_figure(history: _History) -> Figure:
             ha="right" if best > len(x) / 2 else "left" if len(x) > 1 else "center",
             fontsize=9,
         )
+    acc_ax.margins(y=0.15)  # room for the "best" label above and below the curve
     acc_ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     acc_ax.set_title("Validation accuracy")
     acc_ax.set_ylabel("accuracy")
@@ -377,6 +378,7 @@ def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the report is for people to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

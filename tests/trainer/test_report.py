@@ -56,6 +56,7 @@ def test_report_files(tmp_path):
             assert image.width > 600 and image.height > 400
             # not a blank canvas: plotted lines and cells give many distinct colours
             assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 50
+    assert (tmp_path / "report" / "curves.png").stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
         "confusion_matrix.png",
         "curves.png",
