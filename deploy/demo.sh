@@ -92,7 +92,7 @@ echo "server exited with status $status"
 step_end=$SECONDS
 printf '    (%s took %ds)\n' "$current_step" $((step_end - step_start))
 
-accuracy=$(python -c 'import json, sys; print(f"{json.load(open(sys.argv[1]))["best_val_accuracy"]:.1%}")' \
+accuracy=$(python -c 'import json, sys; print(format(json.load(open(sys.argv[1]))["best_val_accuracy"], ".1%"))' \
   "$TARGET_RUN/summary.json")
 printf '\nTarget-task val accuracy: %s   Demo wall time: %ds\n' "$accuracy" $((SECONDS - demo_start))
 exit "$status"
