@@ -38,7 +38,7 @@ class DemoDataSpec:
 
     seed: int = 0
     image_size: int = 64
-    source_train_per_class: int = 120
+    source_train_per_class: int = 240
     target_train_per_class: int = 40
     val_per_class: int = 30
 
@@ -131,12 +131,13 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     pixels = a * (1 - t[..., None]) + b * t[..., None]
     stripe_freq = rng.uniform(2, 9)
     stripes = np.sin(2 * math.pi * stripe_freq * (xx * np.sin(theta) - yy * np.cos(theta)))
-    pixels += rng.uniform(10, 40) * stripes[..., None]
-    pixels += rng.normal(0, rng.uniform(6, 20), size=pixels.shape)
+    pixels += rng.uniform(5, 20) * stripes[..., None]
+    pixels += rng.normal(0, rng.uniform(3, 10), size=pixels.shape)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(2, 6))):
-        x, y, rr = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(size / 16, size / 6)
+    # Small distractor blobs, clearly smaller than any shape, so "circle" stays well defined.
+    for _ in range(int(rng.integers(0, 4))):
+        x, y, rr = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(size / 24, size / 12)
         colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
         draw.ellipse((x - rr, y - rr, x + rr, y + rr), fill=colour)
     return image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.2))))
@@ -145,11 +146,11 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
 def render_image(rng: np.random.Generator, drawer: ShapeDrawer, size: int) -> Image.Image:
     """One example: a randomly placed, scaled, rotated and coloured shape over a background."""
     image = _background(rng, size)
-    r = rng.uniform(0.18, 0.34) * size
+    r = rng.uniform(0.22, 0.38) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
     drawer(image, cx, cy, r, rng.uniform(0, 2 * math.pi), colour)
-    noise = rng.normal(0, 8, size=(size, size, 3))
+    noise = rng.normal(0, 4, size=(size, size, 3))
     return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8), "RGB")
 
 
