@@ -15,7 +15,7 @@ venv: $(STAMP)
 # python3. --inexact keeps uv in place; --frozen installs exactly what uv.lock says.
 $(STAMP): pyproject.toml uv.lock
 	@test -x $(PY) || python3 -m venv $(VENV)
-	@test -x $(UV) || { $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip --quiet; \
+	@test -x $(UV) || { $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip >/dev/null; \
 		$(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION); }
 	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen --inexact $(EXTRAS)
 	@touch $@
