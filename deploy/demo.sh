@@ -48,8 +48,8 @@ trainer train --data "$DATA/source" --output "$SOURCE_RUN" --weights none \
 
 step 3 "two-phase fine-tune on the target task, starting from the source checkpoint"
 trainer train --data "$DATA/target" --output "$TARGET_RUN" \
-  --weights "$SOURCE_RUN/checkpoints/best.pt" --head-epochs 3 --finetune-epochs 6 \
-  --no-export "${COMMON[@]}"
+  --weights "$SOURCE_RUN/checkpoints/best.pt" --head-epochs 4 --finetune-epochs 15 --patience 15 \
+  --unfreeze top:2 --lr 5e-4 --no-export "${COMMON[@]}"
 
 step 4 "export a verified ONNX model into the model repository"
 trainer export --checkpoint "$TARGET_RUN/checkpoints/best.pt" --output-repository "$REPOSITORY" \
