@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from trainer_helpers import make_image_folder
+from trainer_helpers import make_image_folder, tiny_train_args
 
 
 @pytest.mark.slow
@@ -26,23 +26,9 @@ def test_torchrun_two_processes_complete_both_phases_and_export_once(tmp_path: P
         "2",
         "-m",
         "trainer",
-        "train",
-        "--data",
-        str(data),
-        "--output",
-        str(output),
-        "--weights",
-        "none",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "4",
-        "--head-epochs",
-        "1",
-        "--finetune-epochs",
-        "1",
-        "--amp",
-        "off",
+        *tiny_train_args(
+            data, output, batch_size=4, extra=("--head-epochs", "1", "--finetune-epochs", "1")
+        ),
     ]
     done = subprocess.run(
         command, check=False, env=env, capture_output=True, text=True, timeout=540

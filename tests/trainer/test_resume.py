@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import make_image_folder, tiny_config
+from trainer_helpers import make_image_folder, tiny_config, tiny_train_args
 
 from trainer import checkpoint as ckpt
 from trainer.run import train
@@ -133,24 +133,12 @@ def test_sigterm_to_the_cli_saves_and_exits_0_in_time(tmp_path: Path) -> None:
         sys.executable,
         "-m",
         "trainer",
-        "train",
-        "--data",
-        str(data),
-        "--output",
-        str(output),
-        "--weights",
-        "none",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "2",
-        "--finetune-epochs",
-        "50",
-        "--amp",
-        "off",
-        "--no-export",
-        "--stop-timeout",
-        "15",
+        *tiny_train_args(
+            data,
+            output,
+            batch_size=2,
+            extra=("--finetune-epochs", "50", "--no-export", "--stop-timeout", "15"),
+        ),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)

@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from trainer_helpers import tiny_train_args
 
 from trainer.cli import build_parser, main
 
@@ -60,24 +61,9 @@ def test_default_weights_without_cache_or_network_exit_2(
 def test_weights_none_run_writes_every_output(image_folder: Path, tmp_path: Path) -> None:
     output = tmp_path / "out"
     code = main(
-        [
-            "train",
-            "--data",
-            str(image_folder),
-            "--output",
-            str(output),
-            "--weights",
-            "none",
-            "--image-size",
-            "32",
-            "--batch-size",
-            "8",
-            "--finetune-epochs",
-            "1",
-            "--amp",
-            "off",
-            "--no-export",
-        ]
+        tiny_train_args(
+            image_folder, output, batch_size=8, extra=("--finetune-epochs", "1", "--no-export")
+        )
     )
     assert code == 0
     summary = json.loads((output / "summary.json").read_text())

@@ -54,3 +54,17 @@ def tiny_config(data: Path, output: Path, **overrides: Any) -> TrainConfig:
     }
     flags.update(overrides)
     return resolve_config(environ={}, flags=flags)
+
+
+def tiny_train_args(data: Path, output: Path, *, batch_size: int, extra: tuple[str, ...] = ()):
+    """`trainer train` arguments of a tiny from-scratch run: 32 px, no mixed precision."""
+    return [
+        "train",
+        "--data", str(data),
+        "--output", str(output),
+        "--weights", "none",
+        "--image-size", "32",
+        "--batch-size", str(batch_size),
+        "--amp", "off",
+        *extra,
+    ]  # fmt: skip
