@@ -18,7 +18,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_SIDE = 4096
 
 
-class InvalidPreprocessing(ValueError):
+class InvalidPreprocessing(ValueError):  # noqa: N818 (names of the domain)
     """A preprocessing description that no model could have been trained with."""
 
 

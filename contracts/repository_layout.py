@@ -26,7 +26,7 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MAX_MODEL_NAME_LENGTH = 128
 
 
-class InvalidModelName(ValueError):
+class InvalidModelName(ValueError):  # noqa: N818 (names of the domain)
     """A model name that cannot be one directory of the repository."""
 
 
