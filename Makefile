@@ -7,7 +7,7 @@ UV_VERSION := 0.13.9
 EXTRAS := --extra train --extra serve --extra dev
 STAMP := $(VENV)/.synced
 
-.PHONY: venv demo test lint lint-deploy protos bench images manifests smoke-containers clean
+.PHONY: venv demo test lint lint-deploy protos bench images manifests smoke-containers clean-images clean
 
 venv: $(STAMP)
 
@@ -29,7 +29,7 @@ test: $(STAMP)
 lint: $(STAMP) lint-deploy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy trainer server
+	$(VENV)/bin/mypy contracts trainer server
 	$(PY) protos/generate.py --check
 
 # Containers and Kubernetes (deploy/README.md). The static-check tools live in their own venv,
@@ -50,11 +50,28 @@ manifests:
 	bash deploy/render-manifests.sh
 
 # ENGINE=docker|podman, BASE_IMAGE, ENGINE_FLAGS, BUILD_FLAGS, RUN_FLAGS: see deploy/README.md.
+# Every container target reads them from the environment through deploy/engine.sh, so
+# smoke-containers builds (unless SKIP_BUILD=1) with exactly the settings images uses.
 images:
 	bash deploy/build-images.sh
 
-smoke-containers: $(STAMP)
+# The smoke test's host-side client comes from a light venv with the base install only
+# (grpcio, protobuf, numpy, pillow; no torch, no onnxruntime). CLIENT=path skips it.
+CLIENT_VENV := .venv-client
+CLIENT_STAMP := $(CLIENT_VENV)/.installed
+
+$(CLIENT_STAMP): pyproject.toml $(wildcard server/*.py server/client/*.py)
+	@test -x $(CLIENT_VENV)/bin/python || python3 -m venv $(CLIENT_VENV)
+	@echo '*' > $(CLIENT_VENV)/.gitignore
+	$(CLIENT_VENV)/bin/pip install --quiet --disable-pip-version-check .
+	@touch $@
+
+smoke-containers: $(if $(CLIENT),,$(CLIENT_STAMP))
 	bash deploy/smoke-containers.sh
+
+# Removes both images, dangling images and the build cache (deploy/clean-images.sh).
+clean-images:
+	bash deploy/clean-images.sh
 
 protos: $(STAMP)
 	$(PY) protos/generate.py

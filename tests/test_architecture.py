@@ -1,0 +1,171 @@
+"""The house as designed: which module may import what, read from the source (ast).
+
+Every import counts, including those under ``TYPE_CHECKING`` and inside functions: a back edge
+that is hidden from the interpreter is still a back edge for the reader.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("contracts", "trainer", "server")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+@cache
+def source_modules() -> dict[str, Path]:
+    """Every module of our packages (generated protobuf stubs excluded), by dotted name."""
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "_proto" not in path.parts:
+                modules[_module_name(path)] = path
+    return modules
+
+
+def _is_package(name: str) -> bool:
+    return (ROOT / Path(*name.split(".")) / "__init__.py").is_file()
+
+
+def _imported_names(name: str, path: Path) -> Iterable[str]:
+    package = name if _is_package(name) else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            yield base
+            # `from pkg import module` imports the module, not only the package.
+            yield from (f"{base}.{alias.name}" for alias in node.names)
+
+
+@cache
+def imports_of(name: str) -> frozenset[str]:
+    """Dotted names a module imports (modules, and names inside modules)."""
+    return frozenset(_imported_names(name, source_modules()[name]))
+
+
+@cache
+def internal_edges(name: str) -> frozenset[str]:
+    """Our modules that ``name`` imports directly (a package's ``__init__`` is not implied)."""
+    modules = source_modules()
+    return frozenset(i for i in imports_of(name) if i in modules and i != name)
+
+
+def reachable(name: str) -> set[str]:
+    """``name`` and every one of our modules it imports, transitively."""
+    seen, todo = {name}, [name]
+    while todo:
+        for child in internal_edges(todo.pop()):
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return seen
+
+
+def _top_levels(name: str) -> set[str]:
+    return {i.split(".")[0] for i in imports_of(name)}
+
+
+def _in(name: str, *prefixes: str) -> bool:
+    return any(name == p or name.startswith(f"{p}.") for p in prefixes)
+
+
+def test_the_graph_sees_the_packages() -> None:
+    # Guards the other tests against passing on an empty graph.
+    modules = source_modules()
+    assert {"trainer.run", "server.app", "server.batching", "contracts.preprocessing"} <= set(
+        modules
+    )
+    assert "trainer.run" in reachable("trainer.cli")
+
+
+def test_protobuf_stays_at_the_servers_edge() -> None:
+    allowed = ("server.transport", "server.app", "server.client")
+    offenders = {
+        name: sorted(i for i in imports_of(name) if "_pb2" in i or i.startswith("server._proto"))
+        for name in source_modules()
+        if not _in(name, *allowed)
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def _grpc_users(name: str) -> list[str]:
+    return sorted(
+        m
+        for m in reachable(name)
+        if {"grpc", "grpc_health", "grpc_reflection"} & _top_levels(m)
+        or any("_pb2" in i for i in imports_of(m))
+    )
+
+
+def test_batcher_and_onnxruntime_sessions_know_no_grpc() -> None:
+    session_modules = [
+        n for n in source_modules() if _in(n, "server") and "onnxruntime" in _top_levels(n)
+    ]
+    assert session_modules, "no server module imports onnxruntime"
+    for name in ["server.batching", *session_modules]:
+        assert _grpc_users(name) == [], name
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_import_cycles(package: str) -> None:
+    names = [n for n in source_modules() if _in(n, package)]
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+    cycles: list[list[str]] = []
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for child in sorted(internal_edges(name)):
+            if state.get(child) == 1:
+                cycles.append([*path[path.index(child) :], child])
+            elif child not in state:
+                visit(child, [*path, child])
+        state[name] = 2
+
+    for name in names:
+        if name not in state:
+            visit(name, [name])
+    assert cycles == []
+
+
+def test_halves_import_only_what_they_may() -> None:
+    forbidden = {
+        "contracts": {"torch", "torchvision", "onnx", "onnxruntime", "grpc", "trainer", "server"},
+        "trainer": {"server", "grpc"},
+        "server": {"torch", "torchvision", "trainer"},
+        "server.client": {"onnxruntime", "torch", "prometheus_client"},
+    }
+    found = {}
+    for prefix, banned in forbidden.items():
+        for name in source_modules():
+            if _in(name, prefix):
+                bad = set().union(*(_top_levels(m) for m in reachable(name))) & banned
+                if bad:
+                    found[name] = sorted(bad)
+    assert found == {}
+
+
+@pytest.mark.parametrize(
+    ("root", "composer"),
+    [("trainer.run", "trainer.cli"), ("server.app", "server.cli")],
+)
+def test_one_composition_root(root: str, composer: str) -> None:
+    importers = sorted(n for n in source_modules() if root in imports_of(n) and n != root)
+    assert importers == [composer]
