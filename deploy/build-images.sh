@@ -31,6 +31,6 @@ for target in "${targets[@]}"; do
     echo "== building $image from Dockerfile.$target with $ENGINE"
     start=$SECONDS
     engine build --file "Dockerfile.$target" "${build_args[@]}" "${extra[@]}" \
-        "${BUILD_FLAGS[@]}" --tag "$image" .
+        "${build_flags[@]}" --tag "$image" .
     echo "built $image in $((SECONDS - start)) s: $(image_size_mb "$image") MB"
 done

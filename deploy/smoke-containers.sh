@@ -3,15 +3,27 @@
 # trains a tiny model in the train container, serves it from the serve container with a
 # read-only root filesystem, classifies through the published port with the host's `client`,
 # checks the HEALTHCHECK and /metrics, stops the server with SIGTERM (it must exit 0) and
-# removes everything it made. Settings: deploy/engine.sh; SKIP_BUILD=1 reuses built images;
-# CLIENT names the client executable (default: .venv/bin/client, else `client` on PATH).
+# removes everything it made: its containers and files, then the dangling images a rebuild
+# leaves and the build cache (deploy/clean-images.sh cache). The tagged images stay.
+#   ENGINE, ENGINE_FLAGS, BUILD_FLAGS, RUN_FLAGS, BASE_IMAGE...: deploy/engine.sh, the same as
+#                 for make images (the build below runs deploy/build-images.sh with them)
+#   SKIP_BUILD=1  reuses the built images
+#   KEEP_IMAGES=1 keeps the dangling images and the build cache (faster rebuilds)
+#   CLIENT        the host-side client executable (default: .venv-client/bin/client, the light
+#                 environment `make smoke-containers` installs; else .venv/bin/client; else
+#                 `client` on PATH)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source deploy/engine.sh
 
-CLIENT="${CLIENT:-$( [[ -x .venv/bin/client ]] && echo .venv/bin/client || echo client)}"
+if [[ -z "${CLIENT:-}" ]]; then
+    CLIENT=client
+    for candidate in .venv-client/bin/client .venv/bin/client; do
+        if [[ -x "$candidate" ]]; then CLIENT="$candidate"; break; fi
+    done
+fi
 command -v "$CLIENT" >/dev/null || {
-    echo "error: no client executable ($CLIENT); run 'make venv' or set CLIENT" >&2
+    echo "error: no client executable ($CLIENT); run 'make smoke-containers' or set CLIENT" >&2
     exit 2
 }
 run_id="smoke-$$"
@@ -25,9 +37,16 @@ cleanup() {
     local rc=$?
     engine rm -f "$server_name" >/dev/null 2>&1 || true
     # The containers wrote as uid 10001: remove their files from inside an image.
-    engine run --rm "${RUN_FLAGS[@]}" --user 0 -v "$work:/work" --entrypoint /bin/rm \
+    engine run --rm "${run_flags[@]}" --user 0 -v "$work:/work" --entrypoint /bin/rm \
         "$SERVE_IMAGE" -rf /work/data /work/outputs >/dev/null 2>&1 || true
     rm -rf "$work"
+    if [[ "${KEEP_IMAGES:-0}" == 1 ]]; then
+        log "kept dangling images and the build cache (KEEP_IMAGES=1)"
+    elif deploy/clean-images.sh cache >/dev/null; then
+        log "pruned dangling images and the build cache (KEEP_IMAGES=1 keeps them)"
+    else
+        log "warning: pruning dangling images and the build cache failed"
+    fi
     if [[ $rc -eq 0 ]]; then log "PASSED"; else log "FAILED (exit $rc)"; fi
 }
 trap cleanup EXIT
@@ -37,7 +56,7 @@ if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
 fi
 log "engine: $ENGINE; images: $TRAIN_IMAGE ($(image_size_mb "$TRAIN_IMAGE") MB)," \
     "$SERVE_IMAGE ($(image_size_mb "$SERVE_IMAGE") MB)"
-if engine run --rm "${RUN_FLAGS[@]}" --entrypoint python "$SERVE_IMAGE" \
+if engine run --rm "${run_flags[@]}" --entrypoint python "$SERVE_IMAGE" \
     -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is not None)'; then
     log "serve image carries no torch"
 else
@@ -52,7 +71,7 @@ hardened=(--read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileg
 # One container for both steps: on copy-based storage (vfs) every container start copies the
 # multi-GB train image. make-demo-data stages next to its target, so it writes /data/demo.
 log "demo data + training (train container, CPU, read-only root)"
-engine run --rm "${RUN_FLAGS[@]}" "${hardened[@]}" --shm-size 256m \
+engine run --rm "${run_flags[@]}" "${hardened[@]}" --shm-size 256m \
     -v "$work/data:/data" -v "$work/outputs:/outputs" --entrypoint /bin/sh "$TRAIN_IMAGE" -c '
         set -e
         trainer make-demo-data /data/demo --source-train-per-class 4 \
@@ -65,7 +84,7 @@ model="$work/outputs/model_repository/classifier/1/model.onnx"
 log "exported $(du -k "$model" | cut -f1) KiB: outputs/model_repository/classifier/1/model.onnx"
 
 log "serving (serve container, read-only root, ports on 127.0.0.1 chosen by the engine)"
-engine run -d "${RUN_FLAGS[@]}" "${hardened[@]}" --name "$server_name" \
+engine run -d "${run_flags[@]}" "${hardened[@]}" --name "$server_name" \
     -p 127.0.0.1::8001 -p 127.0.0.1::8002 \
     -v "$work/outputs/model_repository:/models:ro" "$SERVE_IMAGE" \
     --model-name classifier --providers cpu >/dev/null

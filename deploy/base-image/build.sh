@@ -3,14 +3,16 @@
 # that reach a Debian mirror but no container registry. The result is imported as
 # ${BASE_TAG} and can be passed to both Dockerfiles as --build-arg BASE_IMAGE=${BASE_TAG}.
 #
-#   sudo deploy/base-image/build.sh                 # podman, tag localhost/bookworm-python:3.11
+#   deploy/base-image/build.sh                      # as root; tag localhost/bookworm-python:3.11
 #   ENGINE=docker BASE_TAG=bookworm-python:3.11 sudo -E deploy/base-image/build.sh
 #
-# Needs root (debootstrap creates device nodes and chroots) and the debootstrap package.
+# Needs root (debootstrap creates device nodes and chroots) and the debootstrap package. The
+# engine and its global flags come from deploy/engine.sh (ENGINE, ENGINE_FLAGS), exactly as for
+# the image builds: on podman the first command fixes the storage driver for good, so this
+# import must already run with the ENGINE_FLAGS every later command uses.
 set -euo pipefail
+source "$(dirname "$0")/../engine.sh"
 
-ENGINE="${ENGINE:-$(command -v podman >/dev/null && echo podman || echo docker)}"
-read -r -a ENGINE_FLAGS <<<"${ENGINE_FLAGS:-}"
 BASE_TAG="${BASE_TAG:-localhost/bookworm-python:3.11}"
 SUITE="${SUITE:-bookworm}"
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
@@ -40,10 +42,10 @@ rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var
 # A sources list the image's own apt can use later (debootstrap leaves the mirror in place).
 echo "deb ${MIRROR} ${SUITE} main" >"$rootfs/etc/apt/sources.list"
 
-echo "importing as ${BASE_TAG} with ${ENGINE}"
-tar --numeric-owner -C "$rootfs" -c . | "${ENGINE}" "${ENGINE_FLAGS[@]}" import \
+echo "importing as ${BASE_TAG} with ${ENGINE} ${ENGINE_FLAGS}"
+tar --numeric-owner -C "$rootfs" -c . | engine import \
     --change 'ENV LANG=C.UTF-8' \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'CMD ["/bin/bash"]' \
     - "${BASE_TAG}" >/dev/null
-"${ENGINE}" "${ENGINE_FLAGS[@]}" image ls "${BASE_TAG}"
+engine image ls "${BASE_TAG}"
