@@ -42,10 +42,23 @@ class BatchingSettings:
 
 @dataclass(frozen=True)
 class BatchResult:
+    """One request's own outputs and the phases of the batch that computed them.
+
+    The phase durations are the batch's, as Triton attributes them to every request in it:
+    ``input_s`` gathers the requests' inputs into one batch, ``infer_s`` runs the model,
+    ``output_s`` splits the outputs back.
+    """
+
     outputs: dict[str, np.ndarray]
     queue_s: float
-    compute_s: float
+    input_s: float
+    infer_s: float
+    output_s: float
     batch_size: int
+
+    @property
+    def compute_s(self) -> float:
+        return self.input_s + self.infer_s + self.output_s
 
 
 class BatchObserver:
@@ -102,7 +115,6 @@ class DynamicBatcher:
         self._executor = executor
         self._observer = observer or BatchObserver()
         self._upstream = upstream
-        self.inflight = 0
         # Loop-bound objects are created in start(), on the running loop.
         self._queue: collections.deque[_Pending] = collections.deque()
         self._arrival: asyncio.Future[None] | None = None
@@ -151,7 +163,6 @@ class DynamicBatcher:
         self._queue.append(pending)
         self._observer.queue_depth(len(self._queue))
         self._notify()
-        self.inflight += 1
         try:
             return await pending.future
         except asyncio.CancelledError:
@@ -160,8 +171,6 @@ class DynamicBatcher:
                 self._queue.remove(pending)
                 self._observer.queue_depth(len(self._queue))
             raise
-        finally:
-            self.inflight -= 1
 
     def _notify(self) -> None:
         if self._arrival is not None and not self._arrival.done():
@@ -256,34 +265,33 @@ class DynamicBatcher:
         started = time.monotonic()
         rows = sum(item.rows for item in batch)
         try:
-            if len(batch) == 1:
-                inputs = batch[0].inputs
-            else:
-                inputs = {
-                    name: np.concatenate([item.inputs[name] for item in batch])
-                    for name in batch[0].inputs
-                }
+            inputs = _concatenate(batch)
+            computing = time.monotonic()
             outputs = await loop.run_in_executor(self._executor, self._run_batch, inputs)
         except Exception as error:
-            compute_s = time.monotonic() - started
-            self._observer.batch_done(rows, len(batch), compute_s)
+            self._observer.batch_done(rows, len(batch), time.monotonic() - started)
             if not isinstance(error, ServerError):
                 log.exception("batch of %d request(s) failed", len(batch))
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(error)
             return
-        compute_s = time.monotonic() - started
-        self._observer.batch_done(rows, len(batch), compute_s)
-        offset = 0
-        for item in batch:
-            if len(batch) == 1:
-                own = outputs
-            else:
-                own = {n: v[offset : offset + item.rows] for n, v in outputs.items()}
-            offset += item.rows
+        splitting = time.monotonic()
+        own = _split(batch, outputs)
+        finished = time.monotonic()
+        self._observer.batch_done(rows, len(batch), finished - started)
+        for item, item_outputs in zip(batch, own, strict=True):
             if not item.future.done():
-                item.future.set_result(BatchResult(own, started - item.enqueued, compute_s, rows))
+                item.future.set_result(
+                    BatchResult(
+                        outputs=item_outputs,
+                        queue_s=started - item.enqueued,
+                        input_s=computing - started,
+                        infer_s=splitting - computing,
+                        output_s=finished - splitting,
+                        batch_size=rows,
+                    )
+                )
 
     async def stop(self) -> None:
         """Stop accepting, finish everything queued and running, then end the workers."""
@@ -292,3 +300,21 @@ class DynamicBatcher:
         if self._workers:
             await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
+
+
+def _concatenate(batch: list[_Pending]) -> dict[str, np.ndarray]:
+    if len(batch) == 1:
+        return batch[0].inputs
+    return {name: np.concatenate([item.inputs[name] for item in batch]) for name in batch[0].inputs}
+
+
+def _split(batch: list[_Pending], outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Each request's own rows of the batch's outputs, in batch order."""
+    if len(batch) == 1:
+        return [outputs]
+    result = []
+    offset = 0
+    for item in batch:
+        result.append({n: v[offset : offset + item.rows] for n, v in outputs.items()})
+        offset += item.rows
+    return result

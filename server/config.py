@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from contracts.settings import is_unset, parse_bool, parse_float, parse_int
 from server.errors import ConfigError
 
 ENV_PREFIX = "SERVER_"
@@ -121,6 +122,12 @@ class ServerConfig:
 
 
 def _validate(config: ServerConfig) -> None:
+    _validate_choices(config)
+    _validate_ranges(config)
+    _validate_tls(config)
+
+
+def _validate_choices(config: ServerConfig) -> None:
     if config.providers not in PROVIDER_CHOICES:
         raise ConfigError(f"providers must be one of {PROVIDER_CHOICES}, got {config.providers!r}")
     if config.graph_optimization not in GRAPH_OPTIMIZATION_CHOICES:
@@ -128,6 +135,9 @@ def _validate(config: ServerConfig) -> None:
             f"graph_optimization must be one of {GRAPH_OPTIMIZATION_CHOICES}, "
             f"got {config.graph_optimization!r}"
         )
+
+
+def _validate_ranges(config: ServerConfig) -> None:
     for name in ("grpc_port",):
         value = getattr(config, name)
         if not 0 <= value <= 65535:
@@ -155,12 +165,15 @@ def _validate(config: ServerConfig) -> None:
     for name in ("poll_interval_s", "drain_delay_s", "grace_period_s"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0")
+    if any(size < 1 for size in config.warmup_batch_sizes):
+        raise ConfigError("warmup_batch_sizes must be >= 1")
+
+
+def _validate_tls(config: ServerConfig) -> None:
     if (config.tls_cert is None) != (config.tls_key is None):
         raise ConfigError("tls_cert and tls_key must be given together")
     if config.tls_client_ca is not None and config.tls_cert is None:
         raise ConfigError("tls_client_ca (mTLS) needs tls_cert and tls_key")
-    if any(size < 1 for size in config.warmup_batch_sizes):
-        raise ConfigError("warmup_batch_sizes must be >= 1")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
@@ -181,7 +194,7 @@ def coerce(name: str, value: Any) -> Any:
     if name not in FIELDS:
         raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(FIELDS))}")
     base, optional = _base_type(name)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("", "none")):
+    if value is None or (optional and is_unset(value)):
         if optional:
             return None
         raise ConfigError(f"{name} must not be empty")
@@ -190,20 +203,11 @@ def coerce(name: str, value: Any) -> Any:
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(int(item) for item in items if str(item).strip())
         if base is bool:
-            if isinstance(value, bool):
-                return value
-            lowered = str(value).lower()
-            if lowered not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(value)
-            return lowered in ("1", "true", "yes")
+            return parse_bool(value)
         if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(value)
+            return parse_int(value)
         if base is float:
-            if isinstance(value, bool):
-                raise ValueError(value)
-            return float(value)
+            return parse_float(value)
         if base is Path:
             return Path(str(value))
         if not isinstance(value, str):

@@ -1,7 +1,8 @@
 """Domain exceptions of the server.
 
-Handlers, the batcher and the runtime raise these; one interceptor (server.interceptors) maps
-them to gRPC status codes. This module imports nothing from gRPC on purpose.
+Handlers, the batcher and the onnxruntime sessions raise these; one interceptor
+(server.transport.interceptors) maps them to gRPC status codes. This module imports nothing
+from gRPC on purpose.
 """
 
 from __future__ import annotations

@@ -14,14 +14,14 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
-from server._proto.inference import model_config_pb2
-from server.batching import BatchingSettings, BatchObserver, DynamicBatcher
+from server.batching import BatchingSettings
 from server.config import ServerConfig
 from server.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServerError
 from server.metrics import ServerMetrics
+from server.model_spec import ModelSpec
+from server.model_version import ModelVersion
+from server.onnx_sessions import OnnxSessions, SessionSettings
 from server.repository import (
     ExportMetadata,
     ModelSource,
@@ -30,129 +30,26 @@ from server.repository import (
     read_metadata,
     read_model,
 )
-from server.runtime import ModelRuntime, SessionSettings
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class DurationStat:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, seconds: float, count: int = 1) -> None:
-        self.count += count
-        self.ns += int(seconds * 1e9)
-
-
-@dataclass
-class ModelStats:
-    """Cumulative statistics in Triton's ModelStatistics shape."""
-
-    success: DurationStat = field(default_factory=DurationStat)
-    fail: DurationStat = field(default_factory=DurationStat)
-    queue: DurationStat = field(default_factory=DurationStat)
-    compute_infer: DurationStat = field(default_factory=DurationStat)
-    inference_count: int = 0
-    execution_count: int = 0
-    last_inference_ms: int = 0
-
-
-class _StatsObserver(BatchObserver):
-    """Forwards batch events to the metrics and counts executions for ModelStatistics."""
-
-    def __init__(self, inner: BatchObserver, stats: ModelStats) -> None:
-        self._inner = inner
-        self._stats = stats
-
-    def queue_depth(self, depth: int) -> None:
-        self._inner.queue_depth(depth)
-
-    def batch_done(self, batch_size: int, request_count: int, compute_s: float) -> None:
-        self._stats.execution_count += 1
-        self._inner.batch_done(batch_size, request_count, compute_s)
-
-    def expired(self) -> None:
-        self._inner.expired()
-
-
-class LoadedModel:
-    """One model version ready to serve: configuration, sessions and batcher."""
-
-    def __init__(
-        self,
-        source: VersionSource,
-        config: model_config_pb2.ModelConfig,
-        labels: tuple[str, ...],
-        metadata: ExportMetadata | None,
-        runtime: ModelRuntime,
-        batcher: DynamicBatcher,
-        executor: ThreadPoolExecutor,
-        stats: ModelStats,
-    ) -> None:
-        self.name = source.model_name
-        self.version = source.version
-        self.source = source
-        self.config = config
-        self.labels = metadata.labels if metadata and metadata.labels else labels
-        self.metadata = metadata
-        self.runtime = runtime
-        self.batcher = batcher
-        self.stats = stats
-        self._executor = executor
-        self._leases = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    @property
-    def max_batch_size(self) -> int:
-        """The per-request limit from config.pbtxt (0: no batch dimension)."""
-        return int(self.config.max_batch_size)
-
-    @property
-    def version_str(self) -> str:
-        return str(self.version)
-
-    @property
-    def upstream(self) -> int:
-        """Requests holding this version that have not reached the batcher yet."""
-        return self._leases - self.batcher.inflight
-
-    def acquire(self) -> None:
-        self._leases += 1
-        self._idle.clear()
-
-    def release(self) -> None:
-        self._leases -= 1
-        if self._leases == 0:
-            self._idle.set()
-
-    async def unload(self) -> None:
-        """Wait for the requests holding this version, then stop its batcher and threads."""
-        await self._idle.wait()
-        await self.batcher.stop()
-        self._executor.shutdown(wait=False)
-
-
-def batching_settings(
-    settings: ServerConfig, config: model_config_pb2.ModelConfig, instances: int
-) -> BatchingSettings:
+def batching_settings(settings: ServerConfig, spec: ModelSpec, instances: int) -> BatchingSettings:
     """Server flags override the model's config.pbtxt; no dynamic_batching means batch 1."""
-    has_dynamic = config.HasField("dynamic_batching")
-    if config.max_batch_size <= 0:
+    dynamic = spec.dynamic_batching
+    if spec.max_batch_size <= 0:
         max_batch = 0
     elif settings.max_batch_size is not None:
         max_batch = settings.max_batch_size
     else:
-        max_batch = config.max_batch_size if has_dynamic else 1
+        max_batch = spec.max_batch_size if dynamic is not None else 1
     if settings.max_queue_delay_us is not None:
         delay_us = settings.max_queue_delay_us
     else:
-        delay_us = config.dynamic_batching.max_queue_delay_microseconds if has_dynamic else 0
+        delay_us = dynamic.max_queue_delay_us if dynamic is not None else 0
     queue_size = settings.max_queue_size
-    model_queue = config.dynamic_batching.default_queue_policy.max_queue_size
-    if model_queue > 0:
-        queue_size = min(queue_size, model_queue)
+    if dynamic is not None and dynamic.max_queue_size > 0:
+        queue_size = min(queue_size, dynamic.max_queue_size)
     return BatchingSettings(
         max_batch_size=max_batch,
         max_queue_delay_s=delay_us / 1e6,
@@ -167,7 +64,7 @@ class ModelManager:
     def __init__(self, settings: ServerConfig, metrics: ServerMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._models: dict[str, dict[int, LoadedModel]] = {}
+        self._models: dict[str, dict[int, ModelVersion]] = {}
         self._rejected: dict[tuple[str, int], float] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._lock: asyncio.Lock | None = None
@@ -188,10 +85,10 @@ class ModelManager:
             raise ModelNotReady("no model is loaded")
         return names[0]
 
-    def versions(self, name: str) -> list[LoadedModel]:
+    def versions(self, name: str) -> list[ModelVersion]:
         return [self._models[name][v] for v in sorted(self._models.get(name, {}))]
 
-    def resolve(self, name: str, version: str = "") -> LoadedModel:
+    def resolve(self, name: str, version: str = "") -> ModelVersion:
         """The loaded version asked for, or the latest loaded one when version is empty."""
         name = name or self.default_model_name()
         versions = self._models.get(name)
@@ -212,7 +109,7 @@ class ModelManager:
         return name in self._models
 
     @contextlib.asynccontextmanager
-    async def lease(self, name: str, version: str = "") -> AsyncIterator[LoadedModel]:
+    async def lease(self, name: str, version: str = "") -> AsyncIterator[ModelVersion]:
         """Hold a version for the length of a request so a reload cannot unload it."""
         model = self.resolve(name, version)
         model.acquire()
@@ -248,7 +145,7 @@ class ModelManager:
         for version, version_source in sorted(wanted.items()):
             if version in loaded or self._recently_rejected(version_source):
                 continue
-            model = await self._load(version_source, source.config, source.labels)
+            model = await self._load(source, version_source)
             if model is not None:
                 loaded[version] = model
         if not loaded:
@@ -259,7 +156,7 @@ class ModelManager:
                 break
             self._retire(loaded.pop(version))
 
-    async def _fall_back(self, source: ModelSource, loaded: dict[int, LoadedModel]) -> None:
+    async def _fall_back(self, source: ModelSource, loaded: dict[int, ModelVersion]) -> None:
         """Nothing the policy selects would load: serve the newest older version that does.
 
         Without this a restarted server would stay down after a broken version was published,
@@ -272,7 +169,7 @@ class ModelManager:
                 continue
             if self._recently_rejected(candidate):
                 continue
-            model = await self._load(candidate, source.config, source.labels)
+            model = await self._load(source, candidate)
             if model is not None:
                 log.warning(
                     "model %s: no version selected by the policy loads; serving version %d",
@@ -292,12 +189,10 @@ class ModelManager:
             return True
         return self._rejected[key] == mtime
 
-    async def _load(
-        self, source: VersionSource, config: model_config_pb2.ModelConfig, labels: tuple[str, ...]
-    ) -> LoadedModel | None:
+    async def _load(self, model_source: ModelSource, source: VersionSource) -> ModelVersion | None:
         started = time.monotonic()
         try:
-            runtime, metadata = await asyncio.to_thread(self._load_runtime, source)
+            sessions, metadata = await asyncio.to_thread(self._load_sessions, source)
         except ServerError as error:
             self._reject(source, error)
             return None
@@ -305,36 +200,31 @@ class ModelManager:
             log.exception("unexpected error loading %s", source.directory)
             self._reject(source, error)
             return None
-        settings = batching_settings(self.settings, config, runtime.instances)
-        executor = ThreadPoolExecutor(
-            max_workers=runtime.instances,
-            thread_name_prefix=f"{source.model_name}-{source.version}",
+        name, version = source.model_name, str(source.version)
+        model = ModelVersion(
+            model_source,
+            source,
+            sessions,
+            metadata,
+            self.metrics.queue_seconds.labels(name, version).observe,
         )
-        stats = ModelStats()
-        observer = _StatsObserver(
-            self.metrics.observer(source.model_name, str(source.version)), stats
-        )
-        batcher = DynamicBatcher(
-            runtime.run, settings, executor, observer, upstream=lambda: model.upstream
-        )
-        await batcher.start()
-        model = LoadedModel(source, config, labels, metadata, runtime, batcher, executor, stats)
-        precision = (metadata.precision if metadata else None) or "unknown"
-        self.metrics.model_loads.labels(source.model_name).inc()
+        settings = batching_settings(self.settings, model_source.spec, sessions.instances)
+        await model.start_batching(settings, self.metrics.observer(name, version))
+        self.metrics.model_loads.labels(name).inc()
         self.metrics.model_info.labels(
-            source.model_name, str(source.version), runtime.providers[0], precision
+            name, version, sessions.providers[0], _precision(metadata)
         ).set(1)
         log.info(
-            "model %s version %d ready in %.2fs (provider %s, batching %s)",
-            source.model_name,
-            source.version,
+            "model %s version %s ready in %.2fs (provider %s, batching %s)",
+            name,
+            version,
             time.monotonic() - started,
-            runtime.providers[0],
+            sessions.providers[0],
             settings,
         )
         return model
 
-    def _load_runtime(self, source: VersionSource) -> tuple[ModelRuntime, ExportMetadata | None]:
+    def _load_sessions(self, source: VersionSource) -> tuple[OnnxSessions, ExportMetadata | None]:
         settings = SessionSettings(
             providers=self.settings.providers,
             instances=self.settings.instances,
@@ -342,10 +232,10 @@ class ModelManager:
             inter_op_threads=self.settings.inter_op_threads,
             graph_optimization=self.settings.graph_optimization,
         )
-        runtime = ModelRuntime(source.onnx_path, settings)
-        metadata = read_metadata(source, runtime.custom_metadata)
-        runtime.warm_up(self.settings.warmup_batch_sizes)
-        return runtime, metadata
+        sessions = OnnxSessions(source.onnx_path, settings)
+        metadata = read_metadata(source, sessions.custom_metadata)
+        sessions.warm_up(self.settings.warmup_batch_sizes)
+        return sessions, metadata
 
     def _reject(self, source: VersionSource, error: BaseException) -> None:
         log.error(
@@ -360,17 +250,14 @@ class ModelManager:
         except OSError:
             self._rejected[(source.model_name, source.version)] = -1.0
 
-    def _retire(self, model: LoadedModel) -> None:
+    def _retire(self, model: ModelVersion) -> None:
         log.info(
             "model %s version %d retired; unloading after in-flight requests",
             model.name,
             model.version,
         )
         self.metrics.model_info.remove(
-            model.name,
-            model.version_str,
-            model.runtime.providers[0],
-            (model.metadata.precision if model.metadata else None) or "unknown",
+            model.name, model.version_str, model.sessions.providers[0], _precision(model.metadata)
         )
         task = asyncio.get_running_loop().create_task(model.unload())
         self._retiring.add(task)
@@ -390,3 +277,7 @@ class ModelManager:
         models = [m for versions in self._models.values() for m in versions.values()]
         self._models = {name: {} for name in self._models}
         await asyncio.gather(*(m.unload() for m in models), *self._retiring)
+
+
+def _precision(metadata: ExportMetadata | None) -> str:
+    return (metadata.precision if metadata else None) or "unknown"

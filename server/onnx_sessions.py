@@ -16,26 +16,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from server.datatypes import ONNX_TYPES, numpy_dtype
 from server.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
-# ONNX element type string -> (OIP datatype, numpy dtype).
-_ONNX_TYPES: dict[str, tuple[str, np.dtype]] = {
-    "tensor(bool)": ("BOOL", np.dtype(np.bool_)),
-    "tensor(uint8)": ("UINT8", np.dtype(np.uint8)),
-    "tensor(uint16)": ("UINT16", np.dtype(np.uint16)),
-    "tensor(uint32)": ("UINT32", np.dtype(np.uint32)),
-    "tensor(uint64)": ("UINT64", np.dtype(np.uint64)),
-    "tensor(int8)": ("INT8", np.dtype(np.int8)),
-    "tensor(int16)": ("INT16", np.dtype(np.int16)),
-    "tensor(int32)": ("INT32", np.dtype(np.int32)),
-    "tensor(int64)": ("INT64", np.dtype(np.int64)),
-    "tensor(float16)": ("FP16", np.dtype(np.float16)),
-    "tensor(float)": ("FP32", np.dtype(np.float32)),
-    "tensor(double)": ("FP64", np.dtype(np.float64)),
-    "tensor(string)": ("BYTES", np.dtype(np.object_)),
-}
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -61,7 +46,7 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class SessionSettings:
-    """What the runtime needs from the server settings."""
+    """What the sessions need from the server settings."""
 
     providers: str = "auto"
     instances: int = 1
@@ -90,7 +75,7 @@ def requested_providers(choice: str) -> list[str]:
     """The provider list to ask onnxruntime for.
 
     'auto' asks for CUDA when this onnxruntime has it and an NVIDIA GPU is visible, else CPU;
-    onnxruntime itself still falls back to CPU if CUDA cannot start, and ModelRuntime reports
+    onnxruntime itself still falls back to CPU if CUDA cannot start, and OnnxSessions reports
     the providers actually in use.
     """
     available = ort.get_available_providers()
@@ -110,14 +95,14 @@ def requested_providers(choice: str) -> list[str]:
 
 
 def _spec(node: ort.NodeArg) -> TensorSpec:
-    if node.type not in _ONNX_TYPES:
+    if node.type not in ONNX_TYPES:
         raise ModelLoadError(f"tensor {node.name!r} has unsupported type {node.type}")
-    datatype, dtype = _ONNX_TYPES[node.type]
+    datatype = ONNX_TYPES[node.type]
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
-    return TensorSpec(node.name, datatype, shape, dtype)
+    return TensorSpec(node.name, datatype, shape, numpy_dtype(datatype))
 
 
-class ModelRuntime:
+class OnnxSessions:
     """``instances`` onnxruntime sessions of one ONNX file; ``run`` is thread-safe."""
 
     def __init__(self, onnx_path: Path, settings: SessionSettings) -> None:

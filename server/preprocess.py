@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from contracts.image_formats import to_rgb8
+from contracts.preprocessing import Preprocessing
 from server.errors import InvalidInput
-from server.repository import Preprocessing
 
 
 class ImageLimits:
@@ -47,8 +48,13 @@ def _resize_and_crop(image: Image.Image, spec: Preprocessing) -> Image.Image:
     return image.crop((left, top, left + crop_w, top + crop_h))
 
 
-def decode_image(data: bytes, index: int, spec: Preprocessing, limits: ImageLimits) -> np.ndarray:
+def decode_image(
+    data: bytes, index: int, spec: Preprocessing, input_format: str, limits: ImageLimits
+) -> np.ndarray:
     """Decode one encoded image into the model's input layout (without the batch axis).
+
+    ``input_format`` is the export metadata's: ``uint8-nhwc`` pixels, or ``float32-nchw``
+    normalised by the spec's mean and std.
 
     Raises:
         InvalidInput: naming ``images[index]``, for empty, oversized or undecodable bytes.
@@ -67,7 +73,7 @@ def decode_image(data: bytes, index: int, spec: Preprocessing, limits: ImageLimi
                 raise InvalidInput(
                     f"{where} is {width}x{height} pixels; the limit is {limits.max_pixels}"
                 )
-            image = ImageOps.exif_transpose(opened).convert("RGB")
+            image = to_rgb8(opened)
     except InvalidInput:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -78,7 +84,7 @@ def decode_image(data: bytes, index: int, spec: Preprocessing, limits: ImageLimi
     if min(image.size) < 1:
         raise InvalidInput(f"{where} has no pixels")
     pixels = np.asarray(_resize_and_crop(image, spec), dtype=np.uint8)
-    if spec.input_format == "float32-nchw":
+    if input_format == "float32-nchw":
         scaled = pixels.astype(np.float32) / 255.0
         normalised = (scaled - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
         return np.ascontiguousarray(normalised.transpose(2, 0, 1))
@@ -86,13 +92,17 @@ def decode_image(data: bytes, index: int, spec: Preprocessing, limits: ImageLimi
 
 
 async def decode_images(
-    images: Sequence[bytes], spec: Preprocessing, limits: ImageLimits, executor: Executor
+    images: Sequence[bytes],
+    spec: Preprocessing,
+    input_format: str,
+    limits: ImageLimits,
+    executor: Executor,
 ) -> np.ndarray:
     """Decode every image in the worker pool and stack them into one batch."""
     loop = asyncio.get_running_loop()
     arrays = await asyncio.gather(
         *(
-            loop.run_in_executor(executor, decode_image, data, index, spec, limits)
+            loop.run_in_executor(executor, decode_image, data, index, spec, input_format, limits)
             for index, data in enumerate(images)
         )
     )

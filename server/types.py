@@ -11,28 +11,11 @@ from typing import Any
 
 import numpy as np
 
-# OIP datatype -> numpy dtype (BYTES: object arrays of bytes).
-DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    # numpy has no bfloat16; BF16 travels raw and is carried as its 16-bit pattern.
-    "BF16": np.dtype("<u2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BYTES": np.dtype(np.object_),
-}
-
 
 @dataclass(frozen=True)
 class Tensor:
+    """A named array and its OIP datatype (``server.datatypes``)."""
+
     name: str
     datatype: str
     data: np.ndarray

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 
+from contracts.image_formats import IMAGE_EXTENSIONS
 from server.client.api import AsyncInferenceClient, InferenceClient, Prediction, RequestError
 from server.client.bench import BenchSetupError, bench_classify, bench_infer, synthetic_jpeg
 from server.client.connection import ClientConfigError, ConnectionOptions, read_token_file
@@ -24,7 +25,8 @@ from server.client.loadgen import LoadSpec
 from server.client.stats import BenchReport
 from server.client.tensors import TensorError
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# The formats the server decodes; other files in a directory are skipped.
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 

@@ -2,44 +2,19 @@
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 
 import numpy as np
 
 from server._proto.inference import grpc_service_pb2 as pb
-
-_DTYPE_TO_DATATYPE: dict[np.dtype, str] = {
-    np.dtype(np.bool_): "BOOL",
-    np.dtype(np.uint8): "UINT8",
-    np.dtype(np.uint16): "UINT16",
-    np.dtype(np.uint32): "UINT32",
-    np.dtype(np.uint64): "UINT64",
-    np.dtype(np.int8): "INT8",
-    np.dtype(np.int16): "INT16",
-    np.dtype(np.int32): "INT32",
-    np.dtype(np.int64): "INT64",
-    np.dtype(np.float16): "FP16",
-    np.dtype(np.float32): "FP32",
-    np.dtype(np.float64): "FP64",
-}
-_DATATYPE_TO_DTYPE = {name: dtype for dtype, name in _DTYPE_TO_DATATYPE.items()}
-
-# Typed-contents field of each datatype, for servers that answer without raw contents.
-_CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
+from server.datatypes import (
+    CONTENTS_FIELD,
+    BytesFramingError,
+    deserialize_bytes,
+    serialize_bytes,
+)
+from server.datatypes import datatype_of as _datatype_of
+from server.datatypes import numpy_dtype as _numpy_dtype
 
 
 class TensorError(ValueError):
@@ -48,29 +23,18 @@ class TensorError(ValueError):
 
 def datatype_of(array: np.ndarray) -> str:
     """The OIP datatype string of an array; object and bytes arrays travel as BYTES."""
-    if array.dtype.kind in "OSU":
-        return "BYTES"
-    try:
-        return _DTYPE_TO_DATATYPE[array.dtype.newbyteorder("=")]
-    except KeyError:
-        raise TensorError(f"dtype {array.dtype} has no Open Inference Protocol datatype") from None
+    datatype = _datatype_of(array.dtype)
+    if datatype is None:
+        raise TensorError(f"dtype {array.dtype} has no Open Inference Protocol datatype")
+    return datatype
 
 
 def encode(array: np.ndarray) -> tuple[str, bytes]:
     """The datatype and raw contents of ``array``: row-major, little-endian, no padding."""
     datatype = datatype_of(array)
     if datatype == "BYTES":
-        return datatype, _encode_bytes(array)
+        return datatype, serialize_bytes(array.reshape(-1))
     return datatype, np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-
-
-def _encode_bytes(array: np.ndarray) -> bytes:
-    parts = []
-    for item in array.reshape(-1):
-        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
-        parts.append(struct.pack("<I", len(data)))
-        parts.append(data)
-    return b"".join(parts)
 
 
 def decode(datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
@@ -88,29 +52,18 @@ def decode(datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
 
 
 def _decode_bytes(shape: tuple[int, ...], raw: bytes) -> np.ndarray:
-    count = int(np.prod(shape, dtype=np.int64))
-    items: list[bytes] = []
-    offset = 0
-    for _ in range(count):
-        if offset + 4 > len(raw):
-            raise TensorError("BYTES tensor ends inside an element length")
-        (length,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        if offset + length > len(raw):
-            raise TensorError("BYTES tensor ends inside an element")
-        items.append(raw[offset : offset + length])
-        offset += length
-    if offset != len(raw):
-        raise TensorError(f"BYTES tensor has {len(raw) - offset} bytes after its last element")
-    result = np.empty(count, dtype=object)
-    result[:] = items
-    return result.reshape(shape)
+    try:
+        return deserialize_bytes(raw, int(np.prod(shape, dtype=np.int64))).reshape(shape)
+    except BytesFramingError as error:
+        raise TensorError(f"BYTES tensor: {error}") from None
 
 
 def numpy_dtype(datatype: str) -> np.dtype:
     """The numpy dtype of a fixed-size OIP datatype (not BYTES)."""
+    if datatype == "BYTES":
+        raise TensorError("BYTES has no fixed-size numpy dtype")
     try:
-        return _DATATYPE_TO_DTYPE[datatype]
+        return _numpy_dtype(datatype)
     except KeyError:
         raise TensorError(f"unsupported datatype {datatype!r}") from None
 
@@ -158,7 +111,7 @@ def parse_infer_response(response: pb.ModelInferResponse) -> dict[str, np.ndarra
 
 
 def _from_contents(tensor: pb.ModelInferResponse.InferOutputTensor) -> np.ndarray:
-    field = _CONTENTS_FIELD.get(tensor.datatype)
+    field = CONTENTS_FIELD.get(tensor.datatype)
     if field is None:
         raise TensorError(f"datatype {tensor.datatype!r} only travels as raw contents")
     values = list(getattr(tensor.contents, field))

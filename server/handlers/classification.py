@@ -10,15 +10,16 @@ import numpy as np
 from server.errors import InvalidInput
 from server.handlers.common import RequestRecord, recorded
 from server.metrics import ServerMetrics
-from server.models import LoadedModel, ModelManager
+from server.model_manager import ModelManager
+from server.model_version import ModelVersion
 from server.preprocess import ImageLimits, decode_images
-from server.types import ClassifyRequest, ClassifyResponse, Prediction
+from server.types import ClassifyRequest, ClassifyResponse, Prediction, Tensor
 
 
-def _probabilities(model: LoadedModel, outputs: dict[str, np.ndarray]) -> np.ndarray:
+def _probabilities(model: ModelVersion, outputs: dict[str, np.ndarray]) -> np.ndarray:
     if "probabilities" in outputs:
         return np.asarray(outputs["probabilities"], dtype=np.float64)
-    logits = np.asarray(outputs[model.runtime.outputs[0].name], dtype=np.float64)
+    logits = np.asarray(outputs[model.outputs[0].name], dtype=np.float64)
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
 
@@ -58,9 +59,11 @@ class ClassificationHandler:
         with recorded(self.metrics, record, request.deadline):
             async with self.manager.lease(request.model_name, request.model_version) as model:
                 record.model, record.version = model.name, model.version_str
-                return await self._classify(model, request)
+                return await self._classify(model, request, record.started)
 
-    async def _classify(self, model: LoadedModel, request: ClassifyRequest) -> ClassifyResponse:
+    async def _classify(
+        self, model: ModelVersion, request: ClassifyRequest, received: float
+    ) -> ClassifyResponse:
         if model.metadata is None or model.metadata.preprocessing is None:
             raise InvalidInput(
                 f"model {model.name!r} has no preprocessing metadata (model.json); "
@@ -73,7 +76,11 @@ class ClassificationHandler:
             raise InvalidInput(f"images: {len(request.images)} images, the limit is {limit}")
         started = time.monotonic()
         batch = await decode_images(
-            request.images, model.metadata.preprocessing, self.limits, self.decode_executor
+            request.images,
+            model.metadata.preprocessing,
+            model.metadata.input_format,
+            self.limits,
+            self.decode_executor,
         )
         self.metrics.preprocess_seconds.labels(model.name, model.version_str).observe(
             time.monotonic() - started
@@ -82,16 +89,11 @@ class ClassificationHandler:
             if len(request.images) != 1:
                 raise InvalidInput("images: this model takes one image per request")
             batch = batch[0]
-        input_name = model.runtime.inputs[0].name
-        result = await model.batcher.submit({input_name: batch}, request.deadline)
-        self.metrics.queue_seconds.labels(model.name, model.version_str).observe(result.queue_s)
-        stats = model.stats
-        stats.success.add(time.monotonic() - started)
-        stats.queue.add(result.queue_s)
-        stats.compute_infer.add(result.compute_s)
-        stats.inference_count += len(request.images)
-        stats.last_inference_ms = int(time.time() * 1000)
-        probabilities = _probabilities(model, result.outputs)
+        image_input = model.inputs[0]
+        outputs = await model.infer(
+            [Tensor(image_input.name, image_input.datatype, batch)], request.deadline, received
+        )
+        probabilities = _probabilities(model, outputs)
         if limit == 0:
             probabilities = probabilities.reshape(1, -1)
         return ClassifyResponse(

@@ -1,18 +1,6 @@
-"""Thin gRPC servicers: protobuf in, converters, handler call, protobuf out."""
+"""The gRPC edge: servicers, converters, interceptors and server assembly.
 
-from __future__ import annotations
-
-import time
-
-import grpc
-
-
-def deadline_of(context: grpc.aio.ServicerContext, timeout_us: int | None = None) -> float | None:
-    """The RPC's deadline (and the OIP ``timeout`` parameter, in us) as a monotonic time."""
-    remaining = context.time_remaining()
-    candidates = []
-    if remaining is not None:
-        candidates.append(remaining)
-    if timeout_us is not None and timeout_us > 0:
-        candidates.append(timeout_us / 1e6)
-    return time.monotonic() + min(candidates) if candidates else None
+Everything here may import grpc and the ``*_pb2`` modules; nothing outside this package (except
+the composition root and the client) does. Servicers are thin: protobuf in, converters,
+handler call, protobuf out.
+"""

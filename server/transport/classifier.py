@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from server import converters
 from server._proto.finetune.v1 import classifier_pb2 as pb
 from server._proto.finetune.v1 import classifier_pb2_grpc as pb_grpc
 from server.handlers.classification import ClassificationHandler
-from server.transport import deadline_of
+from server.transport import converters
+from server.transport.deadlines import deadline_of
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):

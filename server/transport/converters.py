@@ -8,16 +8,22 @@ or typed ``contents`` for every input, never both.
 from __future__ import annotations
 
 import math
-import struct
 from typing import Any
 
 import numpy as np
 
 from server._proto.finetune.v1 import classifier_pb2
 from server._proto.inference import grpc_service_pb2 as pb
-from server.errors import InvalidInput
-from server.types import (
+from server.datatypes import (
+    CONTENTS_FIELD,
     DATATYPES,
+    BytesFramingError,
+    serialize_bytes,
+)
+from server.datatypes import deserialize_bytes as _deserialize_bytes
+from server.errors import InvalidInput
+from server.statistics import VersionStatistics
+from server.types import (
     ClassifyRequest,
     ClassifyResponse,
     InferRequest,
@@ -26,21 +32,6 @@ from server.types import (
     Tensor,
 )
 
-# OIP datatype -> the InferTensorContents field carrying it.
-CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
 _MAX_ELEMENTS = 1 << 31
 
 
@@ -64,32 +55,10 @@ def _element_count(shape: list[int], where: str) -> int:
 
 def deserialize_bytes(raw: bytes, count: int, where: str) -> np.ndarray:
     """Split length-prefixed BYTES elements into an object array of ``count`` bytes values."""
-    items: list[bytes] = []
-    offset = 0
-    while offset < len(raw):
-        if offset + 4 > len(raw):
-            raise InvalidInput(f"{where}: truncated BYTES element length")
-        (length,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        if offset + length > len(raw):
-            raise InvalidInput(f"{where}: BYTES element longer than the data")
-        items.append(bytes(raw[offset : offset + length]))
-        offset += length
-    if len(items) != count:
-        raise InvalidInput(f"{where}: {len(items)} BYTES elements, shape needs {count}")
-    array = np.empty(count, dtype=np.object_)
-    array[:] = items
-    return array
-
-
-def serialize_bytes(array: np.ndarray) -> bytes:
-    """Length-prefix every element of a BYTES (object or str) array, row-major."""
-    parts = []
-    for item in array.reshape(-1):
-        value = item.encode() if isinstance(item, str) else bytes(item)
-        parts.append(struct.pack("<I", len(value)))
-        parts.append(value)
-    return b"".join(parts)
+    try:
+        return _deserialize_bytes(raw, count)
+    except BytesFramingError as error:
+        raise InvalidInput(f"{where}: {error}") from None
 
 
 def _raw_to_array(raw: bytes, datatype: str, shape: list[int], where: str) -> np.ndarray:
@@ -179,7 +148,7 @@ def infer_response_to_proto(response: InferResponse, *, raw: bool) -> pb.ModelIn
         output = message.outputs.add(name=tensor.name, datatype=tensor.datatype)
         output.shape.extend(tensor.shape)
         if tensor.datatype == "BYTES":
-            data = serialize_bytes(tensor.data)
+            data = serialize_bytes(tensor.data.reshape(-1))
             if raw:
                 message.raw_output_contents.append(data)
             else:
@@ -236,21 +205,27 @@ def _duration(target: pb.StatisticDuration, count: int, ns: int) -> None:
     target.ns = ns
 
 
-def statistics_to_proto(models: list[Any]) -> pb.ModelStatisticsResponse:
-    """Triton's ModelStatistics for loaded versions (``server.models.LoadedModel``)."""
+def statistics_to_proto(versions: list[VersionStatistics]) -> pb.ModelStatisticsResponse:
+    """Triton's ModelStatistics for loaded versions."""
     message = pb.ModelStatisticsResponse()
-    for model in models:
-        stats = model.stats
+    for version in versions:
+        stats = version.stats
         entry = message.model_stats.add(
-            name=model.name,
-            version=model.version_str,
+            name=version.name,
+            version=version.version,
             last_inference=stats.last_inference_ms,
             inference_count=stats.inference_count,
             execution_count=stats.execution_count,
         )
         inference = entry.inference_stats
-        _duration(inference.success, stats.success.count, stats.success.ns)
-        _duration(inference.fail, stats.fail.count, stats.fail.ns)
-        _duration(inference.queue, stats.queue.count, stats.queue.ns)
-        _duration(inference.compute_infer, stats.compute_infer.count, stats.compute_infer.ns)
+        for name in (
+            "success",
+            "fail",
+            "queue",
+            "compute_input",
+            "compute_infer",
+            "compute_output",
+        ):
+            duration = getattr(stats, name)
+            _duration(getattr(inference, name), duration.count, duration.ns)
     return message

@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from server import converters
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from server.errors import InvalidInput, ServerError
 from server.handlers.inference import InferenceHandler
-from server.transport import deadline_of
+from server.transport import converters
+from server.transport.deadlines import deadline_of
+from server.transport.model_config import model_config_to_proto
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -50,14 +51,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        config = self.handler.model_config(request.name, request.version)
-        return pb.ModelConfigResponse(config=config)
+        spec = self.handler.model_config(request.name, request.version)
+        return pb.ModelConfigResponse(config=model_config_to_proto(spec))
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        models = self.handler.statistics(request.name, request.version)
-        return converters.statistics_to_proto(models)
+        versions = self.handler.statistics(request.name, request.version)
+        return converters.statistics_to_proto(versions)
 
     async def _infer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from server._proto.inference import grpc_service_pb2 as pb
-from server.converters import (
+from server.errors import InvalidInput
+from server.transport.converters import (
     deserialize_bytes,
     infer_request_from_proto,
     infer_response_to_proto,
     serialize_bytes,
 )
-from server.errors import InvalidInput
 from server.types import InferResponse, Tensor
 
 

@@ -20,9 +20,9 @@ from server.errors import (
     ShuttingDown,
     Unauthenticated,
 )
-from server.interceptors import GateInterceptor, ObservingInterceptor, status_for
 from server.lifecycle import ServerState
 from server.metrics import ServerMetrics
+from server.transport.interceptors import GateInterceptor, ObservingInterceptor, status_for
 
 CASES = [
     (InvalidInput("inputs[0]: bad"), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0]: bad"),
@@ -86,7 +86,7 @@ async def _serve_and_call(
 
 
 def test_interceptor_maps_errors_and_hides_unknown_detail(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.ERROR, logger="server.interceptors")
+    caplog.set_level(logging.ERROR, logger="server.transport.interceptors")
     errors = [case[0] for case in CASES]
     results, registry = asyncio.run(_serve_and_call(errors, None))
     assert results == [(code, message) for _, code, message in CASES]

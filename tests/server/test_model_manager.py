@@ -13,7 +13,12 @@ from repository_factory import make_model_repository, write_version
 from server_harness import server_config
 
 from server.metrics import ServerMetrics
-from server.models import ModelManager
+from server.model_manager import ModelManager
+from server.types import Tensor
+
+
+def _image(array: np.ndarray) -> Tensor:
+    return Tensor("image", "UINT8", array)
 
 
 def _write_failing_at_runtime(version_dir: Path) -> None:
@@ -52,8 +57,8 @@ def test_warm_up_failure_is_rejected_and_old_version_serves(tmp_path: Path) -> N
         await manager.refresh()
         await manager.refresh()  # not retried while the file is unchanged
         async with manager.lease("classifier") as model:
-            result = await model.batcher.submit({"image": np.zeros((1, 32, 32, 3), np.uint8)})
-            served = (model.version_str, str(result.outputs["probabilities"].shape))
+            outputs = await model.infer([_image(np.zeros((1, 32, 32, 3), np.uint8))], None)
+            served = (model.version_str, str(outputs["probabilities"].shape))
         await manager.close()
         return served
 
@@ -71,12 +76,13 @@ def test_two_instances_compute_in_parallel_with_own_answers(tmp_path: Path) -> N
         )
         await manager.refresh()
         model = manager.resolve("classifier")
-        assert model.runtime.instances == 2 and model.batcher.settings.workers == 2
+        assert model.batching is not None
+        assert model.sessions.instances == 2 and model.batching.workers == 2
         inputs = [np.full((1, 32, 32, 3), i, np.uint8) for i in range(12)]
-        results = await asyncio.gather(*(model.batcher.submit({"image": x}) for x in inputs))
-        expected = [model.runtime.run({"image": x})["logits"] for x in inputs]
+        results = await asyncio.gather(*(model.infer([_image(x)], None) for x in inputs))
+        expected = [model.sessions.run({"image": x})["logits"] for x in inputs]
         for result, want in zip(results, expected, strict=True):
-            np.testing.assert_allclose(result.outputs["logits"], want, rtol=1e-6)
+            np.testing.assert_allclose(result["logits"], want, rtol=1e-6)
         await manager.close()
 
     asyncio.run(scenario())

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from contracts.preprocessing import Preprocessing
 from server.errors import InvalidInput
 from server.preprocess import ImageLimits, decode_image
-from server.repository import Preprocessing
 
 LIMITS = ImageLimits(max_bytes=1 << 20, max_pixels=1 << 20)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -22,13 +22,12 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _spec(fmt: str = "uint8-nhwc") -> Preprocessing:
-    return Preprocessing(fmt, (16, 16), 18, MEAN, STD)
+SPEC = Preprocessing((16, 16), 18, MEAN, STD)
 
 
 def test_resize_shorter_side_then_centre_crop() -> None:
     array = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
-    got = decode_image(_png(array), 0, _spec(), LIMITS)
+    got = decode_image(_png(array), 0, SPEC, "uint8-nhwc", LIMITS)
     # Shorter side 30 -> 18, longer 50 -> int(18 * 50 / 30) = 30; crop 16x16 from 18x30.
     resized = np.asarray(Image.fromarray(array).resize((30, 18), Image.Resampling.BILINEAR))
     np.testing.assert_array_equal(got, resized[1:17, 7:23])
@@ -37,7 +36,7 @@ def test_resize_shorter_side_then_centre_crop() -> None:
 
 def test_float32_nchw_is_normalised() -> None:
     array = np.full((18, 18, 3), 255, dtype=np.uint8)
-    got = decode_image(_png(array), 0, _spec("float32-nchw"), LIMITS)
+    got = decode_image(_png(array), 0, SPEC, "float32-nchw", LIMITS)
     assert got.shape == (3, 16, 16) and got.dtype == np.float32
     np.testing.assert_allclose(got[:, 0, 0], [(1 - m) / s for m, s in zip(MEAN, STD, strict=True)])
 
@@ -47,7 +46,7 @@ def test_grayscale_and_alpha_become_rgb() -> None:
         image = Image.new(mode, (20, 20))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        assert decode_image(buffer.getvalue(), 0, _spec(), LIMITS).shape == (16, 16, 3)
+        assert decode_image(buffer.getvalue(), 0, SPEC, "uint8-nhwc", LIMITS).shape == (16, 16, 3)
 
 
 @pytest.mark.parametrize(
@@ -62,4 +61,4 @@ def test_grayscale_and_alpha_become_rgb() -> None:
 )
 def test_bad_images_name_their_index(data: bytes, limits: ImageLimits, message: str) -> None:
     with pytest.raises(InvalidInput, match=message.replace("[", r"\[").replace("]", r"\]")):
-        decode_image(data, 3, _spec(), limits)
+        decode_image(data, 3, SPEC, "uint8-nhwc", limits)

@@ -1,0 +1,168 @@
+"""Assembling the gRPC server: credentials, interceptors, options, servicers, health,
+reflection and the bound port.
+
+The composition root (``server.app``) hands in the handlers and gets back a started server, its
+port and a ``HealthReporter``; it never touches grpc's types or the ``*_pb2`` modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from server._proto import POOL
+from server._proto.finetune.v1 import classifier_pb2, classifier_pb2_grpc
+from server._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from server.config import ServerConfig
+from server.errors import ConfigError
+from server.handlers.classification import ClassificationHandler
+from server.handlers.inference import InferenceHandler
+from server.lifecycle import ServerState
+from server.metrics import ServerMetrics
+from server.transport.classifier import ClassifierServicer
+from server.transport.inference import InferenceServicer
+from server.transport.interceptors import GateInterceptor, ObservingInterceptor
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
+SERVICES = (INFERENCE_SERVICE, CLASSIFIER_SERVICE)
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with IPv6 literals in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def read_token(config: ServerConfig) -> str | None:
+    """The bearer token from ``auth_token_file`` (None: no authentication)."""
+    if config.auth_token_file is None:
+        return None
+    try:
+        token = config.auth_token_file.read_text().strip()
+    except OSError as error:
+        raise ConfigError(f"auth_token_file {config.auth_token_file}: {error.strerror}") from None
+    if not token:
+        raise ConfigError(f"auth_token_file {config.auth_token_file} is empty")
+    return token
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS (and mTLS with ``tls_client_ca``) credentials, or None for plaintext."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    try:
+        cert = config.tls_cert.read_bytes()
+        key = config.tls_key.read_bytes()
+        ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    except OSError as error:
+        raise ConfigError(f"TLS file {error.filename}: {error.strerror}") from None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+def _reflection_pool() -> Any:
+    """Our private descriptor pool plus health and reflection, for the reflection service."""
+    for module in (health_pb2, reflection_pb2):
+        with contextlib.suppress(TypeError):  # already added
+            POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    return POOL
+
+
+class HealthReporter:
+    """``grpc.health.v1`` status of the whole server and of each service, in plain terms."""
+
+    def __init__(self) -> None:
+        self.servicer = health_aio.HealthServicer()
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", *SERVICES):
+            await self.servicer.set(service, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        """NOT_SERVING for every service, and no later change (the drain has begun)."""
+        await self.servicer.enter_graceful_shutdown()
+
+
+@dataclass
+class GrpcEndpoint:
+    """A started gRPC server and what the composition root needs of it."""
+
+    server: grpc.aio.Server
+    port: int
+    health: HealthReporter
+    uses_tls: bool
+
+    async def stop(self, grace: float | None) -> None:
+        await self.server.stop(grace)
+
+
+def _create_server(
+    config: ServerConfig, metrics: ServerMetrics, state: ServerState
+) -> grpc.aio.Server:
+    return grpc.aio.server(
+        interceptors=[
+            ObservingInterceptor(metrics, state),
+            GateInterceptor(state, read_token(config)),
+        ],
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+
+
+async def start_grpc_server(
+    config: ServerConfig,
+    inference: InferenceHandler,
+    classification: ClassificationHandler,
+    metrics: ServerMetrics,
+    state: ServerState,
+) -> GrpcEndpoint:
+    """Register every service, bind ``host:grpc_port`` and start, with health NOT_SERVING.
+
+    Raises:
+        ConfigError: unreadable TLS or token files, or a port that cannot be bound.
+    """
+    server = _create_server(config, metrics, state)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(inference), server
+    )
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(classification), server)
+    health = HealthReporter()
+    await health.set_serving(False)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        [
+            *SERVICES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+        pool=_reflection_pool(),
+    )
+    address = format_address(config.host, config.grpc_port)
+    credentials = server_credentials(config)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise ConfigError(f"cannot bind the gRPC port at {address}")
+    await server.start()
+    return GrpcEndpoint(server, port, health, uses_tls=credentials is not None)
