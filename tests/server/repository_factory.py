@@ -216,3 +216,28 @@ def make_model_repository(
             slow_layers=slow_layers,
         )
     return path
+
+
+def write_failing_version(version_dir: Path) -> None:
+    """Loads fine, fails when run: Reshape to [7, -1] cannot split 32*32*3 elements."""
+    nodes = [
+        helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["f", "shape"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fails",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 32, 32, 3])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, None),
+        ],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [7, -1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    staging = version_dir.parent / f".staging-{version_dir.name}"
+    staging.mkdir()
+    onnx.save(model, str(staging / "model.onnx"))
+    staging.rename(version_dir)

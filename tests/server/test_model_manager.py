@@ -6,10 +6,8 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
 from prometheus_client import CollectorRegistry
-from repository_factory import make_model_repository, write_version
+from repository_factory import make_model_repository, write_failing_version, write_version
 from server_harness import server_config
 
 from server.metrics import ServerMetrics
@@ -21,31 +19,6 @@ def _image(array: np.ndarray) -> Tensor:
     return Tensor("image", "UINT8", array)
 
 
-def _write_failing_at_runtime(version_dir: Path) -> None:
-    """Loads fine, fails when run: Reshape to [7, -1] cannot split 32*32*3 elements."""
-    nodes = [
-        helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
-        helper.make_node("Reshape", ["f", "shape"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "fails",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 32, 32, 3])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, None),
-        ],
-        [helper.make_tensor("shape", TensorProto.INT64, [2], [7, -1])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    staging = version_dir.parent / f".staging-{version_dir.name}"
-    staging.mkdir()
-    onnx.save(model, str(staging / "model.onnx"))
-    staging.rename(version_dir)
-
-
 def test_warm_up_failure_is_rejected_and_old_version_serves(tmp_path: Path) -> None:
     repo = make_model_repository(tmp_path / "models")
     registry = CollectorRegistry()
@@ -53,7 +26,7 @@ def test_warm_up_failure_is_rejected_and_old_version_serves(tmp_path: Path) -> N
     async def scenario() -> tuple[str, str]:
         manager = ModelManager(server_config(repo), ServerMetrics(registry))
         await manager.refresh()
-        _write_failing_at_runtime(repo / "classifier" / "2")
+        write_failing_version(repo / "classifier" / "2")
         await manager.refresh()
         await manager.refresh()  # not retried while the file is unchanged
         async with manager.lease("classifier") as model:
