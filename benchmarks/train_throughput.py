@@ -57,9 +57,9 @@ from trainer.data import DatasetSplit, scan_dataset
 from trainer.demo_data import DemoDataSpec, make_demo_data
 from trainer.layer_groups import LayerGroup, layer_groups
 from trainer.loop import train_one_epoch
-from trainer.models import create_model
-from trainer.pipeline import Pipeline, build_pipeline
-from trainer.runtime import DistInfo, select_amp
+from trainer.classifier import create_model
+from trainer.input_pipeline import Pipeline, build_pipeline
+from trainer.process_setup import DistInfo, select_amp
 from trainer.weights import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 TARGETS = {phases.HEAD_PHASE: 2.5, phases.FINETUNE_PHASE: 1.5}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from trainer.weights import Preprocessing
+from contracts.preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,19 @@
-"""Build any torchvision classifier with a fresh N-class head.
+"""The classifier network: any torchvision classifier with a fresh N-class head.
 
-``create_model`` is the one way the trainer and the exporter build a network: the exporter
-rebuilds the module from a checkpoint's ``arch``, ``num_classes`` and ``head`` entries and then
-loads ``model_state`` into it, so the module layout must depend on nothing else.
+``create_model`` is the one way the trainer and the exporter build a network, and
+``restore_classifier`` the one way a checkpoint becomes a network again: from the header's
+``arch``, class count and ``head`` alone, so the module layout must depend on nothing else.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 from torchvision import models as tv_models
 
-from trainer.errors import ConfigError
+from trainer.checkpoint import Checkpoint
+from trainer.errors import CheckpointError, ConfigError
 
 IMAGENET_CLASSES = 1000
 
@@ -150,3 +153,47 @@ def logits_dim(model: nn.Module) -> int:
     head = model.get_submodule(classifier_path(model))
     last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
     return int(last.out_features)
+
+
+def restore_classifier(checkpoint: Checkpoint) -> tuple[nn.Module, str]:
+    """The checkpoint's classifier in eval mode, and which state it came from.
+
+    EMA weights are used when the checkpoint has them: they are what the trainer evaluated
+    as its best model when EMA was on.
+
+    Raises:
+        CheckpointError: the stored weights do not fit the stored architecture.
+    """
+    header = checkpoint.header
+    model = create_model(
+        header.arch,
+        header.num_classes,
+        head_hidden=header.head.hidden,
+        head_dropout=header.head.dropout,
+    )
+    state, source = checkpoint.best_state
+    try:
+        model.load_state_dict(plain_state_dict(state))
+    except (RuntimeError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"the checkpoint's {source} does not fit {header.arch} with "
+            f"{header.num_classes} classes: {error}"
+        ) from error
+    return model.eval(), source
+
+
+def plain_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """Keys as ``create_model`` names them: no DDP, ``torch.compile`` or EMA wrapper prefixes.
+
+    An EMA kept with ``torch.optim.swa_utils.AveragedModel`` saves ``module.``-prefixed keys
+    and an ``n_averaged`` counter.
+    """
+    plain = {}
+    for key, value in state.items():
+        if key == "n_averaged":
+            continue
+        name = key
+        for prefix in ("module.", "_orig_mod."):
+            name = name.removeprefix(prefix)
+        plain[name] = value
+    return plain

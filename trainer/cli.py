@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
-    from trainer.config import FIELDS, field_choices, field_help, field_type
+    from trainer.config import FIELDS, field_help_with_default, field_type
 
     parser = subparsers.add_parser(
         "train",
@@ -56,10 +56,7 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     for name in FIELDS:
         flag = "--" + name.replace("_", "-")
         base, _ = field_type(name)
-        text = field_help(name)
-        choices = field_choices(name)
-        if choices:
-            text += f" ({' | '.join(choices)})"
+        text = field_help_with_default(name)
         if base is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=text)
         else:

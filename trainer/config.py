@@ -18,8 +18,10 @@ from typing import Any
 
 import yaml
 
+from contracts import settings
+from contracts.atomic_files import atomic_write_bytes
+from contracts.repository_layout import InvalidModelName, validate_model_name
 from trainer.errors import ConfigError
-from trainer.fsutil import atomic_write_bytes
 
 ENV_PREFIX = "TRAINER_"
 
@@ -129,12 +131,41 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Fields whose default depends on other settings; ``resolve_defaults`` fills them in.
+RESOLVED_AT_START = frozenset(
+    {"head_epochs", "unfreeze", "lr", "lr_decay", "channels_last", "num_workers"}
+)
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
 def field_help(name: str) -> str:
     """The documentation of a config field."""
     return str(FIELDS[name].metadata["help"])
+
+
+def field_help_with_default(name: str) -> str:
+    """The field's help, its choices and its default, as ``trainer train --help`` shows them.
+
+    A default that depends on other settings is described in the help text itself and shown
+    as ``(default: resolved at start)``; the resolved value is written to ``config.yaml``.
+    """
+    text = field_help(name)
+    choices = field_choices(name)
+    if choices:
+        text += f" (choices: {', '.join(choices)})"
+    default = FIELDS[name].default
+    if name in ("data", "output"):
+        text += " (required)"
+    elif default is None or default == "":
+        if name in RESOLVED_AT_START:
+            text += " (default: resolved at start)"
+        elif "default" not in text:
+            text += " (default: unset)"
+    elif isinstance(default, bool):
+        text += f" (default: {'on' if default else 'off'})"
+    else:
+        text += f" (default: {default})"
+    return text.replace("%", "%%")
 
 
 def field_choices(name: str) -> tuple[str, ...] | None:
@@ -201,10 +232,6 @@ def _read_yaml(file: Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in loaded.items()}
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
 def convert(name: str, value: Any, source: str) -> Any:
     """Coerce ``value`` (a YAML scalar, an environment string or a flag) to the field's type."""
     base, optional = field_type(name)
@@ -213,28 +240,17 @@ def convert(name: str, value: Any, source: str) -> Any:
         if source.startswith("--") or source.startswith(ENV_PREFIX)
         else (f"{source}: {name}")
     )
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("", "null")):
+    if value is None or (optional and settings.is_unset(value)):
         if optional:
             return None
         raise ConfigError(f"{where}: a value is required")
     try:
         if base is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in _TRUE:
-                return True
-            if text in _FALSE:
-                return False
-            raise ValueError(f"expected true or false, got {value!r}")
+            return settings.parse_bool(value)
         if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(f"expected an integer, got {value!r}")
-            return int(value)
+            return settings.parse_int(value)
         if base is float:
-            if isinstance(value, bool):
-                raise ValueError(f"expected a number, got {value!r}")
-            return float(value)
+            return settings.parse_float(value)
         if base is Path:
             return Path(str(value)).expanduser()
         if isinstance(value, (dict, list)):
@@ -282,17 +298,16 @@ def validate(config: TrainConfig) -> None:
             config.metrics_port is None or 0 <= config.metrics_port <= 65535,
             "must be a port number 0-65535",
         ),
-        ("model_name", _is_model_name(config.model_name), "must be [A-Za-z0-9_.-], not '.'"),
         ("unfreeze", _is_unfreeze_policy(config.unfreeze), "must be top:K, all or gradual:N"),
     ]
     for name, ok, message in checks:
         if not ok:
             raise ConfigError(f"{name}: {message}, got {getattr(config, name)!r}")
-
-
-def _is_model_name(name: str) -> bool:
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-    return bool(name) and set(name) <= allowed and not name.startswith(".")
+    try:
+        # The export publishes under this name: the same rule, checked before any training.
+        validate_model_name(config.model_name)
+    except InvalidModelName as exc:
+        raise ConfigError(f"model_name: {exc}") from None
 
 
 def _is_unfreeze_policy(policy: str) -> bool:
@@ -300,6 +315,43 @@ def _is_unfreeze_policy(policy: str) -> bool:
         return True
     kind, _, count = policy.partition(":")
     return kind in ("top", "gradual") and count.isdigit() and int(count) >= 1
+
+
+def trains_from_scratch(config: TrainConfig) -> bool:
+    """``--weights none``: no pretrained features, so the defaults train everything."""
+    return config.weights.strip().lower() == "none"
+
+
+def resolve_defaults(
+    config: TrainConfig, *, device_type: str, dataset_cached: bool, cpu_count: int
+) -> TrainConfig:
+    """The config with every "default depends on other settings" field filled in.
+
+    Pure: the same inputs give the same config. The result is what runs, and what
+    ``config.yaml`` and the checkpoint record.
+
+    Args:
+        config: the config as the user gave it (unset fields are None or "").
+        device_type: the training device's type (``cpu`` or ``cuda``).
+        dataset_cached: whether the dataset is decoded once into memory.
+        cpu_count: CPUs of this machine (DataLoader workers).
+    """
+    scratch = trains_from_scratch(config)
+    return dataclasses.replace(
+        config,
+        head_epochs=config.head_epochs if config.head_epochs is not None else (0 if scratch else 2),
+        unfreeze=config.unfreeze or ("all" if scratch else "top:1"),
+        lr=config.lr if config.lr is not None else (config.head_lr if scratch else 1e-4),
+        lr_decay=config.lr_decay if config.lr_decay is not None else (1.0 if scratch else 0.3),
+        channels_last=(
+            config.channels_last if config.channels_last is not None else device_type == "cuda"
+        ),
+        num_workers=(
+            config.num_workers
+            if config.num_workers is not None
+            else (0 if dataset_cached else min(8, cpu_count))
+        ),
+    )
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

@@ -33,11 +33,11 @@ from torch.utils.data import Dataset, DistributedSampler
 from torchvision import io as tv_io
 from torchvision.transforms.v2 import functional as tvf
 
+from contracts.image_formats import IMAGE_EXTENSIONS
 from trainer.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Bytes per cached pixel (RGB uint8) and the aspect slack of non-square images.
 _CACHE_BYTES_PER_PIXEL = 3 * 1.4
 
@@ -117,7 +117,8 @@ def _scan_split(split_dir: Path) -> tuple[list[str], list[Sample]]:
         )
         if not files:
             raise DataError(
-                f"data: class {name!r} in {split_dir} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+                f"data: class {name!r} in {split_dir} has no images "
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
         samples += [Sample(p, label) for p in files]
     return classes, samples

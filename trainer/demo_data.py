@@ -64,23 +64,23 @@ def _regular_polygon(sides: int, inner: float | None = None) -> list[tuple[float
 
 
 def _polygon(unit: list[tuple[float, float]]) -> ShapeDrawer:
-    def draw(image, cx, cy, r, angle, colour):
+    def draw(image, cx, cy, r, angle, colour):  # noqa: PLR0913  the ShapeDrawer signature every shape shares
         ImageDraw.Draw(image).polygon(_rotated(unit, cx, cy, r, angle), fill=colour)
 
     return draw
 
 
-def _circle(image, cx, cy, r, angle, colour):
+def _circle(image, cx, cy, r, angle, colour):  # noqa: PLR0913  the ShapeDrawer signature every shape shares
     ImageDraw.Draw(image).ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
 
 
-def _ring(image, cx, cy, r, angle, colour):
+def _ring(image, cx, cy, r, angle, colour):  # noqa: PLR0913  the ShapeDrawer signature every shape shares
     ImageDraw.Draw(image).ellipse(
         (cx - r, cy - r, cx + r, cy + r), outline=colour, width=max(2, int(r / 3))
     )
 
 
-def _crescent(image, cx, cy, r, angle, colour):
+def _crescent(image, cx, cy, r, angle, colour):  # noqa: PLR0913  the ShapeDrawer signature every shape shares
     # Drawn as a mask so the "bite" shows the background, not a flat colour.
     size = int(4 * r) + 4
     mask = Image.new("L", (size, size), 0)

@@ -25,5 +25,9 @@ class DataError(UsageError):
     """The image folder is missing, malformed, or has too few usable classes or images."""
 
 
+class CheckpointError(UsageError):
+    """A checkpoint is missing, unreadable, unsafe, or not in the finetune-checkpoint format."""
+
+
 class WeightsUnavailable(UsageError):  # noqa: N818 - the documented name
     """Starting weights were requested but cannot be obtained (no cache, no network, bad path)."""

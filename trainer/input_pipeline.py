@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
+from contracts.preprocessing import Preprocessing
 from trainer.augment import AugmentSettings, eval_transform, train_transform
 from trainer.data import (
     CachedTrainSet,
@@ -24,8 +25,7 @@ from trainer.data import (
     eval_batches,
     should_cache,
 )
-from trainer.runtime import DistInfo
-from trainer.weights import Preprocessing
+from trainer.process_setup import DistInfo
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,13 @@ class Pipeline:
     val_images: int
 
 
-def build_pipeline(
+def dataset_fits_cache(split: DatasetSplit, pre: Preprocessing, cache_max_mb: int) -> bool:
+    """Whether the split is decoded once into memory (it fits in ``cache_max_mb`` MiB)."""
+    total = len(split.train) + len(split.val)
+    return cache_max_mb > 0 and should_cache(total, pre.resize_size, cache_max_mb)
+
+
+def build_pipeline(  # noqa: PLR0913  keyword-only settings, each a config field of the run
     split: DatasetSplit,
     *,
     pre: Preprocessing,
@@ -60,7 +66,7 @@ def build_pipeline(
 ) -> Pipeline:
     """Decode (or prepare to stream) the split and build the loaders for this rank."""
     total = len(split.train) + len(split.val)
-    cached = cache_max_mb > 0 and should_cache(total, pre.resize_size, cache_max_mb)
+    cached = dataset_fits_cache(split, pre, cache_max_mb)
     threads = os.cpu_count() or 1
     eval_tf = eval_transform(pre)
     train_tf = train_transform(pre, aug)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from trainer.models import head_module_name
+from trainer.classifier import head_module_name
 
 HEAD = "head"
 

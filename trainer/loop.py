@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 
-from trainer.models import unwrap
+from trainer.classifier import unwrap
 from trainer.progress import progress
 
 # Reading the loss back is a host-device sync; do it every few steps, not every step.
@@ -55,7 +55,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train_one_epoch(
+def train_one_epoch(  # noqa: PLR0913  explicit arguments, never the whole config (the loop reads straight down)
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
@@ -94,19 +94,7 @@ def train_one_epoch(
         with autocast(device, amp_dtype):
             logits = model(inputs)
             loss = loss_fn(logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        _backward_and_step(loss, optimizer, scaler, trainable, grad_clip)
         scheduler.step()
         if ema is not None:
             ema.update_parameters(unwrap(model))
@@ -136,8 +124,31 @@ def train_one_epoch(
     return EpochResult(mean_loss, steps, images, seconds, interrupted)
 
 
+def _backward_and_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    trainable: list[torch.Tensor],
+    grad_clip: float,
+) -> None:
+    """Backward pass, optional gradient clipping (on unscaled gradients), optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 @torch.inference_mode()
-def evaluate(
+def evaluate(  # noqa: PLR0913  explicit arguments, never the whole config
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from trainer.fsutil import atomic_write_text
+from contracts.atomic_files import atomic_write_text
 
 
 def _clean(value: Any) -> Any:

@@ -1,16 +1,20 @@
-"""The phases of a run: epochs, evaluation, checkpoints, early stopping, then the outputs."""
+"""The phases of one rank: enter a phase, train its epochs, evaluate, record, checkpoint.
+
+``PhaseRunner`` is given everything it uses (``RunContext``, the model, the input pipeline,
+how a step computes, where records go) by ``trainer.run`` and returns what happened; it writes
+checkpoints and metric records, nothing else. One phase is a few named steps: ``_enter``
+(resume positioning, optimizer and schedule), ``_maybe_unfreeze``, ``_train_epoch``,
+``_evaluate_and_record`` and the early-stop decision.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -18,10 +22,12 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 
 from trainer import checkpoint as ckpt
+from trainer.checkpoint import Checkpoint, PhaseStats, Position, Progress, TrainingState
+from trainer.classifier import unwrap
+from trainer.input_pipeline import Pipeline
 from trainer.layer_groups import LayerGroup
-from trainer.loop import Mixer, evaluate, train_one_epoch
-from trainer.metrics_log import MetricsLog, write_summary
-from trainer.models import unwrap
+from trainer.loop import EpochResult, EvalResult, Mixer, evaluate, train_one_epoch
+from trainer.metrics_log import MetricsLog
 from trainer.phases import (
     Phase,
     build_optimizer,
@@ -31,293 +37,216 @@ from trainer.phases import (
     set_trainable,
     train_mode,
 )
-from trainer.pipeline import Pipeline
 from trainer.progress import log_event
+from trainer.run_context import RunContext
 from trainer.stopping import StopRequest
 from trainer.telemetry import TrainingTelemetry
 
-if TYPE_CHECKING:
-    from trainer.run import Run
-
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PhaseStats:
-    """Throughput and time of one phase (kept across resumes in the checkpoint)."""
-
-    epochs: int = 0
-    images: int = 0
-    train_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    early_stopped: bool = False
-
-    def summary(self) -> dict[str, Any]:
-        ips = self.images / self.train_seconds if self.train_seconds else 0.0
-        return {
-            "epochs": self.epochs,
-            "images_per_second": round(ips, 2),
-            "wall_seconds": round(self.wall_seconds, 2),
-            "early_stopped": self.early_stopped,
-        }
-
-
-@dataclass
-class RunState:
-    """What changes as the run goes: position, best score, per-phase stats."""
-
-    global_epoch: int = 0
-    best_val_accuracy: float = -1.0
-    epochs_since_best: int = 0
-    best_confusion: list[list[int]] | None = None
-    stats: dict[str, PhaseStats] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "epochs_since_best": self.epochs_since_best,
-            "best_confusion": self.best_confusion,
-            "phase_stats": {k: dataclasses.asdict(v) for k, v in self.stats.items()},
-        }
-
 
 INTERRUPTED = "interrupted"
 DONE = "done"
+# Sampler epochs of different phases never collide: phase index * this + epoch.
+_PHASE_EPOCH_STRIDE = 100_000
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """The network being trained, its EMA copy (when kept) and its layer groups."""
+
+    module: nn.Module
+    ema: AveragedModel | None
+    groups: list[LayerGroup]
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights evaluated and kept as the best model: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else unwrap(self.module)
+
+
+@dataclass(frozen=True)
+class StepSetup:
+    """How one training step computes: input preparation, mixing, precision, loss."""
+
+    prepare: Callable[[torch.Tensor], torch.Tensor]
+    mixer: Mixer | None
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    loss_fn: nn.Module
+
+
+@dataclass(frozen=True)
+class RunObservers:
+    """Where the run reports to and listens for a stop (built and closed by ``trainer.run``)."""
+
+    metrics: MetricsLog | None
+    telemetry: TrainingTelemetry
+    stop: StopRequest
+
+
+@dataclass(frozen=True)
+class PhasesOutcome:
+    """How the phases ended (``DONE`` or ``INTERRUPTED``) and the progress they made."""
+
+    status: str
+    progress: Progress
+
+
+@dataclass
+class _PhaseCursor:
+    """The state of the phase being trained."""
+
+    phase: Phase
+    stats: PhaseStats
+    epoch: int
+    step: int
+    trainable: tuple[str, ...]
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    wrapped: nn.Module
 
 
 class PhaseRunner:
-    """Runs the phases of one rank; rank 0 alone writes files and exports."""
+    """Runs the phases of one rank; rank 0 alone writes checkpoints and metrics."""
 
     def __init__(
         self,
-        *,
-        run: Run,
-        model: nn.Module,
-        ema: AveragedModel | None,
-        groups: list[LayerGroup],
+        context: RunContext,
+        model: TrainedModel,
         pipeline: Pipeline,
-        prepare: Callable[[torch.Tensor], torch.Tensor],
-        mixer: Mixer | None,
-        amp_dtype: torch.dtype | None,
-        scaler: torch.amp.GradScaler | None,
-        num_classes: int,
+        step: StepSetup,
+        observers: RunObservers,
     ) -> None:
-        self.run = run
-        self.config = run.config
+        self.context = context
+        self.config = context.config
         self.model = model
-        self.ema = ema
-        self.groups = groups
         self.pipeline = pipeline
-        self.prepare = prepare
-        self.mixer = mixer
-        self.amp_dtype = amp_dtype
-        self.scaler = scaler
-        self.num_classes = num_classes
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=self.config.label_smoothing)
-        self.state = RunState()
-        self.is_main = run.info.is_main
-        self.metrics: MetricsLog | None = None
+        self.step = step
+        self.observers = observers
+        self.progress = Progress()
 
-    # ---- the whole run ------------------------------------------------------------------
+    def run_phases(self, phases: list[Phase], resume: Checkpoint | None) -> PhasesOutcome:
+        """Train ``phases`` in order, continuing from ``resume`` when given."""
+        if resume is not None:
+            self._restore(resume)
+        for phase in phases:
+            order = ckpt.PHASE_ORDER[phase.name]
+            if resume is not None and order < resume.position.phase_index:
+                continue
+            here = resume if resume is not None and resume.position.phase_index == order else None
+            if self._run_phase(phase, here) == INTERRUPTED:
+                return PhasesOutcome(INTERRUPTED, self.progress)
+        return PhasesOutcome(DONE, self.progress)
 
-    def run_all(
-        self, phases: list[Phase], resume: dict[str, Any] | None, classes: list[str]
-    ) -> dict[str, Any]:
-        config = self.config
-        started = time.perf_counter()
-        resume_at = self._restore(resume) if resume is not None else None
-        if resume is not None and resume.get("rng_state"):
+    def _restore(self, resume: Checkpoint) -> None:
+        self.progress = resume.progress
+        if self.model.ema is not None and resume.ema_state is not None:
+            self.model.ema.module.load_state_dict(resume.ema_state)
+            self.model.ema.n_averaged.fill_(1)
+        if resume.training.rng:
             # Nothing draws random numbers between here and the next step: the resumed run's
             # dropout and MixUp draws continue exactly where the stopped run left off.
-            ckpt.restore_rng_state(resume["rng_state"])
-        if self.is_main:
-            self.metrics = MetricsLog(self.run.output / "metrics.jsonl")
-            self.metrics.truncate(self.state.global_epoch)
-        telemetry = TrainingTelemetry(config.metrics_port if self.is_main else None)
-        stop = StopRequest(
-            config.stop_timeout, distributed=self.run.info.enabled, device=self.run.device
-        )
-        stop.install()
-        try:
-            for phase in phases:
-                order = ckpt.PHASE_ORDER[phase.name]
-                here = (
-                    resume_at if resume_at is not None and resume_at.phase_index == order else None
-                )
-                if resume_at is not None and order < resume_at.phase_index:
-                    continue
-                outcome = self._run_phase(phase, here, resume, telemetry, stop)
-                if outcome == INTERRUPTED:
-                    log_event(log, "stopped", reason="signal", checkpoint=str(self._last_path()))
-                    return {"status": INTERRUPTED, "checkpoint": str(self._last_path())}
-        finally:
-            stop.uninstall()
-            telemetry.close()
-        return self._finish(classes, time.perf_counter() - started)
-
-    def _restore(self, resume: dict[str, Any]) -> ckpt.Position:
-        self.state.global_epoch = int(resume["global_epoch"])
-        self.state.best_val_accuracy = float(resume["best_val_accuracy"])
-        self.state.epochs_since_best = int(resume.get("epochs_since_best", 0))
-        self.state.best_confusion = resume.get("best_confusion")
-        for name, stats in (resume.get("phase_stats") or {}).items():
-            self.state.stats[name] = PhaseStats(**stats)
-        if self.ema is not None and resume.get("ema_state") is not None:
-            self.ema.module.load_state_dict(resume["ema_state"])
-            self.ema.n_averaged.fill_(1)
-        return ckpt.position(resume)
+            ckpt.restore_rng_state(resume.training.rng)
 
     # ---- one phase ----------------------------------------------------------------------
 
-    def _run_phase(
-        self,
-        phase: Phase,
-        resume_at: ckpt.Position | None,
-        resume: dict[str, Any] | None,
-        telemetry: TrainingTelemetry,
-        stop: StopRequest,
-    ) -> str:
-        config = self.config
-        spe = self.pipeline.steps_per_epoch
-        total_steps = phase.epochs * spe
-        stats = self.state.stats.setdefault(phase.name, PhaseStats())
-        first_epoch, first_step = 1, 0
-        if resume_at is not None:
-            first_epoch, first_step = resume_at.epoch, resume_at.step
-            if first_step == ckpt.EPOCH_DONE:
-                first_epoch, first_step = first_epoch + 1, 0
-            if first_epoch > phase.epochs or stats.early_stopped:
-                return DONE
+    def _run_phase(self, phase: Phase, resume: Checkpoint | None) -> str:
+        cursor = self._enter(phase, resume)
+        if cursor is None:
+            return DONE
+        for epoch in range(cursor.epoch, phase.epochs + 1):
+            cursor.epoch = epoch
+            epoch_started = time.perf_counter()
+            self._maybe_unfreeze(cursor)
+            result = self._train_epoch(cursor)
+            if result.interrupted:
+                cursor.stats.wall_seconds += time.perf_counter() - epoch_started
+                self._save(cursor, cursor.step + result.steps, best=False)
+                return INTERRUPTED
+            cursor.step = 0
+            improved = self._evaluate_and_record(cursor, result, epoch_started)
+            self._save(cursor, ckpt.EPOCH_DONE, best=improved)
+            if self.observers.stop.should_stop():
+                return INTERRUPTED
+            if cursor.stats.early_stopped:
+                log_event(
+                    log, "early_stop", phase=phase.name, epoch=epoch, patience=self.config.patience
+                )
+                break
+        return DONE
+
+    def _enter(self, phase: Phase, resume: Checkpoint | None) -> _PhaseCursor | None:
+        """Position the phase (start, or where ``resume`` stopped) and build its optimizer.
+
+        Returns None when ``resume`` shows the phase already finished.
+        """
+        stats = self.progress.stats.setdefault(phase.name, PhaseStats())
+        epoch, step = 1, 0
+        if resume is not None:
+            epoch, step = resume.position.epoch, resume.position.step
+            if step == ckpt.EPOCH_DONE:
+                epoch, step = epoch + 1, 0
+            if epoch > phase.epochs or stats.early_stopped:
+                return None
         else:
-            self.state.epochs_since_best = 0
-        trainable = phase.groups_at(resume_at.epoch if resume_at is not None else first_epoch)
-        set_trainable(self.model, self.groups, trainable)
+            self.progress.epochs_since_best = 0
+        trainable = phase.groups_at(resume.position.epoch if resume is not None else epoch)
+        set_trainable(self.model.module, self.model.groups, trainable)
         optimizer = build_optimizer(
-            self.model, self.groups, trainable, phase.lrs, config.weight_decay
+            self.model.module, self.model.groups, trainable, phase.lrs, self.config.weight_decay
         )
-        position = (first_epoch - 1) * spe + first_step
-        if resume_at is not None and resume is not None:
-            optimizer.load_state_dict(resume["optimizer_state"])
-            if self.scaler is not None and resume.get("scaler_state"):
-                self.scaler.load_state_dict(resume["scaler_state"])
-        scheduler = build_scheduler(optimizer, total_steps, config.warmup_fraction, position)
-        wrapped = self._wrap()
+        if resume is not None:
+            optimizer.load_state_dict(resume.training.optimizer or {})
+            if self.step.scaler is not None and resume.training.scaler:
+                self.step.scaler.load_state_dict(resume.training.scaler)
+        spe = self.pipeline.steps_per_epoch
+        scheduler = build_scheduler(
+            optimizer, phase.epochs * spe, self.config.warmup_fraction, (epoch - 1) * spe + step
+        )
         log_event(
             log,
             "phase_start",
             phase=phase.name,
             epochs=phase.epochs,
             trainable_groups=",".join(trainable),
-            start_epoch=first_epoch,
-            start_step=first_step,
+            start_epoch=epoch,
+            start_step=step,
             steps_per_epoch=spe,
         )
-        telemetry.update(phase=phase.name)
-        for epoch in range(first_epoch, phase.epochs + 1):
-            epoch_started = time.perf_counter()
-            now = phase.groups_at(epoch)
-            if now != trainable:
-                trainable = now
-                set_trainable(self.model, self.groups, trainable)
-                fresh = build_optimizer(
-                    self.model, self.groups, trainable, phase.lrs, config.weight_decay
-                )
-                carry_optimizer_state(optimizer, fresh)
-                optimizer = fresh
-                scheduler = build_scheduler(
-                    optimizer, total_steps, config.warmup_fraction, (epoch - 1) * spe + first_step
-                )
-                # requires_grad changes do not reach an existing DDP wrapper or compiled graph.
-                wrapped = self._wrap()
-                log_event(log, "unfreeze", phase=phase.name, epoch=epoch, groups=",".join(now))
-            train_mode(self.model, self.groups, trainable, phase.freeze_bn)
-            sampler = self.pipeline.sampler
-            sampler.set_epoch(ckpt.PHASE_ORDER[phase.name] * 100_000 + epoch)
-            sampler.set_start(first_step * config.batch_size)
-            telemetry.update(epoch=epoch)
-            result = train_one_epoch(
-                wrapped,
-                self.pipeline.train_loader,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                prepare=self.prepare,
-                loss_fn=self.loss_fn,
-                device=self.run.device,
-                amp_dtype=self.amp_dtype,
-                scaler=self.scaler,
-                grad_clip=config.grad_clip,
-                mixer=self.mixer,
-                ema=self.ema,
-                total=len(self.pipeline.train_loader),
-                desc=f"{phase.name} {epoch}/{phase.epochs}",
-                show_progress=None if self.is_main else False,
-                should_stop=stop.should_stop,
-                distributed=self.run.info.enabled,
-                on_step=(lambda step, loss: telemetry.update(step=step, loss=loss))
-                if telemetry.enabled
-                else None,
-            )
-            stats.images += result.images * self.run.info.world_size
-            stats.train_seconds += result.seconds
-            if result.interrupted:
-                stats.wall_seconds += time.perf_counter() - epoch_started
-                self._save(phase, epoch, first_step + result.steps, optimizer, scheduler, False)
-                return INTERRUPTED
-            first_step = 0
-            evaluated = evaluate(
-                self.ema.module if self.ema is not None else unwrap(self.model),
-                self.pipeline.eval_batches(),
-                prepare=self.prepare,
-                num_classes=self.num_classes,
-                device=self.run.device,
-                amp_dtype=self.amp_dtype,
-                distributed=self.run.info.enabled,
-            )
-            self.state.global_epoch += 1
-            stats.epochs += 1
-            improved = evaluated.accuracy > self.state.best_val_accuracy
-            if improved:
-                self.state.best_val_accuracy = evaluated.accuracy
-                self.state.best_confusion = evaluated.confusion.tolist()
-                self.state.epochs_since_best = 0
-            else:
-                self.state.epochs_since_best += 1
-            early_stop = self.state.epochs_since_best >= config.patience and epoch < phase.epochs
-            stats.early_stopped = early_stop
-            stats.wall_seconds += time.perf_counter() - epoch_started
-            record = {
-                "phase": phase.name,
-                "epoch": epoch,
-                "global_epoch": self.state.global_epoch,
-                "train_loss": result.loss,
-                "val_loss": evaluated.loss,
-                "val_accuracy": evaluated.accuracy,
-                "lrs": {k.removeprefix("lr/"): v for k, v in learning_rates(optimizer).items()},
-                "images_per_second": result.images_per_second * self.run.info.world_size,
-                "epoch_seconds": time.perf_counter() - epoch_started,
-                "trainable_groups": list(trainable),
-                "best": improved,
-            }
-            if self.metrics is not None:
-                self.metrics.append(record)
-            log_event(log, "epoch_end", **{k: v for k, v in record.items() if k != "lrs"})
-            telemetry.update(
-                val_accuracy=evaluated.accuracy,
-                images_per_second=result.images_per_second * self.run.info.world_size,
-            )
-            self._save(phase, epoch, ckpt.EPOCH_DONE, optimizer, scheduler, improved)
-            if stop.should_stop():
-                return INTERRUPTED
-            if early_stop:
-                log_event(
-                    log, "early_stop", phase=phase.name, epoch=epoch, patience=config.patience
-                )
-                break
-        return DONE
+        self.observers.telemetry.update(phase=phase.name)
+        return _PhaseCursor(
+            phase, stats, epoch, step, trainable, optimizer, scheduler, self._wrap()
+        )
+
+    def _maybe_unfreeze(self, cursor: _PhaseCursor) -> None:
+        """Unfreeze more groups when the phase's policy says so at this epoch."""
+        now = cursor.phase.groups_at(cursor.epoch)
+        if now == cursor.trainable:
+            return
+        cursor.trainable = now
+        set_trainable(self.model.module, self.model.groups, now)
+        fresh = build_optimizer(
+            self.model.module, self.model.groups, now, cursor.phase.lrs, self.config.weight_decay
+        )
+        carry_optimizer_state(cursor.optimizer, fresh)
+        cursor.optimizer = fresh
+        spe = self.pipeline.steps_per_epoch
+        cursor.scheduler = build_scheduler(
+            fresh,
+            cursor.phase.epochs * spe,
+            self.config.warmup_fraction,
+            (cursor.epoch - 1) * spe + cursor.step,
+        )
+        # requires_grad changes do not reach an existing DDP wrapper or compiled graph.
+        cursor.wrapped = self._wrap()
+        log_event(
+            log, "unfreeze", phase=cursor.phase.name, epoch=cursor.epoch, groups=",".join(now)
+        )
 
     def _wrap(self) -> nn.Module:
-        model: nn.Module = self.model
-        if self.run.info.enabled:
-            device = self.run.device
+        model: nn.Module = self.model.module
+        if self.context.dist.enabled:
+            device = self.context.device
             model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
@@ -327,99 +256,117 @@ class PhaseRunner:
             model = torch.compile(model)  # type: ignore[assignment]
         return model
 
-    # ---- checkpoints and outputs --------------------------------------------------------
+    def _train_epoch(self, cursor: _PhaseCursor) -> EpochResult:
+        phase, epoch = cursor.phase, cursor.epoch
+        train_mode(self.model.module, self.model.groups, cursor.trainable, phase.freeze_bn)
+        sampler = self.pipeline.sampler
+        sampler.set_epoch(ckpt.PHASE_ORDER[phase.name] * _PHASE_EPOCH_STRIDE + epoch)
+        sampler.set_start(cursor.step * self.config.batch_size)
+        telemetry = self.observers.telemetry
+        telemetry.update(epoch=epoch)
+        result = train_one_epoch(
+            cursor.wrapped,
+            self.pipeline.train_loader,
+            optimizer=cursor.optimizer,
+            scheduler=cursor.scheduler,
+            prepare=self.step.prepare,
+            loss_fn=self.step.loss_fn,
+            device=self.context.device,
+            amp_dtype=self.step.amp_dtype,
+            scaler=self.step.scaler,
+            grad_clip=self.config.grad_clip,
+            mixer=self.step.mixer,
+            ema=self.model.ema,
+            total=len(self.pipeline.train_loader),
+            desc=f"{phase.name} {epoch}/{phase.epochs}",
+            show_progress=None if self.context.is_main else False,
+            should_stop=self.observers.stop.should_stop,
+            distributed=self.context.dist.enabled,
+            on_step=(lambda step, loss: telemetry.update(step=step, loss=loss))
+            if telemetry.enabled
+            else None,
+        )
+        cursor.stats.images += result.images * self.context.dist.world_size
+        cursor.stats.train_seconds += result.seconds
+        return result
 
-    def _last_path(self) -> Path:
-        return self.run.checkpoints / ckpt.LAST
+    def _evaluate_and_record(
+        self, cursor: _PhaseCursor, result: EpochResult, epoch_started: float
+    ) -> bool:
+        """Evaluate, update the best score and the early-stop decision, record the epoch.
 
-    def _save(
+        Returns whether the val accuracy improved on the best so far.
+        """
+        evaluated = evaluate(
+            self.model.evaluated,
+            self.pipeline.eval_batches(),
+            prepare=self.step.prepare,
+            num_classes=self.context.header.num_classes,
+            device=self.context.device,
+            amp_dtype=self.step.amp_dtype,
+            distributed=self.context.dist.enabled,
+        )
+        progress = self.progress
+        progress.global_epoch += 1
+        cursor.stats.epochs += 1
+        improved = evaluated.accuracy > progress.best_val_accuracy
+        if improved:
+            progress.best_val_accuracy = evaluated.accuracy
+            progress.best_confusion = evaluated.confusion.tolist()
+            progress.epochs_since_best = 0
+        else:
+            progress.epochs_since_best += 1
+        cursor.stats.early_stopped = (
+            progress.epochs_since_best >= self.config.patience
+            and cursor.epoch < cursor.phase.epochs
+        )
+        cursor.stats.wall_seconds += time.perf_counter() - epoch_started
+        self._record(cursor, result, evaluated, improved, epoch_started)
+        return improved
+
+    def _record(
         self,
-        phase: Phase,
-        epoch: int,
-        step: int,
-        optimizer: torch.optim.Optimizer,
-        scheduler: LRScheduler,
-        best: bool,
+        cursor: _PhaseCursor,
+        result: EpochResult,
+        evaluated: EvalResult,
+        improved: bool,
+        epoch_started: float,
     ) -> None:
-        if not self.is_main:
-            return
-        completed = {
-            name: self.state.stats.get(name, PhaseStats()).epochs for name in ckpt.PHASE_ORDER
+        world = self.context.dist.world_size
+        record: dict[str, Any] = {
+            "phase": cursor.phase.name,
+            "epoch": cursor.epoch,
+            "global_epoch": self.progress.global_epoch,
+            "train_loss": result.loss,
+            "val_loss": evaluated.loss,
+            "val_accuracy": evaluated.accuracy,
+            "lrs": {k.removeprefix("lr/"): v for k, v in learning_rates(cursor.optimizer).items()},
+            "images_per_second": result.images_per_second * world,
+            "epoch_seconds": time.perf_counter() - epoch_started,
+            "trainable_groups": list(cursor.trainable),
+            "best": improved,
         }
-        checkpoint = {
-            "format": ckpt.CHECKPOINT_FORMAT,
-            "format_version": ckpt.FORMAT_VERSION,
-            **self.run.static,
-            "model_state": unwrap(self.model).state_dict(),
-            "ema_state": self.ema.module.state_dict() if self.ema is not None else None,
-            "phase": phase.name,
-            "epoch": epoch,
-            "step": step,
-            "global_epoch": self.state.global_epoch,
-            "optimizer_state": optimizer.state_dict(),
-            "scheduler_state": scheduler.state_dict(),
-            "scaler_state": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng_state": ckpt.rng_state(),
-            "best_val_accuracy": self.state.best_val_accuracy,
-            "epochs": completed,
-            **self.state.to_dict(),
-        }
-        ckpt.save(self.run.checkpoints, ckpt.serialize(checkpoint), best=best)
-
-    def _finish(self, classes: list[str], seconds: float) -> dict[str, Any]:
-        config = self.config
-        output = self.run.output
-        best_path = self.run.checkpoints / ckpt.BEST
-        summary: dict[str, Any] = {
-            "status": "completed",
-            "best_val_accuracy": self.state.best_val_accuracy,
-            "classes": classes,
-            "arch": config.arch,
-            "weights": self.run.static["weights"],
-            "best_checkpoint": str(best_path),
-            "last_checkpoint": str(self._last_path()),
-            "global_epochs": self.state.global_epoch,
-            "phases": {name: s.summary() for name, s in self.state.stats.items()},
-            "wall_seconds": round(seconds, 2),
-            "model_repository": None,
-            "model_name": None,
-            "model_version": None,
-        }
-        if not self.is_main:
-            return summary
-        self._write_report(classes)
-        if config.export:
-            repository = Path(config.repository or output / "model_repository")
-            from trainer.export import export_checkpoint
-
-            result = export_checkpoint(
-                best_path,
-                repository,
-                model_name=config.model_name,
-                input_format=config.input_format,
-                precision=config.precision,
-                data_dir=config.data,
-            )
-            summary |= {
-                "model_repository": str(repository),
-                "model_name": config.model_name,
-                "model_version": result.version,
-                "export_max_abs_diff": result.max_abs_diff,
-            }
-            log_event(log, "exported", repository=str(repository), version=result.version)
-        write_summary(output / "summary.json", summary)
-        log_event(log, "run_end", best_val_accuracy=self.state.best_val_accuracy, seconds=seconds)
-        return summary
-
-    def _write_report(self, classes: list[str]) -> None:
-        try:
-            from trainer.report import write_report
-        except ImportError:
-            log.warning("trainer.report is not installed: no report/ written")
-            return
-        confusion = np.asarray(
-            self.state.best_confusion or np.zeros((len(classes), len(classes))), dtype=np.int64
+        if self.observers.metrics is not None:
+            self.observers.metrics.append(record)
+        log_event(log, "epoch_end", **{k: v for k, v in record.items() if k != "lrs"})
+        self.observers.telemetry.update(
+            val_accuracy=evaluated.accuracy, images_per_second=result.images_per_second * world
         )
-        write_report(
-            self.run.output / "report", self.run.output / "metrics.jsonl", confusion, classes
+
+    def _save(self, cursor: _PhaseCursor, step: int, *, best: bool) -> None:
+        if not self.context.is_main:
+            return
+        checkpoint = Checkpoint(
+            header=self.context.header,
+            position=Position(ckpt.PHASE_ORDER[cursor.phase.name], cursor.epoch, step),
+            progress=self.progress,
+            model_state=unwrap(self.model.module).state_dict(),
+            ema_state=self.model.ema.module.state_dict() if self.model.ema is not None else None,
+            training=TrainingState(
+                optimizer=cursor.optimizer.state_dict(),
+                scheduler=cursor.scheduler.state_dict(),
+                scaler=self.step.scaler.state_dict() if self.step.scaler is not None else None,
+                rng=ckpt.rng_state(),
+            ),
         )
+        ckpt.save(self.context.checkpoints, ckpt.serialize(checkpoint), best=best)

@@ -44,7 +44,7 @@ class Phase:
         return self.trainable_groups + self.unfreeze_queue[:extra]
 
 
-def build_phases(
+def build_phases(  # noqa: PLR0913  keyword-only phase settings, each a config field
     group_names: list[str],
     *,
     head_epochs: int,

@@ -16,11 +16,10 @@ global figure registry and no backend switch in the caller's process.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+from contracts.atomic_files import atomic_write_bytes
 
 REQUIRED_KEYS = ("phase", "global_epoch", "train_loss", "val_loss", "val_accuracy")
 MAX_LABEL_CHARS = 28
@@ -76,10 +77,7 @@ def write_report(
     _save_figure(_curves_figure(history), report_dir / "curves.png")
     _save_figure(_confusion_figure(matrix, classes), report_dir / "confusion_matrix.png")
     scores = per_class_scores(matrix, classes)
-    _atomic_write(
-        report_dir / "per_class.json",
-        lambda f: f.write(json.dumps(scores, indent=2).encode() + b"\n"),
-    )
+    atomic_write_bytes(report_dir / "per_class.json", json.dumps(scores, indent=2).encode() + b"\n")
 
 
 def read_metrics(metrics_path: Path) -> _History:
@@ -365,21 +363,7 @@ def _confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> Figure:
 def _save_figure(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
     # tight bounding box: long rotated class names are never cut off at the edge
-    _atomic_write(
-        path, lambda f: fig.savefig(f, format="png", bbox_inches="tight", pad_inches=0.15)
-    )
-
-
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    """Write through a temp file in the same folder, fsync, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the report is for people to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.15)
+    # Readable by others (0644): the report is for people to read.
+    atomic_write_bytes(path, buffer.getvalue())

@@ -1,35 +1,45 @@
-"""A training run from a resolved config: setup, the phases, the outputs.
+"""A training run, top to bottom: set up, run the phases, then report, export and summarise.
 
-Reads top to bottom: set up the process and the data, build (or restore) the model, run each
-phase's epochs (``train_one_epoch`` then ``evaluate``), checkpoint, then report and export.
+The one place the trainer is composed. ``train`` sets up the process, resolves the config's
+defaults, builds the frozen ``RunContext`` and every part the phases need, runs them with
+``PhaseRunner``, and owns the end-of-run effects (report, export, ``summary.json``). Nothing
+below this module imports it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from contracts.preprocessing import Preprocessing
 from trainer import checkpoint as ckpt
 from trainer.augment import AugmentSettings, BatchPreparer, batch_mixer
-from trainer.config import TrainConfig, save_config
-from trainer.data import scan_dataset
-from trainer.errors import ConfigError
-from trainer.layer_groups import family, layer_groups
-from trainer.models import create_model
-from trainer.phase_runner import PhaseRunner
-from trainer.phases import (
-    Phase,
-    build_phases,
+from trainer.checkpoint import Checkpoint, CheckpointHeader, HeadSpec, Progress
+from trainer.classifier import create_model
+from trainer.config import TrainConfig, resolve_defaults, save_config, trains_from_scratch
+from trainer.data import DatasetSplit, scan_dataset
+from trainer.errors import CheckpointError, ConfigError
+from trainer.input_pipeline import build_pipeline, dataset_fits_cache
+from trainer.layer_groups import LayerGroup, family, layer_groups
+from trainer.metrics_log import MetricsLog, write_summary
+from trainer.phase_runner import (
+    INTERRUPTED,
+    PhaseRunner,
+    RunObservers,
+    StepSetup,
+    TrainedModel,
 )
-from trainer.pipeline import build_pipeline
-from trainer.progress import log_event
-from trainer.runtime import (
+from trainer.phases import Phase, build_phases
+from trainer.process_setup import (
     DistInfo,
     configure_threads,
     dist_info_from_env,
@@ -39,12 +49,11 @@ from trainer.runtime import (
     select_device,
     shutdown_distributed,
 )
-from trainer.weights import (
-    Preprocessing,
-    load_starting_weights,
-    preprocessing_for,
-    resolve_weights,
-)
+from trainer.progress import log_event
+from trainer.run_context import RunContext
+from trainer.stopping import StopRequest
+from trainer.telemetry import TrainingTelemetry
+from trainer.weights import load_starting_weights, preprocessing_for, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -59,201 +68,307 @@ def train(config: TrainConfig) -> dict[str, Any]:
     configure_threads()
     init_distributed(info, device)
     try:
-        return Run(config, info, device).execute()
+        return _train(config, info, device)
     finally:
         shutdown_distributed()
 
 
-class Run:
-    """One training process (one rank). ``execute`` is the whole run."""
+def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, Any]:
+    started = time.perf_counter()
+    # ---- set up: data, model (new or resumed), resolved config, context ----------------------
+    seed_everything(config.seed, config.deterministic)
+    assert config.data is not None and config.output is not None
+    split = scan_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed)
+    output = Path(config.output)
+    resume = find_resume(config.resume, output / "checkpoints")
+    model, pre, weights_source = build_model(config, len(split.classes), resume)
+    config = resolve_defaults(
+        config,
+        device_type=device.type,
+        dataset_cached=dataset_fits_cache(split, pre, config.cache_max_mb),
+        cpu_count=os.cpu_count() or 1,
+    )
+    context = RunContext(
+        config=config,
+        dist=info,
+        device=device,
+        output=output,
+        checkpoints=output / "checkpoints",
+        header=_header(config, split, pre, weights_source),
+    )
+    if resume is not None:
+        check_resume_fits(resume, split.fingerprint)
+    groups = layer_groups(model, config.arch)
+    phases = plan_phases(config, [g.name for g in groups])
+    aug = AugmentSettings(
+        **{f.name: getattr(config, f.name) for f in dataclasses.fields(AugmentSettings)}
+    )
+    pipeline = build_pipeline(
+        split,
+        pre=pre,
+        aug=aug,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        strict=config.strict_data,
+        cache_max_mb=config.cache_max_mb,
+        num_workers=config.num_workers,
+        info=info,
+        device=device,
+    )
+    amp_dtype, needs_scaler = select_amp(config.amp, device)
+    trained = _place_model(model, groups, context)
+    step = StepSetup(
+        prepare=BatchPreparer(pre, device, bool(config.channels_last)),
+        mixer=batch_mixer(aug, len(split.classes)),
+        amp_dtype=amp_dtype,
+        scaler=torch.amp.GradScaler("cuda") if needs_scaler else None,
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+    )
+    if context.is_main:
+        context.checkpoints.mkdir(parents=True, exist_ok=True)
+        save_config(config, output / "config.yaml")
+    log_event(
+        log,
+        "run_start",
+        arch=config.arch,
+        weights=weights_source,
+        classes=len(split.classes),
+        train_images=pipeline.train_images,
+        val_images=pipeline.val_images,
+        cached=pipeline.cached,
+        device=str(device),
+        amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        channels_last=config.channels_last,
+        world_size=info.world_size,
+        input_size=pre.input_size[0],
+    )
+    # ---- the phases ------------------------------------------------------------------------
+    metrics = _open_metrics_log(context, resume)
+    telemetry = TrainingTelemetry(config.metrics_port if context.is_main else None)
+    stop = StopRequest(config.stop_timeout, distributed=info.enabled, device=device)
+    stop.install()
+    try:
+        runner = PhaseRunner(
+            context, trained, pipeline, step, RunObservers(metrics, telemetry, stop)
+        )
+        outcome = runner.run_phases(phases, resume)
+    finally:
+        stop.uninstall()
+        telemetry.close()
+    if outcome.status == INTERRUPTED:
+        log_event(log, "stopped", reason="signal", checkpoint=str(context.last_checkpoint))
+        return {"status": INTERRUPTED, "checkpoint": str(context.last_checkpoint)}
+    # ---- report, export, summary -----------------------------------------------------------
+    return finish_run(context, outcome.progress, time.perf_counter() - started)
 
-    def __init__(self, config: TrainConfig, info: DistInfo, device: torch.device) -> None:
-        assert config.data is not None and config.output is not None
-        self.config = config
-        self.info = info
-        self.device = device
-        self.output = Path(config.output)
-        self.checkpoints = self.output / "checkpoints"
-        self.from_scratch = config.weights.strip().lower() == "none"
 
-    # ---- setup -------------------------------------------------------------------------
+# ---- set-up steps ----------------------------------------------------------------------------
 
-    def execute(self) -> dict[str, Any]:
-        config = self.config
-        seed_everything(config.seed, config.deterministic)
-        assert config.data is not None
-        split = scan_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed)
-        resume = self._find_resume()
-        model, pre, weights_source = self._build_model(len(split.classes), resume)
-        groups = layer_groups(model, config.arch)
-        phases = self._phases([g.name for g in groups])
-        aug = AugmentSettings(
-            **{f.name: getattr(config, f.name) for f in dataclasses.fields(AugmentSettings)}
-        )
-        pipeline = build_pipeline(
-            split,
-            pre=pre,
-            aug=aug,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            strict=config.strict_data,
-            cache_max_mb=config.cache_max_mb,
-            num_workers=config.num_workers,
-            info=self.info,
-            device=self.device,
-        )
-        amp_dtype, needs_scaler = select_amp(config.amp, self.device)
-        channels_last = (
-            config.channels_last if config.channels_last is not None else self.device.type == "cuda"
-        )
-        model.to(self.device)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        ema = (
-            AveragedModel(
-                model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
-            )
-            if config.ema
-            else None
-        )
-        self.static = {
-            "arch": config.arch,
-            "num_classes": len(split.classes),
-            "classes": list(split.classes),
-            "head": {"hidden": config.head_hidden, "dropout": config.head_dropout},
-            "preprocessing": pre.to_dict(),
-            "weights": weights_source,
-            "dataset_fingerprint": split.fingerprint,
-            "config": config.to_dict(),
-        }
-        if resume is not None:
-            self._check_resume_fits(resume[1], split.fingerprint)
-        if self.info.is_main:
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.output / "config.yaml")
-        log_event(
-            log,
-            "run_start",
-            arch=config.arch,
-            weights=weights_source,
-            classes=len(split.classes),
-            train_images=pipeline.train_images,
-            val_images=pipeline.val_images,
-            cached=pipeline.cached,
-            device=str(self.device),
-            amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-            channels_last=channels_last,
-            world_size=self.info.world_size,
-            input_size=pre.input_size[0],
-        )
-        trainer = PhaseRunner(
-            run=self,
-            model=model,
-            ema=ema,
-            groups=groups,
-            pipeline=pipeline,
-            prepare=BatchPreparer(pre, self.device, channels_last),
-            mixer=batch_mixer(aug, len(split.classes)),
-            amp_dtype=amp_dtype,
-            scaler=torch.amp.GradScaler("cuda") if needs_scaler else None,
-            num_classes=len(split.classes),
-        )
-        return trainer.run_all(phases, resume[1] if resume else None, split.classes)
 
-    def _find_resume(self) -> tuple[Path, dict[str, Any]] | None:
-        mode = self.config.resume
-        if mode == "never":
+def find_resume(mode: str, checkpoints: Path) -> Checkpoint | None:
+    """The checkpoint to continue from: ``auto`` (newest valid in OUTPUT), ``never``, a PATH.
+
+    Raises:
+        CheckpointError: the PATH (or a checkpoint in OUTPUT) is unsafe, or the PATH is not a
+            readable checkpoint.
+    """
+    if mode == "never":
+        return None
+    if mode == "auto":
+        found = ckpt.find_resumable(checkpoints)
+        if found is None:
             return None
-        if mode == "auto":
-            found = ckpt.find_resumable(self.checkpoints)
-            if found is not None:
-                log.info("resuming from %s", found[0])
-            return found
-        path = Path(mode).expanduser()
-        try:
-            return path, ckpt.load(path)
-        except ValueError as exc:
-            raise ConfigError(f"resume: {exc}") from exc
+        log.info("resuming from %s", found[0])
+        return found[1]
+    try:
+        return ckpt.load_checkpoint(Path(mode).expanduser())
+    except CheckpointError as exc:
+        raise CheckpointError(f"resume: {exc}") from None
 
-    def _build_model(
-        self, num_classes: int, resume: tuple[Path, dict[str, Any]] | None
-    ) -> tuple[nn.Module, Preprocessing, str]:
-        config = self.config
-        model = create_model(
-            config.arch,
-            num_classes,
-            head_hidden=config.head_hidden,
-            head_dropout=config.head_dropout,
-        )
-        if resume is not None:
-            state = resume[1]
-            if state["arch"] != config.arch or state["num_classes"] != num_classes:
-                raise ConfigError(
-                    f"resume: {resume[0]} is a {state['arch']} with {state['num_classes']} "
-                    f"classes; this run is a {config.arch} with {num_classes}; use "
-                    "--resume never or another --output"
-                )
-            model.load_state_dict(state["model_state"])
-            p = state["preprocessing"]
-            pre = Preprocessing(
-                (int(p["input_size"][0]), int(p["input_size"][1])),
-                int(p["resize_size"]),
-                tuple(p["mean"]),  # type: ignore[arg-type]
-                tuple(p["std"]),  # type: ignore[arg-type]
-            )
-            return model, pre, str(state["weights"])
-        weights = resolve_weights(config.arch, config.weights)
-        dropped = load_starting_weights(model, weights)
-        if dropped:
-            log.info(
-                "new %d-class head; the source head (%d tensors) was dropped",
-                num_classes,
-                len(dropped),
-            )
-        pre = preprocessing_for(weights, config.image_size)
-        vit_size = getattr(model, "image_size", None)
-        if family(config.arch) == "vit" and vit_size != pre.input_size[0]:
+
+def build_model(
+    config: TrainConfig, num_classes: int, resume: Checkpoint | None
+) -> tuple[nn.Module, Preprocessing, str]:
+    """The model with its starting weights (or the resumed ones), its preprocessing, its source.
+
+    Raises:
+        ConfigError: the resumed checkpoint is another architecture or class count, or the
+            image size does not fit the architecture.
+    """
+    model = create_model(
+        config.arch, num_classes, head_hidden=config.head_hidden, head_dropout=config.head_dropout
+    )
+    if resume is not None:
+        header = resume.header
+        if header.arch != config.arch or header.num_classes != num_classes:
             raise ConfigError(
-                f"image_size: {config.arch} takes {vit_size} px inputs, not {pre.input_size[0]}"
+                f"resume: the checkpoint is a {header.arch} with {header.num_classes} "
+                f"classes; this run is a {config.arch} with {num_classes}; use "
+                "--resume never or another --output"
             )
-        return model, pre, weights.source
-
-    def _phases(self, group_names: list[str]) -> list[Phase]:
-        config = self.config
-        head_epochs = config.head_epochs
-        if head_epochs is None:
-            head_epochs = 0 if self.from_scratch else 2
-        policy = config.unfreeze or ("all" if self.from_scratch else "top:1")
-        if self.from_scratch:
-            log.info(
-                "weights none: training from scratch, so phase 2 trains %s layer groups and the "
-                "head phase runs only when --head-epochs is given (head_epochs=%d)",
-                policy,
-                head_epochs,
-            )
-        lr = config.lr if config.lr is not None else (config.head_lr if self.from_scratch else 1e-4)
-        decay = (
-            config.lr_decay if config.lr_decay is not None else (1.0 if self.from_scratch else 0.3)
+        model.load_state_dict(resume.model_state)
+        return model, header.preprocessing, header.weights
+    weights = resolve_weights(config.arch, config.weights)
+    dropped = load_starting_weights(model, weights)
+    if dropped:
+        log.info(
+            "new %d-class head; the source head (%d tensors) was dropped", num_classes, len(dropped)
         )
-        phases = build_phases(
-            group_names,
-            head_epochs=head_epochs,
-            finetune_epochs=config.finetune_epochs,
-            policy=policy,
-            lr=lr,
-            head_lr=config.head_lr,
-            lr_decay=decay,
-            freeze_bn=config.freeze_bn,
+    pre = preprocessing_for(weights, config.image_size)
+    vit_size = getattr(model, "image_size", None)
+    if family(config.arch) == "vit" and vit_size != pre.input_size[0]:
+        raise ConfigError(
+            f"image_size: {config.arch} takes {vit_size} px inputs, not {pre.input_size[0]}"
         )
-        if not phases:
-            raise ConfigError("head_epochs and finetune_epochs are both 0: nothing to train")
-        return phases
+    return model, pre, weights.source
 
-    def _check_resume_fits(self, state: dict[str, Any], fingerprint: dict[str, Any]) -> None:
-        if state["classes"] != fingerprint["classes"]:
-            raise ConfigError(
-                f"resume: the checkpoint's classes {state['classes']} differ from the data's "
-                f"{fingerprint['classes']}"
-            )
-        if state["dataset_fingerprint"] != fingerprint:
-            log.warning("resume: the dataset changed since the checkpoint (file list differs)")
+
+def plan_phases(config: TrainConfig, group_names: list[str]) -> list[Phase]:
+    """The phases of a resolved config (``resolve_defaults`` filled every default).
+
+    Raises:
+        ConfigError: both phases have zero epochs.
+    """
+    assert config.head_epochs is not None and config.lr is not None
+    assert config.lr_decay is not None
+    if trains_from_scratch(config):
+        log.info(
+            "weights none: training from scratch, so phase 2 trains %s layer groups and the "
+            "head phase runs only when --head-epochs is given (head_epochs=%d)",
+            config.unfreeze,
+            config.head_epochs,
+        )
+    phases = build_phases(
+        group_names,
+        head_epochs=config.head_epochs,
+        finetune_epochs=config.finetune_epochs,
+        policy=config.unfreeze,
+        lr=config.lr,
+        head_lr=config.head_lr,
+        lr_decay=config.lr_decay,
+        freeze_bn=config.freeze_bn,
+    )
+    if not phases:
+        raise ConfigError("head_epochs and finetune_epochs are both 0: nothing to train")
+    return phases
+
+
+def check_resume_fits(resume: Checkpoint, fingerprint: dict[str, Any]) -> None:
+    """The resumed checkpoint was trained on these classes (a changed file list only warns).
+
+    Raises:
+        ConfigError: the classes differ.
+    """
+    if list(resume.header.classes) != fingerprint["classes"]:
+        raise ConfigError(
+            f"resume: the checkpoint's classes {list(resume.header.classes)} differ from the "
+            f"data's {fingerprint['classes']}"
+        )
+    if resume.header.dataset_fingerprint != fingerprint:
+        log.warning("resume: the dataset changed since the checkpoint (file list differs)")
+
+
+def _header(
+    config: TrainConfig, split: DatasetSplit, pre: Preprocessing, weights_source: str
+) -> CheckpointHeader:
+    return CheckpointHeader(
+        arch=config.arch,
+        classes=tuple(split.classes),
+        head=HeadSpec(config.head_hidden, config.head_dropout),
+        preprocessing=pre,
+        weights=weights_source,
+        dataset_fingerprint=split.fingerprint,
+        config=config.to_dict(),
+    )
+
+
+def _place_model(model: nn.Module, groups: list[LayerGroup], context: RunContext) -> TrainedModel:
+    config = context.config
+    model.to(context.device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        if config.ema
+        else None
+    )
+    return TrainedModel(model, ema, groups)
+
+
+def _open_metrics_log(context: RunContext, resume: Checkpoint | None) -> MetricsLog | None:
+    if not context.is_main:
+        return None
+    metrics = MetricsLog(context.output / "metrics.jsonl")
+    # A resumed run drops the records of epochs its checkpoint does not include.
+    metrics.truncate(resume.progress.global_epoch if resume is not None else 0)
+    return metrics
+
+
+# ---- end of run ------------------------------------------------------------------------------
+
+
+def finish_run(context: RunContext, progress: Progress, seconds: float) -> dict[str, Any]:
+    """The summary; rank 0 also writes the report, exports ``best.pt`` and ``summary.json``."""
+    config = context.config
+    classes = list(context.header.classes)
+    summary: dict[str, Any] = {
+        "status": "completed",
+        "best_val_accuracy": progress.best_val_accuracy,
+        "classes": classes,
+        "arch": config.arch,
+        "weights": context.header.weights,
+        "best_checkpoint": str(context.best_checkpoint),
+        "last_checkpoint": str(context.last_checkpoint),
+        "global_epochs": progress.global_epoch,
+        "phases": {name: s.summary() for name, s in progress.stats.items()},
+        "wall_seconds": round(seconds, 2),
+        "model_repository": None,
+        "model_name": None,
+        "model_version": None,
+    }
+    if not context.is_main:
+        return summary
+    _write_report(context, progress)
+    if config.export:
+        summary |= _export(context)
+    write_summary(context.output / "summary.json", summary)
+    log_event(log, "run_end", best_val_accuracy=progress.best_val_accuracy, seconds=seconds)
+    return summary
+
+
+def _write_report(context: RunContext, progress: Progress) -> None:
+    try:
+        from trainer.report import write_report
+    except ImportError:
+        log.warning("trainer.report is not installed: no report/ written")
+        return
+    size = context.header.num_classes
+    confusion = np.asarray(progress.best_confusion or np.zeros((size, size)), dtype=np.int64)
+    write_report(
+        context.output / "report",
+        context.output / "metrics.jsonl",
+        confusion,
+        list(context.header.classes),
+    )
+
+
+def _export(context: RunContext) -> dict[str, Any]:
+    from trainer.export import export_checkpoint
+
+    config = context.config
+    repository = Path(config.repository or context.output / "model_repository")
+    result = export_checkpoint(
+        context.best_checkpoint,
+        repository,
+        model_name=config.model_name,
+        input_format=config.input_format,
+        precision=config.precision,
+        data_dir=config.data,
+    )
+    log_event(log, "exported", repository=str(repository), version=result.version)
+    return {
+        "model_repository": str(repository),
+        "model_name": config.model_name,
+        "model_version": result.version,
+        "export_max_abs_diff": result.max_abs_diff,
+    }

@@ -93,7 +93,7 @@ class TrainingTelemetry:
         self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
         self.port = int(self._server.server_port)
 
-    def update(
+    def update(  # noqa: PLR0913  keyword-only gauges, each optional
         self,
         phase: str | None = None,
         epoch: int | None = None,

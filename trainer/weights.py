@@ -20,36 +20,26 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
+from contracts.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from trainer.checkpoint import Checkpoint, is_checkpoint_dict, read_torch_file
+from trainer.classifier import classifier_path, plain_state_dict
 from trainer.errors import ConfigError, WeightsUnavailable
-from trainer.models import classifier_path
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Preprocessing",
+    "StartingWeights",
+    "load_starting_weights",
+    "preprocessing_for",
+    "resolve_weights",
+]
+
 DEFAULT_IMAGE_SIZE = 224
 CROP_FRACTION = 0.875
-CHECKPOINT_FORMAT = "finetune-checkpoint"
 DOWNLOAD_TIMEOUT_SECONDS = 30.0
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What the model expects: eval resize (shorter side), centre crop, normalisation."""
-
-    input_size: tuple[int, int]
-    resize_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The checkpoint's ``preprocessing`` entry."""
-        return {
-            "input_size": list(self.input_size),
-            "resize_size": self.resize_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
 
 
 @dataclass(frozen=True)
@@ -158,25 +148,19 @@ def _from_file(arch: str, path: Path) -> StartingWeights:
             f"weights: {path} does not exist; pass a state dict or a trainer checkpoint, "
             "DEFAULT, a torchvision weights name, or none"
         )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsUnavailable(f"weights: cannot read {path}: {exc}") from exc
-    if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
-        if obj.get("arch") != arch:
+    # The same safe loader as resume and export: a crafted pickle is refused, never run.
+    obj = read_torch_file(path)
+    if is_checkpoint_dict(obj):
+        checkpoint = Checkpoint.from_dict(obj, path)
+        if checkpoint.header.arch != arch:
             raise ConfigError(
-                f"weights: {path} is a {obj.get('arch')} checkpoint but --arch is {arch}"
+                f"weights: {path} is a {checkpoint.header.arch} checkpoint but --arch is {arch}"
             )
         # EMA weights are the ones the run kept as its best model (and exported).
-        state = obj["ema_state"] if obj.get("ema_state") is not None else obj["model_state"]
-        pre = obj["preprocessing"]
-        preprocessing = Preprocessing(
-            (int(pre["input_size"][0]), int(pre["input_size"][1])),
-            int(pre["resize_size"]),
-            _triple(pre["mean"]),
-            _triple(pre["std"]),
+        state, _ = checkpoint.best_state
+        return StartingWeights(
+            str(path), _plain_state(state, path), checkpoint.header.preprocessing
         )
-        return StartingWeights(str(path), _plain_state(state, path), preprocessing)
     for key in ("state_dict", "model_state", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -187,13 +171,7 @@ def _from_file(arch: str, path: Path) -> StartingWeights:
 def _plain_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ConfigError(f"weights: {path} holds no state dict of tensors")
-    state = {}
-    for key, value in obj.items():
-        name = key
-        for prefix in ("module.", "_orig_mod."):
-            name = name.removeprefix(prefix)
-        state[name] = value
-    return state
+    return plain_state_dict(dict(obj))
 
 
 def load_starting_weights(model: nn.Module, weights: StartingWeights) -> list[str]:

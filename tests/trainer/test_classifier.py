@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torchvision.models import get_model
 
+from trainer.classifier import classifier_path, create_model, head_module_name, logits_dim
 from trainer.errors import ConfigError, WeightsUnavailable
 from trainer.layer_groups import HEAD, family, group_parameters, layer_groups
-from trainer.models import classifier_path, create_model, head_module_name, logits_dim
 from trainer.weights import (
     IMAGENET_MEAN,
     StartingWeights,

@@ -9,12 +9,12 @@ import pytest
 import torch
 from trainer_helpers import make_image_folder
 
+from contracts.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from trainer.augment import AugmentSettings
 from trainer.data import EpochSampler, decode_image, scan_dataset
 from trainer.errors import DataError
-from trainer.pipeline import build_pipeline
-from trainer.runtime import DistInfo
-from trainer.weights import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from trainer.input_pipeline import build_pipeline
+from trainer.process_setup import DistInfo
 
 PRE = Preprocessing((32, 32), 37, IMAGENET_MEAN, IMAGENET_STD)
 

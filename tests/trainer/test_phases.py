@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from trainer_helpers import make_image_folder, tiny_config
 
+from trainer.classifier import create_model
 from trainer.layer_groups import group_parameters, layer_groups
-from trainer.models import create_model
 from trainer.phases import (
     build_optimizer,
     build_phases,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.errors import ConfigError
-from trainer.runtime import DistInfo, configure_threads, dist_info_from_env, select_amp
+from trainer.process_setup import DistInfo, configure_threads, dist_info_from_env, select_amp
 
 MASTER = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 

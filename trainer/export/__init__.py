@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from trainer.export.errors import CheckpointError, ExportError
-    from trainer.export.pipeline import ExportResult, export_checkpoint
+    from trainer.export.exporter import ExportResult, export_checkpoint
 
 __all__ = ["CheckpointError", "ExportError", "ExportResult", "export_checkpoint"]
 
 _HOMES = {
     "CheckpointError": "trainer.export.errors",
     "ExportError": "trainer.export.errors",
-    "ExportResult": "trainer.export.pipeline",
-    "export_checkpoint": "trainer.export.pipeline",
+    "ExportResult": "trainer.export.exporter",
+    "export_checkpoint": "trainer.export.exporter",
 }
 
 

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.checkpoint.is_file():
         # Checked before the import below, which pulls in torch and onnx (seconds).
         raise CheckpointError(f"checkpoint {args.checkpoint} does not exist or is not a file")
-    from trainer.export.pipeline import export_checkpoint
+    from trainer.export.exporter import export_checkpoint
 
     result = export_checkpoint(
         args.checkpoint,

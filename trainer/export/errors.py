@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from trainer.errors import UsageError
+from trainer.errors import CheckpointError
 
-
-class CheckpointError(UsageError):
-    """The checkpoint file is missing, unreadable, or not in the finetune-checkpoint format."""
+__all__ = ["CheckpointError", "ExportError"]
 
 
 class ExportError(RuntimeError):

@@ -13,9 +13,12 @@ import numpy as np
 import onnx
 from torch import nn
 
+from contracts.preprocessing import Preprocessing
+from contracts.repository_layout import METADATA_FILENAME, MODEL_FILENAME
+from trainer.checkpoint import Checkpoint, load_checkpoint
+from trainer.classifier import restore_classifier
 from trainer.errors import ConfigError, DataError
 from trainer.export import metadata as meta
-from trainer.export.checkpoint import build_classifier, load_checkpoint
 from trainer.export.errors import ExportError
 from trainer.export.graph import ServingModel
 from trainer.export.images import ImageSet, load_split
@@ -32,8 +35,6 @@ from trainer.export.quantize import (
 from trainer.export.repository import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_QUEUE_DELAY_US,
-    METADATA_FILENAME,
-    MODEL_FILENAME,
     publish,
     render_config,
     validate_model_name,
@@ -86,13 +87,24 @@ class ExportResult:
 
 @dataclass(frozen=True)
 class _Graph:
-    """What every step needs to know about the graph's input."""
+    """What every step needs to know about the graph: its input format, the preprocessing
+    the model carries from its checkpoint, and its output width."""
 
     input_format: str
-    input_size: tuple[int, int]
-    mean: list[float]
-    std: list[float]
+    preprocessing: Preprocessing
     num_classes: int
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.preprocessing.input_size
+
+    @property
+    def mean(self) -> list[float]:
+        return list(self.preprocessing.mean)
+
+    @property
+    def std(self) -> list[float]:
+        return list(self.preprocessing.std)
 
     @property
     def io(self) -> dict[str, Any]:
@@ -103,7 +115,7 @@ class _Graph:
         }
 
 
-def export_checkpoint(
+def export_checkpoint(  # noqa: PLR0913  every export option is a keyword the CLI and the run pass through
     checkpoint_path: Path,
     repository: Path,
     *,
@@ -141,14 +153,11 @@ def export_checkpoint(
     )
     started = time.perf_counter()
     checkpoint = load_checkpoint(Path(checkpoint_path))
-    classifier, state_source = build_classifier(checkpoint)
-    preprocessing = checkpoint["preprocessing"]
+    classifier, state_source = restore_classifier(checkpoint)
     graph = _Graph(
         input_format=input_format,
-        input_size=(int(preprocessing["input_size"][0]), int(preprocessing["input_size"][1])),
-        mean=[float(v) for v in preprocessing["mean"]],
-        std=[float(v) for v in preprocessing["std"]],
-        num_classes=int(checkpoint["num_classes"]),
+        preprocessing=checkpoint.header.preprocessing,
+        num_classes=checkpoint.header.num_classes,
     )
     val = _load(data_dir, "val", checkpoint, VAL_LIMIT)
     calibration = None
@@ -164,7 +173,7 @@ def export_checkpoint(
         exporter = export_onnx(
             serving, fp32_path, input_format=input_format, input_size=graph.input_size
         )
-        log.info("exported %s with %s", checkpoint["arch"], exporter)
+        log.info("exported %s with %s", checkpoint.header.arch, exporter)
         parity_fp32 = _verify_fp32(fp32_path, classifier, graph, val)
         fp32_path, optimization = _optimize(fp32_path, work, classifier, graph, val)
         extra: dict[str, Any] = {"state_source": state_source, "optimization": optimization}
@@ -232,7 +241,7 @@ def export_checkpoint(
     )
 
 
-def _validate_options(
+def _validate_options(  # noqa: PLR0913  the export's options, checked together before any work
     model_name: str,
     input_format: str,
     precision: str,
@@ -258,17 +267,15 @@ def _validate_options(
         raise DataError(f"data directory {data_dir} does not exist")
 
 
-def _load(
-    data_dir: Path | None, split: str, checkpoint: dict[str, Any], limit: int
-) -> ImageSet | None:
+def _load(data_dir: Path | None, split: str, checkpoint: Checkpoint, limit: int) -> ImageSet | None:
     if data_dir is None:
         return None
-    preprocessing = checkpoint["preprocessing"]
+    preprocessing = checkpoint.header.preprocessing
     return load_split(
         Path(data_dir) / split,
-        checkpoint["classes"],
-        input_size=preprocessing["input_size"],
-        resize_size=int(preprocessing["resize_size"]),
+        checkpoint.header.classes,
+        input_size=preprocessing.input_size,
+        resize_size=preprocessing.resize_size,
         limit=limit,
     )
 
@@ -310,7 +317,7 @@ def _optimize(
     return optimized, report.as_metadata(applied=True)
 
 
-def _reduced_precision(
+def _reduced_precision(  # noqa: PLR0913  one step of export_checkpoint; its options passed on
     precision: str,
     fp32_path: Path,
     work: Path,

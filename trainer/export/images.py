@@ -12,9 +12,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as tvf
 
+from contracts.image_formats import IMAGE_EXTENSIONS
 from trainer.errors import DataError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ def list_split(split_dir: Path, classes: Sequence[str]) -> list[tuple[Path, int]
                 f"classes {list(classes)}"
             )
         files = sorted(
-            p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
         )
         per_class.append([(p, index[class_dir.name]) for p in files])
     items = [

@@ -17,6 +17,8 @@ from typing import Any
 
 import onnx
 
+from trainer.checkpoint import Checkpoint
+
 _LIBRARIES = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu")
 
 
@@ -49,8 +51,8 @@ def git_commit(directory: Path | None = None) -> str | None:
     return commit if result.returncode == 0 and commit else None
 
 
-def build_metadata(
-    checkpoint: Mapping[str, Any],
+def build_metadata(  # noqa: PLR0913  keyword-only facts of model.json, each from another step
+    checkpoint: Checkpoint,
     *,
     input_format: str,
     precision: str,
@@ -58,23 +60,25 @@ def build_metadata(
     exporter: str,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``model.json`` document (keys of the architecture contract, then ``extra``)."""
-    preprocessing = checkpoint["preprocessing"]
+    """The ``model.json`` document (keys of the architecture contract, then ``extra``).
+
+    The preprocessing keys are the checkpoint's ``Preprocessing.to_dict()``, top level, so the
+    server reads them back with ``Preprocessing.from_dict``.
+    """
+    header = checkpoint.header
+    progress = checkpoint.progress.to_dict()
     document: dict[str, Any] = {
-        "labels": list(checkpoint["classes"]),
+        "labels": list(header.classes),
         "input_format": input_format,
-        "input_size": [int(v) for v in preprocessing["input_size"]],
-        "resize_size": int(preprocessing["resize_size"]),
-        "mean": [float(v) for v in preprocessing["mean"]],
-        "std": [float(v) for v in preprocessing["std"]],
+        **header.preprocessing.to_dict(),
         "precision": precision,
-        "arch": checkpoint["arch"],
-        "weights": checkpoint.get("weights"),
+        "arch": header.arch,
+        "weights": header.weights,
         "training": {
-            "best_val_accuracy": checkpoint.get("best_val_accuracy"),
-            "epochs": checkpoint.get("epochs"),
+            "best_val_accuracy": progress["best_val_accuracy"],
+            "epochs": progress["epochs"],
         },
-        "dataset_fingerprint": checkpoint.get("dataset_fingerprint"),
+        "dataset_fingerprint": header.dataset_fingerprint,
         "parity": dict(parity),
         "exporter": exporter,
         "versions": library_versions(),

@@ -33,7 +33,7 @@ def to_feed(
     return np.ascontiguousarray((x - m) / s, dtype=np.float32)
 
 
-def run_logits(
+def run_logits(  # noqa: PLR0913  the graph input format and normalisation travel together
     session: ort.InferenceSession,
     images: np.ndarray,
     input_format: str,

@@ -23,7 +23,7 @@ import onnx
 
 from trainer.export.errors import ExportError
 from trainer.export.images import ImageSet
-from trainer.export.runtime import cpu_session, median_latency_seconds, to_feed, top1_accuracy
+from trainer.export.ort_checks import cpu_session, median_latency_seconds, to_feed, top1_accuracy
 from trainer.export.signature import INPUT_NAME, INT8_MODES
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def convert_fp16(source: Path, target: Path) -> None:
     onnx.save(converted, str(target))
 
 
-def quantize_int8(
+def quantize_int8(  # noqa: PLR0913  keyword-only quantisation settings
     source: Path,
     target: Path,
     *,
@@ -134,7 +134,7 @@ def quantize_int8(
         )
 
 
-def compare_with_fp32(
+def compare_with_fp32(  # noqa: PLR0913  keyword-only comparison inputs
     candidate: Path,
     fp32: Path,
     *,

@@ -13,50 +13,62 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from contracts import repository_layout as layout
+from contracts.atomic_files import (
+    DEFAULT_FILE_MODE,
+    atomic_write_bytes,
+    fsync_directory,
+    write_synced,
+)
+from contracts.repository_layout import (
+    CONFIG_FILENAME,
+    LABELS_FILENAME,
+    METADATA_FILENAME,
+    MODEL_FILENAME,
+    STAGING_PREFIX,
+)
 from trainer.errors import ConfigError
 from trainer.export.signature import INPUT_NAME, UINT8_NHWC
 
-MODEL_FILENAME = "model.onnx"
-METADATA_FILENAME = "model.json"
-CONFIG_FILENAME = "config.pbtxt"
-LABELS_FILENAME = "labels.txt"
-STAGING_PREFIX = ".staging-"
+__all__ = [
+    "CONFIG_FILENAME",
+    "LABELS_FILENAME",
+    "METADATA_FILENAME",
+    "MODEL_FILENAME",
+    "existing_versions",
+    "publish",
+    "render_config",
+    "render_labels",
+    "validate_model_name",
+]
+
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_QUEUE_DELAY_US = 2000
 STALE_STAGING_SECONDS = 3600.0
-
-_VERSION = re.compile(r"[1-9][0-9]*")
-_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_CHUNK = 1 << 20
+# Readable by a server or Triton running under another uid on a shared model volume.
+VERSION_DIR_MODE = 0o755
 
 
 def validate_model_name(name: str) -> str:
-    """A model name is one path component of letters, digits, ``_``, ``.`` and ``-``."""
-    if not _MODEL_NAME.fullmatch(name):
-        raise ConfigError(
-            f"model name {name!r} is invalid: use letters, digits, '_', '.' and '-', "
-            "starting with a letter or digit"
-        )
-    return name
+    """The repository's model-name rule (``contracts.repository_layout``) as a ``ConfigError``."""
+    try:
+        return layout.validate_model_name(name)
+    except layout.InvalidModelName as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def existing_versions(model_root: Path) -> list[int]:
     """Published versions: directories named by an integer without a leading zero."""
-    if not model_root.is_dir():
-        return []
-    return sorted(
-        int(p.name) for p in model_root.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name)
-    )
+    return layout.version_numbers(model_root)
 
 
-def render_config(
+def render_config(  # noqa: PLR0913  keyword-only fields of config.pbtxt
     model_name: str,
     *,
     input_format: str,
@@ -128,16 +140,17 @@ def publish(
     remove_stale_staging(model_root)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_root))
     try:
+        os.chmod(staging, VERSION_DIR_MODE)  # mkdtemp makes it 0700
         for filename, data in version_files.items():
-            _write_synced(staging / filename, data)
-        _fsync_directory(staging)
-        atomic_write(model_root / LABELS_FILENAME, render_labels(labels).encode())
-        atomic_write(model_root / CONFIG_FILENAME, config_text.encode())
+            _write_new_file(staging / filename, data)
+        fsync_directory(staging)
+        atomic_write_bytes(model_root / LABELS_FILENAME, render_labels(labels).encode())
+        atomic_write_bytes(model_root / CONFIG_FILENAME, config_text.encode())
         version, target = _rename_to_next_version(staging, model_root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync_directory(model_root)
+    fsync_directory(model_root)
     return version, target
 
 
@@ -148,20 +161,6 @@ def remove_stale_staging(model_root: Path, older_than_s: float = STALE_STAGING_S
         with contextlib.suppress(OSError):
             if path.is_dir() and now - path.stat().st_mtime > older_than_s:
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file in the same directory, fsync, ``os.replace``."""
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            _write_all(handle, data)
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
-    _fsync_directory(path.parent)
 
 
 def _rename_to_next_version(staging: Path, model_root: Path) -> tuple[int, Path]:
@@ -181,22 +180,7 @@ def _rename_to_next_version(staging: Path, model_root: Path) -> tuple[int, Path]
     raise RuntimeError(f"could not claim a version number under {model_root}")
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _write_new_file(path: Path, data: bytes) -> None:
     with open(path, "xb") as handle:
-        _write_all(handle, data)
-
-
-def _write_all(handle, data: bytes) -> None:
-    view = memoryview(data)
-    for start in range(0, len(view), _CHUNK):
-        handle.write(view[start : start + _CHUNK])
-    handle.flush()
-    os.fsync(handle.fileno())
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        os.fchmod(handle.fileno(), DEFAULT_FILE_MODE)
+        write_synced(handle, data)

@@ -21,7 +21,7 @@ from torch import nn
 
 from trainer.export.errors import ExportError
 from trainer.export.graph import normalize_uint8_nhwc
-from trainer.export.runtime import cpu_session, to_feed
+from trainer.export.ort_checks import cpu_session, to_feed
 from trainer.export.signature import INPUT_NAME, OUTPUT_NAMES, UINT8_NHWC
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def parity_batches(
     return batches
 
 
-def torch_parity(
+def torch_parity(  # noqa: PLR0913  keyword-only parity inputs and tolerances
     path: Path,
     classifier: nn.Module,
     *,
@@ -140,7 +140,7 @@ def torch_parity(
     return _report(per_source, tolerance, batch_sizes, "torch-eval-fp32")
 
 
-def onnx_parity(
+def onnx_parity(  # noqa: PLR0913  keyword-only parity inputs and tolerances
     candidate: Path,
     reference: Path,
     *,

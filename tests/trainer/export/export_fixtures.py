@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.models import create_model
+from trainer.classifier import create_model
 
 CLASSES = ["circle", "square", "triangle"]
 SIZE = 32

@@ -150,9 +150,10 @@ def test_verification_rejects_a_wrong_graph(mobilenet_export, tmp_path):
     weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
     tampered = tmp_path / "tampered.onnx"
     onnx.save(model, str(tampered))
-    from trainer.export.checkpoint import build_classifier, load_checkpoint
+    from trainer.checkpoint import load_checkpoint
+    from trainer.classifier import restore_classifier
 
-    classifier, _ = build_classifier(load_checkpoint(checkpoint))
+    classifier, _ = restore_classifier(load_checkpoint(checkpoint))
     with pytest.raises(ExportError, match="parity check failed"):
         torch_parity(
             tampered,
