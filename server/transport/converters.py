@@ -47,10 +47,10 @@ def parameters_from_proto(parameters: Any) -> dict[str, Any]:
 def _element_count(shape: list[int], where: str) -> int:
     if any(d < 0 for d in shape):
         raise InvalidInput(f"{where}: shape {shape} has a negative dimension")
-    count = math.prod(shape)
-    if count > _MAX_ELEMENTS:
+    # Zero dimensions are skipped: numpy refuses [0, 2**40, 2**40] although it holds nothing.
+    if math.prod(d for d in shape if d) > _MAX_ELEMENTS:
         raise InvalidInput(f"{where}: shape {shape} is too large")
-    return count
+    return math.prod(shape)
 
 
 def deserialize_bytes(raw: bytes, count: int, where: str) -> np.ndarray:

@@ -60,6 +60,7 @@ def test_bytes_input_raw_and_typed() -> None:
         ("FP32", [-1], b"", "negative"),
         ("COMPLEX", [1], b"\x00", "unknown datatype"),
         ("UINT8", [2**40, 2**40], b"", "too large"),
+        ("UINT8", [0, 2**40, 2**40], b"", "too large"),
     ],
 )
 def test_raw_checks(datatype: str, shape: list[int], payload: bytes, message: str) -> None:

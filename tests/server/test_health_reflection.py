@@ -8,7 +8,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import pytest
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_helpers import infer_request
@@ -29,8 +28,20 @@ def _check(channel: grpc.Channel, service: str = "") -> int:
     return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
+def _wait_for_refusal(stub: pb_grpc.GRPCInferenceServiceStub, request: object) -> object:
+    limit = time.monotonic() + 30
+    while time.monotonic() < limit:
+        try:
+            stub.ModelInfer(request, timeout=5)
+        except grpc.RpcError as error:
+            return error.code()
+        time.sleep(0.05)
+    raise AssertionError("requests were still served 30 s into the drain")
+
+
 def test_health_follows_loading_serving_and_draining(model_repository: Path) -> None:
-    config = server_config(model_repository, drain_delay_s=0.4, grace_period_s=5)
+    # The delay is long enough that the request below lands inside it on a loaded machine.
+    config = server_config(model_repository, drain_delay_s=3.0, grace_period_s=5)
     server = RunningServer(config, start_models=False)
     try:
         with grpc.insecure_channel(server.target) as channel:
@@ -47,16 +58,14 @@ def test_health_follows_loading_serving_and_draining(model_repository: Path) -> 
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             request = infer_request(np.zeros((1, 32, 32, 3), dtype=np.uint8))
             draining = server.submit(server.handle.drain())
-            time.sleep(0.1)
             # Draining: NOT_SERVING at once, but requests are still served during the delay.
-            assert _check(channel) == NOT_SERVING
             assert next(watch).status == NOT_SERVING
+            assert _check(channel) == NOT_SERVING
             assert stub.ModelInfer(request, timeout=5).model_version == "1"
-            time.sleep(0.5)
-            with pytest.raises(grpc.RpcError) as error:
-                stub.ModelInfer(request, timeout=5)
-            assert error.value.code() is grpc.StatusCode.UNAVAILABLE
-            draining.result(timeout=10)
+            # After the delay, new requests are refused; wait for that rather than for a time.
+            code = _wait_for_refusal(stub, request)
+            assert code is grpc.StatusCode.UNAVAILABLE
+            draining.result(timeout=30)
     finally:
         server.stop()
 

@@ -61,7 +61,7 @@ def test_sigterm_under_load_completes_accepted_requests(tmp_path: Path) -> None:
     repo = make_model_repository(tmp_path / "models", input_size=(64, 64), slow_layers=2)
     server = ServerProcess(
         "--model-repository", str(repo), "--host", "127.0.0.1", "--grpc-port", "0",
-        "--metrics-port", "-1", "--poll-interval-s", "0", "--drain-delay-s", "0.5",
+        "--metrics-port", "-1", "--poll-interval-s", "0", "--drain-delay-s", "1.5",
         "--grace-period-s", "10", "--intra-op-threads", "1",
     )  # fmt: skip
     port = server.wait_ready()
@@ -86,7 +86,8 @@ def test_sigterm_under_load_completes_accepted_requests(tmp_path: Path) -> None:
             await asyncio.sleep(0.8)
             signalled = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(1.2)
+            # Past the drain delay (1.5 s; generous so a busy machine still serves in it).
+            await asyncio.sleep(2.5)
             stop.set()
             await asyncio.gather(*tasks)
         return signalled
