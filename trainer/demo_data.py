@@ -226,16 +226,39 @@ def add_parser(subparsers) -> None:
             "Running it again with the same options is a no-op."
         ),
     )
-    parser.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--image-size", type=_positive, default=defaults.image_size)
     parser.add_argument(
-        "--source-train-per-class", type=_positive, default=defaults.source_train_per_class
+        "output_dir", type=Path, metavar="OUTPUT_DIR", help="directory to write source/ and target/"
     )
     parser.add_argument(
-        "--target-train-per-class", type=_positive, default=defaults.target_train_per_class
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seed of the generator (default: %(default)s)",
     )
-    parser.add_argument("--val-per-class", type=_positive, default=defaults.val_per_class)
+    parser.add_argument(
+        "--image-size",
+        type=_positive,
+        default=defaults.image_size,
+        help="side of the square images in pixels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--source-train-per-class",
+        type=_positive,
+        default=defaults.source_train_per_class,
+        help="training images per class of the source task (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--target-train-per-class",
+        type=_positive,
+        default=defaults.target_train_per_class,
+        help="training images per class of the target task (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--val-per-class",
+        type=_positive,
+        default=defaults.val_per_class,
+        help="validation images per class of both tasks (default: %(default)s)",
+    )
     parser.set_defaults(func=_run)
 
 

@@ -7,8 +7,10 @@ import socket
 from pathlib import Path
 
 import pytest
+import yaml
 from trainer_helpers import tiny_train_args
 
+from trainer.checkpoint import load_checkpoint
 from trainer.cli import build_parser, main
 
 
@@ -75,7 +77,43 @@ def test_weights_none_run_writes_every_output(image_folder: Path, tmp_path: Path
     assert {"phase", "epoch", "global_epoch", "train_loss", "val_loss", "val_accuracy"} <= set(line)
     assert set(line["lrs"]) == {"stem", "layer1", "layer2", "layer3", "layer4", "head"}
     assert len(set(line["lrs"].values())) == 1  # from scratch: no layer-wise decay
-    assert (output / "config.yaml").is_file()
+    saved = yaml.safe_load((output / "config.yaml").read_text())
+    resolved = {"head_epochs": 0, "unfreeze": "all", "lr_decay": 1.0, "channels_last": False}
+    assert {k: saved[k] for k in resolved} == resolved
+    assert saved["lr"] == saved["head_lr"] and saved["num_workers"] == 0
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    stored = load_checkpoint(output / "checkpoints" / "best.pt").header.config
+    assert stored == saved
     report = output / "report"
     assert (report / "curves.png").is_file() and (report / "per_class.json").is_file()
+
+
+def test_invalid_model_name_stops_at_start_up(image_folder: Path, tmp_path: Path, capsys) -> None:
+    output = tmp_path / "out"
+    code = main([*tiny_train_args(image_folder, output, batch_size=4), "--model-name", "_x"])
+    assert code == 2
+    assert "model_name: model name '_x' is invalid" in capsys.readouterr().err
+    assert not output.exists()  # refused before any training or output
+
+
+def test_train_help_shows_every_default(capsys) -> None:
+    from trainer.config import FIELDS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: resnet18)" in text and "(default: 32)" in text
+    assert "(default: on)" in text  # --export
+    assert "(choices: fp32, fp16, int8) (default: fp32)" in text
+    assert text.count("(default: resolved at start)") == 6
+    # Every field states its default (or that it is required).
+    assert text.count("(default:") + text.count("(required)") >= len(FIELDS) - 3
+
+
+@pytest.mark.parametrize("command", ["export", "make-demo-data"])
+def test_every_option_has_help(command: str) -> None:
+    parser = build_parser()
+    (subparsers,) = [a for a in parser._actions if a.dest == "command"]
+    sub = subparsers.choices[command]
+    undocumented = [a.dest for a in sub._actions if not a.help]
+    assert undocumented == []

@@ -31,12 +31,13 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
     [
         ({"TRAINER_BATCH_SIZE": "many"}, {}, "TRAINER_BATCH_SIZE: invalid literal"),
         ({"TRAINER_LEARNING_RATE": "1"}, {}, "TRAINER_LEARNING_RATE: unknown setting"),
-        ({}, {"ema": "perhaps"}, "--ema: expected true or false"),
+        ({}, {"ema": "perhaps"}, "--ema: expected true/false"),
         ({}, {"amp": "fp8"}, "amp: expected one of auto, off, bf16, fp16"),
         ({}, {"val_fraction": "1.5"}, "val_fraction: must be between 0 and 1"),
         ({}, {"unfreeze": "top:zero"}, "unfreeze: must be top:K, all or gradual:N"),
         ({}, {"batch_size": "2.5"}, "--batch-size: invalid literal"),
         ({}, {"model_name": "../x"}, "model_name"),
+        ({}, {"model_name": "_x"}, "model_name: model name '_x' is invalid"),
     ],
 )
 def test_bad_values_name_the_key(environ: dict, flags: dict, message: str) -> None:
@@ -62,3 +63,23 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["image_size"] == 64 and saved["data"] == "d"
     assert resolve_config(file=tmp_path / "config.yaml", environ={}) == config
+
+
+def test_resolve_defaults_fills_every_derived_field() -> None:
+    from trainer.config import RESOLVED_AT_START, resolve_defaults
+
+    scratch = resolve_config(environ={}, flags={**REQUIRED, "weights": "none"})
+    resolved = resolve_defaults(scratch, device_type="cpu", dataset_cached=True, cpu_count=4)
+    assert all(getattr(resolved, name) not in (None, "") for name in RESOLVED_AT_START)
+    assert (resolved.head_epochs, resolved.unfreeze) == (0, "all")
+    assert (resolved.lr, resolved.lr_decay) == (scratch.head_lr, 1.0)
+    assert (resolved.channels_last, resolved.num_workers) == (False, 0)
+
+    pretrained = resolve_config(environ={}, flags={**REQUIRED, "lr": "0.01"})
+    resolved = resolve_defaults(pretrained, device_type="cuda", dataset_cached=False, cpu_count=16)
+    assert (resolved.head_epochs, resolved.unfreeze, resolved.lr) == (2, "top:1", 0.01)
+    assert (resolved.lr_decay, resolved.channels_last, resolved.num_workers) == (0.3, True, 8)
+    # Resolving a resolved config changes nothing; what the user gave is kept.
+    assert resolve_defaults(resolved, device_type="cpu", dataset_cached=True, cpu_count=1) == (
+        resolved
+    )

@@ -21,25 +21,50 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "as the next version of REPO/<model-name>/."
         ),
     )
-    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file (.pt)")
     parser.add_argument(
-        "--output-repository", type=Path, required=True, help="model repository root"
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="checkpoint file (.pt) written by trainer train; loaded without running any code",
     )
-    parser.add_argument("--model-name", default="classifier", help="model directory name")
+    parser.add_argument(
+        "--output-repository",
+        type=Path,
+        required=True,
+        help="model repository root (created when missing)",
+    )
+    parser.add_argument(
+        "--model-name",
+        default="classifier",
+        help="model directory name: letters, digits, '_', '.', '-' (default: %(default)s)",
+    )
     parser.add_argument(
         "--input-format",
         choices=INPUT_FORMATS,
         default="uint8-nhwc",
-        help="graph input: uint8 RGB NHWC with preprocessing in the graph, or normalised NCHW",
+        help="graph input: uint8 RGB NHWC with preprocessing in the graph, or normalised NCHW "
+        "(default: %(default)s)",
     )
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="precision of the published model; int8 needs --data (default: %(default)s)",
+    )
     parser.add_argument(
         "--data",
         type=Path,
         default=None,
-        help="ImageFolder root (train/, val/): real-image parity, int8 calibration, accuracy",
+        help="ImageFolder root (train/, val/): real-image parity, int8 calibration, accuracy "
+        "(default: random images for parity only)",
     )
-    parser.add_argument("--int8-mode", choices=INT8_MODES, default="static")
+    parser.add_argument(
+        "--int8-mode",
+        choices=INT8_MODES,
+        default="static",
+        help="int8 quantisation: static (calibrated on train images) or dynamic "
+        "(default: %(default)s)",
+    )
     parser.add_argument(
         "--int8-accuracy-budget",
         type=float,

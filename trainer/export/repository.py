@@ -136,7 +136,10 @@ def publish(
     """
     validate_model_name(model_name)
     model_root = Path(repository) / model_name
-    model_root.mkdir(parents=True, exist_ok=True)
+    for directory in (Path(repository), model_root):
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(directory, VERSION_DIR_MODE)  # whatever the umask, readers can list it
     remove_stale_staging(model_root)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_root))
     try:

@@ -144,3 +144,22 @@ def test_stale_staging_directories_are_removed(tmp_path):
     assert _publish(tmp_path, b"new")[0] == 1
     assert not stale.exists()
     assert fresh.exists()  # may belong to an export that is running right now
+
+
+def test_published_version_is_readable_by_other_users(tmp_path: Path) -> None:
+    previous = os.umask(0o077)  # a strict umask must not hide the model from the server
+    try:
+        _, model_dir = publish(
+            tmp_path,
+            "classifier",
+            version_files={"model.onnx": b"graph", "model.json": b"{}"},
+            config_text=CONFIG,
+            labels=CLASSES,
+        )
+    finally:
+        os.umask(previous)
+    assert model_dir.stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "classifier").stat().st_mode & 0o777 == 0o755
+    files = [*model_dir.iterdir(), tmp_path / "classifier" / "config.pbtxt"]
+    files.append(tmp_path / "classifier" / "labels.txt")
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o644 for p in files}
