@@ -20,9 +20,9 @@ from torchvision.io import decode_image
 
 from server.client import ConnectionOptions, InferenceClient
 from trainer.augment import eval_transform
+from trainer.checkpoint import load_checkpoint
+from trainer.classifier import restore_classifier
 from trainer.demo_data import DemoDataSpec, make_demo_data
-from trainer.models import create_model
-from trainer.weights import Preprocessing
 
 pytestmark = pytest.mark.slow
 
@@ -47,18 +47,12 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _torch_probabilities(run: Path, images: list[Path]) -> np.ndarray:
     """What the trained PyTorch model says, with the trainer's own eval preprocessing."""
-    checkpoint = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
-    model = create_model(checkpoint["arch"], checkpoint["num_classes"])
-    model.load_state_dict(checkpoint["model_state"])
-    model.eval()
-    pre = checkpoint["preprocessing"]
-    preprocessing = Preprocessing(
-        input_size=tuple(pre["input_size"]), resize_size=pre["resize_size"],
-        mean=tuple(pre["mean"]), std=tuple(pre["std"]),
-    )  # fmt: skip
-    transform = eval_transform(preprocessing)
-    mean = torch.tensor(pre["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(pre["std"]).view(1, 3, 1, 1)
+    checkpoint = load_checkpoint(run / "checkpoints" / "best.pt")
+    model, _source = restore_classifier(checkpoint)
+    pre = checkpoint.header.preprocessing
+    transform = eval_transform(pre)
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
     batch = torch.stack([transform(decode_image(str(p), mode="RGB")) for p in images])
     with torch.no_grad():
         logits = model((batch.float() / 255 - mean) / std)
