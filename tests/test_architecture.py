@@ -50,9 +50,11 @@ def _imported_names(name: str, path: Path) -> Iterable[str]:
                 anchor = package.split(".")
                 anchor = anchor[: len(anchor) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
-            yield base
-            # `from pkg import module` imports the module, not only the package.
-            yield from (f"{base}.{alias.name}" for alias in node.names)
+            # `from pkg import module` is an edge to the module; `from module import name`
+            # an edge to the module that holds the name.
+            for alias in node.names:
+                submodule = f"{base}.{alias.name}"
+                yield submodule if submodule in source_modules() else base
 
 
 @cache
