@@ -29,6 +29,7 @@ from server.metrics import ServerMetrics
 from server.model_manager import ModelManager
 from server.preprocess import ImageLimits
 from server.transport.grpc_server import GrpcEndpoint, format_address, start_grpc_server
+from server.transport.model_config import parse_model_config
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ async def build_server(
     registry = registry if registry is not None else CollectorRegistry()
     metrics = ServerMetrics(registry)
     state = ServerState()
-    manager = ModelManager(config, metrics)
+    manager = ModelManager(config, metrics, parse_model_config)
     decode_executor = ThreadPoolExecutor(
         max_workers=config.preprocess_workers, thread_name_prefix="decode"
     )

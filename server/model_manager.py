@@ -23,6 +23,7 @@ from server.model_spec import ModelSpec
 from server.model_version import ModelVersion
 from server.onnx_sessions import OnnxSessions, SessionSettings
 from server.repository import (
+    ConfigParser,
     ExportMetadata,
     ModelSource,
     VersionSource,
@@ -61,9 +62,12 @@ def batching_settings(settings: ServerConfig, spec: ModelSpec, instances: int) -
 class ModelManager:
     """Owns every loaded version; looks them up for handlers; reloads on change."""
 
-    def __init__(self, settings: ServerConfig, metrics: ServerMetrics) -> None:
+    def __init__(
+        self, settings: ServerConfig, metrics: ServerMetrics, parse_config: ConfigParser
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.parse_config = parse_config
         self._models: dict[str, dict[int, ModelVersion]] = {}
         self._rejected: dict[tuple[str, int], float] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -136,7 +140,9 @@ class ModelManager:
 
     async def _refresh_model(self, name: str) -> None:
         try:
-            source = await asyncio.to_thread(read_model, self.settings.model_repository, name)
+            source = await asyncio.to_thread(
+                read_model, self.settings.model_repository, name, self.parse_config
+            )
         except ModelLoadError as error:
             log.error("model %s: cannot read its configuration: %s", name, error)
             return

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,12 @@ from contracts.repository_layout import (
 )
 from server.errors import ModelLoadError
 from server.model_spec import ModelSpec
-from server.transport.model_config import ModelConfigError, parse_model_config
 
 log = logging.getLogger(__name__)
+
+# config.pbtxt is protobuf text: the transport owns that parser, and the composition root hands
+# it in, so this module stays free of *_pb2. It raises ValueError for text it cannot read.
+ConfigParser = Callable[[str], ModelSpec]
 
 # How the classification service lays out a decoded image for the model.
 INPUT_FORMATS = ("uint8-nhwc", "float32-nchw")
@@ -100,14 +104,14 @@ def list_models(repository: Path) -> list[str]:
     )
 
 
-def read_config(model_dir: Path) -> ModelSpec:
+def read_config(model_dir: Path, parse: ConfigParser) -> ModelSpec:
     """Parse config.pbtxt; the model name defaults to the directory's name, as in Triton."""
     path = model_dir / CONFIG_FILENAME
     try:
-        spec = parse_model_config(path.read_text())
+        spec = parse(path.read_text())
     except OSError as error:
         raise ModelLoadError(f"{path}: {error.strerror}") from None
-    except ModelConfigError as error:
+    except ValueError as error:
         raise ModelLoadError(f"{path}: {error}") from None
     if not spec.name:
         spec = dataclasses.replace(spec, name=model_dir.name)
@@ -131,10 +135,10 @@ def read_labels(model_dir: Path, spec: ModelSpec) -> tuple[str, ...]:
     return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
 
 
-def read_model(repository: Path, name: str) -> ModelSource:
+def read_model(repository: Path, name: str, parse: ConfigParser) -> ModelSource:
     """Read one model directory and the versions its policy selects."""
     model_dir = repository / name
-    spec = read_config(model_dir)
+    spec = read_config(model_dir, parse)
     available = [
         int(p.name)
         for p in model_dir.iterdir()

@@ -171,3 +171,14 @@ def test_halves_import_only_what_they_may() -> None:
 def test_one_composition_root(root: str, composer: str) -> None:
     importers = sorted(n for n in source_modules() if root in imports_of(n) and n != root)
     assert importers == [composer]
+
+
+def test_the_servers_domain_does_not_import_its_transport() -> None:
+    # Dependencies point inward: the transport adapts the domain, never the other way round.
+    edge = ("server.transport", "server.app", "server.cli", "server.client")
+    offenders = {
+        name: sorted(i for i in internal_edges(name) if _in(i, "server.transport"))
+        for name in source_modules()
+        if _in(name, "server") and not _in(name, *edge)
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}

@@ -12,6 +12,7 @@ from server_harness import server_config
 
 from server.metrics import ServerMetrics
 from server.model_manager import ModelManager
+from server.transport.model_config import parse_model_config
 from server.types import Tensor
 
 
@@ -24,7 +25,7 @@ def test_warm_up_failure_is_rejected_and_old_version_serves(tmp_path: Path) -> N
     registry = CollectorRegistry()
 
     async def scenario() -> tuple[str, str]:
-        manager = ModelManager(server_config(repo), ServerMetrics(registry))
+        manager = ModelManager(server_config(repo), ServerMetrics(registry), parse_model_config)
         await manager.refresh()
         write_failing_version(repo / "classifier" / "2")
         await manager.refresh()
@@ -45,7 +46,9 @@ def test_two_instances_compute_in_parallel_with_own_answers(tmp_path: Path) -> N
 
     async def scenario() -> None:
         manager = ModelManager(
-            server_config(repo, instances=2, max_batch_size=1), ServerMetrics(CollectorRegistry())
+            server_config(repo, instances=2, max_batch_size=1),
+            ServerMetrics(CollectorRegistry()),
+            parse_model_config,
         )
         await manager.refresh()
         model = manager.resolve("classifier")
@@ -67,7 +70,7 @@ def test_start_falls_back_when_the_latest_version_is_broken(tmp_path: Path) -> N
     registry = CollectorRegistry()
 
     async def scenario() -> list[str]:
-        manager = ModelManager(server_config(repo), ServerMetrics(registry))
+        manager = ModelManager(server_config(repo), ServerMetrics(registry), parse_model_config)
         await manager.refresh()
         await manager.refresh()
         served = [m.version_str for m in manager.versions("classifier")]

@@ -10,6 +10,7 @@ from repository_factory import make_model_repository, write_version
 
 from server.errors import ModelLoadError
 from server.repository import list_models, read_metadata, read_model
+from server.transport.model_config import parse_model_config
 
 
 def test_versions_follow_the_policy(tmp_path: Path) -> None:
@@ -18,20 +19,24 @@ def test_versions_follow_the_policy(tmp_path: Path) -> None:
     (model_dir / "04").mkdir()  # leading zero: not a version
     (model_dir / "notes").mkdir()
     (model_dir / "7").mkdir()  # no model.onnx yet: incomplete
-    assert [v.version for v in read_model(repo, "classifier").versions] == [3]
+
+    def served() -> list[int]:
+        return [v.version for v in read_model(repo, "classifier", parse_model_config).versions]
+
+    assert served() == [3]
     config = model_dir / "config.pbtxt"
     original = config.read_text()
     config.write_text(original + "version_policy { latest { num_versions: 2 } }\n")
-    assert [v.version for v in read_model(repo, "classifier").versions] == [2, 3]
+    assert served() == [2, 3]
     config.write_text(original + "version_policy { specific { versions: [1, 3, 9] } }\n")
-    assert [v.version for v in read_model(repo, "classifier").versions] == [1, 3]
+    assert served() == [1, 3]
     config.write_text(original + "version_policy { all {} }\n")
-    assert [v.version for v in read_model(repo, "classifier").versions] == [1, 2, 3]
+    assert served() == [1, 2, 3]
 
 
 def test_metadata_from_model_json(tmp_path: Path) -> None:
     repo = make_model_repository(tmp_path)
-    source = read_model(repo, "classifier").versions[0]
+    source = read_model(repo, "classifier", parse_model_config).versions[0]
     metadata = read_metadata(source, {})
     assert metadata is not None and metadata.preprocessing is not None
     assert metadata.labels == ("class_0", "class_1", "class_2", "class_3")
@@ -41,7 +46,7 @@ def test_metadata_from_model_json(tmp_path: Path) -> None:
 
 def test_metadata_from_onnx_props_when_no_model_json(tmp_path: Path) -> None:
     repo = make_model_repository(tmp_path)
-    source = read_model(repo, "classifier").versions[0]
+    source = read_model(repo, "classifier", parse_model_config).versions[0]
     document = json.loads((source.directory / "model.json").read_text())
     (source.directory / "model.json").unlink()
     props = {key: json.dumps(value) for key, value in document.items()}
@@ -62,7 +67,7 @@ def test_broken_config_names_the_problem(tmp_path: Path, text: str, message: str
     repo = make_model_repository(tmp_path)
     (repo / "classifier" / "config.pbtxt").write_text(text)
     with pytest.raises(ModelLoadError, match=message):
-        read_model(repo, "classifier")
+        read_model(repo, "classifier", parse_model_config)
 
 
 def test_list_models_and_missing_repository(tmp_path: Path) -> None:
