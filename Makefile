@@ -60,7 +60,7 @@ images:
 CLIENT_VENV := .venv-client
 CLIENT_STAMP := $(CLIENT_VENV)/.installed
 
-$(CLIENT_STAMP): pyproject.toml $(wildcard server/*.py server/client/*.py)
+$(CLIENT_STAMP): pyproject.toml $(wildcard contracts/*.py server/*.py server/client/*.py)
 	@test -x $(CLIENT_VENV)/bin/python || python3 -m venv $(CLIENT_VENV)
 	@echo '*' > $(CLIENT_VENV)/.gitignore
 	$(CLIENT_VENV)/bin/pip install --quiet --disable-pip-version-check .
