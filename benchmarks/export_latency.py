@@ -43,11 +43,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from trainer.export.checkpoint import build_classifier, load_checkpoint
+from trainer.checkpoint import load_checkpoint
+from trainer.classifier import create_model, restore_classifier
 from trainer.export.graph import ServingModel
 from trainer.export.onnx_export import export_onnx
 from trainer.export.quantize import quantize_int8
-from trainer.models import create_model
 
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.229, 0.224, 0.225]
@@ -67,12 +67,14 @@ def subjects(checkpoint: Path | None) -> list[Subject]:
     torch.manual_seed(0)
     if checkpoint is not None:
         loaded = load_checkpoint(checkpoint)
-        classifier, _ = build_classifier(loaded)
-        pre = loaded["preprocessing"]
+        classifier, _ = restore_classifier(loaded)
+        pre = loaded.header.preprocessing
         demo = Subject(
-            f"demo {loaded['arch']} @{pre['input_size'][0]}px",
-            ServingModel(classifier, input_format="uint8-nhwc", mean=pre["mean"], std=pre["std"]),
-            int(pre["input_size"][0]),
+            f"demo {loaded.header.arch} @{pre.input_size[0]}px",
+            ServingModel(
+                classifier, input_format="uint8-nhwc", mean=list(pre.mean), std=list(pre.std)
+            ),
+            pre.input_size[0],
             str(checkpoint),
         )
     else:

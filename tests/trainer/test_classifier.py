@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torchvision.models import get_model
 
+from contracts.preprocessing import Preprocessing
+from trainer import checkpoint as ckpt
 from trainer.classifier import classifier_path, create_model, head_module_name, logits_dim
 from trainer.errors import ConfigError, WeightsUnavailable
 from trainer.layer_groups import HEAD, family, group_parameters, layer_groups
@@ -104,18 +106,23 @@ def test_trainer_checkpoint_path_uses_ema_weights_and_preprocessing(tmp_path: Pa
     source = create_model("resnet18", 4)
     ema = create_model("resnet18", 4)
     path = tmp_path / "best.pt"
-    pre = {"input_size": [48, 48], "resize_size": 60, "mean": [0.5] * 3, "std": [0.25] * 3}
-    torch.save(
-        {
-            "format": "finetune-checkpoint",
-            "format_version": 1,
-            "arch": "resnet18",
-            "model_state": source.state_dict(),
-            "ema_state": ema.state_dict(),
-            "preprocessing": pre,
-        },
-        path,
+    header = ckpt.CheckpointHeader(
+        arch="resnet18",
+        classes=("a", "b", "c", "d"),
+        head=ckpt.HeadSpec(),
+        preprocessing=Preprocessing((48, 48), 60, (0.5,) * 3, (0.25,) * 3),  # type: ignore[arg-type]
+        weights="none",
+        dataset_fingerprint={},
+        config={},
     )
+    written = ckpt.Checkpoint(
+        header,
+        ckpt.Position(ckpt.PHASE_ORDER["finetune"], 1, ckpt.EPOCH_DONE),
+        ckpt.Progress(),
+        model_state=source.state_dict(),
+        ema_state=ema.state_dict(),
+    )
+    path.write_bytes(ckpt.serialize(written))
     target = create_model("resnet18", 4)
     weights = resolve_weights("resnet18", str(path))
     assert load_starting_weights(target, weights) == []
