@@ -21,6 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 
 from server.config import ServerConfig, config_as_dict
+from server.decode_pool import DecodePool
 from server.errors import ModelLoadError
 from server.handlers.classification import ClassificationHandler
 from server.handlers.inference import InferenceHandler
@@ -120,8 +121,9 @@ async def build_server(
     classification = ClassificationHandler(
         manager,
         metrics,
-        decode_executor,
-        ImageLimits(config.max_image_bytes, config.max_image_pixels),
+        DecodePool(decode_executor, config.max_pending_images),
+        ImageLimits(config.max_image_bytes, config.max_image_pixels, config.max_image_aspect),
+        config.max_images_per_request,
     )
     endpoint = await start_grpc_server(config, inference, classification, metrics, state)
     http, metrics_port = None, None

@@ -112,6 +112,43 @@ class ServerConfig:
     max_image_pixels: int = field(
         default=50_000_000, metadata=_doc("Largest decoded image (width*height) accepted.")
     )
+    max_image_aspect: float = field(
+        default=32.0,
+        metadata=_doc(
+            "Largest ratio of an image's longer to its shorter side (its resize target's long "
+            "side is resize_size times this at most)."
+        ),
+    )
+    max_images_per_request: int = field(
+        default=64, metadata=_doc("Most images in one Classify request.")
+    )
+    max_pending_images: int = field(
+        default=256,
+        metadata=_doc("Images waiting for or in the decode pool; beyond it: RESOURCE_EXHAUSTED."),
+    )
+    max_concurrent_rpcs: int = field(
+        default=1024,
+        metadata=_doc("RPCs (streams included) handled at once; beyond it: RESOURCE_EXHAUSTED."),
+    )
+    max_concurrent_streams: int = field(
+        default=128, metadata=_doc("HTTP/2 streams one client connection may open at once.")
+    )
+    max_queued_bytes: int = field(
+        default=256 * MIB,
+        metadata=_doc(
+            "Bytes of inputs waiting in one version's batch queue; beyond it: RESOURCE_EXHAUSTED."
+        ),
+    )
+    stream_idle_timeout_s: float = field(
+        default=60.0,
+        metadata=_doc("A bidi stream with no request for this long is ended (0: never)."),
+    )
+    stream_max_duration_s: float = field(
+        default=3600.0, metadata=_doc("A bidi stream is ended after this long (0: never).")
+    )
+    metrics_host: str | None = field(
+        default=None, metadata=_doc("Address the metrics port binds to (default: host).")
+    )
     preprocess_workers: int = field(
         default=2, metadata=_doc("Threads decoding and resizing images.")
     )
@@ -124,6 +161,7 @@ class ServerConfig:
 def _validate(config: ServerConfig) -> None:
     _validate_choices(config)
     _validate_ranges(config)
+    _validate_limits(config)
     _validate_tls(config)
 
 
@@ -167,6 +205,24 @@ def _validate_ranges(config: ServerConfig) -> None:
             raise ConfigError(f"{name} must be >= 0")
     if any(size < 1 for size in config.warmup_batch_sizes):
         raise ConfigError("warmup_batch_sizes must be >= 1")
+
+
+def _validate_limits(config: ServerConfig) -> None:
+    counts = (
+        "max_images_per_request",
+        "max_pending_images",
+        "max_concurrent_rpcs",
+        "max_concurrent_streams",
+        "max_queued_bytes",
+    )
+    for name in counts:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.max_image_aspect < 1:
+        raise ConfigError(f"max_image_aspect must be >= 1, got {config.max_image_aspect}")
+    for name in ("stream_idle_timeout_s", "stream_max_duration_s"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must be >= 0")
 
 
 def _validate_tls(config: ServerConfig) -> None:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import Executor
 
 import numpy as np
 
+from server.decode_pool import DecodePool
 from server.errors import InvalidInput
 from server.handlers.common import RequestRecord, recorded
 from server.metrics import ServerMetrics
 from server.model_manager import ModelManager
 from server.model_version import ModelVersion
-from server.preprocess import ImageLimits, decode_images
+from server.preprocess import ImageLimits
 from server.types import ClassifyRequest, ClassifyResponse, Prediction, Tensor
 
 
@@ -46,17 +46,30 @@ class ClassificationHandler:
         self,
         manager: ModelManager,
         metrics: ServerMetrics,
-        decode_executor: Executor,
+        decoder: DecodePool,
         limits: ImageLimits,
+        max_images: int,
     ) -> None:
+        """
+        Args:
+            decoder: the bounded decode pool.
+            limits: what one image may cost to decode.
+            max_images: images per request at most (``max_images_per_request``).
+        """
         self.manager = manager
         self.metrics = metrics
-        self.decode_executor = decode_executor
+        self.decoder = decoder
         self.limits = limits
+        self.max_images = max_images
 
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
         record = RequestRecord()
         with recorded(self.metrics, record, request.deadline):
+            if len(request.images) > self.max_images:
+                raise InvalidInput(
+                    f"images: {len(request.images)} images; the limit (max_images_per_request) "
+                    f"is {self.max_images}"
+                )
             async with self.manager.lease(request.model_name, request.model_version) as model:
                 record.model, record.version = model.name, model.version_str
                 return await self._classify(model, request, record.started)
@@ -75,12 +88,11 @@ class ClassificationHandler:
         if limit > 0 and len(request.images) > limit:
             raise InvalidInput(f"images: {len(request.images)} images, the limit is {limit}")
         started = time.monotonic()
-        batch = await decode_images(
+        batch = await self.decoder.decode(
             request.images,
             model.metadata.preprocessing,
             model.metadata.input_format,
             self.limits,
-            self.decode_executor,
         )
         self.metrics.preprocess_seconds.labels(model.name, model.version_str).observe(
             time.monotonic() - started

@@ -126,3 +126,29 @@ def test_messages_over_grpcs_4_mib_default_are_accepted(model_repository: Path) 
     ):
         pb_grpc.ClassifierStub(channel).Classify(request, timeout=30)
     assert error.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_images_per_request_are_capped(model_repository: Path) -> None:
+    config = server_config(model_repository, max_images_per_request=2)
+    request = pb.ClassifyRequest(images=[_encode(a) for a in _arrays(3)])
+    with (
+        RunningServer(config) as server,
+        grpc.insecure_channel(server.target) as channel,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        pb_grpc.ClassifierStub(channel).Classify(request, timeout=10)
+    assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_images_per_request" in error.value.details()
+
+
+@pytest.mark.parametrize("size", [(1, 400_000), (400_000, 1)])
+def test_slivers_are_refused_naming_the_limit(
+    running_server: RunningServer, size: tuple[int, int]
+) -> None:
+    buffer = io.BytesIO()
+    Image.new("L", size).save(buffer, format="PNG")
+    request = pb.ClassifyRequest(images=[buffer.getvalue()])
+    with grpc.insecure_channel(running_server.target) as channel, pytest.raises(grpc.RpcError) as e:
+        pb_grpc.ClassifierStub(channel).Classify(request, timeout=10)
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_image_aspect" in e.value.details()
