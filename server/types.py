@@ -36,6 +36,8 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     # Absolute time.monotonic() deadline, from the RPC deadline.
     deadline: float | None = None
+    # Requested output -> k, for Triton's classification extension (top-k "score:index:label").
+    class_counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

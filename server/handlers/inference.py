@@ -97,11 +97,39 @@ class InferenceHandler:
         for name in request.requested_outputs:
             if name not in outputs:
                 raise InvalidInput(f"unknown output {name!r}; the model has {sorted(outputs)}")
+        for name in request.class_counts:
+            if outputs[name].datatype == "BYTES":
+                raise InvalidInput(f"output {name!r} is BYTES; classification needs numbers")
         values = await model.infer(request.inputs, request.deadline, record.started)
         names = request.requested_outputs or list(outputs)
+        tensors = []
+        for name in names:
+            k = request.class_counts.get(name, 0)
+            if k:
+                data = classification(values[name], k, model.labels, model.max_batch_size > 0)
+                tensors.append(Tensor(name, "BYTES", data))
+            else:
+                tensors.append(Tensor(name, outputs[name].datatype, np.asarray(values[name])))
         return InferResponse(
-            model_name=model.name,
-            model_version=model.version_str,
-            id=request.id,
-            outputs=[Tensor(n, outputs[n].datatype, np.asarray(values[n])) for n in names],
+            model_name=model.name, model_version=model.version_str, id=request.id, outputs=tensors
         )
+
+
+def classification(
+    values: np.ndarray, k: int, labels: tuple[str, ...], batched: bool
+) -> np.ndarray:
+    """Triton's classification extension: the k largest values of each row, as BYTES
+    ``"score:index:label"`` (``"score:index"`` for classes without a label), best first.
+
+    Args:
+        batched: the first axis is the batch (``max_batch_size > 0``); the result is then
+            [batch, k], else [k].
+    """
+    rows = np.asarray(values).reshape(values.shape[0] if batched else 1, -1)
+    k = min(k, rows.shape[1])
+    result = np.empty((rows.shape[0], k), dtype=np.object_)
+    for r, row in enumerate(rows):
+        for j, index in enumerate(np.argsort(-row, kind="stable")[:k]):
+            label = f":{labels[index]}" if index < len(labels) else ""
+            result[r, j] = f"{float(row[index]):f}:{index}{label}".encode()
+    return result if batched else result[0]

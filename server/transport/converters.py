@@ -76,6 +76,19 @@ def _raw_to_array(raw: bytes, datatype: str, shape: list[int], where: str) -> np
     return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
 
 
+# The numpy dtype each InferTensorContents field holds on the wire; protobuf has already
+# range-checked the values to it, so one np.array call converts a whole field.
+_FIELD_DTYPES: dict[str, np.dtype] = {
+    "bool_contents": np.dtype(np.bool_),
+    "int_contents": np.dtype(np.int32),
+    "int64_contents": np.dtype(np.int64),
+    "uint_contents": np.dtype(np.uint32),
+    "uint64_contents": np.dtype(np.uint64),
+    "fp32_contents": np.dtype(np.float32),
+    "fp64_contents": np.dtype(np.float64),
+}
+
+
 def _typed_to_array(
     contents: pb.InferTensorContents, datatype: str, shape: list[int], where: str
 ) -> np.ndarray:
@@ -94,23 +107,46 @@ def _typed_to_array(
         array[:] = list(values)
         return array.reshape(shape)
     dtype = DATATYPES[datatype]
-    wide = np.array(values, dtype=np.float64 if dtype.kind == "f" else None)
-    if dtype.kind in "iu" and count:
+    wide = np.array(values, dtype=_FIELD_DTYPES[field])
+    if dtype.kind in "iu" and dtype.itemsize < wide.dtype.itemsize and count:
         info = np.iinfo(dtype)
         if wide.min() < info.min or wide.max() > info.max:
             raise InvalidInput(f"{where}: values out of range for {datatype}")
-    return wide.astype(dtype).reshape(shape)
+    return wide.astype(dtype, copy=False).reshape(shape)
 
 
-def infer_request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
-    """Validate the wire format and build plain tensors; the handler checks the model's specs."""
-    raw = list(request.raw_input_contents)
+def _class_count(output: pb.ModelInferRequest.InferRequestedOutputTensor, where: str) -> int:
+    """Triton's ``classification`` output parameter (tritonclient's ``class_count``); 0: off."""
+    if "classification" not in output.parameters:
+        return 0
+    value = _parameter_value(output.parameters["classification"])
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInput(f"{where}: parameters['classification'] must be a positive integer")
+    return value
+
+
+def _requested_outputs(request: pb.ModelInferRequest) -> tuple[list[str], dict[str, int]]:
+    """Requested output names (each once) and their class counts, checked before any input."""
+    names: list[str] = []
+    class_counts: dict[str, int] = {}
+    for index, output in enumerate(request.outputs):
+        where = f"outputs[{index}] ({output.name!r})"
+        if output.name in class_counts:
+            raise InvalidInput(f"{where}: output requested more than once")
+        class_counts[output.name] = _class_count(output, where)
+        names.append(output.name)
+    return names, {name: k for name, k in class_counts.items() if k}
+
+
+def _check_inputs(request: pb.ModelInferRequest) -> list[list[int]]:
+    """Names, datatypes, shapes and raw byte lengths, before any tensor is materialised."""
+    raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
         )
     names: set[str] = set()
-    tensors = []
+    shapes = []
     for index, tensor in enumerate(request.inputs):
         where = f"inputs[{index}] ({tensor.name!r})"
         if tensor.name in names:
@@ -119,12 +155,33 @@ def infer_request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
         if tensor.datatype not in DATATYPES:
             raise InvalidInput(f"{where}: unknown datatype {tensor.datatype!r}")
         shape = list(tensor.shape)
-        has_typed = tensor.HasField("contents") and tensor.contents.ByteSize() > 0
-        if raw:
-            if has_typed:
+        count = _element_count(shape, where)
+        if raw and tensor.HasField("contents") and tensor.contents.ByteSize() > 0:
+            raise InvalidInput(f"{where}: sets contents while the request uses raw_input_contents")
+        if raw and tensor.datatype != "BYTES":
+            expected = count * DATATYPES[tensor.datatype].itemsize
+            if len(raw[index]) != expected:
                 raise InvalidInput(
-                    f"{where}: sets contents while the request uses raw_input_contents"
+                    f"{where}: raw contents are {len(raw[index])} bytes, shape {shape} of "
+                    f"{tensor.datatype} needs {expected}"
                 )
+        shapes.append(shape)
+    return shapes
+
+
+def infer_request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
+    """Validate the wire format and build plain tensors; the handler checks the model's specs.
+
+    Every check that needs no tensor (requested outputs, names, datatypes, shapes, byte
+    lengths, raw and typed mixed) runs before the first tensor is converted.
+    """
+    requested, class_counts = _requested_outputs(request)
+    shapes = _check_inputs(request)
+    raw = request.raw_input_contents
+    tensors = []
+    for index, (tensor, shape) in enumerate(zip(request.inputs, shapes, strict=True)):
+        where = f"inputs[{index}] ({tensor.name!r})"
+        if raw:
             array = _raw_to_array(raw[index], tensor.datatype, shape, where)
         else:
             array = _typed_to_array(tensor.contents, tensor.datatype, shape, where)
@@ -134,8 +191,9 @@ def infer_request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
         model_version=request.model_version,
         id=request.id,
         inputs=tensors,
-        requested_outputs=[o.name for o in request.outputs],
+        requested_outputs=requested,
         parameters=parameters_from_proto(request.parameters),
+        class_counts=class_counts,
     )
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 
@@ -15,6 +16,18 @@ from server.handlers.inference import InferenceHandler
 from server.transport import converters
 from server.transport.deadlines import deadline_of
 from server.transport.model_config import model_config_to_proto
+from server.types import InferRequest
+
+# Requests larger than this are converted on a worker thread, so a 64 MB request (typed or
+# BYTES contents convert element by element) never stalls the event loop and health with it.
+_CONVERT_ON_LOOP_BYTES = 256 * 1024
+
+
+async def _request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
+    if request.ByteSize() <= _CONVERT_ON_LOOP_BYTES:
+        return converters.infer_request_from_proto(request)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, converters.infer_request_from_proto, request)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -63,7 +76,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        plain = converters.infer_request_from_proto(request)
+        plain = await _request_from_proto(request)
         timeout = plain.parameters.get("timeout")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)):
             raise InvalidInput("parameters['timeout'] must be an integer (microseconds)")

@@ -97,3 +97,53 @@ def test_response_raw_or_typed() -> None:
     typed = infer_response_to_proto(response, raw=False)
     assert list(typed.outputs[0].contents.fp32_contents) == [0.5, 1.5]
     assert list(typed.outputs[0].shape) == [1, 2]
+
+
+def _request_with_outputs(*outputs: tuple[str, int]) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="x", datatype="FP32", shape=[2])
+    request.raw_input_contents.append(np.zeros(2, np.float32).tobytes())
+    for name, class_count in outputs:
+        output = request.outputs.add(name=name)
+        if class_count:
+            output.parameters["classification"].int64_param = class_count
+    return request
+
+
+def test_requested_outputs_and_class_counts() -> None:
+    plain = infer_request_from_proto(_request_with_outputs(("a", 0), ("b", 3)))
+    assert plain.requested_outputs == ["a", "b"]
+    assert plain.class_counts == {"b": 3}
+    with pytest.raises(InvalidInput, match=r"outputs\[1\] \('a'\): output requested more"):
+        infer_request_from_proto(_request_with_outputs(("a", 0), ("a", 0)))
+    with pytest.raises(InvalidInput, match="must be a positive integer"):
+        infer_request_from_proto(_request_with_outputs(("a", -2)))
+
+
+def test_outputs_are_checked_before_inputs_are_converted() -> None:
+    request = _request_with_outputs(("a", 0), ("a", 0))
+    request.raw_input_contents[0] = b"short"
+    with pytest.raises(InvalidInput, match="requested more than once"):
+        infer_request_from_proto(request)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "field", "values", "expected"),
+    [
+        ("INT8", "int_contents", [-128, 127], np.array([-128, 127], np.int8)),
+        ("UINT16", "uint_contents", [0, 65535], np.array([0, 65535], np.uint16)),
+        ("UINT64", "uint64_contents", [0, 2**64 - 1], np.array([0, 2**64 - 1], np.uint64)),
+        ("INT64", "int64_contents", [-(2**63), 5], np.array([-(2**63), 5], np.int64)),
+        ("FP32", "fp32_contents", [0.5, -1.0], np.array([0.5, -1.0], np.float32)),
+        ("BOOL", "bool_contents", [True, False], np.array([True, False])),
+    ],
+)
+def test_typed_contents_convert_exactly(
+    datatype: str, field: str, values: list, expected: np.ndarray
+) -> None:
+    request = pb.ModelInferRequest(model_name="m")
+    tensor = request.inputs.add(name="x", datatype=datatype, shape=[2])
+    getattr(tensor.contents, field).extend(values)
+    array = infer_request_from_proto(request).inputs[0].data
+    assert array.dtype == expected.dtype
+    np.testing.assert_array_equal(array, expected)

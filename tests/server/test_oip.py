@@ -129,3 +129,75 @@ def test_stream_infer_and_statistics(running_server: RunningServer) -> None:
     assert (stats.version, stats.inference_count) == ("1", 6)
     assert stats.inference_stats.success.count == 3
     assert 1 <= stats.execution_count <= 3
+
+
+def test_class_count_returns_tritons_top_k_strings(
+    running_server: RunningServer, model_repository: Path
+) -> None:
+    images = np.random.default_rng(5).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    client = triton.InferenceServerClient(running_server.target)
+    tensor = triton.InferInput("image", list(images.shape), "UINT8")
+    tensor.set_data_from_numpy(images)
+    result = client.infer(
+        "classifier",
+        [tensor],
+        outputs=[
+            triton.InferRequestedOutput("probabilities", class_count=3),
+            triton.InferRequestedOutput("logits"),
+        ],
+    )
+    top = result.as_numpy("probabilities")
+    assert top.shape == (2, 3) and top.dtype == np.object_
+    _, probabilities = _reference(model_repository, images)
+    labels = (model_repository / "classifier" / "labels.txt").read_text().split()
+    for row, expected in zip(top, probabilities, strict=True):
+        indices = [int(entry.decode().split(":")[1]) for entry in row]
+        assert indices == list(np.argsort(-expected, kind="stable")[:3])
+        score, index, label = row[0].decode().split(":")
+        assert float(score) == pytest.approx(expected.max(), abs=1e-5)
+        assert label == labels[int(index)]
+    assert result.as_numpy("logits").shape == (2, 4)
+
+
+def test_output_requested_many_times_is_invalid(running_server: RunningServer) -> None:
+    request = pb.ModelInferRequest(model_name="classifier")
+    request.inputs.add(name="image", datatype="UINT8", shape=[1, 32, 32, 3])
+    request.raw_input_contents.append(bytes(32 * 32 * 3))
+    for _ in range(100_000):
+        request.outputs.add(name="probabilities")
+    with grpc.insecure_channel(running_server.target) as channel, pytest.raises(grpc.RpcError) as e:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "requested more than once" in e.value.details()
+
+
+@pytest.mark.parametrize(
+    ("outputs", "message"),
+    [
+        (["nope"], "unknown output 'nope'"),
+        (["logits", "probabilities", "extra"], "unknown output 'extra'"),
+    ],
+)
+def test_unknown_outputs_are_invalid(
+    running_server: RunningServer, outputs: list[str], message: str
+) -> None:
+    request = pb.ModelInferRequest(model_name="classifier")
+    request.inputs.add(name="image", datatype="UINT8", shape=[1, 32, 32, 3])
+    request.raw_input_contents.append(bytes(32 * 32 * 3))
+    for name in outputs:
+        request.outputs.add(name=name)
+    with grpc.insecure_channel(running_server.target) as channel, pytest.raises(grpc.RpcError) as e:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert message in e.value.details()
+
+
+def test_large_typed_request_is_checked_before_conversion(running_server: RunningServer) -> None:
+    """A ~16 MB typed request with a wrong shape is refused on the shape, not converted."""
+    request = pb.ModelInferRequest(model_name="classifier")
+    tensor = request.inputs.add(name="image", datatype="UINT8", shape=[2**40, 2**40])
+    tensor.contents.uint_contents.extend(range(4_000_000))
+    with grpc.insecure_channel(running_server.target) as channel, pytest.raises(grpc.RpcError) as e:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "too large" in e.value.details()
