@@ -20,6 +20,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from contracts.cpu_budget import cpu_budget
 from server.config import ServerConfig, config_as_dict
 from server.decode_pool import DecodePool
 from server.errors import ModelLoadError
@@ -29,6 +30,7 @@ from server.lifecycle import DrainTarget, ServerState, drain
 from server.metrics import ServerMetrics
 from server.model_manager import ModelManager
 from server.preprocess import ImageLimits
+from server.thread_plan import plan_threads
 from server.transport.grpc_server import GrpcEndpoint, format_address, start_grpc_server
 from server.transport.model_config import parse_model_config
 
@@ -113,9 +115,18 @@ async def build_server(
     registry = registry if registry is not None else CollectorRegistry()
     metrics = ServerMetrics(registry)
     state = ServerState()
-    manager = ModelManager(config, metrics, parse_model_config)
+    threads = plan_threads(
+        cpu_budget(),
+        instances=config.instances,
+        intra_op_threads=config.intra_op_threads,
+        inter_op_threads=config.inter_op_threads,
+        decode_workers=config.preprocess_workers,
+    )
+    log.info("%s", threads.describe())
+    metrics.cpu_budget.set(threads.budget.cpus)
+    manager = ModelManager(config, metrics, parse_model_config, threads)
     decode_executor = ThreadPoolExecutor(
-        max_workers=config.preprocess_workers, thread_name_prefix="decode"
+        max_workers=threads.decode_workers, thread_name_prefix="decode"
     )
     inference = InferenceHandler(manager, metrics)
     classification = ClassificationHandler(

@@ -73,16 +73,28 @@ class ServerConfig:
         ),
     )
     intra_op_threads: int = field(
-        default=0, metadata=_doc("onnxruntime intra-op threads per session (0: its default).")
+        default=0,
+        metadata=_doc(
+            "onnxruntime intra-op threads per session (0: the pod's CPU budget, from the cgroup "
+            "quota and CPU affinity, divided by instances)."
+        ),
     )
     inter_op_threads: int = field(
-        default=0, metadata=_doc("onnxruntime inter-op threads per session (0: its default).")
+        default=0, metadata=_doc("onnxruntime inter-op threads per session (0: one).")
     )
     graph_optimization: str = field(
         default="all", metadata=_doc("onnxruntime graph optimisation: disable|basic|extended|all.")
     )
     warmup_batch_sizes: tuple[int, ...] = field(
-        default=(1,), metadata=_doc("Batch sizes run once per session before serving.")
+        default=(),
+        metadata=_doc(
+            "Batch sizes run once per session before a version serves (empty: every size the "
+            "batcher can form, 1 to max_batch_size)."
+        ),
+    )
+    warmup_timeout_s: float = field(
+        default=120.0,
+        metadata=_doc("Longest warm-up per version (0: none); sizes left then stay cold (logged)."),
     )
     poll_interval_s: float = field(
         default=5.0, metadata=_doc("Seconds between repository polls for new versions (0: off).")
@@ -150,7 +162,7 @@ class ServerConfig:
         default=None, metadata=_doc("Address the metrics port binds to (default: host).")
     )
     preprocess_workers: int = field(
-        default=2, metadata=_doc("Threads decoding and resizing images.")
+        default=0, metadata=_doc("Threads decoding and resizing images (0: the CPU budget).")
     )
     log_level: str = field(default="INFO", metadata=_doc("Python logging level."))
 
@@ -188,19 +200,18 @@ def _validate_ranges(config: ServerConfig) -> None:
         "max_message_bytes",
         "max_image_bytes",
         "max_image_pixels",
-        "preprocess_workers",
     )
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
-    for name in ("intra_op_threads", "inter_op_threads"):
+    for name in ("intra_op_threads", "inter_op_threads", "preprocess_workers"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0")
     if config.max_batch_size is not None and config.max_batch_size < 1:
         raise ConfigError(f"max_batch_size must be >= 1, got {config.max_batch_size}")
     if config.max_queue_delay_us is not None and config.max_queue_delay_us < 0:
         raise ConfigError("max_queue_delay_us must be >= 0")
-    for name in ("poll_interval_s", "drain_delay_s", "grace_period_s"):
+    for name in ("poll_interval_s", "drain_delay_s", "grace_period_s", "warmup_timeout_s"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0")
     if any(size < 1 for size in config.warmup_batch_sizes):

@@ -117,6 +117,11 @@ class ServerMetrics:
         self.inflight = Gauge(
             "inference_inflight_requests", "Inference RPCs being handled now.", registry=registry
         )
+        self.cpu_budget = Gauge(
+            "server_cpu_budget",
+            "CPUs the server sizes its threads by: min(CPU affinity, cgroup CPU quota).",
+            registry=registry,
+        )
         self.model_loads = Counter(
             "model_loads_total",
             "Model versions loaded and warmed up.",

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from contracts.cpu_budget import cpu_budget
 from server.batching import BatchingSettings
 from server.config import ServerConfig
 from server.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServerError
@@ -31,6 +32,7 @@ from server.repository import (
     read_metadata,
     read_model,
 )
+from server.thread_plan import ThreadPlan, plan_threads
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +65,21 @@ class ModelManager:
     """Owns every loaded version; looks them up for handlers; reloads on change."""
 
     def __init__(
-        self, settings: ServerConfig, metrics: ServerMetrics, parse_config: ConfigParser
+        self,
+        settings: ServerConfig,
+        metrics: ServerMetrics,
+        parse_config: ConfigParser,
+        threads: ThreadPlan | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.parse_config = parse_config
+        self.threads = threads or plan_threads(
+            cpu_budget(),
+            instances=settings.instances,
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+        )
         self._models: dict[str, dict[int, ModelVersion]] = {}
         self._rejected: dict[tuple[str, int], float] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -198,7 +210,7 @@ class ModelManager:
     async def _load(self, model_source: ModelSource, source: VersionSource) -> ModelVersion | None:
         started = time.monotonic()
         try:
-            sessions, metadata = await asyncio.to_thread(self._load_sessions, source)
+            sessions, metadata = await asyncio.to_thread(self._load_sessions, model_source, source)
         except ServerError as error:
             self._reject(source, error)
             return None
@@ -230,18 +242,53 @@ class ModelManager:
         )
         return model
 
-    def _load_sessions(self, source: VersionSource) -> tuple[OnnxSessions, ExportMetadata | None]:
+    def _load_sessions(
+        self, model_source: ModelSource, source: VersionSource
+    ) -> tuple[OnnxSessions, ExportMetadata | None]:
         settings = SessionSettings(
             providers=self.settings.providers,
             instances=self.settings.instances,
-            intra_op_threads=self.settings.intra_op_threads,
-            inter_op_threads=self.settings.inter_op_threads,
+            intra_op_threads=self.threads.intra_op_threads,
+            inter_op_threads=self.threads.inter_op_threads,
+            allow_spinning=self.threads.allow_spinning,
             graph_optimization=self.settings.graph_optimization,
         )
         sessions = OnnxSessions(source.onnx_path, settings)
         metadata = read_metadata(source, sessions.custom_metadata)
-        sessions.warm_up(self.settings.warmup_batch_sizes)
+        self._warm_up(sessions, model_source, source)
         return sessions, metadata
+
+    def _warm_up(
+        self, sessions: OnnxSessions, model_source: ModelSource, source: VersionSource
+    ) -> None:
+        """Run every batch size the batcher can form before the version serves.
+
+        The first run of a shape pays graph and allocator set-up (on a GPU, cuDNN's algorithm
+        search): without this, every rollout shows as a burst of p99 spikes.
+        """
+        sizes = list(self.settings.warmup_batch_sizes)
+        if not sizes:
+            batching = batching_settings(self.settings, model_source.spec, sessions.instances)
+            sizes = list(range(1, max(1, batching.max_batch_size) + 1))
+        started = time.monotonic()
+        warmed = sessions.warm_up(sizes, self.settings.warmup_timeout_s)
+        seconds = time.monotonic() - started
+        log.info(
+            "model %s version %d warmed up at batch sizes %s in %.2fs",
+            source.model_name,
+            source.version,
+            _ranges(warmed),
+            seconds,
+        )
+        if len(warmed) < len(sizes):
+            log.warning(
+                "model %s version %d: warm-up stopped after %.0fs (warmup_timeout_s); batch "
+                "sizes %s stay cold until first used",
+                source.model_name,
+                source.version,
+                self.settings.warmup_timeout_s,
+                _ranges(sizes[len(warmed) :]),
+            )
 
     def _reject(self, source: VersionSource, error: BaseException) -> None:
         log.error(
@@ -287,3 +334,14 @@ class ModelManager:
 
 def _precision(metadata: ExportMetadata | None) -> str:
     return (metadata.precision if metadata else None) or "unknown"
+
+
+def _ranges(sizes: list[int]) -> str:
+    """``[1, 2, 3, 5]`` -> ``"1-3,5"``: short log lines for 32 or 256 batch sizes."""
+    runs: list[list[int]] = []
+    for size in sizes:
+        if runs and size == runs[-1][-1] + 1:
+            runs[-1].append(size)
+        else:
+            runs.append([size])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs) or "none"

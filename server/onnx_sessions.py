@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ class SessionSettings:
     instances: int = 1
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    allow_spinning: bool = True
     graph_optimization: str = "all"
 
 
@@ -113,6 +115,9 @@ class OnnxSessions:
         options.graph_optimization_level = _GRAPH_LEVELS[settings.graph_optimization]
         options.intra_op_num_threads = settings.intra_op_threads
         options.inter_op_num_threads = settings.inter_op_threads
+        spinning = "1" if settings.allow_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
         try:
             self._sessions = [
                 ort.InferenceSession(str(onnx_path), sess_options=options, providers=wanted)
@@ -197,9 +202,16 @@ class OnnxSessions:
                 result[spec.name] = np.zeros(shape, dtype=spec.dtype)
         return result
 
-    def warm_up(self, batch_sizes: Sequence[int]) -> None:
-        """Run every session once per batch size, so the first request pays no setup cost."""
+    def warm_up(self, batch_sizes: Sequence[int], timeout_s: float) -> list[int]:
+        """Run every session once per batch size, so no request pays a shape's first run.
+
+        Stops after ``timeout_s`` (the sizes left stay cold); returns the sizes warmed.
+        """
+        deadline = time.monotonic() + timeout_s
+        warmed: list[int] = []
         for batch_size in batch_sizes:
+            if time.monotonic() >= deadline:
+                break
             example = self.example_inputs(batch_size)
             for session in self._sessions:
                 try:
@@ -211,3 +223,5 @@ class OnnxSessions:
                     raise ModelLoadError(
                         f"{self.path}: warm-up at batch size {batch_size} failed: {error}"
                     ) from None
+            warmed.append(batch_size)
+        return warmed

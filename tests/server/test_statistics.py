@@ -74,7 +74,7 @@ def test_a_failing_computation_counts_as_failure(tmp_path: Path) -> None:
     # Version 2 loads but fails in onnxruntime; without warm-up nothing runs it before serving.
     repo = make_model_repository(tmp_path / "models", config_extra="version_policy { all {} }\n")
     write_failing_version(repo / "classifier" / "2")
-    config = server_config(repo, warmup_batch_sizes=())
+    config = server_config(repo, warmup_timeout_s=0)
     with RunningServer(config) as server:
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)

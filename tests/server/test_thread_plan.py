@@ -1,0 +1,124 @@
+"""Threads sized by the pod's CPU budget, and every batch size warm before serving."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from repository_factory import make_model_repository
+from server_harness import RunningServer, server_config
+
+from contracts.cpu_budget import CpuBudget
+from server.thread_plan import plan_threads
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _budget(cpus: int, host: int) -> CpuBudget:
+    return CpuBudget(cpus=cpus, affinity=host, quota=cpus, host_cpus=host, source="cgroup quota")
+
+
+def test_plan_divides_the_budget_between_sessions() -> None:
+    plan = plan_threads(_budget(4, 64), instances=2)
+    assert (plan.intra_op_threads, plan.inter_op_threads, plan.decode_workers) == (2, 1, 4)
+    assert plan.allow_spinning is False  # 4 of 64 cores: spinning would burn the quota
+    assert "spinning off" in plan.describe()
+
+
+def test_plan_gives_every_session_a_thread_and_spins_on_a_whole_machine() -> None:
+    plan = plan_threads(_budget(2, 2), instances=4)
+    assert plan.intra_op_threads == 1
+    assert plan.allow_spinning is True
+
+
+def test_explicit_settings_win_over_the_budget() -> None:
+    plan = plan_threads(
+        _budget(1, 8), instances=1, intra_op_threads=6, inter_op_threads=2, decode_workers=3
+    )
+    assert (plan.intra_op_threads, plan.inter_op_threads, plan.decode_workers) == (6, 2, 3)
+
+
+def _settled_thread_count(pid: int) -> int:
+    """The process's thread count once it has not changed for a second (grpc starts pollers
+    lazily; a loaded machine may take a while)."""
+    count, stable_since = -1, time.monotonic()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        current = len(os.listdir(f"/proc/{pid}/task"))
+        if current != count:
+            count, stable_since = current, time.monotonic()
+        elif time.monotonic() - stable_since >= 1.0:
+            break
+        time.sleep(0.1)
+    return count
+
+
+def _pinned_server_threads(repo: Path, *flags: str) -> tuple[int, str]:
+    """Start the server pinned to one CPU; return its thread count once serving, and its log."""
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        pytest.skip("taskset (util-linux) is not installed")
+    one_cpu = str(min(os.sched_getaffinity(0)))
+    command = [
+        taskset, "-c", one_cpu,
+        sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())",
+        "--model-repository", str(repo), "--host", "127.0.0.1", "--grpc-port", "0",
+        "--metrics-port", "-1", "--poll-interval-s", "0", "--drain-delay-s", "0", *flags,
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            if "serving models" in line:
+                break
+        threads = _settled_thread_count(process.pid)
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = "".join(lines)
+    assert "serving models" in log, log[-3000:]
+    return threads, log
+
+
+@pytest.mark.slow
+def test_server_pinned_to_one_cpu_runs_one_intra_op_thread(tmp_path: Path) -> None:
+    repo = make_model_repository(tmp_path / "models")
+    default_threads, log = _pinned_server_threads(repo)
+    assert re.search(r"cpu budget 1 \(from cpu affinity; affinity 1 of", log), log[-3000:]
+    assert "onnxruntime 1 intra-op and 1 inter-op thread(s) per session" in log
+    # With intra_op_threads=1 onnxruntime starts no pool thread; asking for 3 starts 2 more.
+    explicit_threads, _ = _pinned_server_threads(repo, "--intra-op-threads", "3")
+    assert explicit_threads - default_threads >= 2, (default_threads, explicit_threads)
+
+
+def test_every_batch_size_is_warm_before_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = make_model_repository(tmp_path / "models", max_batch_size=6)
+    caplog.set_level(logging.INFO, logger="server.model_manager")
+    with RunningServer(server_config(repo)) as server:
+        assert server.sample("server_cpu_budget") >= 1
+    assert "warmed up at batch sizes 1-6" in caplog.text
+
+
+def test_warm_up_timeout_zero_turns_it_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = make_model_repository(tmp_path / "models", max_batch_size=6)
+    caplog.set_level(logging.INFO, logger="server.model_manager")
+    with RunningServer(server_config(repo, warmup_timeout_s=0)):
+        pass
+    assert "warmed up at batch sizes none" in caplog.text
+    assert "batch sizes 1-6 stay cold" in caplog.text
