@@ -19,7 +19,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server._proto.finetune.v1 import classifier_pb2, classifier_pb2_grpc
 from server._proto.inference import grpc_service_pb2 as oip_pb2
 from server._proto.inference import grpc_service_pb2_grpc as oip_grpc
-from server.client.connection import ConnectionOptions, create_aio_channel, create_channel
+from server.client.connection import (
+    ConnectionOptions,
+    create_aio_channel,
+    create_channel,
+    resolve_options,
+)
 from server.client.tensors import build_infer_request, parse_infer_response
 
 
@@ -109,9 +114,14 @@ def _status_name(response: health_pb2.HealthCheckResponse) -> str:
 
 
 class InferenceClient:
-    """Blocking client. Use as a context manager, or call :meth:`close`."""
+    """Blocking client. Use as a context manager, or call :meth:`close`.
 
-    def __init__(self, options: ConnectionOptions) -> None:
+    ``InferenceClient("localhost:8001")`` or ``InferenceClient("host:443", tls=True,
+    token=...)``, as with tritonclient; or ``InferenceClient(ConnectionOptions(...))``.
+    """
+
+    def __init__(self, options: ConnectionOptions | str, **connection: Any) -> None:
+        options = resolve_options(options, **connection)
         self.options = options
         self._channel = create_channel(options)
         self._classifier = classifier_pb2_grpc.ClassifierStub(self._channel)
@@ -177,9 +187,13 @@ class InferenceClient:
 
 
 class AsyncInferenceClient:
-    """asyncio client; create it inside the running event loop that will use it."""
+    """asyncio client; create it inside the running event loop that will use it.
 
-    def __init__(self, options: ConnectionOptions) -> None:
+    Takes ``"HOST:PORT"`` and keywords, or ``ConnectionOptions``, like ``InferenceClient``.
+    """
+
+    def __init__(self, options: ConnectionOptions | str, **connection: Any) -> None:
+        options = resolve_options(options, **connection)
         self.options = options
         self.channel = create_aio_channel(options)
         self._classifier = classifier_pb2_grpc.ClassifierStub(self.channel)

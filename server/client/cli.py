@@ -54,14 +54,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+DEFAULT_TARGET = "localhost:8001"
+
+
 def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     group = parser.add_argument_group("connection (each flag also reads CLIENT_<FLAG>)")
     group.add_argument(
         "--target",
-        default=env("CLIENT_TARGET"),
-        required=env("CLIENT_TARGET") is None,
-        help="server address HOST:PORT",
+        default=env("CLIENT_TARGET") or DEFAULT_TARGET,
+        help=f"server address HOST:PORT (default: $CLIENT_TARGET, else {DEFAULT_TARGET})",
     )
     group.add_argument(
         "--tls",

@@ -85,6 +85,43 @@ class ConnectionOptions:
         )
 
 
+# tritonclient's keyword names -> ours, so code written for tritonclient keeps its habits.
+_TRITONCLIENT_NAMES = {
+    "url": "target",
+    "ssl": "tls",
+    "root_certificates": "ca_cert",
+    "private_key": "client_key",
+    "certificate_chain": "client_cert",
+}
+# tritonclient keywords that change nothing here (logging, keepalive and channel tuning).
+_IGNORED = frozenset({"verbose", "keepalive_options", "channel_args", "creds"})
+_PATH_FIELDS = frozenset({"ca_cert", "client_cert", "client_key"})
+
+
+def resolve_options(target: ConnectionOptions | str, **options: object) -> ConnectionOptions:
+    """Connection options from ``"HOST:PORT"`` and keywords, or from ready-made options.
+
+    Keywords are ``ConnectionOptions``' fields; tritonclient's names (``ssl``,
+    ``root_certificates``, ``private_key``, ``certificate_chain``) are accepted as aliases and
+    its ``verbose``, ``keepalive_options``, ``channel_args`` and ``creds`` are ignored.
+
+    Raises:
+        ClientConfigError: an unknown keyword or an inconsistent combination.
+    """
+    fields = {f.name for f in dataclasses.fields(ConnectionOptions)}
+    values: dict[str, object] = {}
+    for key, value in options.items():
+        if key in _IGNORED:
+            continue
+        name = _TRITONCLIENT_NAMES.get(key, key)
+        if name not in fields or name == "target":
+            raise ClientConfigError(f"unknown connection option {key!r}")
+        values[name] = Path(str(value)) if name in _PATH_FIELDS and value is not None else value
+    if isinstance(target, ConnectionOptions):
+        return dataclasses.replace(target, **values)  # type: ignore[arg-type]
+    return ConnectionOptions(target=target, **values)  # type: ignore[arg-type]
+
+
 def read_token_file(path: Path) -> str:
     """Reads a bearer token from a file, stripping the trailing newline editors add."""
     try:

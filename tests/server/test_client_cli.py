@@ -170,3 +170,17 @@ def test_argument_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     missing = tmp_path / "token"
     assert main(["health", "--target", "127.0.0.1:1", "--token-file", str(missing)]) == 2
     assert "cannot read token file" in capsys.readouterr().err
+
+
+def test_target_defaults_to_the_environment_then_localhost(
+    running_server: RunningServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("CLIENT_TARGET", running_server.target)
+    assert main(["health"]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+    monkeypatch.delenv("CLIENT_TARGET")
+    from server.client.cli import build_parser
+
+    assert build_parser().parse_args(["health"]).target == "localhost:8001"

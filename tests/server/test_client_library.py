@@ -223,3 +223,27 @@ def test_mutual_tls_and_token(tmp_path: Path, model_repository: Path) -> None:
         with InferenceClient(no_client_cert) as client, pytest.raises(RequestError) as refused:
             client.health()
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_client_accepts_host_port_and_keywords(running_server: RunningServer) -> None:
+    with InferenceClient(running_server.target) as client:
+        assert client.health() == "SERVING"
+    with InferenceClient(running_server.target, timeout_s=5.0, verbose=True) as client:
+        assert client.options.timeout_s == 5.0
+        assert client.health() == "SERVING"
+    with pytest.raises(ClientConfigError, match="unknown connection option 'colour'"):
+        InferenceClient(running_server.target, colour="blue")
+    options = ConnectionOptions(target=running_server.target)
+    with InferenceClient(options, ssl=False) as client:
+        assert client.options.tls is False and client.health() == "SERVING"
+
+
+def test_async_client_accepts_host_port(running_server: RunningServer) -> None:
+    async def health() -> str:
+        client = AsyncInferenceClient(running_server.target)
+        try:
+            return await client.health()
+        finally:
+            await client.close()
+
+    assert asyncio.run(health()) == "SERVING"
