@@ -355,7 +355,7 @@ class Endpoint:
     metrics_port: int | None
 
 
-def start_servers(
+def start_servers(  # noqa: PLR0913  the systems under test need the case, its files and the run's directories
     stack: contextlib.ExitStack,
     case: ModelCase,
     repo: Path,
@@ -421,7 +421,7 @@ def start_servers(
     return ready
 
 
-def bench_model(
+def bench_model(  # noqa: PLR0913  one benchmark cell: the case, its files and the run's directories
     case: ModelCase,
     repo: Path,
     onnx_path: Path,

@@ -52,13 +52,13 @@ from torchvision import datasets, transforms
 
 from trainer import phases
 from trainer.augment import AugmentSettings, BatchPreparer
+from trainer.classifier import create_model
 from trainer.config import TrainConfig
 from trainer.data import DatasetSplit, scan_dataset
 from trainer.demo_data import DemoDataSpec, make_demo_data
+from trainer.input_pipeline import Pipeline, build_pipeline
 from trainer.layer_groups import LayerGroup, layer_groups
 from trainer.loop import train_one_epoch
-from trainer.classifier import create_model
-from trainer.input_pipeline import Pipeline, build_pipeline
 from trainer.process_setup import DistInfo, select_amp
 from trainer.weights import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
@@ -123,7 +123,7 @@ class Side:
 # ---------------------------------------------------------------- the tutorial-style baseline
 
 
-def tutorial_side(
+def tutorial_side(  # noqa: PLR0913  the tutorial loop's knobs, spelled out as the tutorial does
     model: nn.Module,
     root: Path,
     trainable_prefixes: tuple[str, ...],
@@ -168,7 +168,7 @@ def _owned(name: str, prefixes: tuple[str, ...]) -> bool:
 # ---------------------------------------------------------------- the trainer's own pipeline
 
 
-def trainer_side(
+def trainer_side(  # noqa: PLR0913  the trainer's parts, built by the caller as run.py builds them
     model: nn.Module,
     groups: list[LayerGroup],
     phase: phases.Phase,

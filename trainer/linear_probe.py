@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F  # noqa: N812 (torch's own convention)
@@ -39,20 +40,25 @@ class ProbeResult:
             head.bias.copy_(self.bias.to(head.bias))
 
 
+class LabelledFeatures(NamedTuple):
+    """Pooled backbone features (N, D) and their class indices (N,)."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+
 def fit_linear_probe(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    val_features: torch.Tensor,
-    val_labels: torch.Tensor,
+    train: LabelledFeatures,
+    val: LabelledFeatures,
     num_classes: int,
     l2_grid: Sequence[float] = L2_GRID,
     class_weights: torch.Tensor | None = None,
 ) -> ProbeResult:
     """Fit a multinomial logistic regression for each L2 strength; keep the best on val."""
-    x = train_features.detach().double()
-    y = train_labels.detach().long()
-    vx = val_features.detach().double()
-    vy = val_labels.detach().long()
+    x = train.features.detach().double()
+    y = train.labels.detach().long()
+    vx = val.features.detach().double()
+    vy = val.labels.detach().long()
     # Standardising the features makes one grid of strengths fit every backbone's scale; the
     # scaling is folded back into the weights, so the head still takes raw features.
     mean = x.mean(0)

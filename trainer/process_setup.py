@@ -7,12 +7,12 @@ import os
 import random
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from contracts.cpu_budget import cpu_budget
 from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -127,25 +127,12 @@ def configure_threads(environ: dict[str, str] | None = None) -> int:
     env = dict(os.environ) if environ is None else environ
     if env.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    quota = _cgroup_cpu_quota()
-    if quota is not None:
-        available = min(available, quota)
+    available = cpu_budget().cpus
     local_ranks = int(env.get("LOCAL_WORLD_SIZE", "1") or 1)
     threads = max(1, available // max(1, local_ranks))
     if threads < torch.get_num_threads():
         torch.set_num_threads(threads)
     return torch.get_num_threads()
-
-
-def _cgroup_cpu_quota() -> int | None:
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
-        return None
-    if quota == "max":
-        return None
-    return max(1, int(int(quota) / int(period)))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -102,7 +102,7 @@ def build_classifier_onnx(
     return model
 
 
-def config_pbtxt(
+def config_pbtxt(  # noqa: PLR0913  each keyword is one field of the generated config.pbtxt
     name: str,
     *,
     num_classes: int,
@@ -148,7 +148,7 @@ def model_json(labels: Sequence[str], input_size: tuple[int, int], resize_size: 
     }
 
 
-def write_version(
+def write_version(  # noqa: PLR0913  each keyword is one property of the generated version
     model_dir: Path,
     version: int,
     *,
@@ -176,7 +176,7 @@ def write_version(
     return target
 
 
-def make_model_repository(
+def make_model_repository(  # noqa: PLR0913  each keyword is one property of the generated repository
     path: Path,
     *,
     name: str = "classifier",

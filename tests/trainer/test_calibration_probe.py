@@ -8,7 +8,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from trainer.calibration import expected_calibration_error, fit_temperature
-from trainer.linear_probe import fit_linear_probe
+from trainer.linear_probe import LabelledFeatures, fit_linear_probe
 
 
 def _centres(classes: int, dim: int, seed: int) -> torch.Tensor:
@@ -56,7 +56,7 @@ def test_probe_matches_scikit_learn_logistic_regression() -> None:
     centres = _centres(5, 32, seed=2)
     x, y = _blobs(centres, 400, spread=4.0, seed=2)
     vx, vy = _blobs(centres, 200, spread=4.0, seed=3)
-    result = fit_linear_probe(x, y, vx, vy, num_classes=5)
+    result = fit_linear_probe(LabelledFeatures(x, y), LabelledFeatures(vx, vy), num_classes=5)
     reference = LogisticRegression(max_iter=5000).fit(x.numpy(), y.numpy())
     reference_accuracy = reference.score(vx.numpy(), vy.numpy())
     assert result.val_accuracy >= 0.95 * reference_accuracy
@@ -74,8 +74,9 @@ def test_probe_class_weights_lift_the_rare_class() -> None:
     keep = (y == 0) | (torch.arange(600) % 10 == 1)  # class 1 is a tenth as common
     x, y = x[keep], y[keep]
     counts = torch.bincount(y, minlength=2).double()
-    plain = fit_linear_probe(x, y, x, y, 2, l2_grid=(1e-3,))
-    balanced = fit_linear_probe(x, y, x, y, 2, l2_grid=(1e-3,), class_weights=counts.sum() / counts)
+    both = LabelledFeatures(x, y)
+    plain = fit_linear_probe(both, both, 2, l2_grid=(1e-3,))
+    balanced = fit_linear_probe(both, both, 2, l2_grid=(1e-3,), class_weights=counts.sum() / counts)
 
     def recall_of_rare(result) -> float:
         predicted = (x @ result.weight.T + result.bias).argmax(1)

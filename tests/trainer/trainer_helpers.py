@@ -13,7 +13,7 @@ from trainer.config import TrainConfig, resolve_config
 FORMATS = ("png", "jpg", "bmp", "webp")
 
 
-def make_image_folder(
+def make_image_folder(  # noqa: PLR0913  each argument is one property of the generated folder
     root: Path,
     classes: tuple[str, ...] = ("circle", "square", "triangle"),
     train_per_class: int = 8,

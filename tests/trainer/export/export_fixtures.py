@@ -17,7 +17,7 @@ MEAN = [0.485, 0.456, 0.406]
 STD = [0.229, 0.224, 0.225]
 
 
-def make_checkpoint(
+def make_checkpoint(  # noqa: PLR0913  each keyword is one property of the generated checkpoint
     path: Path,
     arch: str,
     *,
