@@ -105,12 +105,24 @@ class _Guard:
         if self._tracked:
             self._interceptor.state.enter()
 
+    def _client_left(self, error: BaseException) -> bool:
+        """Whether the RPC ended because the client went away, not because of a fault.
+
+        grpc closes a streaming handler's generator (GeneratorExit) when the client
+        disconnects mid-stream; anything raised after the client cancelled is its echo.
+        """
+        if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            return True
+        cancelled = getattr(self._context, "cancelled", None)
+        return bool(cancelled is not None and cancelled())
+
     async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
         code, message = grpc.StatusCode.OK, ""
-        if isinstance(error, asyncio.CancelledError):
-            code = grpc.StatusCode.CANCELLED
-        elif isinstance(error, grpc.aio.AbortError):
+        if isinstance(error, grpc.aio.AbortError):
             code = self._context.code() or grpc.StatusCode.UNKNOWN
+        elif error is not None and self._client_left(error):
+            code = grpc.StatusCode.CANCELLED
+            log.debug("client left %s: %r", self._labels[1], error)
         elif error is not None:
             code, message = status_for(error)
             if code is grpc.StatusCode.INTERNAL:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_helpers import infer_request
@@ -99,3 +103,48 @@ def test_server_ready_and_model_ready(running_server: RunningServer) -> None:
             return live, ready, model
 
     assert asyncio.run(scenario()) == (True, True, True)
+
+
+_ABRUPT_REFLECTION_CLIENT = """
+import os, sys, time, grpc
+from grpc_reflection.v1alpha import reflection_pb2 as pb, reflection_pb2_grpc as pb_grpc
+stub = pb_grpc.ServerReflectionStub(grpc.insecure_channel(sys.argv[1]))
+def requests():
+    yield pb.ServerReflectionRequest(list_services="")
+    for _ in range(200):
+        yield pb.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService")
+    time.sleep(5)
+next(iter(stub.ServerReflectionInfo(requests())))
+os._exit(0)  # gone mid-stream, as a killed grpcurl would be
+"""
+
+
+def test_reflection_client_that_disconnects_is_not_an_error(
+    running_server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    for _ in range(4):
+        subprocess.run(
+            [sys.executable, "-c", _ABRUPT_REFLECTION_CLIENT, running_server.target],
+            check=True,
+            timeout=60,
+        )
+    labels = {
+        "grpc_service": "grpc.reflection.v1alpha.ServerReflection",
+        "grpc_method": "ServerReflectionInfo",
+        "grpc_type": "bidi_stream",
+    }
+    codes = ("OK", "CANCELLED", "INTERNAL", "UNKNOWN")
+
+    def handled() -> dict[str, float]:
+        return {
+            code: running_server.sample("grpc_server_handled_total", {**labels, "grpc_code": code})
+            for code in codes
+        }
+
+    deadline = time.monotonic() + 30
+    while sum(handled().values()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the server has noticed every closed connection
+    assert sum(handled().values()) == 4
+    assert handled()["INTERNAL"] == handled()["UNKNOWN"] == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
