@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from contracts.cpu_budget import cpu_budget
 from server.config import ServerConfig, config_as_dict
@@ -28,6 +28,7 @@ from server.handlers.classification import ClassificationHandler
 from server.handlers.inference import InferenceHandler
 from server.lifecycle import DrainTarget, ServerState, drain
 from server.metrics import ServerMetrics
+from server.metrics_http import start_metrics_server
 from server.model_manager import ModelManager
 from server.preprocess import ImageLimits
 from server.thread_plan import plan_threads
@@ -139,7 +140,9 @@ async def build_server(
     endpoint = await start_grpc_server(config, inference, classification, metrics, state)
     http, metrics_port = None, None
     if config.metrics_port >= 0:
-        http, _thread = start_http_server(config.metrics_port, addr=config.host, registry=registry)
+        ProcessCollector(registry=registry)  # process_* (CPU, RSS, open fds), per registry
+        metrics_host = config.metrics_host if config.metrics_host is not None else config.host
+        http = start_metrics_server(registry, metrics_host, config.metrics_port)
         metrics_port = http.server_port
     log.info(
         "gRPC on %s (%s), metrics on %s; settings: %s",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from grpc_helpers import infer_request
 from prometheus_client.parser import text_string_to_metric_families
 from server_harness import RunningServer, server_config
@@ -100,3 +102,15 @@ def test_unknown_model_names_do_not_become_labels(running_server: RunningServer)
         )
         is None
     )
+
+
+def test_metrics_port_serves_metrics_only_with_process_metrics(model_repository: Path) -> None:
+    config = server_config(model_repository, metrics_port=0, metrics_host="127.0.0.1")
+    with RunningServer(config) as server:
+        names = {name for name, _ in _scrape(server)}
+        assert {"process_resident_memory_bytes", "process_cpu_seconds_total"} <= names
+        for path in ("/", "/metricsx", "/favicon.ico", "/metrics/../x"):
+            url = f"http://127.0.0.1:{server.metrics_port}{path}"
+            with pytest.raises(urllib.error.HTTPError) as error:
+                urllib.request.urlopen(url, timeout=5)
+            assert error.value.code == 404
