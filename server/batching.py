@@ -38,6 +38,8 @@ class BatchingSettings:
     max_queue_delay_s: float
     max_queue_size: int
     workers: int = 1
+    # Bytes of inputs admitted and not yet answered (queued or computing); 0: no limit.
+    max_queued_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class DynamicBatcher:
         self._workers: list[asyncio.Task[None]] = []
         self._computing = 0
         self._closed = True
+        self._admitted_bytes = 0
 
     @property
     def queue_depth(self) -> int:
@@ -152,6 +155,23 @@ class DynamicBatcher:
             raise ShuttingDown("the model version is being unloaded")
         if len(self._queue) >= self.settings.max_queue_size:
             raise Overloaded(f"request queue is full ({self.settings.max_queue_size} waiting)")
+        size = sum(a.nbytes for a in inputs.values())
+        self._admit(size)
+        try:
+            return await self._submit(inputs, deadline)
+        finally:
+            self._admitted_bytes -= size
+
+    def _admit(self, size: int) -> None:
+        budget = self.settings.max_queued_bytes
+        if budget and self._admitted_bytes + size > budget and self._admitted_bytes:
+            raise Overloaded(
+                f"queued inputs are over the byte budget ({self._admitted_bytes} of {budget} "
+                f"bytes in use, this request needs {size}); retry after a short backoff"
+            )
+        self._admitted_bytes += size
+
+    async def _submit(self, inputs: dict[str, np.ndarray], deadline: float | None) -> BatchResult:
         rows = 1
         if self.settings.max_batch_size > 0:
             sizes = {a.shape[0] if a.ndim else -1 for a in inputs.values()}

@@ -37,15 +37,33 @@ class ShuttingDown(ModelNotReady):
 
 
 class Overloaded(ServerError):  # noqa: N818 (names of the domain)
-    """The request queue is full; the client should back off and retry."""
+    """The request queue is full; the client should back off and retry.
+
+    ``retry_after_s`` travels as gRPC's ``grpc-retry-pushback-ms`` trailing metadata, which
+    gRPC retry policies honour.
+    """
 
     reason = "rejected"
+
+    def __init__(self, message: str, retry_after_s: float = 0.1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class MessageTooLarge(ServerError):  # noqa: N818 (names of the domain)
+    """A request message is larger than its method's limit (not worth retrying)."""
+
+    reason = "too_large"
 
 
 class DeadlineExceeded(ServerError):  # noqa: N818 (names of the domain)
     """The client's deadline passed before the request was computed."""
 
     reason = "deadline"
+
+
+class StreamExpired(DeadlineExceeded):
+    """A bidirectional stream was idle, or open, longer than the server allows."""
 
 
 class Cancelled(ServerError):  # noqa: N818 (names of the domain)

@@ -58,6 +58,7 @@ def batching_settings(settings: ServerConfig, spec: ModelSpec, instances: int) -
         max_queue_delay_s=delay_us / 1e6,
         max_queue_size=queue_size,
         workers=instances,
+        max_queued_bytes=settings.max_queued_bytes,
     )
 
 

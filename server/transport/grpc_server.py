@@ -28,7 +28,7 @@ from server.lifecycle import ServerState
 from server.metrics import ServerMetrics
 from server.transport.classifier import ClassifierServicer
 from server.transport.inference import InferenceServicer
-from server.transport.interceptors import GateInterceptor, ObservingInterceptor
+from server.transport.interceptors import GateInterceptor, ObservingInterceptor, StreamLimits
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,17 @@ def _create_server(
     return grpc.aio.server(
         interceptors=[
             ObservingInterceptor(metrics, state),
-            GateInterceptor(state, read_token(config)),
+            GateInterceptor(
+                state,
+                read_token(config),
+                config.max_message_bytes,
+                StreamLimits(config.stream_idle_timeout_s, config.stream_max_duration_s),
+            ),
         ],
+        # Beyond this many RPCs in flight grpc answers RESOURCE_EXHAUSTED itself.
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
+            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),

@@ -13,7 +13,7 @@ import hmac
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -22,11 +22,13 @@ from server.errors import (
     Cancelled,
     DeadlineExceeded,
     InvalidInput,
+    MessageTooLarge,
     ModelNotFound,
     ModelNotReady,
     Overloaded,
     ServerError,
     ShuttingDown,
+    StreamExpired,
     Unauthenticated,
 )
 from server.lifecycle import ServerState
@@ -39,6 +41,7 @@ STATUS_BY_ERROR: dict[type[ServerError], grpc.StatusCode] = {
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    MessageTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
@@ -47,6 +50,19 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 # RPCs the drain waits for; health watches and reflection streams would never end.
 TRACKED_SERVICES = ("inference.GRPCInferenceService", "finetune.v1.Classifier")
 INTERNAL_MESSAGE = "internal server error"
+# gRPC's server pushback: retry policies wait this many milliseconds before the next attempt.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# Methods that carry tensors or images get the configured message limit; every other method
+# (health, metadata, configuration, statistics, reflection) this much.
+SMALL_MESSAGE_BYTES = 64 * 1024
+PAYLOAD_METHODS = frozenset(
+    {
+        "/inference.GRPCInferenceService/ModelInfer",
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        "/finetune.v1.Classifier/Classify",
+        "/finetune.v1.Classifier/ClassifyStream",
+    }
+)
 
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -75,7 +91,9 @@ def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
 
 
 def _replace_behavior(
-    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+    handler: grpc.RpcMethodHandler,
+    wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
+    deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
     factories = {
         (False, False): (grpc.unary_unary_rpc_method_handler, handler.unary_unary),
@@ -86,7 +104,7 @@ def _replace_behavior(
     factory, behavior = factories[(handler.request_streaming, handler.response_streaming)]
     return factory(
         wrap(behavior),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -135,7 +153,9 @@ class _Guard:
         metrics.grpc_handled.labels(*self._labels, code.name).inc()
         metrics.grpc_seconds.labels(*self._labels).observe(time.monotonic() - self._started)
         if error is not None and message:
-            await self._context.abort(code, message)  # raises AbortError
+            pushback = getattr(error, "retry_after_s", None)
+            trailing = () if pushback is None else ((PUSHBACK_KEY, str(int(pushback * 1000))),)
+            await self._context.abort(code, message, trailing)  # raises AbortError
         return False
 
     def bind(self, context: grpc.aio.ServicerContext) -> _Guard:
@@ -192,15 +212,91 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         return _replace_behavior(handler, wrap)
 
 
-class GateInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses RPCs without the bearer token, and inference RPCs while draining.
+class _Oversized:
+    """Stands in for a request message over its method's limit; it was never parsed."""
 
-    Health is exempt from both, so Kubernetes probes keep working.
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+
+    def error(self) -> MessageTooLarge:
+        return MessageTooLarge(
+            f"request message is {self.size} bytes; this method accepts {self.limit}"
+        )
+
+
+def _limited_deserializer(
+    deserializer: Callable[[bytes], Any] | None, limit: int
+) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        if len(data) > limit:
+            return _Oversized(len(data), limit)
+        return deserializer(data) if deserializer is not None else data
+
+    return deserialize
+
+
+def _refused_deserializer(data: bytes) -> None:
+    """Refused calls never parse their body."""
+    return None
+
+
+class StreamLimits:
+    """Ends a request stream idle for ``idle_s`` or open for ``max_s`` (0: no limit)."""
+
+    def __init__(self, idle_s: float, max_s: float) -> None:
+        self.idle_s = idle_s
+        self.max_s = max_s
+
+    def _timeout(self, ends_at: float | None) -> float | None:
+        remaining = None if ends_at is None else max(ends_at - time.monotonic(), 0.0)
+        if self.idle_s <= 0:
+            return remaining
+        return self.idle_s if remaining is None else min(self.idle_s, remaining)
+
+    async def guard(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The requests, each checked against its method's size limit, within the limits."""
+        ends_at = time.monotonic() + self.max_s if self.max_s > 0 else None
+        iterator = aiter(requests)
+        while True:
+            try:
+                request = await asyncio.wait_for(anext(iterator), self._timeout(ends_at))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if ends_at is not None and time.monotonic() >= ends_at:
+                    raise StreamExpired(
+                        f"stream open longer than {self.max_s:g} s (stream_max_duration_s)"
+                    ) from None
+                raise StreamExpired(
+                    f"stream idle for {self.idle_s:g} s (stream_idle_timeout_s)"
+                ) from None
+            if isinstance(request, _Oversized):
+                raise request.error()
+            yield request
+
+
+class GateInterceptor(grpc.aio.ServerInterceptor):
+    """Admission at the door: the bearer token and the draining gate (from metadata, before
+    the body is parsed), per-method message limits, and limits on request streams.
+
+    Health is exempt from the token and the drain, so Kubernetes probes keep working.
     """
 
-    def __init__(self, state: ServerState, token: str | None) -> None:
+    def __init__(
+        self,
+        state: ServerState,
+        token: str | None,
+        max_message_bytes: int,
+        streams: StreamLimits,
+    ) -> None:
         self.state = state
         self._expected = f"Bearer {token}".encode() if token else None
+        self.max_message_bytes = max_message_bytes
+        self.streams = streams
+        # method -> (inner handler, limited handler): wrapped once, so the observing
+        # interceptor's own cache keeps hitting.
+        self._limited_handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def _refusal(self, details: grpc.HandlerCallDetails) -> ServerError | None:
         service, _ = _split_method(details.method)
@@ -223,21 +319,67 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         refusal = self._refusal(handler_call_details)
         handler = await continuation(handler_call_details)
-        if refusal is None or handler is None:
+        if handler is None:
             return handler
+        if refusal is not None:
+            return _refusing(handler, refusal)
+        method = handler_call_details.method
+        cached = self._limited_handlers.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        limit = self.max_message_bytes if method in PAYLOAD_METHODS else SMALL_MESSAGE_BYTES
+        limited = self._limited(handler, limit)
+        self._limited_handlers[method] = (handler, limited)
+        return limited
+
+    def _limited(self, handler: grpc.RpcMethodHandler, limit: int) -> grpc.RpcMethodHandler:
+        streams = self.streams
 
         def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            if inspect.isasyncgenfunction(behavior):
+            if handler.request_streaming:
+                return _on_requests(behavior, streams.guard)
+            return _on_requests(behavior, _checked)
 
-                async def refuse_stream(request: Any, context: Any) -> Any:
-                    raise refusal
-                    yield  # an async generator, like the behaviour it replaces
+        return _replace_behavior(
+            handler, wrap, _limited_deserializer(handler.request_deserializer, limit)
+        )
 
-                return refuse_stream
 
-            async def refuse(request: Any, context: Any) -> Any:
+def _checked(request: Any) -> Any:
+    if isinstance(request, _Oversized):
+        raise request.error()
+    return request
+
+
+def _on_requests(behavior: Callable[..., Any], adapt: Callable[[Any], Any]) -> Callable[..., Any]:
+    """``behavior`` with its request (or request iterator) passed through ``adapt`` first."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: Any) -> Any:
+            async for item in behavior(adapt(request), context):
+                yield item
+
+        return stream
+
+    async def call(request: Any, context: Any) -> Any:
+        return await behavior(adapt(request), context)
+
+    return call
+
+
+def _refusing(handler: grpc.RpcMethodHandler, refusal: ServerError) -> grpc.RpcMethodHandler:
+    def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(behavior):
+
+            async def refuse_stream(request: Any, context: Any) -> Any:
                 raise refusal
+                yield  # an async generator, like the behaviour it replaces
 
-            return refuse
+            return refuse_stream
 
-        return _replace_behavior(handler, wrap)
+        async def refuse(request: Any, context: Any) -> Any:
+            raise refusal
+
+        return refuse
+
+    return _replace_behavior(handler, wrap, _refused_deserializer)

@@ -13,16 +13,23 @@ from server.errors import (
     Cancelled,
     DeadlineExceeded,
     InvalidInput,
+    MessageTooLarge,
     ModelNotFound,
     ModelNotReady,
     Overloaded,
     ServerError,
     ShuttingDown,
+    StreamExpired,
     Unauthenticated,
 )
 from server.lifecycle import ServerState
 from server.metrics import ServerMetrics
-from server.transport.interceptors import GateInterceptor, ObservingInterceptor, status_for
+from server.transport.interceptors import (
+    GateInterceptor,
+    ObservingInterceptor,
+    StreamLimits,
+    status_for,
+)
 
 CASES = [
     (InvalidInput("inputs[0]: bad"), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0]: bad"),
@@ -31,6 +38,8 @@ CASES = [
     (ShuttingDown("draining"), grpc.StatusCode.UNAVAILABLE, "draining"),
     (Overloaded("queue full"), grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"),
     (DeadlineExceeded("late"), grpc.StatusCode.DEADLINE_EXCEEDED, "late"),
+    (MessageTooLarge("too big"), grpc.StatusCode.RESOURCE_EXHAUSTED, "too big"),
+    (StreamExpired("idle"), grpc.StatusCode.DEADLINE_EXCEEDED, "idle"),
     (Cancelled("gone"), grpc.StatusCode.CANCELLED, "gone"),
     (Unauthenticated("no token"), grpc.StatusCode.UNAUTHENTICATED, "no token"),
     (ServerError("secret detail"), grpc.StatusCode.INTERNAL, "internal server error"),
@@ -60,7 +69,7 @@ async def _serve_and_call(
     server = grpc.aio.server(
         interceptors=[
             ObservingInterceptor(ServerMetrics(registry), state),
-            GateInterceptor(state, token),
+            GateInterceptor(state, token, 1 << 20, StreamLimits(0, 0)),
         ]
     )
     handler = grpc.unary_unary_rpc_method_handler(
