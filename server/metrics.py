@@ -134,6 +134,13 @@ class ServerMetrics:
             ["model"],
             registry=registry,
         )
+        self.golden_set_failures = Counter(
+            "model_golden_set_failures_total",
+            "Model versions refused because the server's decode, resize and graph did not "
+            "reproduce their golden set (contracts.golden_set).",
+            ["model"],
+            registry=registry,
+        )
         self.model_info = Gauge(
             "model_info",
             "1 for each loaded model version, labelled with its execution provider.",

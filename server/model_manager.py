@@ -16,9 +16,11 @@ import time
 from collections.abc import AsyncIterator
 
 from contracts.cpu_budget import cpu_budget
+from contracts.golden_set import InvalidGoldenSet
 from server.batching import BatchingSettings
 from server.config import ServerConfig
 from server.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServerError
+from server.golden_set import GoldenVerdict, check_golden_set
 from server.metrics import ServerMetrics
 from server.model_spec import ModelSpec
 from server.model_version import ModelVersion
@@ -257,7 +259,28 @@ class ModelManager:
         sessions = OnnxSessions(source.onnx_path, settings)
         metadata = read_metadata(source, sessions.custom_metadata)
         self._warm_up(sessions, model_source, source)
+        self._check_golden_set(source, metadata, sessions)
         return sessions, metadata
+
+    def _check_golden_set(
+        self, source: VersionSource, metadata: ExportMetadata | None, sessions: OnnxSessions
+    ) -> None:
+        """Refuse the version unless its golden set passes through the server's image path."""
+        try:
+            verdict = check_golden_set(source.directory, metadata, sessions)
+        except InvalidGoldenSet as error:
+            verdict = GoldenVerdict(0, 0.0, (f"unreadable golden set: {error}",))
+        if verdict is None:
+            log.warning(
+                "model %s version %d has no golden set: its preprocessing is not checked",
+                source.model_name,
+                source.version,
+            )
+            return
+        if not verdict.passed:
+            self.metrics.golden_set_failures.labels(source.model_name).inc()
+            raise ModelLoadError(verdict.describe())
+        log.info("model %s version %d: %s", source.model_name, source.version, verdict.describe())
 
     def _warm_up(
         self, sessions: OnnxSessions, model_source: ModelSource, source: VersionSource

@@ -17,19 +17,21 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from golden_set_factory import write_golden_set
 from onnx import TensorProto, helper, numpy_helper
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def build_classifier_onnx(
+def build_classifier_onnx(  # noqa: PLR0913  each keyword is one property of the generated graph
     *,
     num_classes: int = 4,
     input_size: tuple[int, int] = (32, 32),
     seed: int = 1,
     slow_layers: int = 0,
     labels: Sequence[str] | None = None,
+    input_format: str = "uint8-nhwc",
 ) -> onnx.ModelProto:
     """A tiny classifier graph following the export contract.
 
@@ -42,6 +44,8 @@ def build_classifier_onnx(
     height, width = input_size
     weight = rng.normal(0, 4.0, size=(3, num_classes)).astype(np.float32)
     bias = rng.normal(0, 0.1, size=(num_classes,)).astype(np.float32)
+    if input_format == "float32-nchw":
+        return _float_classifier(weight, bias, input_size, labels)
     initializers = [
         numpy_helper.from_array(np.array(255.0, np.float32), "scale"),
         numpy_helper.from_array(np.array(MEAN, np.float32).reshape(1, 1, 1, 3), "mean"),
@@ -102,6 +106,39 @@ def build_classifier_onnx(
     return model
 
 
+def _float_classifier(
+    weight: np.ndarray,
+    bias: np.ndarray,
+    input_size: tuple[int, int],
+    labels: Sequence[str] | None,
+) -> onnx.ModelProto:
+    """The ``float32-nchw`` variant: normalised input [-1, 3, H, W] -> pool -> Gemm."""
+    height, width = input_size
+    num_classes = weight.shape[1]
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
+        helper.make_node("Gemm", ["features", "fc_weight", "fc_bias"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_float_classifier",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, height, width])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", num_classes]),
+        ],
+        [numpy_helper.from_array(weight, "fc_weight"), numpy_helper.from_array(bias, "fc_bias")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if labels is not None:
+        helper.set_model_props(model, {"labels": json.dumps(list(labels))})
+    onnx.checker.check_model(model)
+    return model
+
+
 def config_pbtxt(  # noqa: PLR0913  each keyword is one field of the generated config.pbtxt
     name: str,
     *,
@@ -110,13 +147,19 @@ def config_pbtxt(  # noqa: PLR0913  each keyword is one field of the generated c
     max_batch_size: int = 16,
     max_queue_delay_us: int = 2000,
     extra: str = "",
+    input_format: str = "uint8-nhwc",
 ) -> str:
-    """The config.pbtxt the exporter writes for a uint8-nhwc classifier."""
+    """The config.pbtxt the exporter writes for a classifier of ``input_format``."""
     height, width = input_size
+    if input_format == "float32-nchw":
+        image = f"data_type: TYPE_FP32\n    format: FORMAT_NCHW\n    dims: [ 3, {height}, {width} ]"
+    else:
+        image = (
+            f"data_type: TYPE_UINT8\n    format: FORMAT_NHWC\n    dims: [ {height}, {width}, 3 ]"
+        )
     return (
         f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch_size}\n'
-        f'input [\n  {{\n    name: "image"\n    data_type: TYPE_UINT8\n'
-        f"    format: FORMAT_NHWC\n    dims: [ {height}, {width}, 3 ]\n  }}\n]\n"
+        f'input [\n  {{\n    name: "image"\n    {image}\n  }}\n]\n'
         f'output [\n  {{\n    name: "logits"\n    data_type: TYPE_FP32\n'
         f"    dims: [ {num_classes} ]\n  }},\n"
         f'  {{\n    name: "probabilities"\n    data_type: TYPE_FP32\n'
@@ -157,20 +200,35 @@ def write_version(  # noqa: PLR0913  each keyword is one property of the generat
     resize_size: int | None = None,
     slow_layers: int = 0,
     corrupt: bool = False,
+    golden: bool = True,
+    input_format: str = "uint8-nhwc",
 ) -> Path:
-    """Stage one version directory and rename it into place, as the exporter does."""
+    """Stage one version directory and rename it into place, as the exporter does.
+
+    With ``golden`` (and a loadable model) the version carries a golden set whose expected
+    probabilities come from a reference path independent of the server's decoder (see
+    ``golden_set_factory``), so the server's load-time check runs in every test that loads it.
+    """
     labels = [f"class_{i}" for i in range(num_classes)]
     staging = model_dir / f".staging-{version}-{os.getpid()}"
     staging.mkdir(parents=True)
+    resize = resize_size or int(max(input_size) * 8 / 7)
+    document = model_json(labels, input_size, resize)
+    document["input_format"] = input_format
     if corrupt:
         (staging / "model.onnx").write_bytes(b"this is not an onnx model")
     else:
         model = build_classifier_onnx(
-            num_classes=num_classes, input_size=input_size, seed=version, slow_layers=slow_layers
+            num_classes=num_classes,
+            input_size=input_size,
+            seed=version,
+            slow_layers=slow_layers,
+            input_format=input_format,
         )
         onnx.save(model, str(staging / "model.onnx"))
-    resize = resize_size or int(max(input_size) * 8 / 7)
-    (staging / "model.json").write_text(json.dumps(model_json(labels, input_size, resize)))
+        if golden:
+            write_golden_set(staging, model, document)
+    (staging / "model.json").write_text(json.dumps(document))
     target = model_dir / str(version)
     os.rename(staging, target)
     return target
@@ -187,6 +245,7 @@ def make_model_repository(  # noqa: PLR0913  each keyword is one property of the
     max_queue_delay_us: int = 2000,
     slow_layers: int = 0,
     config_extra: str = "",
+    input_format: str = "uint8-nhwc",
 ) -> Path:
     """Write a model repository with one model and the given versions; returns the repo path.
 
@@ -204,6 +263,7 @@ def make_model_repository(  # noqa: PLR0913  each keyword is one property of the
             max_batch_size=max_batch_size,
             max_queue_delay_us=max_queue_delay_us,
             extra=config_extra,
+            input_format=input_format,
         )
     )
     (model_dir / "labels.txt").write_text("".join(f"class_{i}\n" for i in range(num_classes)))
@@ -214,6 +274,7 @@ def make_model_repository(  # noqa: PLR0913  each keyword is one property of the
             num_classes=num_classes,
             input_size=input_size,
             slow_layers=slow_layers,
+            input_format=input_format,
         )
     return path
 

@@ -1,0 +1,97 @@
+"""The load-time check of a version's golden set through the server's own image path.
+
+Each golden image goes through exactly what a Classify request's image goes through
+(``server.preprocess.decode_image`` with the version's ``model.json``, then the graph), and
+the probabilities are compared with what the trainer computed (``contracts.golden_set``). A
+version whose preprocessing facts, graph or decoder disagree with the trainer's is refused
+before it serves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from contracts.golden_set import InvalidGoldenSet, compare, read_golden_set
+from server.errors import InvalidInput
+from server.onnx_sessions import OnnxSessions
+from server.preprocess import ImageLimits, decode_image
+from server.repository import ExportMetadata
+
+log = logging.getLogger(__name__)
+
+#: The golden set is checked for its numbers, not its size: the export chose its images within
+#: the trainer's own budget, and an operator's narrower request limits must not refuse a model.
+GOLDEN_LIMITS = ImageLimits(max_bytes=64 * 2**20, max_pixels=100_000_000, max_aspect=64.0)
+
+
+@dataclass(frozen=True)
+class GoldenVerdict:
+    """The outcome of a golden-set check: ``problems`` is empty when the version passes."""
+
+    images: int
+    tolerance: float
+    problems: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def describe(self) -> str:
+        if self.passed:
+            return f"golden set passed ({self.images} images, tolerance {self.tolerance:g})"
+        shown = "; ".join(self.problems[:5])
+        more = f" (and {len(self.problems) - 5} more)" if len(self.problems) > 5 else ""
+        return f"golden set failed on {len(self.problems)} of {self.images} images: {shown}{more}"
+
+
+def probabilities_from_outputs(outputs: Mapping[str, np.ndarray], first_output: str) -> np.ndarray:
+    """The graph's ``probabilities`` output, else the softmax of its first output."""
+    if "probabilities" in outputs:
+        return np.asarray(outputs["probabilities"], dtype=np.float64)
+    logits = np.asarray(outputs[first_output], dtype=np.float64)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def check_golden_set(
+    version_dir: Path,
+    metadata: ExportMetadata | None,
+    sessions: OnnxSessions,
+    limits: ImageLimits = GOLDEN_LIMITS,
+) -> GoldenVerdict | None:
+    """Run the version's golden set through the server's path; None when it has none.
+
+    Raises:
+        InvalidGoldenSet: the golden set cannot be read or does not fit the model.
+    """
+    found = read_golden_set(version_dir)
+    if found is None:
+        return None
+    golden, images = found
+    if metadata is None or metadata.preprocessing is None:
+        raise InvalidGoldenSet("the version has a golden set but no preprocessing (model.json)")
+    image_input = sessions.inputs[0]
+    batched = len(image_input.shape) == 4
+    rows: list[np.ndarray] = []
+    problems: list[str] = []
+    for index, data in enumerate(images):
+        try:
+            pixels = decode_image(
+                data, index, metadata.preprocessing, metadata.input_format, limits
+            )
+        except InvalidInput as error:
+            problems.append(f"{golden.images[index].file}: refused by the decoder: {error}")
+            rows.append(np.full(len(golden.labels), np.nan))
+            continue
+        batch = pixels[np.newaxis] if batched else pixels
+        outputs = sessions.run({image_input.name: batch.astype(image_input.dtype, copy=False)})
+        probabilities = probabilities_from_outputs(outputs, sessions.outputs[0].name)
+        rows.append(probabilities.reshape(-1))
+    if not problems:
+        problems = compare(golden, [row.tolist() for row in rows])
+    return GoldenVerdict(len(images), golden.tolerance, tuple(problems))
