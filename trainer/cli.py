@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         log.debug("make-demo-data subcommand unavailable: %s", exc)
     else:
         add_demo_parser(subparsers)
+    from trainer.ingest import add_parser as add_ingest_parser
+
+    add_ingest_parser(subparsers)
     return parser
 
 
