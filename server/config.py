@@ -161,6 +161,13 @@ class ServerConfig:
     metrics_host: str | None = field(
         default=None, metadata=_doc("Address the metrics port binds to (default: host).")
     )
+    load_retry_s: float = field(
+        default=10.0,
+        metadata=_doc(
+            "First retry of a version that failed to load, in seconds; doubles per failure up "
+            "to 600. A change to any of its files retries it at the next poll."
+        ),
+    )
     preprocess_workers: int = field(
         default=0, metadata=_doc("Threads decoding and resizing images (0: the CPU budget).")
     )
@@ -231,7 +238,7 @@ def _validate_limits(config: ServerConfig) -> None:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
     if config.max_image_aspect < 1:
         raise ConfigError(f"max_image_aspect must be >= 1, got {config.max_image_aspect}")
-    for name in ("stream_idle_timeout_s", "stream_max_duration_s"):
+    for name in ("stream_idle_timeout_s", "stream_max_duration_s", "load_retry_s"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0")
 

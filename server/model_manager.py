@@ -4,7 +4,10 @@ The manager reads the repository, loads every version the policy selects (sessio
 off the event loop), and polls for changes. A new version is swapped in only after it loaded
 and warmed up; a version that fails is rejected with a log line and a metric while the old one
 keeps serving. A version leaving the policy is removed from lookup at once and unloaded only
-after the requests holding it (leases) finish, so a swap under load fails no request.
+after the requests holding it (leases) finish, so a swap under load fails no request. A
+rejected version is retried with exponential backoff (``load_retry_s`` doubling) and at once
+when any of its files, config.pbtxt or the labels change; a change to config.pbtxt or the
+labels reloads the model's loaded versions the same swap-in way.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from contracts.cpu_budget import cpu_budget
 from contracts.golden_set import InvalidGoldenSet
@@ -33,6 +37,7 @@ from server.repository import (
     list_models,
     read_metadata,
     read_model,
+    version_fingerprint,
 )
 from server.thread_plan import ThreadPlan, plan_threads
 
@@ -84,7 +89,9 @@ class ModelManager:
             inter_op_threads=settings.inter_op_threads,
         )
         self._models: dict[str, dict[int, ModelVersion]] = {}
-        self._rejected: dict[tuple[str, int], float] = {}
+        self._rejected: dict[tuple[str, int], _Rejection] = {}
+        # model -> its config.pbtxt and label files as last loaded (a change reloads it).
+        self._fingerprints: dict[str, tuple] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._lock: asyncio.Lock | None = None
 
@@ -162,9 +169,13 @@ class ModelManager:
             log.error("model %s: cannot read its configuration: %s", name, error)
             return
         loaded = self._models.setdefault(name, {})
+        previous = self._fingerprints.get(name)
+        if loaded and previous is not None and previous != source.fingerprint:
+            await self._reload(source, loaded)
+        self._fingerprints[name] = source.fingerprint
         wanted = {v.version: v for v in source.versions}
         for version, version_source in sorted(wanted.items()):
-            if version in loaded or self._recently_rejected(version_source):
+            if version in loaded or self._recently_rejected(source, version_source):
                 continue
             model = await self._load(source, version_source)
             if model is not None:
@@ -188,7 +199,7 @@ class ModelManager:
         for candidate in reversed(source.available):
             if candidate.version in wanted or candidate.version > newest_wanted:
                 continue
-            if self._recently_rejected(candidate):
+            if self._recently_rejected(source, candidate):
                 continue
             model = await self._load(source, candidate)
             if model is not None:
@@ -200,27 +211,44 @@ class ModelManager:
                 loaded[candidate.version] = model
                 return
 
-    def _recently_rejected(self, source: VersionSource) -> bool:
-        key = (source.model_name, source.version)
-        if key not in self._rejected:
+    async def _reload(self, source: ModelSource, loaded: dict[int, ModelVersion]) -> None:
+        """config.pbtxt or the labels changed: load each version afresh, then swap it in.
+
+        Requests holding the old version finish on it (it is retired, not dropped); when a
+        version does not load with the new files, the old one keeps serving.
+        """
+        log.info("model %s: config.pbtxt or labels changed; reloading", source.name)
+        by_version = {v.version: v for v in source.available}
+        for version, old in list(loaded.items()):
+            version_source = by_version.get(version)
+            if version_source is None:
+                continue
+            fresh = await self._load(source, version_source)
+            if fresh is not None:
+                loaded[version] = fresh
+                self._retire(old, keep_info=True)
+
+    def _recently_rejected(self, model_source: ModelSource, source: VersionSource) -> bool:
+        """Rejected, with the same files, and its backoff not over yet."""
+        rejection = self._rejected.get((source.model_name, source.version))
+        if rejection is None:
             return False
-        try:
-            mtime = source.onnx_path.stat().st_mtime
-        except OSError:
-            return True
-        return self._rejected[key] == mtime
+        if rejection.fingerprint != _fingerprint(model_source, source):
+            return False
+        return time.monotonic() < rejection.retry_at
 
     async def _load(self, model_source: ModelSource, source: VersionSource) -> ModelVersion | None:
         started = time.monotonic()
         try:
             sessions, metadata = await asyncio.to_thread(self._load_sessions, model_source, source)
         except ServerError as error:
-            self._reject(source, error)
+            self._reject(model_source, source, error)
             return None
         except Exception as error:  # anything while loading must not take the server down
             log.exception("unexpected error loading %s", source.directory)
-            self._reject(source, error)
+            self._reject(model_source, source, error)
             return None
+        self._rejected.pop((source.model_name, source.version), None)
         name, version = source.model_name, str(source.version)
         model = ModelVersion(
             model_source,
@@ -314,28 +342,42 @@ class ModelManager:
                 _ranges(sizes[len(warmed) :]),
             )
 
-    def _reject(self, source: VersionSource, error: BaseException) -> None:
+    def _reject(
+        self, model_source: ModelSource, source: VersionSource, error: BaseException
+    ) -> None:
+        key = (source.model_name, source.version)
+        previous = self._rejected.get(key)
+        attempts = previous.attempts + 1 if previous is not None else 1
+        delay = min(self.settings.load_retry_s * 2 ** (attempts - 1), MAX_LOAD_RETRY_S)
         log.error(
-            "model %s version %d rejected, previous versions keep serving: %s",
+            "model %s version %d rejected (attempt %d, retry in %.0f s or when its files "
+            "change), previous versions keep serving: %s",
             source.model_name,
             source.version,
+            attempts,
+            delay,
             error,
         )
         self.metrics.model_load_failures.labels(source.model_name).inc()
-        try:
-            self._rejected[(source.model_name, source.version)] = source.onnx_path.stat().st_mtime
-        except OSError:
-            self._rejected[(source.model_name, source.version)] = -1.0
+        self._rejected[key] = _Rejection(
+            _fingerprint(model_source, source), attempts, time.monotonic() + delay
+        )
 
-    def _retire(self, model: ModelVersion) -> None:
+    def _retire(self, model: ModelVersion, *, keep_info: bool = False) -> None:
+        """Unload ``model`` once its requests finish; ``keep_info``: a reload of the same
+        version took its place and owns its ``model_info`` series now."""
         log.info(
             "model %s version %d retired; unloading after in-flight requests",
             model.name,
             model.version,
         )
-        self.metrics.model_info.remove(
-            model.name, model.version_str, model.sessions.providers[0], _precision(model.metadata)
-        )
+        if not keep_info:
+            self.metrics.model_info.remove(
+                model.name,
+                model.version_str,
+                model.sessions.providers[0],
+                _precision(model.metadata),
+            )
         task = asyncio.get_running_loop().create_task(model.unload())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
@@ -354,6 +396,22 @@ class ModelManager:
         models = [m for versions in self._models.values() for m in versions.values()]
         self._models = {name: {} for name in self._models}
         await asyncio.gather(*(m.unload() for m in models), *self._retiring)
+
+
+MAX_LOAD_RETRY_S = 600.0
+
+
+@dataclass(frozen=True)
+class _Rejection:
+    """A version that failed to load: with which files, how often, and when to try again."""
+
+    fingerprint: tuple
+    attempts: int
+    retry_at: float
+
+
+def _fingerprint(model_source: ModelSource, source: VersionSource) -> tuple:
+    return (model_source.fingerprint, version_fingerprint(source))
 
 
 def _precision(metadata: ExportMetadata | None) -> str:

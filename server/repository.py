@@ -86,6 +86,9 @@ class ModelSource:
     versions: tuple[VersionSource, ...]
     # Every complete version on disk, oldest first.
     available: tuple[VersionSource, ...] = ()
+    # model_fingerprint() when it was read (taken before reading, so a write during the read
+    # shows up as a change at the next poll).
+    fingerprint: tuple = ()
 
 
 def is_version_dir(path: Path) -> bool:
@@ -126,18 +129,67 @@ def read_config(model_dir: Path, parse: ConfigParser) -> ModelSpec:
     return spec
 
 
+def label_path(model_dir: Path, spec: ModelSpec) -> Path:
+    """The label file an output's label_filename names (or labels.txt), inside ``model_dir``.
+
+    Raises:
+        ModelLoadError: the name resolves outside the model directory (``../``, an absolute
+            path, or a symbolic link leading out).
+    """
+    name = (spec.label_filenames or (LABELS_FILENAME,))[0]
+    path = model_dir / name
+    if not path.resolve().is_relative_to(model_dir.resolve()):
+        raise ModelLoadError(
+            f"{model_dir / CONFIG_FILENAME}: label_filename {name!r} resolves outside the model "
+            "directory"
+        )
+    return path
+
+
 def read_labels(model_dir: Path, spec: ModelSpec) -> tuple[str, ...]:
     """Labels from the file named by an output's label_filename (or labels.txt), if any."""
-    names = spec.label_filenames or (LABELS_FILENAME,)
-    path = model_dir / names[0]
+    path = label_path(model_dir, spec)
     if not path.is_file():
         return ()
-    return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{path}: cannot read labels: {error}") from None
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _stat(path: Path) -> tuple[str, int, int]:
+    try:
+        info = path.stat()
+    except OSError:
+        return (path.name, -1, -1)
+    return (path.name, info.st_mtime_ns, info.st_size)
+
+
+def model_fingerprint(model_dir: Path, spec: ModelSpec | None) -> tuple:
+    """What the model directory's own files look like now: config.pbtxt and the label file.
+
+    A change reloads every loaded version of the model.
+    """
+    files = [model_dir / CONFIG_FILENAME, model_dir / LABELS_FILENAME]
+    if spec is not None and spec.label_filenames:
+        files.append(model_dir / spec.label_filenames[0])
+    return tuple(_stat(path) for path in files)
+
+
+def version_fingerprint(source: VersionSource) -> tuple:
+    """Every file of a version directory (one level), so any change re-examines a rejection."""
+    try:
+        paths = sorted(p for p in source.directory.iterdir() if p.is_file())
+    except OSError:
+        return ()
+    return tuple(_stat(path) for path in paths)
 
 
 def read_model(repository: Path, name: str, parse: ConfigParser) -> ModelSource:
     """Read one model directory and the versions its policy selects."""
     model_dir = repository / name
+    fingerprint = model_fingerprint(model_dir, None)
     spec = read_config(model_dir, parse)
     available = [
         int(p.name)
@@ -152,6 +204,7 @@ def read_model(repository: Path, name: str, parse: ConfigParser) -> ModelSource:
         labels=read_labels(model_dir, spec),
         versions=tuple(VersionSource(name, v, model_dir / str(v)) for v in selected),
         available=tuple(VersionSource(name, v, model_dir / str(v)) for v in sorted(available)),
+        fingerprint=fingerprint + model_fingerprint(model_dir, spec)[2:],
     )
 
 

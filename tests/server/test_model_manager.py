@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry
 from repository_factory import make_model_repository, write_failing_version, write_version
 from server_harness import server_config
@@ -82,3 +84,96 @@ def test_start_falls_back_when_the_latest_version_is_broken(tmp_path: Path) -> N
 
     assert asyncio.run(scenario()) == ["1", "3"]
     assert registry.get_sample_value("model_load_failures_total", {"model": "classifier"}) == 1
+
+
+def _failures(registry: CollectorRegistry) -> float:
+    return registry.get_sample_value("model_load_failures_total", {"model": "classifier"}) or 0
+
+
+def test_rejected_version_is_retried_with_backoff_and_when_its_files_change(
+    tmp_path: Path,
+) -> None:
+    repo = make_model_repository(tmp_path / "models")
+    registry = CollectorRegistry()
+
+    async def scenario(load_retry_s: float) -> list[float]:
+        config = server_config(repo, load_retry_s=load_retry_s)
+        manager = ModelManager(config, ServerMetrics(registry), parse_model_config)
+        counts = []
+        await manager.refresh()
+        write_failing_version(repo / "classifier" / "2")
+        for _ in range(3):
+            await manager.refresh()
+            counts.append(_failures(registry))
+        (repo / "classifier" / "2" / "notes.txt").write_text("touched")  # any file of it
+        await manager.refresh()
+        counts.append(_failures(registry))
+        shutil.rmtree(repo / "classifier" / "2")
+        write_version(repo / "classifier", 2)  # fixed: it loads and serves
+        await manager.refresh()
+        async with manager.lease("classifier") as model:
+            counts.append(float(model.version))
+        await manager.close()
+        return counts
+
+    # A long backoff: tried once, then again only because a file changed.
+    assert asyncio.run(scenario(1000.0)) == [1, 1, 1, 2, 2.0]
+
+
+def test_backoff_expired_retries_unchanged_version(tmp_path: Path) -> None:
+    repo = make_model_repository(tmp_path / "models")
+    registry = CollectorRegistry()
+
+    async def scenario() -> list[float]:
+        config = server_config(repo, load_retry_s=0.0)
+        manager = ModelManager(config, ServerMetrics(registry), parse_model_config)
+        await manager.refresh()
+        write_failing_version(repo / "classifier" / "2")
+        counts = []
+        for _ in range(3):
+            await manager.refresh()
+            counts.append(_failures(registry))
+        await manager.close()
+        return counts
+
+    assert asyncio.run(scenario()) == [1, 2, 3]
+
+
+def test_config_and_labels_changes_reload_without_failing_holders(tmp_path: Path) -> None:
+    repo = make_model_repository(tmp_path / "models")
+    config_path = repo / "classifier" / "config.pbtxt"
+    registry = CollectorRegistry()
+
+    async def scenario() -> tuple[int, int, str]:
+        manager = ModelManager(server_config(repo), ServerMetrics(registry), parse_model_config)
+        await manager.refresh()
+        async with manager.lease("classifier") as old:
+            text = config_path.read_text()
+            config_path.write_text(text.replace("max_batch_size: 16", "max_batch_size: 8"))
+            await manager.refresh()
+            # The request holding the old version still computes on it.
+            outputs = await old.infer([_image(np.zeros((1, 32, 32, 3), np.uint8))], None)
+        async with manager.lease("classifier") as new:
+            sizes = (old.max_batch_size, new.max_batch_size)
+        (repo / "classifier" / "labels.txt").write_text("ant\nbee\ncat\ndog\n")
+        await manager.refresh()
+        await manager.refresh()  # unchanged since: no further reload
+        await manager.close()
+        return *sizes, str(outputs["probabilities"].shape)
+
+    assert asyncio.run(scenario()) == (16, 8, "(1, 4)")
+    assert registry.get_sample_value("model_loads_total", {"model": "classifier"}) == 3
+
+
+def test_label_filename_outside_the_model_directory_is_refused(tmp_path: Path) -> None:
+    repo = make_model_repository(tmp_path / "models")
+    (tmp_path / "secret.txt").write_text("root:x:0:0\n")
+    config_path = repo / "classifier" / "config.pbtxt"
+    text = config_path.read_text()
+    assert 'label_filename: "labels.txt"' in text
+    config_path.write_text(text.replace('"labels.txt"', '"../../secret.txt"'))
+    from server.errors import ModelLoadError
+    from server.repository import read_model
+
+    with pytest.raises(ModelLoadError, match="resolves outside the model directory"):
+        read_model(repo, "classifier", parse_model_config)
