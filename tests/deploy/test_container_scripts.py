@@ -246,7 +246,7 @@ def test_one_recipe_in_one_place() -> None:
     first_engine_use = next(i for i, line in enumerate(lines) if "base-image/build.sh" in line)
     exports = [i for i, line in enumerate(lines) if re.match(r"export .*ENGINE_FLAGS=", line)]
     assert exports and exports[0] < first_engine_use, "settings must be exported first"
-    for copy in ("README.md", "docs/containers.md"):
+    for copy in ("README.md", "docs/containers.md", "docs/benchmarks.md"):
         text = (ROOT / copy).read_text()
         assert "deploy/README.md" in text, f"{copy} must link to the recipe"
         blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.DOTALL)
