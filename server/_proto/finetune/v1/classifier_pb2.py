@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x1c\x66inetune/v1/classifier.proto\x12\x0b\x66inetune.v1\"g\n\x0f\x43lassifyRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\n\n\x02id\x18\x05 \x01(\t\"9\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\">\n\x0e\x43lassification\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.finetune.v1.Prediction\"w\n\x10\x43lassifyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.finetune.v1.Classification\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\n\n\x02id\x18\x04 \x01(\t2\xac\x01\n\nClassifier\x12I\n\x08\x43lassify\x12\x1c.finetune.v1.ClassifyRequest\x1a\x1d.finetune.v1.ClassifyResponse\"\x00\x12S\n\x0e\x43lassifyStream\x12\x1c.finetune.v1.ClassifyRequest\x1a\x1d.finetune.v1.ClassifyResponse\"\x00(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x1c\x66inetune/v1/classifier.proto\x12\x0b\x66inetune.v1\"\xa3\x01\n\x0f\x43lassifyRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\n\n\x02id\x18\x05 \x01(\t\x12!\n\x14\x61\x62stention_threshold\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\x17\n\x15_abstention_threshold\"9\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\"o\n\x0e\x43lassification\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.finetune.v1.Prediction\x12\x11\n\tabstained\x18\x02 \x01(\x08\x12\x1c\n\x14\x61\x62stention_threshold\x18\x03 \x01(\x02\"w\n\x10\x43lassifyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.finetune.v1.Classification\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\n\n\x02id\x18\x04 \x01(\t2\xac\x01\n\nClassifier\x12I\n\x08\x43lassify\x12\x1c.finetune.v1.ClassifyRequest\x1a\x1d.finetune.v1.ClassifyResponse\"\x00\x12S\n\x0e\x43lassifyStream\x12\x1c.finetune.v1.ClassifyRequest\x1a\x1d.finetune.v1.ClassifyResponse\"\x00(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'finetune.v1.classifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CLASSIFYREQUEST']._serialized_start=45
-  _globals['_CLASSIFYREQUEST']._serialized_end=148
-  _globals['_PREDICTION']._serialized_start=150
-  _globals['_PREDICTION']._serialized_end=207
-  _globals['_CLASSIFICATION']._serialized_start=209
-  _globals['_CLASSIFICATION']._serialized_end=271
-  _globals['_CLASSIFYRESPONSE']._serialized_start=273
-  _globals['_CLASSIFYRESPONSE']._serialized_end=392
-  _globals['_CLASSIFIER']._serialized_start=395
-  _globals['_CLASSIFIER']._serialized_end=567
+  _globals['_CLASSIFYREQUEST']._serialized_start=46
+  _globals['_CLASSIFYREQUEST']._serialized_end=209
+  _globals['_PREDICTION']._serialized_start=211
+  _globals['_PREDICTION']._serialized_end=268
+  _globals['_CLASSIFICATION']._serialized_start=270
+  _globals['_CLASSIFICATION']._serialized_end=381
+  _globals['_CLASSIFYRESPONSE']._serialized_start=383
+  _globals['_CLASSIFYRESPONSE']._serialized_end=502
+  _globals['_CLASSIFIER']._serialized_start=505
+  _globals['_CLASSIFIER']._serialized_end=677
 # @@protoc_insertion_point(module_scope)
