@@ -112,10 +112,12 @@ def _replace_behavior(
 class _Guard:
     """Around one RPC: metrics, in-flight tracking, exception -> status mapping."""
 
-    def __init__(self, interceptor: ObservingInterceptor, labels: tuple[str, str, str]) -> None:
+    def __init__(
+        self, interceptor: ObservingInterceptor, labels: tuple[str, str, str], tracked: bool
+    ) -> None:
         self._interceptor = interceptor
         self._labels = labels
-        self._tracked = labels[0] in TRACKED_SERVICES
+        self._tracked = tracked
 
     async def __aenter__(self) -> None:
         self._started = time.monotonic()
@@ -182,29 +184,36 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        if _is_refusal(handler):
+            # Refused at the door: counted in the gRPC metrics, but not an arrival the drain
+            # waits for, so clients retrying against a draining server do not prolong it.
+            return self._wrap(method, handler, tracked=False)
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = self._wrap(method, handler)
+        wrapped = self._wrap(method, handler, tracked=True)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _wrap(
+        self, full_method: str, handler: grpc.RpcMethodHandler, *, tracked: bool
+    ) -> grpc.RpcMethodHandler:
         service, method = _split_method(full_method)
         labels = (service, method, _rpc_type(handler))
+        tracked = tracked and service in TRACKED_SERVICES
 
         def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
             if inspect.isasyncgenfunction(behavior):
 
                 async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                    async with _Guard(self, labels).bind(context):
+                    async with _Guard(self, labels, tracked).bind(context):
                         async for item in behavior(request, context):
                             yield item
 
                 return stream
 
             async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                async with _Guard(self, labels).bind(context):
+                async with _Guard(self, labels, tracked).bind(context):
                     return await behavior(request, context)
 
             return call
@@ -242,38 +251,59 @@ def _refused_deserializer(data: bytes) -> None:
 
 
 class StreamLimits:
-    """Ends a request stream idle for ``idle_s`` or open for ``max_s`` (0: no limit)."""
+    """Ends a request stream idle for ``idle_s`` or open for ``max_s`` (0: no limit), and,
+    for inference streams, once the server drains."""
+
+    # How often a waiting stream looks at the drain flag.
+    CHECK_S = 0.25
 
     def __init__(self, idle_s: float, max_s: float) -> None:
         self.idle_s = idle_s
         self.max_s = max_s
 
-    def _timeout(self, ends_at: float | None) -> float | None:
-        remaining = None if ends_at is None else max(ends_at - time.monotonic(), 0.0)
-        if self.idle_s <= 0:
-            return remaining
-        return self.idle_s if remaining is None else min(self.idle_s, remaining)
+    def _expiry(self, started: float, last: float) -> StreamExpired | None:
+        now = time.monotonic()
+        if self.max_s > 0 and now - started >= self.max_s:
+            return StreamExpired(
+                f"stream open longer than {self.max_s:g} s (stream_max_duration_s)"
+            )
+        if self.idle_s > 0 and now - last >= self.idle_s:
+            return StreamExpired(f"stream idle for {self.idle_s:g} s (stream_idle_timeout_s)")
+        return None
 
-    async def guard(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        """The requests, each checked against its method's size limit, within the limits."""
-        ends_at = time.monotonic() + self.max_s if self.max_s > 0 else None
+    async def guard(
+        self, requests: AsyncIterator[Any], stopping: Callable[[], bool] = lambda: False
+    ) -> AsyncIterator[Any]:
+        """The requests, each checked against its method's size limit, within the limits.
+
+        The next read is never cancelled while the stream lives (a cancelled read could lose
+        a message); the wait for it wakes up every ``CHECK_S`` to look at the limits.
+        """
+        started = last = time.monotonic()
         iterator = aiter(requests)
-        while True:
-            try:
-                request = await asyncio.wait_for(anext(iterator), self._timeout(ends_at))
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                if ends_at is not None and time.monotonic() >= ends_at:
-                    raise StreamExpired(
-                        f"stream open longer than {self.max_s:g} s (stream_max_duration_s)"
-                    ) from None
-                raise StreamExpired(
-                    f"stream idle for {self.idle_s:g} s (stream_idle_timeout_s)"
-                ) from None
-            if isinstance(request, _Oversized):
-                raise request.error()
-            yield request
+        reading: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                if stopping():
+                    raise ShuttingDown("server is shutting down; reconnect to another replica")
+                expired = self._expiry(started, last)
+                if expired is not None:
+                    raise expired
+                if reading is None:
+                    reading = asyncio.ensure_future(anext(iterator))
+                done, _ = await asyncio.wait({reading}, timeout=self.CHECK_S)
+                if not done:
+                    continue
+                finished, reading = reading, None
+                try:
+                    request = finished.result()
+                except StopAsyncIteration:
+                    return
+                last = time.monotonic()
+                yield _checked(request)
+        finally:
+            if reading is not None:
+                reading.cancel()
 
 
 class GateInterceptor(grpc.aio.ServerInterceptor):
@@ -328,16 +358,25 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
         if cached is not None and cached[0] is handler:
             return cached[1]
         limit = self.max_message_bytes if method in PAYLOAD_METHODS else SMALL_MESSAGE_BYTES
-        limited = self._limited(handler, limit)
+        service, _ = _split_method(method)
+        limited = self._limited(handler, limit, drains=service in TRACKED_SERVICES)
         self._limited_handlers[method] = (handler, limited)
         return limited
 
-    def _limited(self, handler: grpc.RpcMethodHandler, limit: int) -> grpc.RpcMethodHandler:
-        streams = self.streams
+    def _limited(
+        self, handler: grpc.RpcMethodHandler, limit: int, drains: bool
+    ) -> grpc.RpcMethodHandler:
+        streams, state = self.streams, self.state
+
+        def stopping() -> bool:
+            return drains and state.rejecting
+
+        def guarded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            return streams.guard(requests, stopping)
 
         def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
             if handler.request_streaming:
-                return _on_requests(behavior, streams.guard)
+                return _on_requests(behavior, guarded)
             return _on_requests(behavior, _checked)
 
         return _replace_behavior(
@@ -367,6 +406,16 @@ def _on_requests(behavior: Callable[..., Any], adapt: Callable[[Any], Any]) -> C
     return call
 
 
+def _is_refusal(handler: grpc.RpcMethodHandler) -> bool:
+    behaviors = (
+        handler.unary_unary,
+        handler.unary_stream,
+        handler.stream_unary,
+        handler.stream_stream,
+    )
+    return any(getattr(b, "is_refusal", False) for b in behaviors if b is not None)
+
+
 def _refusing(handler: grpc.RpcMethodHandler, refusal: ServerError) -> grpc.RpcMethodHandler:
     def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(behavior):
@@ -375,11 +424,13 @@ def _refusing(handler: grpc.RpcMethodHandler, refusal: ServerError) -> grpc.RpcM
                 raise refusal
                 yield  # an async generator, like the behaviour it replaces
 
+            refuse_stream.is_refusal = True  # type: ignore[attr-defined]
             return refuse_stream
 
         async def refuse(request: Any, context: Any) -> Any:
             raise refusal
 
+        refuse.is_refusal = True  # type: ignore[attr-defined]
         return refuse
 
     return _replace_behavior(handler, wrap, _refused_deserializer)
