@@ -1,11 +1,12 @@
 """The image folder: scan, split, decode, cache, and the datasets the loaders read.
 
 Layout: ``DATA/train/<class>/*`` and optionally ``DATA/val/<class>/*``; without ``val/`` a
-seeded stratified share of each class is held out. Images are decoded with torchvision.io
-(JPEG, PNG, WebP) and Pillow for anything else (BMP). Unreadable files are skipped with their
-names in the log, or fatal with ``strict``. Structural problems (missing folder, fewer than two
-classes, an empty class, val classes that differ from train) are ``DataError``s raised before
-any training.
+seeded stratified share of each class is held out.
+Images are decoded by ``trainer.image_decode`` (the supported formats only, EXIF orientation
+applied, a pixel and aspect budget checked from the header); files that fail it, and files of
+other formats, are skipped with their names in the log, or fatal with ``strict``. Structural
+problems (missing folder, fewer than two classes, an empty class, val classes that differ from
+train) are ``DataError``s raised before any training.
 
 When the decoded dataset fits in ``cache_max_mb`` it is decoded once, shrunk to the eval resize
 size, and kept as uint8 tensors in memory: each epoch then costs only the augmentation. The
@@ -15,26 +16,22 @@ workers.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import random
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
-from torchvision import io as tv_io
 from torchvision.transforms.v2 import functional as tvf
 
 from contracts.image_formats import IMAGE_EXTENSIONS
 from trainer.errors import DataError
+from trainer.image_decode import CorruptImage, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +57,14 @@ class DatasetSplit:
     fingerprint: dict[str, Any]
 
 
-def scan_dataset(root: Path, *, val_fraction: float, seed: int) -> DatasetSplit:
+def scan_dataset(
+    root: Path, *, val_fraction: float, seed: int, strict: bool = False
+) -> DatasetSplit:
     """List the image files of ``root`` and split them into train and val.
+
+    Files of other formats (``.tif``, ``.gif``, ...) are skipped and logged like unreadable
+    images (``strict``: ``DataError``): the server refuses them, so training on them would
+    teach the model what it can never be asked.
 
     Raises:
         DataError: missing folders, fewer than two classes, an empty class, val classes that
@@ -73,10 +76,11 @@ def scan_dataset(root: Path, *, val_fraction: float, seed: int) -> DatasetSplit:
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise DataError(f"data: {root} has no train/ folder (expected {root}/train/<class>/*)")
-    classes, train = _scan_split(train_dir)
+    unsupported: list[str] = []
+    classes, train = _scan_split(train_dir, unsupported)
     val_dir = root / "val"
     if val_dir.is_dir():
-        val_classes, val = _scan_split(val_dir)
+        val_classes, val = _scan_split(val_dir, unsupported)
         if val_classes != classes:
             only_train = sorted(set(classes) - set(val_classes))
             only_val = sorted(set(val_classes) - set(classes))
@@ -91,6 +95,7 @@ def scan_dataset(root: Path, *, val_fraction: float, seed: int) -> DatasetSplit:
             len(val),
             len(train) + len(val),
         )
+    report_corrupt([f"{path}: not a supported image format" for path in unsupported], strict)
     files = sorted(s.path.relative_to(root).as_posix() for s in [*train, *val])
     fingerprint = {
         "classes": list(classes),
@@ -100,7 +105,7 @@ def scan_dataset(root: Path, *, val_fraction: float, seed: int) -> DatasetSplit:
     return DatasetSplit(classes, train, val, fingerprint)
 
 
-def _scan_split(split_dir: Path) -> tuple[list[str], list[Sample]]:
+def _scan_split(split_dir: Path, unsupported: list[str]) -> tuple[list[str], list[Sample]]:
     classes = sorted(
         p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
     )
@@ -110,11 +115,11 @@ def _scan_split(split_dir: Path) -> tuple[list[str], list[Sample]]:
         )
     samples: list[Sample] = []
     for label, name in enumerate(classes):
-        files = sorted(
-            p
-            for p in (split_dir / name).rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        found = sorted(
+            p for p in (split_dir / name).rglob("*") if p.is_file() and not p.name.startswith(".")
         )
+        files = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS]
+        unsupported += [str(p) for p in found if p.suffix.lower() not in IMAGE_EXTENSIONS]
         if not files:
             raise DataError(
                 f"data: class {name!r} in {split_dir} has no images "
@@ -143,37 +148,6 @@ def stratified_split(
         val += members[:n_val]
         train += members[n_val:]
     return train, val
-
-
-class CorruptImage(Exception):  # noqa: N818 - reads as the condition it reports
-    """A file that neither torchvision.io nor Pillow can decode."""
-
-
-@functools.cache
-def _quiet_torchvision_io() -> None:
-    # torchvision 0.29 warns on every decode that TorchCodec will replace it; once per process
-    # is enough for us to know, and the warning would otherwise flood the log per image.
-    warnings.filterwarnings(
-        "ignore",
-        message="The image decoding and encoding capabilities",
-        category=DeprecationWarning,
-    )
-
-
-def decode_image(path: Path) -> torch.Tensor:
-    """Decode to an RGB uint8 tensor [3, H, W] (torchvision.io, Pillow as the fallback)."""
-    _quiet_torchvision_io()
-    try:
-        data = tv_io.read_file(str(path))
-        return tv_io.decode_image(data, mode=tv_io.ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        pass
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
-    except Exception as exc:
-        raise CorruptImage(f"{path}: {exc}") from exc
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 def should_cache(num_images: int, resize_size: int, cache_max_mb: int) -> bool:

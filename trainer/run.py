@@ -78,7 +78,9 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[st
     # ---- set up: data, model (new or resumed), resolved config, context ----------------------
     seed_everything(config.seed, config.deterministic)
     assert config.data is not None and config.output is not None
-    split = scan_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed)
+    split = scan_dataset(
+        config.data, val_fraction=config.val_fraction, seed=config.seed, strict=config.strict_data
+    )
     output = Path(config.output)
     resume = find_resume(config.resume, output / "checkpoints")
     model, pre, weights_source = build_model(config, len(split.classes), resume)

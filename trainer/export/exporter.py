@@ -20,6 +20,7 @@ from trainer.classifier import restore_classifier
 from trainer.errors import ConfigError, DataError
 from trainer.export import metadata as meta
 from trainer.export.errors import ExportError
+from trainer.export.golden import build_golden_set
 from trainer.export.graph import ServingModel
 from trainer.export.images import ImageSet, load_split
 from trainer.export.onnx_export import export_onnx
@@ -190,6 +191,7 @@ def export_checkpoint(  # noqa: PLR0913  every export option is a keyword the CL
                 int8_accuracy_budget,
             )
             extra.update(variant_extra, parity_fp32=parity_fp32.as_metadata())
+        golden_files = _golden_set(data_dir, checkpoint, serving, final_path, input_format, extra)
         document = meta.build_metadata(
             checkpoint,
             input_format=input_format,
@@ -219,6 +221,7 @@ def export_checkpoint(  # noqa: PLR0913  every export option is a keyword the CL
         version_files={
             MODEL_FILENAME: model_bytes,
             METADATA_FILENAME: meta.to_json_bytes(document),
+            **golden_files,
         },
         config_text=config_text,
         labels=document["labels"],
@@ -239,6 +242,33 @@ def export_checkpoint(  # noqa: PLR0913  every export option is a keyword the CL
         exporter=exporter,
         metadata=document,
     )
+
+
+def _golden_set(  # noqa: PLR0913  one step of export_checkpoint; its facts passed on
+    data_dir: Path | None,
+    checkpoint: Checkpoint,
+    serving: ServingModel,
+    graph_path: Path,
+    input_format: str,
+    extra: dict[str, Any],
+) -> dict[str, bytes]:
+    """The version's golden set files (none without val data); its summary goes in ``extra``."""
+    if data_dir is None:
+        return {}
+    golden, files = build_golden_set(
+        Path(data_dir),
+        classes=checkpoint.header.classes,
+        preprocessing=checkpoint.header.preprocessing,
+        serving=serving,
+        onnx_path=graph_path,
+        input_format=input_format,
+    )
+    extra["golden_set"] = {
+        "images": len(golden.images),
+        "tolerance": golden.tolerance,
+        "measured_max_abs_diff": golden.measured_max_abs_diff,
+    }
+    return files
 
 
 def _validate_options(  # noqa: PLR0913  the export's options, checked together before any work

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as tvf
 
 from contracts.image_formats import IMAGE_EXTENSIONS
 from trainer.errors import DataError
+from trainer.image_decode import CorruptImage, open_rgb
 
 
 @dataclass(frozen=True)
@@ -80,14 +80,17 @@ def load_split(
 def preprocess(path: Path, *, input_size: Sequence[int], resize_size: int) -> np.ndarray:
     """One image as the serving graph takes it: ``[H, W, 3]`` uint8 RGB.
 
+    Decoded as training decodes (``trainer.image_decode``: upright, the one RGB conversion,
+    within the pixel budget) and resized with Pillow, as the server resizes.
+
     Raises:
         DataError: the file cannot be decoded.
     """
     try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise DataError(f"cannot decode image {path}: {error}") from error
+        rgb = open_rgb(path)
+    except CorruptImage as error:
+        raise DataError(f"cannot decode image {error}") from error
+    # The budget bounds the aspect ratio, so this resize cannot blow a sliver up to gigabytes.
     resized = tvf.resize(rgb, [resize_size], antialias=True)
     cropped = tvf.center_crop(resized, [int(input_size[0]), int(input_size[1])])
     return np.asarray(cropped, dtype=np.uint8).copy()

@@ -184,6 +184,9 @@ def _rename_to_next_version(staging: Path, model_root: Path) -> tuple[int, Path]
 
 
 def _write_new_file(path: Path, data: bytes) -> None:
+    if not path.parent.is_dir():  # a file of a version subdirectory (golden/)
+        path.parent.mkdir(parents=True)
+        os.chmod(path.parent, VERSION_DIR_MODE)
     with open(path, "xb") as handle:
         os.fchmod(handle.fileno(), DEFAULT_FILE_MODE)
         write_synced(handle, data)
