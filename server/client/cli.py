@@ -1,14 +1,15 @@
-"""The ``client`` command: classify images, check health, load-test a server.
+"""The ``client`` command: classify images, check health, load-test a server, verify a model.
 
 Exit status: 0 on success; 1 when the server refused or failed a request (``classify``: any
-image not classified; ``health``: not SERVING or unreachable; ``bench``: any failed request);
-2 for bad arguments or unreadable inputs.
+image not classified; ``health``: not SERVING or unreachable; ``bench``: any failed request;
+``verify``: the golden set was not reproduced); 2 for bad arguments or unreadable inputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ from server.client.connection import ClientConfigError, ConnectionOptions, read_
 from server.client.loadgen import LoadSpec
 from server.client.stats import BenchReport
 from server.client.tensors import TensorError
+from server.client.verify import VerifySetupError, verify
 
 # The formats the server decodes; other files in a directory are skipped.
 IMAGE_SUFFIXES = IMAGE_EXTENSIONS
@@ -184,6 +186,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="", help="send raw ModelInfer requests to this model instead of Classify"
     )
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    verify = commands.add_parser(
+        "verify",
+        help="check that the server reproduces a version's golden set",
+        description="Sends the golden set of a model version (REPO/MODEL/VERSION/golden/) "
+        "through Classify and compares every probability with what the trainer computed, as "
+        "the server does when it loads the version. Exit 0 when it passes, 1 when any top-1 "
+        "or probability differs beyond the set's tolerance.",
+    )
+    _add_connection_flags(verify)
+    verify.add_argument("--model", required=True, help="model name")
+    verify.add_argument(
+        "--model-version", default="", help="version (default: the newest one the server loaded)"
+    )
+    verify.add_argument(
+        "--repository",
+        type=Path,
+        default=os.environ.get("CLIENT_REPOSITORY", "models"),
+        help="the model repository the server serves, readable here "
+        "(default $CLIENT_REPOSITORY, else ./models)",
+    )
+    verify.add_argument("--json", action="store_true", help="print the verdict as JSON")
     return parser
 
 
@@ -329,12 +353,27 @@ def run_bench(args: argparse.Namespace) -> int:
     return EXIT_FAILED if report.error_count or not report.requests_ok else EXIT_OK
 
 
+def run_verify(args: argparse.Namespace) -> int:
+    with InferenceClient(connection_options(args)) as client:
+        report = verify(client, args.repository, args.model, args.model_version)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report) | {"passed": report.passed}, indent=2))
+    else:
+        print(report.format_text())
+    return EXIT_OK if report.passed else EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"classify": run_classify, "health": run_health, "bench": run_bench}
+    handlers = {
+        "classify": run_classify,
+        "health": run_health,
+        "bench": run_bench,
+        "verify": run_verify,
+    }
     try:
         return handlers[args.command](args)
-    except (UsageError, ClientConfigError, BenchSetupError, TensorError) as exc:
+    except (UsageError, ClientConfigError, BenchSetupError, TensorError, VerifySetupError) as exc:
         print(f"client {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except RequestError as exc:
