@@ -350,13 +350,13 @@ class ModelManager:
         attempts = previous.attempts + 1 if previous is not None else 1
         delay = min(self.settings.load_retry_s * 2 ** (attempts - 1), MAX_LOAD_RETRY_S)
         log.error(
-            "model %s version %d rejected (attempt %d, retry in %.0f s or when its files "
-            "change), previous versions keep serving: %s",
+            "model %s version %d rejected, previous versions keep serving: %s (attempt %d; "
+            "retried in %.0f s, or sooner when its files change)",
             source.model_name,
             source.version,
+            error,
             attempts,
             delay,
-            error,
         )
         self.metrics.model_load_failures.labels(source.model_name).inc()
         self._rejected[key] = _Rejection(
