@@ -45,6 +45,7 @@ TOLERANCE_FACTOR = 3.0
 TOLERANCE_FLOOR = 0.01
 _ORIENTATION = 0x0112
 GENERATED = "generated"
+DRAFT_FREE_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def build_golden_set(  # noqa: PLR0913  the export's facts, passed by keyword
     Raises:
         DataError: the val split is missing or empty.
     """
-    candidates = _choose(Path(data_dir), classes)
+    candidates = _choose(Path(data_dir), classes, preprocessing.resize_size)
     paths = _Paths(preprocessing, serving, onnx_path, input_format)
     with tempfile.TemporaryDirectory(prefix="golden-") as work_dir:
         work = Path(work_dir)
@@ -149,7 +150,7 @@ def _margin(row: np.ndarray) -> float:
     return float(best[0] - best[1]) if len(best) > 1 else 1.0
 
 
-def _choose(data_dir: Path, classes: Sequence[str]) -> list[_Candidate]:
+def _choose(data_dir: Path, classes: Sequence[str], resize_size: int) -> list[_Candidate]:
     """Up to ``GOLDEN_LIMIT`` decodable val images (classes interleaved), and a rotated one
     beyond them when one exists among the first ``EXIF_SEARCH_LIMIT``."""
     chosen: list[_Candidate] = []
@@ -160,7 +161,7 @@ def _choose(data_dir: Path, classes: Sequence[str]) -> list[_Candidate]:
         orientation = _exif_orientation(path)
         is_rotated = orientation not in (None, 0, 1)
         wanted = len(chosen) < GOLDEN_LIMIT or (is_rotated and not found_rotated)
-        if orientation is not None and wanted and _decodes(path):
+        if orientation is not None and wanted and _decodes(path, resize_size):
             chosen.append(_Candidate(path, label, path.relative_to(data_dir).as_posix()))
             found_rotated = found_rotated or is_rotated
     return chosen
@@ -175,12 +176,17 @@ def _exif_orientation(path: Path) -> int | None:
         return None
 
 
-def _decodes(path: Path) -> bool:
+def _decodes(path: Path, resize_size: int) -> bool:
+    """Decodable, and not a JPEG the server would decode at a reduced DCT scale."""
     try:
-        open_rgb(path)
-    except CorruptImage:
+        image = open_rgb(path)
+        with Image.open(path) as opened:
+            is_jpeg = opened.format == "JPEG"
+    except (CorruptImage, OSError):
         return False
-    return True
+    # The server's Image.draft keeps at least twice the resize target, so JPEGs under four
+    # times it decode in full there too; larger ones would test the draft, not the contract.
+    return not is_jpeg or min(image.size) < DRAFT_FREE_FACTOR * resize_size
 
 
 def _copy(candidates: list[_Candidate], work: Path) -> list[Path]:
