@@ -17,7 +17,9 @@ from server.repository import VersionSource, read_metadata
 
 
 def _server_verdict(version_dir: Path) -> bool:
-    sessions = OnnxSessions(version_dir / "model.onnx", SessionSettings(providers="cpu", intra_op_threads=1))
+    sessions = OnnxSessions(
+        version_dir / "model.onnx", SessionSettings(providers="cpu", intra_op_threads=1)
+    )
     metadata = read_metadata(VersionSource("classifier", 1, version_dir), {})
     verdict = check_golden_set(version_dir, metadata, sessions)
     assert verdict is not None
