@@ -21,6 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from contracts.cpu_budget import cpu_budget
+from server.capture import CapturePolicy, CaptureWriter
 from server.config import ServerConfig, config_as_dict
 from server.decode_pool import DecodePool
 from server.errors import ModelLoadError
@@ -30,6 +31,7 @@ from server.lifecycle import DrainTarget, ServerState, drain
 from server.metrics import ServerMetrics
 from server.metrics_http import start_metrics_server
 from server.model_manager import ModelManager
+from server.prediction_monitor import PredictionMonitors
 from server.preprocess import ImageLimits
 from server.thread_plan import plan_threads
 from server.transport.grpc_server import GrpcEndpoint, format_address, start_grpc_server
@@ -51,6 +53,7 @@ class ServerHandle(DrainTarget):
     state: ServerState
     inference: InferenceHandler
     decode_executor: ThreadPoolExecutor
+    capture: CaptureWriter | None = None
     _http: Any = None
     _poll: asyncio.Task[None] | None = field(default=None)
     _stopped: bool = False
@@ -87,6 +90,8 @@ class ServerHandle(DrainTarget):
     async def unload_models(self) -> None:
         await self.manager.close()
         self.decode_executor.shutdown(wait=False)
+        if self.capture is not None:
+            await asyncio.to_thread(self.capture.close)
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -107,6 +112,26 @@ class ServerHandle(DrainTarget):
             return
         await self.stop_transport(grace or 0)
         await self.unload_models()
+
+
+def create_capture_writer(config: ServerConfig, metrics: ServerMetrics) -> CaptureWriter | None:
+    """The capture for review when ``capture_dir`` is set; an unwritable directory fails start."""
+    if config.capture_dir is None:
+        return None
+    policy = CapturePolicy(
+        max_bytes=config.capture_max_mb * 1024 * 1024,
+        per_second=config.capture_per_second,
+        margin=config.capture_margin,
+        random_share=config.capture_random_share,
+    )
+    writer = CaptureWriter(
+        config.capture_dir,
+        policy,
+        on_captured=lambda reason: metrics.captures.labels(reason).inc(),
+        on_dropped=lambda cause: metrics.captures_dropped.labels(cause).inc(),
+    )
+    log.info("capturing uncertain images for review into %s", config.capture_dir)
+    return writer
 
 
 async def build_server(
@@ -130,24 +155,30 @@ async def build_server(
         max_workers=threads.decode_workers, thread_name_prefix="decode"
     )
     inference = InferenceHandler(manager, metrics)
+    capture = create_capture_writer(config, metrics)
     classification = ClassificationHandler(
         manager,
         metrics,
         DecodePool(decode_executor, config.max_pending_images),
         ImageLimits(config.max_image_bytes, config.max_image_pixels, config.max_image_aspect),
         config.max_images_per_request,
+        PredictionMonitors(metrics.prediction_metrics),
+        capture,
     )
     endpoint = await start_grpc_server(config, inference, classification, metrics, state)
     http, metrics_port = None, None
     if config.metrics_port >= 0:
         ProcessCollector(registry=registry)  # process_* (CPU, RSS, open fds), per registry
         metrics_host = config.metrics_host if config.metrics_host is not None else config.host
-        http = start_metrics_server(registry, metrics_host, config.metrics_port)
+        http = start_metrics_server(
+            registry, metrics_host, config.metrics_port, config.metrics_timeout_s
+        )
         metrics_port = http.server_port
     log.info(
-        "gRPC on %s (%s), metrics on %s; settings: %s",
+        "gRPC on %s (%s), health-only on %s, metrics on %s; settings: %s",
         format_address(config.host, endpoint.port),
         "TLS" if endpoint.uses_tls else "plaintext",
+        endpoint.health_port,
         metrics_port,
         config_as_dict(config),
     )
@@ -161,6 +192,7 @@ async def build_server(
         state=state,
         inference=inference,
         decode_executor=decode_executor,
+        capture=capture,
         _http=http,
     )
 

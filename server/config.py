@@ -161,6 +161,19 @@ class ServerConfig:
     metrics_host: str | None = field(
         default=None, metadata=_doc("Address the metrics port binds to (default: host).")
     )
+    metrics_timeout_s: float = field(
+        default=10.0,
+        metadata=_doc(
+            "Socket timeout of a metrics connection: reading the request and writing the answer."
+        ),
+    )
+    health_port: int = field(
+        default=-1,
+        metadata=_doc(
+            "Plaintext port serving only grpc.health.v1 (the same status as the gRPC port), "
+            "for probes that cannot speak TLS such as the kubelet's (0: pick one; -1: off)."
+        ),
+    )
     load_retry_s: float = field(
         default=10.0,
         metadata=_doc(
@@ -170,6 +183,27 @@ class ServerConfig:
     )
     preprocess_workers: int = field(
         default=0, metadata=_doc("Threads decoding and resizing images (0: the CPU budget).")
+    )
+    capture_dir: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "Capture uncertain Classify images (abstained, low margin, a random few) with a "
+            "JSON sidecar under DIR/unlabeled/<label>/ for review (default: off). Captured "
+            "images are user data: see README, 'Capture for review'."
+        ),
+    )
+    capture_max_mb: int = field(
+        default=1024, metadata=_doc("Size cap of the capture directory; oldest deleted first.")
+    )
+    capture_per_second: float = field(
+        default=5.0, metadata=_doc("Most captures written per second; more are dropped.")
+    )
+    capture_margin: float = field(
+        default=0.2,
+        metadata=_doc("Capture when the top two probabilities are closer than this."),
+    )
+    capture_random_share: float = field(
+        default=0.01, metadata=_doc("Share of other answers captured at random (0-1).")
     )
     log_level: str = field(default="INFO", metadata=_doc("Python logging level."))
 
@@ -181,6 +215,7 @@ def _validate(config: ServerConfig) -> None:
     _validate_choices(config)
     _validate_ranges(config)
     _validate_limits(config)
+    _validate_capture(config)
     _validate_tls(config)
 
 
@@ -194,13 +229,19 @@ def _validate_choices(config: ServerConfig) -> None:
         )
 
 
-def _validate_ranges(config: ServerConfig) -> None:
-    for name in ("grpc_port",):
+def _validate_ports(config: ServerConfig) -> None:
+    if not 0 <= config.grpc_port <= 65535:
+        raise ConfigError(f"grpc_port must be in 0..65535, got {config.grpc_port}")
+    for name in ("metrics_port", "health_port"):  # -1: that listener is off
         value = getattr(config, name)
-        if not 0 <= value <= 65535:
-            raise ConfigError(f"{name} must be in 0..65535, got {value}")
-    if not -1 <= config.metrics_port <= 65535:
-        raise ConfigError(f"metrics_port must be in -1..65535, got {config.metrics_port}")
+        if not -1 <= value <= 65535:
+            raise ConfigError(f"{name} must be in -1..65535, got {value}")
+    if config.metrics_timeout_s <= 0:
+        raise ConfigError(f"metrics_timeout_s must be > 0, got {config.metrics_timeout_s}")
+
+
+def _validate_ranges(config: ServerConfig) -> None:
+    _validate_ports(config)
     positive = (
         "max_queue_size",
         "instances",
@@ -241,6 +282,16 @@ def _validate_limits(config: ServerConfig) -> None:
     for name in ("stream_idle_timeout_s", "stream_max_duration_s", "load_retry_s"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0")
+
+
+def _validate_capture(config: ServerConfig) -> None:
+    if config.capture_max_mb < 1:
+        raise ConfigError(f"capture_max_mb must be >= 1, got {config.capture_max_mb}")
+    if not config.capture_per_second > 0:
+        raise ConfigError(f"capture_per_second must be > 0, got {config.capture_per_second}")
+    for name in ("capture_margin", "capture_random_share"):
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1], got {getattr(config, name)}")
 
 
 def _validate_tls(config: ServerConfig) -> None:

@@ -2,7 +2,8 @@
 
 prometheus_client's ``start_http_server`` answers every path with the metrics and keeps a
 thread per connection as long as the client likes; this one answers 404 off ``/metrics`` and
-drops connections idle for ``TIMEOUT_S``, so a slow or scanning client cannot pin threads.
+drops connections idle for ``timeout_s`` (``--metrics-timeout-s``), so a slow or scanning
+client cannot pin threads.
 """
 
 from __future__ import annotations
@@ -46,8 +47,13 @@ def _only_metrics(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable
     return serve
 
 
-def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> WSGIServer:
+def start_metrics_server(
+    registry: CollectorRegistry, host: str, port: int, timeout_s: float = TIMEOUT_S
+) -> WSGIServer:
     """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread.
+
+    Args:
+        timeout_s: socket timeout for reading a request and writing its answer.
 
     Returns:
         the server; ``server_port`` is the bound port, ``shutdown()`` and ``server_close()``
@@ -58,7 +64,7 @@ def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> W
         port,
         _only_metrics(make_wsgi_app(registry)),
         server_class=_ThreadingServer6 if ":" in host else _ThreadingServer,
-        handler_class=_Handler,
+        handler_class=type("_TimedHandler", (_Handler,), {"timeout": timeout_s}),
     )
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()

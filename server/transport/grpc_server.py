@@ -1,5 +1,5 @@
 """Assembling the gRPC server: credentials, interceptors, options, servicers, health,
-reflection and the bound port.
+reflection and the bound port; and the optional plaintext health-only listener.
 
 The composition root (``server.app``) hands in the handlers and gets back a started server, its
 port and a ``HealthReporter``; it never touches grpc's types or the ``*_pb2`` modules.
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 SERVICES = (INFERENCE_SERVICE, CLASSIFIER_SERVICE)
+# The health-only listener takes tiny messages and a few probes at once: it is reachable
+# without TLS or a token, so it must not be a way around the main port's limits.
+HEALTH_MESSAGE_BYTES = 4096
+HEALTH_CONCURRENT_RPCS = 16
 
 
 def format_address(host: str, port: int) -> str:
@@ -106,9 +110,48 @@ class GrpcEndpoint:
     port: int
     health: HealthReporter
     uses_tls: bool
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
 
     async def stop(self, grace: float | None) -> None:
+        """Stop the main server, then the health-only listener (it reports NOT_SERVING until
+        the very end of a drain, so a probe never sees a refused connection before that)."""
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(grace)
+
+
+async def start_health_listener(
+    host: str, port: int, health: HealthReporter
+) -> tuple[grpc.aio.Server, int]:
+    """A plaintext gRPC server with ``grpc.health.v1`` only, sharing ``health``'s servicer.
+
+    The kubelet's native gRPC probe speaks plaintext, so with TLS on the main port it needs
+    this listener; every other service answers UNIMPLEMENTED here, and drain's NOT_SERVING is
+    seen on both ports because the servicer is the same object.
+
+    Returns:
+        the started server and its bound port.
+
+    Raises:
+        ConfigError: the port cannot be bound.
+    """
+    server = grpc.aio.server(
+        maximum_concurrent_rpcs=HEALTH_CONCURRENT_RPCS,
+        options=[
+            ("grpc.max_receive_message_length", HEALTH_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", HEALTH_MESSAGE_BYTES),
+            ("grpc.max_concurrent_streams", HEALTH_CONCURRENT_RPCS),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    address = format_address(host, port)
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise ConfigError(f"cannot bind the health port at {address}")
+    await server.start()
+    return server, bound
 
 
 def _create_server(
@@ -173,4 +216,13 @@ async def start_grpc_server(
     if port == 0:
         raise ConfigError(f"cannot bind the gRPC port at {address}")
     await server.start()
-    return GrpcEndpoint(server, port, health, uses_tls=credentials is not None)
+    endpoint = GrpcEndpoint(server, port, health, uses_tls=credentials is not None)
+    if config.health_port >= 0:
+        try:
+            endpoint.health_server, endpoint.health_port = await start_health_listener(
+                config.host, config.health_port, health
+            )
+        except ConfigError:
+            await server.stop(None)
+            raise
+    return endpoint

@@ -32,6 +32,9 @@ def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
         (["--tls-cert", "a.pem"], {}, "tls_cert and tls_key"),
         (["--instances", "0"], {}, "instances"),
         ([], {"SERVER_MAX_QUEUE_DELAY_US": "-1"}, "max_queue_delay_us"),
+        (["--health-port", "-2"], {}, "health_port"),
+        (["--health-port", "65536"], {}, "health_port"),
+        (["--metrics-timeout-s", "0"], {}, "metrics_timeout_s"),
     ],
 )
 def test_bad_settings_name_the_setting(argv: list[str], env: dict[str, str], message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -114,3 +115,14 @@ def test_metrics_port_serves_metrics_only_with_process_metrics(model_repository:
             with pytest.raises(urllib.error.HTTPError) as error:
                 urllib.request.urlopen(url, timeout=5)
             assert error.value.code == 404
+
+
+def test_metrics_connection_idle_past_the_timeout_is_closed(model_repository: Path) -> None:
+    config = server_config(model_repository, metrics_port=0, metrics_timeout_s=0.2)
+    with (
+        RunningServer(config) as server,
+        socket.create_connection(("127.0.0.1", server.metrics_port), timeout=60) as sock,
+    ):
+        # Send nothing: the server closes the connection after metrics_timeout_s; the 60 s
+        # client timeout only keeps a failing test from hanging.
+        assert sock.recv(1024) == b""

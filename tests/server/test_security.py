@@ -1,8 +1,10 @@
-"""TLS, mTLS and bearer-token auth on the real server accept and refuse as configured."""
+"""TLS, mTLS and bearer-token auth on the real server accept and refuse as configured, and the
+plaintext health-only listener that lets the kubelet probe a TLS server."""
 
 from __future__ import annotations
 
 import subprocess
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 import grpc
@@ -95,3 +97,70 @@ def test_token_auth_with_health_exempt(model_repository: Path, tmp_path: Path) -
         health = health_pb2_grpc.HealthStub(channel)
         status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _health_check(channel: grpc.Channel, service: str = "") -> int:
+    request = health_pb2.HealthCheckRequest(service=service)
+    return health_pb2_grpc.HealthStub(channel).Check(request, timeout=30).status
+
+
+def test_health_port_is_plaintext_health_only_beside_tls(
+    model_repository: Path, certs: Path, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    config = server_config(
+        model_repository,
+        tls_cert=certs / "server.pem",
+        tls_key=certs / "server.key",
+        auth_token_file=token_file,
+        health_port=0,
+        # Long enough that the drain is still in its NOT_SERVING phase when it is checked;
+        # the drain is cancelled below, nothing waits for it.
+        drain_delay_s=600.0,
+    )
+    tls = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes())
+    with RunningServer(config) as server:
+        health_port = server.handle.grpc.health_port
+        assert health_port not in (None, 0, server.port)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{health_port}") as plain,
+            grpc.secure_channel(server.target, tls) as secure,
+            grpc.insecure_channel(server.target) as plain_to_tls,
+        ):
+            # The kubelet's probe: plaintext Check, no token, for the server and each service.
+            assert _health_check(plain) == serving
+            assert _health_check(plain, "inference.GRPCInferenceService") == serving
+            assert _health_check(secure) == serving
+            assert _code(lambda: _health_check(plain_to_tls)) is grpc.StatusCode.UNAVAILABLE
+            # Nothing but health on the plaintext port: not inference, not reflection.
+            assert _code(lambda: _live(plain)) is grpc.StatusCode.UNIMPLEMENTED
+            reflection_info = plain.stream_stream(
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+            )
+            assert _code(lambda: list(reflection_info(iter([b""]), timeout=30))) is (
+                grpc.StatusCode.UNIMPLEMENTED
+            )
+
+            watch = health_pb2_grpc.HealthStub(plain).Watch(
+                health_pb2.HealthCheckRequest(), timeout=120
+            )
+            assert next(watch).status == serving
+            drain = server.submit(server.handle.drain())
+            try:
+                # The same servicer answers both ports: the drain's NOT_SERVING reaches the
+                # plaintext listener as an event, with no wall-clock margin.
+                assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+                assert _health_check(plain) == health_pb2.HealthCheckResponse.NOT_SERVING
+                assert _health_check(secure) == health_pb2.HealthCheckResponse.NOT_SERVING
+            finally:
+                watch.cancel()
+                drain.cancel()
+                with pytest.raises(CancelledError):
+                    drain.result(timeout=30)
+
+
+def test_health_port_is_off_by_default(running_server: RunningServer) -> None:
+    assert running_server.config.health_port == -1
+    assert running_server.handle.grpc.health_port is None
