@@ -13,7 +13,7 @@ TOOLS="${TOOLS:-.venv-tools}"
 K8S_VERSIONS="${K8S_VERSIONS:-1.27.0 1.32.0}"
 # Custom resources whose CRD schemas are not shipped with kubernetes-validate. Their fields are
 # checked by tests/deploy instead (container name, replica specs, selectors).
-SKIPPED_CR_KINDS="ServiceMonitor PyTorchJob"
+SKIPPED_CR_KINDS="ServiceMonitor PyTorchJob Certificate"
 
 for tool in hadolint kubernetes-validate checkov; do
     [[ -x "$TOOLS/bin/$tool" ]] || {

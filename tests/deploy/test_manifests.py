@@ -71,6 +71,20 @@ def pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     return specs
 
 
+def env_values(container: dict[str, Any]) -> dict[str, str]:
+    """The container's literal environment (valueFrom entries are left out)."""
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def server_config_of(docs: list[dict[str, Any]]) -> Any:
+    """The server's settings as the programs' own loader resolves the manifest's args and env."""
+    from server.config import load_config
+
+    server = one(docs, "Deployment", "finetune-server")["spec"]["template"]["spec"]
+    container = server["containers"][0]
+    return load_config(container["args"], environ=env_values(container))
+
+
 def flag_value(args: list[str], flag: str) -> str:
     for arg in args:
         if arg.startswith(flag + "="):
@@ -124,8 +138,11 @@ def test_server_probes_service_and_disruption(overlay: str) -> None:
     spec = deployment["spec"]["template"]["spec"]
     server = spec["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    config = server_config_of(docs)
+    # The kubelet's gRPC probe speaks plaintext: with TLS it must use the health-only port.
+    probe_port = ports["health"] if config.tls_cert is not None else ports["grpc"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert server[probe]["grpc"]["port"] == ports["grpc"], probe
+        assert server[probe]["grpc"]["port"] == probe_port, probe
     grace = float(flag_value(server["args"], "--grace-period-s"))
     assert spec["terminationGracePeriodSeconds"] > grace + SERVER_DRAIN_DELAY_S
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
@@ -146,7 +163,8 @@ def test_server_probes_service_and_disruption(overlay: str) -> None:
 
     service = one(docs, "Service", "finetune-server")
     protocols = {p["name"]: p["appProtocol"] for p in service["spec"]["ports"]}
-    assert protocols == {"grpc": "kubernetes.io/h2c", "metrics": "http"}
+    grpc_protocol = "https" if config.tls_cert is not None else "kubernetes.io/h2c"
+    assert protocols == {"grpc": grpc_protocol, "metrics": "http"}
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
     assert one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= (
@@ -251,13 +269,11 @@ def _trainer_argv(container: dict[str, Any]) -> list[str]:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_manifest_arguments_parse_with_the_real_clis(overlay: str) -> None:
-    from server.config import load_config
     from trainer.cli import build_parser
     from trainer.config import FIELDS, resolve_config
 
     docs = render(overlay)
-    server = one(docs, "Deployment", "finetune-server")["spec"]["template"]["spec"]
-    config = load_config(server["containers"][0]["args"], environ={})
+    config = server_config_of(docs)
     assert str(config.model_repository) == "/models"
     assert config.grpc_port == 8001
 
@@ -273,3 +289,80 @@ def test_manifest_arguments_parse_with_the_real_clis(overlay: str) -> None:
                 train_config = resolve_config(environ={}, flags=flags)
                 assert train_config.resume == "auto", name
                 assert str(train_config.output) == "/outputs", name
+
+
+def _secret_mount(spec: dict[str, Any], container: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The Secret volume mounted read-only at a directory holding ``path``."""
+    mount = next(m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent)
+    assert mount["readOnly"] is True
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    return volume["secret"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_server_requires_the_token_from_a_secret(overlay: str) -> None:
+    docs = render(overlay)
+    spec = one(docs, "Deployment", "finetune-server")["spec"]["template"]["spec"]
+    config = server_config_of(docs)
+    assert config.auth_token_file is not None, "the bearer token is on by default"
+    secret = _secret_mount(spec, spec["containers"][0], config.auth_token_file)
+    assert secret["secretName"] == "finetune-server-token"
+    assert config.auth_token_file.name == "token"  # the key documented in deploy/README.md
+    # Readable by the server's group only; the pod's fsGroup owns it.
+    assert secret["defaultMode"] == 0o440
+    assert not find(docs, "Secret"), "the token is created out of band, never committed"
+    assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_metrics_bind_address_and_timeout_are_set(overlay: str) -> None:
+    config = server_config_of(render(overlay))
+    assert config.metrics_host is not None
+    assert 0 < config.metrics_timeout_s <= 30
+
+
+def test_tls_overlay_serves_tls_and_probes_the_plaintext_health_port() -> None:
+    docs = render("gpu-tls")
+    spec = one(docs, "Deployment", "finetune-server")["spec"]["template"]["spec"]
+    server = spec["containers"][0]
+    config = server_config_of(docs)
+    assert config.tls_cert is not None and config.tls_key is not None
+    cert_secret = _secret_mount(spec, server, config.tls_cert)
+    assert _secret_mount(spec, server, config.tls_key) == cert_secret
+    assert (config.tls_cert.name, config.tls_key.name) == ("tls.crt", "tls.key")
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert config.health_port == ports["health"] != config.grpc_port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["grpc"]["port"] == config.health_port, probe
+    # The health port is not published by the Service: only the kubelet needs it.
+    service = one(docs, "Service", "finetune-server")
+    assert config.health_port not in {p["port"] for p in service["spec"]["ports"]}
+
+    certificate = one(docs, "Certificate")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    assert certificate["spec"]["secretName"] == cert_secret["secretName"]
+    namespace = certificate["metadata"]["namespace"]
+    assert f"{service['metadata']['name']}.{namespace}.svc" in certificate["spec"]["dnsNames"]
+    assert certificate["spec"]["issuerRef"]["name"]
+    assert "server auth" in certificate["spec"]["usages"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_admits_labelled_clients_and_monitoring_only(overlay: str) -> None:
+    docs = render(overlay)
+    policy = one(docs, "NetworkPolicy", "finetune-server-ingress")
+    server_labels = one(docs, "Deployment", "finetune-server")["spec"]["template"]["metadata"][
+        "labels"
+    ]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= server_labels.items()
+    rules = policy["spec"]["ingress"]
+    assert all(rule.get("from") for rule in rules), "no rule may admit every source"
+    by_port = {port["port"]: rule["from"] for rule in rules for port in rule["ports"]}
+    assert by_port[8001] == [{"podSelector": {"matchLabels": {"finetune-serve/client": "true"}}}]
+    assert by_port[8002] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        }
+    ]
+    assert set(by_port) == {8001, 8002}
