@@ -16,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.batching import BatchObserver
+from server.prediction_monitor import VersionMetrics
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ LATENCY_BUCKETS = (
     10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 OUTCOMES = (
     "success",
     "invalid",
@@ -167,12 +169,63 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self._declare_prediction_metrics(registry, model)
         gpu = GpuCollector()
         if gpu.available:
             registry.register(gpu)
 
+    def _declare_prediction_metrics(self, registry: CollectorRegistry, model: list[str]) -> None:
+        """What the model predicts in production (server.prediction_monitor feeds them)."""
+        self.predictions = Counter(
+            "classification_predictions_total",
+            "Classify answers by predicted class (class names beyond the cap count as other).",
+            [*model, "label"],
+            registry=registry,
+        )
+        self.top_probability = Histogram(
+            "classification_top_probability",
+            "Top probability of each Classify answer.",
+            model,
+            buckets=PROBABILITY_BUCKETS,
+            registry=registry,
+        )
+        self.abstentions = Counter(
+            "classification_abstentions_total",
+            "Classify answers marked abstained (top probability under the threshold).",
+            model,
+            registry=registry,
+        )
+        self.drift = Gauge(
+            "classification_class_drift_psi",
+            "Population stability index of the recent predicted-class distribution against "
+            "the val split's at export (NaN until the window fills or without a reference).",
+            model,
+            registry=registry,
+        )
+        self.captures = Counter(
+            "classification_captures_total",
+            "Images captured for review, by reason (abstained, low_margin, random).",
+            ["reason"],
+            registry=registry,
+        )
+        self.captures_dropped = Counter(
+            "classification_captures_dropped_total",
+            "Captures dropped, by cause (rate_limited, queue_full, write_error).",
+            ["cause"],
+            registry=registry,
+        )
+
     def observer(self, model: str, version: str) -> BatchObserver:
         return _BatchMetrics(self, model, version)
+
+    def prediction_metrics(self, model: str, version: str) -> VersionMetrics:
+        """The production-prediction metrics of one version, bound to its labels."""
+        return VersionMetrics(
+            count_prediction=lambda label: self.predictions.labels(model, version, label).inc(),
+            observe_top_probability=self.top_probability.labels(model, version).observe,
+            count_abstention=self.abstentions.labels(model, version).inc,
+            set_drift=self.drift.labels(model, version).set,
+        )
 
 
 class _BatchMetrics(BatchObserver):

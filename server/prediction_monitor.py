@@ -94,3 +94,32 @@ class PredictionMonitor:
             live = [self._counts[i] for i in range(len(self.labels))]
         if full and self.reference is not None:
             self.metrics.set_drift(population_stability_index(live, self.reference))
+
+
+class PredictionMonitors:
+    """One ``PredictionMonitor`` per served model version, made on its first answer."""
+
+    def __init__(
+        self, metrics_for: Callable[[str, str], VersionMetrics], window: int = DEFAULT_WINDOW
+    ) -> None:
+        self._metrics_for = metrics_for
+        self._window = window
+        self._monitors: dict[tuple[str, str, tuple[str, ...]], PredictionMonitor] = {}
+        self._lock = threading.Lock()
+
+    def for_version(
+        self,
+        name: str,
+        version: str,
+        labels: Sequence[str],
+        reference: Sequence[float] | None,
+    ) -> PredictionMonitor:
+        """The monitor of ``name``/``version`` (a reload with other labels gets a new one)."""
+        key = (name, version, tuple(labels))
+        with self._lock:
+            monitor = self._monitors.get(key)
+            if monitor is None:
+                metrics = self._metrics_for(name, version)
+                monitor = PredictionMonitor(labels, reference, metrics, self._window)
+                self._monitors[key] = monitor
+            return monitor

@@ -58,6 +58,10 @@ class ExportMetadata:
     preprocessing: Preprocessing | None
     input_format: str = DEFAULT_INPUT_FORMAT
     precision: str | None = None
+    # Classify abstains below this top probability (0: never); chosen at export.
+    abstention_threshold: float = 0.0
+    # The val split's images per class at export: the reference for drift.
+    val_class_counts: tuple[int, ...] | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -227,8 +231,33 @@ def parse_metadata(document: dict[str, Any], source: str) -> ExportMetadata:
         preprocessing=preprocessing,
         input_format=input_format if preprocessing is not None else DEFAULT_INPUT_FORMAT,
         precision=document.get("precision"),
+        abstention_threshold=_abstention_threshold(document.get("abstention"), source),
+        val_class_counts=_class_counts(document.get("val_class_counts"), len(labels), source),
         raw=document,
     )
+
+
+def _abstention_threshold(entry: Any, source: str) -> float:
+    if entry is None:
+        return 0.0
+    threshold = entry.get("threshold") if isinstance(entry, dict) else None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise ModelLoadError(f"{source}: abstention.threshold must be a number")
+    if not 0.0 <= threshold <= 1.0 + 1e-6:
+        raise ModelLoadError(f"{source}: abstention.threshold {threshold} is not in [0, 1]")
+    return float(threshold)
+
+
+def _class_counts(entry: Any, classes: int, source: str) -> tuple[int, ...] | None:
+    if entry is None:
+        return None
+    if (
+        not isinstance(entry, list)
+        or len(entry) != classes
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in entry)
+    ):
+        raise ModelLoadError(f"{source}: val_class_counts must be {classes} counts, one a label")
+    return tuple(entry)
 
 
 def read_metadata(version: VersionSource, onnx_metadata: dict[str, str]) -> ExportMetadata | None:

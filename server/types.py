@@ -75,6 +75,8 @@ class ClassifyRequest:
     model_version: str
     id: str
     deadline: float | None = None
+    # None: the version's own threshold; 0: never abstain.
+    abstention_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,17 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class Classification:
+    """One image's answer: its top-k predictions, and whether the model abstained."""
+
+    predictions: list[Prediction]
+    abstained: bool = False
+    abstention_threshold: float = 0.0
+
+
+@dataclass(frozen=True)
 class ClassifyResponse:
-    results: list[list[Prediction]]
+    results: list[Classification]
     model_name: str
     model_version: str
     id: str

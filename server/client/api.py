@@ -58,6 +58,15 @@ class Prediction:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageResult:
+    """One image's answer: its predictions and whether the model abstained (was unsure)."""
+
+    predictions: tuple[Prediction, ...]
+    abstained: bool
+    abstention_threshold: float
+
+
+@dataclasses.dataclass(frozen=True)
 class TensorSpec:
     name: str
     datatype: str
@@ -77,22 +86,39 @@ class ModelInfo:
 
 
 def _classify_request(
-    images: Sequence[bytes], top_k: int, model_name: str, model_version: str
+    images: Sequence[bytes],
+    top_k: int,
+    model_name: str,
+    model_version: str,
+    abstention_threshold: float | None = None,
 ) -> classifier_pb2.ClassifyRequest:
     if not images:
         raise ValueError("classify needs at least one image")
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
-    return classifier_pb2.ClassifyRequest(
+    request = classifier_pb2.ClassifyRequest(
         images=list(images), top_k=top_k, model_name=model_name, model_version=model_version
     )
+    if abstention_threshold is not None:
+        request.abstention_threshold = abstention_threshold
+    return request
+
+
+def _image_results(response: classifier_pb2.ClassifyResponse) -> list[ImageResult]:
+    return [
+        ImageResult(
+            predictions=tuple(
+                Prediction(label=p.label, index=p.index, score=p.score) for p in result.predictions
+            ),
+            abstained=result.abstained,
+            abstention_threshold=result.abstention_threshold,
+        )
+        for result in response.results
+    ]
 
 
 def _predictions(response: classifier_pb2.ClassifyResponse) -> list[list[Prediction]]:
-    return [
-        [Prediction(label=p.label, index=p.index, score=p.score) for p in result.predictions]
-        for result in response.results
-    ]
+    return [list(result.predictions) for result in _image_results(response)]
 
 
 def _model_info(response: oip_pb2.ModelMetadataResponse) -> ModelInfo:
@@ -147,6 +173,22 @@ class InferenceClient:
         """Top-k predictions for each encoded image (JPEG, PNG, WebP), in input order."""
         request = _classify_request(images, top_k, model_name, model_version)
         return _predictions(self._call(self._classifier.Classify, request))
+
+    def classify_images(
+        self,
+        images: Sequence[bytes],
+        top_k: int = 1,
+        *,
+        model_name: str = "",
+        model_version: str = "",
+        abstention_threshold: float | None = None,
+    ) -> list[ImageResult]:
+        """Like ``classify``, with whether the model abstained on each image.
+
+        ``abstention_threshold`` overrides the version's own (0 never abstains).
+        """
+        request = _classify_request(images, top_k, model_name, model_version, abstention_threshold)
+        return _image_results(self._call(self._classifier.Classify, request))
 
     def infer(
         self,
@@ -219,6 +261,22 @@ class AsyncInferenceClient:
         """Top-k predictions for each encoded image (JPEG, PNG, WebP), in input order."""
         request = _classify_request(images, top_k, model_name, model_version)
         return _predictions(await self._call(self._classifier.Classify, request))
+
+    async def classify_images(
+        self,
+        images: Sequence[bytes],
+        top_k: int = 1,
+        *,
+        model_name: str = "",
+        model_version: str = "",
+        abstention_threshold: float | None = None,
+    ) -> list[ImageResult]:
+        """Like ``classify``, with whether the model abstained on each image.
+
+        ``abstention_threshold`` overrides the version's own (0 never abstains).
+        """
+        request = _classify_request(images, top_k, model_name, model_version, abstention_threshold)
+        return _image_results(await self._call(self._classifier.Classify, request))
 
     async def classify_stream(
         self,

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 
 from contracts.image_formats import IMAGE_EXTENSIONS
-from server.client.api import AsyncInferenceClient, InferenceClient, Prediction, RequestError
+from server.client.api import AsyncInferenceClient, ImageResult, InferenceClient, RequestError
 from server.client.bench import BenchSetupError, bench_classify, bench_infer, synthetic_jpeg
 from server.client.connection import ClientConfigError, ConnectionOptions, read_token_file
 from server.client.loadgen import LoadSpec
@@ -43,6 +43,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value}")
     return value
 
 
@@ -121,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         "classify",
         help="classify image files",
         description="Prints PATH<TAB>LABEL<TAB>SCORE per image; with --top-k K, each line "
-        "carries K label/score column pairs, best first. Exit 0 only if every image was "
-        "classified.",
+        "carries K label/score column pairs, best first, and a last column 'abstained' when "
+        "the model was unsure (top score under the version's abstention threshold). Exit 0 "
+        "only if every image was classified.",
     )
     _add_connection_flags(classify)
     classify.add_argument(
@@ -139,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--model-version", default="", help="model version (default: latest)")
     classify.add_argument(
         "--parallel", type=_positive_int, default=8, help="requests in flight at once (default 8)"
+    )
+    classify.add_argument(
+        "--abstention-threshold",
+        type=_probability,
+        default=None,
+        help="abstain below this top score instead of the version's own (0: never abstain)",
     )
 
     health = commands.add_parser(
@@ -246,18 +263,22 @@ def collect_images(paths: Sequence[str]) -> list[Path]:
 
 async def _classify_all(
     options: ConnectionOptions, paths: list[Path], args: argparse.Namespace
-) -> list[list[Prediction] | Exception]:
+) -> list[ImageResult | Exception]:
     slots = asyncio.Semaphore(args.parallel)
 
-    async def one(client: AsyncInferenceClient, path: Path) -> list[Prediction] | Exception:
+    async def one(client: AsyncInferenceClient, path: Path) -> ImageResult | Exception:
         async with slots:
             try:
                 data = path.read_bytes()
             except OSError as exc:
                 return exc
             try:
-                results = await client.classify(
-                    [data], args.top_k, model_name=args.model, model_version=args.model_version
+                results = await client.classify_images(
+                    [data],
+                    args.top_k,
+                    model_name=args.model,
+                    model_version=args.model_version,
+                    abstention_threshold=args.abstention_threshold,
                 )
             except RequestError as exc:
                 return exc
@@ -293,14 +314,18 @@ def run_classify(args: argparse.Namespace) -> int:
             {
                 "path": str(path),
                 "predictions": [
-                    {"label": p.label, "index": p.index, "score": p.score} for p in outcome
+                    {"label": p.label, "index": p.index, "score": p.score}
+                    for p in outcome.predictions
                 ],
+                "abstained": outcome.abstained,
             }
         )
         if not args.json:
             columns = [str(path)]
-            for p in outcome:
+            for p in outcome.predictions:
                 columns += [p.label, f"{p.score:.6f}"]
+            if outcome.abstained:
+                columns.append("abstained")
             print("\t".join(columns))
     if args.json:
         print(json.dumps({"results": records, "failed": failed}, indent=2))

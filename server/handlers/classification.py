@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import numpy as np
 
+from server.capture import Capture, CaptureWriter, capture_reason
 from server.decode_pool import DecodePool
 from server.errors import InvalidInput
 from server.handlers.common import RequestRecord, recorded
 from server.metrics import ServerMetrics
 from server.model_manager import ModelManager
 from server.model_version import ModelVersion
+from server.prediction_monitor import PredictionMonitors
 from server.preprocess import ImageLimits
-from server.types import ClassifyRequest, ClassifyResponse, Prediction, Tensor
+from server.types import (
+    Classification,
+    ClassifyRequest,
+    ClassifyResponse,
+    Prediction,
+    Tensor,
+)
 
 
 def _probabilities(model: ModelVersion, outputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -42,25 +51,31 @@ def top_k(probabilities: np.ndarray, labels: tuple[str, ...], k: int) -> list[li
 class ClassificationHandler:
     """Decodes images per the model's export metadata and runs them through its batcher."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  the composition root hands each collaborator in explicitly
         self,
         manager: ModelManager,
         metrics: ServerMetrics,
         decoder: DecodePool,
         limits: ImageLimits,
         max_images: int,
+        monitors: PredictionMonitors,
+        capture: CaptureWriter | None = None,
     ) -> None:
         """
         Args:
             decoder: the bounded decode pool.
             limits: what one image may cost to decode.
             max_images: images per request at most (``max_images_per_request``).
+            monitors: the production metrics of each served version.
+            capture: where uncertain answers are offered for review (None: off).
         """
         self.manager = manager
         self.metrics = metrics
         self.decoder = decoder
         self.limits = limits
         self.max_images = max_images
+        self.monitors = monitors
+        self.capture = capture
 
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
         record = RequestRecord()
@@ -109,8 +124,50 @@ class ClassificationHandler:
         if limit == 0:
             probabilities = probabilities.reshape(1, -1)
         return ClassifyResponse(
-            results=top_k(probabilities, model.labels, request.top_k),
+            results=self._judge(model, request, probabilities),
             model_name=model.name,
             model_version=model.version_str,
             id=request.id,
+        )
+
+    def _judge(
+        self, model: ModelVersion, request: ClassifyRequest, probabilities: np.ndarray
+    ) -> list[Classification]:
+        """Top-k per image, abstained or not; each answer feeds the production metrics and,
+        when the model was unsure, the capture for review."""
+        metadata = model.metadata
+        threshold = request.abstention_threshold
+        if threshold is None:
+            threshold = metadata.abstention_threshold if metadata is not None else 0.0
+        reference = metadata.val_class_counts if metadata is not None else None
+        monitor = self.monitors.for_version(model.name, model.version_str, model.labels, reference)
+        results = []
+        for image, row, predictions in zip(
+            request.images, probabilities, top_k(probabilities, model.labels, request.top_k),
+            strict=True,
+        ):  # fmt: skip
+            best = int(np.argmax(row))
+            abstained = bool(row[best] < threshold)
+            monitor.observe(best, float(row[best]), abstained)
+            if self.capture is not None:
+                self._offer_capture(model, request, image, row, abstained)
+            results.append(Classification(predictions, abstained, float(threshold)))
+        return results
+
+    def _offer_capture(
+        self,
+        model: ModelVersion,
+        request: ClassifyRequest,
+        image: bytes,
+        row: np.ndarray,
+        abstained: bool,
+    ) -> None:
+        assert self.capture is not None
+        reason = capture_reason(row.tolist(), abstained, self.capture.policy, random.random)
+        if reason is None:
+            return
+        labels = [model.labels[i] if i < len(model.labels) else str(i) for i in range(len(row))]
+        scores = {label: round(float(p), 6) for label, p in zip(labels, row, strict=True)}
+        self.capture.offer(
+            Capture(image, model.name, model.version_str, scores, request.id, reason)
         )

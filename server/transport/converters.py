@@ -236,12 +236,18 @@ def model_metadata_to_proto(info: ModelInfo) -> pb.ModelMetadataResponse:
 def classify_request_from_proto(request: classifier_pb2.ClassifyRequest) -> ClassifyRequest:
     if not request.images:
         raise InvalidInput("images: at least one image is required")
+    threshold = None
+    if request.HasField("abstention_threshold"):
+        threshold = request.abstention_threshold
+        if not 0.0 <= threshold <= 1.0:
+            raise InvalidInput(f"abstention_threshold {threshold} is not in [0, 1]")
     return ClassifyRequest(
         images=list(request.images),
         top_k=request.top_k or 1,
         model_name=request.model_name,
         model_version=request.model_version,
         id=request.id,
+        abstention_threshold=threshold,
     )
 
 
@@ -249,9 +255,12 @@ def classify_response_to_proto(response: ClassifyResponse) -> classifier_pb2.Cla
     message = classifier_pb2.ClassifyResponse(
         model_name=response.model_name, model_version=response.model_version, id=response.id
     )
-    for predictions in response.results:
-        result = message.results.add()
-        for prediction in predictions:
+    for classification in response.results:
+        result = message.results.add(
+            abstained=classification.abstained,
+            abstention_threshold=classification.abstention_threshold,
+        )
+        for prediction in classification.predictions:
             result.predictions.add(
                 label=prediction.label, index=prediction.index, score=prediction.score
             )
