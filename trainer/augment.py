@@ -7,8 +7,10 @@ device, where they are cheap.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,12 +26,31 @@ class AugmentSettings:
     random_resized_crop: bool = True
     crop_scale_min: float = 0.25
     hflip: bool = True
+    vflip: bool = False
+    rotate90: bool = False
     rotation: float = 0.0
     color_jitter: float = 0.0
     auto_augment: str = "none"
     random_erasing: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+
+
+def augment_settings(values: Mapping[str, Any]) -> AugmentSettings:
+    """The settings from config values; a transform not decided yet (None) is off."""
+    chosen: dict[str, Any] = {
+        f.name: values[f.name] if values[f.name] is not None else False
+        for f in dataclasses.fields(AugmentSettings)
+    }
+    return AugmentSettings(**chosen)
+
+
+class RandomRotate90(nn.Module):
+    """Rotate a square [..., H, W] image by 0, 90, 180 or 270 degrees, uniformly."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        turns = int(torch.randint(0, 4, ()).item())
+        return torch.rot90(image, k=turns, dims=(-2, -1)) if turns else image
 
 
 def train_transform(pre: Preprocessing, aug: AugmentSettings) -> v2.Compose:
@@ -43,6 +64,10 @@ def train_transform(pre: Preprocessing, aug: AugmentSettings) -> v2.Compose:
         steps += [v2.Resize(pre.resize_size, antialias=True), v2.RandomCrop(pre.input_size)]
     if aug.hflip:
         steps.append(v2.RandomHorizontalFlip())
+    if aug.vflip:
+        steps.append(v2.RandomVerticalFlip())
+    if aug.rotate90:
+        steps.append(RandomRotate90())
     if aug.rotation > 0:
         steps.append(v2.RandomRotation(aug.rotation))
     if aug.color_jitter > 0:

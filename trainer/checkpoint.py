@@ -252,6 +252,9 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     ema_state: dict[str, torch.Tensor] | None = None
     training: TrainingState = TrainingState()
+    # The softmax temperature fitted on val after training (``Calibration.to_dict``); the
+    # export divides the logits by it. Written into ``best.pt`` only.
+    calibration: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The dict ``torch.save`` writes (flat keys; docs/architecture.md)."""
@@ -268,6 +271,7 @@ class Checkpoint:
             "scheduler_state": self.training.scheduler,
             "scaler_state": self.training.scaler,
             "rng_state": self.training.rng,
+            "calibration": self.calibration,
             **self.progress.to_dict(),
         }
 
@@ -310,6 +314,7 @@ class Checkpoint:
                 scaler=document.get("scaler_state"),
                 rng=document.get("rng_state"),
             ),
+            calibration=document.get("calibration"),
         )
 
     @property

@@ -74,6 +74,28 @@ class TrainConfig:
     )
     head_hidden: int | None = _doc("Hidden units of a two-layer head; default: one Linear.", None)
     head_dropout: float = _doc("Dropout before the head's last Linear.", 0.0)
+    feature_views: int = _doc(
+        "Views per training image in the head phase's feature cache: the eval crop plus "
+        "views-1 augmented ones.",
+        4,
+    )
+    feature_cache_mb: int = _doc(
+        "Largest feature cache of the head phase (memory and disk); above it the head phase "
+        "streams images through the backbone (0: always stream).",
+        512,
+    )
+    class_balance: str = _doc(
+        "auto: class-weighted loss (and probe) when the largest class has >= 3x the training "
+        "images of the smallest; off: plain loss.",
+        "auto",
+        ("auto", "off"),
+    )
+    calibrate: str = _doc(
+        "Fit a softmax temperature on the val split after training and export calibrated "
+        "probabilities (on), or not (off).",
+        "on",
+        ("on", "off"),
+    )
     unfreeze: str = _doc(
         "Phase-2 policy: top:K (the top K layer groups), all, or gradual:N (one more group "
         "every N epochs); default top:1, or all with --weights none.",
@@ -96,9 +118,20 @@ class TrainConfig:
     patience: int = _doc("Stop a phase after this many epochs without a better val accuracy.", 5)
     grad_clip: float = _doc("Clip the gradient norm to this value (0: off).", 1.0)
     label_smoothing: float = _doc("Label smoothing of the cross-entropy loss.", 0.1)
+    augment: str = _doc(
+        "auto: the crop scale from the image size and each of hflip, vflip and rotate90 "
+        "tested on the frozen features (docs/trainer.md); fixed: crop scale 0.25, hflip on, "
+        "vflip and rotate90 off. An explicit flag always wins.",
+        "auto",
+        ("auto", "fixed"),
+    )
     random_resized_crop: bool = _doc("RandomResizedCrop for training (else resize+crop).", True)
-    crop_scale_min: float = _doc("Smallest area share kept by RandomResizedCrop.", 0.25)
-    hflip: bool = _doc("Random horizontal flip.", True)
+    crop_scale_min: float | None = _doc(
+        "Smallest area share kept by RandomResizedCrop; default from --augment.", None
+    )
+    hflip: bool | None = _doc("Random horizontal flip.", None)
+    vflip: bool | None = _doc("Random vertical flip.", None)
+    rotate90: bool | None = _doc("Random rotation by a multiple of 90 degrees.", None)
     rotation: float = _doc("Random rotation range in degrees (0: off).", 0.0)
     color_jitter: float = _doc("Brightness/contrast/saturation jitter strength (0: off).", 0.0)
     auto_augment: str = _doc("Automatic augmentation policy.", "none", ("none", "trivial", "rand"))
@@ -133,8 +166,19 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Fields whose default depends on other settings; ``resolve_defaults`` fills them in.
 RESOLVED_AT_START = frozenset(
-    {"head_epochs", "unfreeze", "lr", "lr_decay", "channels_last", "num_workers"}
+    {
+        "head_epochs",
+        "unfreeze",
+        "lr",
+        "lr_decay",
+        "channels_last",
+        "num_workers",
+        "crop_scale_min",
+    }
 )
+# ``--augment auto`` leaves these None in ``resolve_defaults``; the run's probe decides them
+# before the phases (``trainer.augment_policy``) and the decided values are what is recorded.
+DECIDED_BY_PROBE = frozenset({"hflip", "vflip", "rotate90"})
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
@@ -159,6 +203,8 @@ def field_help_with_default(name: str) -> str:
     elif default is None or default == "":
         if name in RESOLVED_AT_START:
             text += " (default: resolved at start)"
+        elif name in DECIDED_BY_PROBE:
+            text += " (default: decided by --augment)"
         elif "default" not in text:
             text += " (default: unset)"
     elif isinstance(default, bool):
@@ -282,7 +328,13 @@ def validate(config: TrainConfig) -> None:
         ("patience", config.patience >= 1, "must be at least 1"),
         ("grad_clip", config.grad_clip >= 0, "must be >= 0"),
         ("label_smoothing", 0.0 <= config.label_smoothing < 1.0, "must be in [0, 1)"),
-        ("crop_scale_min", 0.0 < config.crop_scale_min <= 1.0, "must be in (0, 1]"),
+        (
+            "crop_scale_min",
+            config.crop_scale_min is None or 0.0 < config.crop_scale_min <= 1.0,
+            "must be in (0, 1]",
+        ),
+        ("feature_views", config.feature_views >= 1, "must be at least 1"),
+        ("feature_cache_mb", config.feature_cache_mb >= 0, "must be >= 0"),
         ("rotation", config.rotation >= 0, "must be >= 0"),
         ("color_jitter", config.color_jitter >= 0, "must be >= 0"),
         ("random_erasing", 0.0 <= config.random_erasing <= 1.0, "must be in [0, 1]"),
@@ -323,7 +375,12 @@ def trains_from_scratch(config: TrainConfig) -> bool:
 
 
 def resolve_defaults(
-    config: TrainConfig, *, device_type: str, dataset_cached: bool, cpu_count: int
+    config: TrainConfig,
+    *,
+    device_type: str,
+    dataset_cached: bool,
+    cpu_count: int,
+    input_size: int | None = None,
 ) -> TrainConfig:
     """The config with every "default depends on other settings" field filled in.
 
@@ -335,8 +392,12 @@ def resolve_defaults(
         device_type: the training device's type (``cpu`` or ``cuda``).
         dataset_cached: whether the dataset is decoded once into memory.
         cpu_count: CPUs of this machine (DataLoader workers).
+        input_size: the training crop in pixels (the crop scale under ``--augment auto``).
+            The flips and rotations ``--augment auto`` tests stay None here; the run fills
+            them in from the probe (``augment_policy``).
     """
     scratch = trains_from_scratch(config)
+    config = _resolve_augment(config, input_size)
     return dataclasses.replace(
         config,
         head_epochs=config.head_epochs if config.head_epochs is not None else (0 if scratch else 2),
@@ -352,6 +413,21 @@ def resolve_defaults(
             else (0 if dataset_cached else min(8, cpu_count))
         ),
     )
+
+
+def _resolve_augment(config: TrainConfig, input_size: int | None) -> TrainConfig:
+    from trainer.augment_policy import CANDIDATES, FIXED, FIXED_CROP_SCALE, crop_scale_for
+
+    fixed: dict[str, Any]
+    if config.augment == FIXED:
+        fixed = {k: v for k, v in CANDIDATES.items() if getattr(config, k) is None}
+        scale = FIXED_CROP_SCALE
+    else:
+        fixed = {}
+        scale = crop_scale_for(input_size) if input_size else FIXED_CROP_SCALE
+    if config.crop_scale_min is None:
+        fixed["crop_scale_min"] = scale
+    return dataclasses.replace(config, **fixed)
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

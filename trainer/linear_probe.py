@@ -66,8 +66,13 @@ def fit_linear_probe(
     weights = None if class_weights is None else class_weights.double()
     best: ProbeResult | None = None
     trials = []
-    for l2 in l2_grid:
-        weight, bias = _fit(((x - mean) / scale), y, num_classes, l2, weights)
+    standardised = (x - mean) / scale
+    start: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Strongest L2 first, each fit warm-started from the previous one: the path of solutions
+    # is smooth in the strength, so each later fit needs a fraction of the iterations.
+    for l2 in sorted(l2_grid, reverse=True):
+        weight, bias = _fit(standardised, y, num_classes, l2, weights, start)
+        start = (weight, bias)
         raw_weight = weight / scale
         raw_bias = bias - (mean / scale) @ weight.T
         val_logits = vx @ raw_weight.T + raw_bias
@@ -83,11 +88,20 @@ def fit_linear_probe(
     return ProbeResult(**{**best.__dict__, "trials": tuple(trials)})
 
 
-def _fit(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, weights: torch.Tensor | None
+def _fit(  # noqa: PLR0913  the data, the strength and the warm start of one fit
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    l2: float,
+    weights: torch.Tensor | None,
+    start: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
+    if start is None:
+        weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, requires_grad=True)
+        bias = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
+    else:
+        weight = start[0].clone().requires_grad_(True)
+        bias = start[1].clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS(
         [weight, bias], lr=1.0, max_iter=MAX_ITERATIONS, history_size=20,
         tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe",

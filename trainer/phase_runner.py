@@ -24,8 +24,9 @@ from torch.optim.swa_utils import AveragedModel
 from trainer import checkpoint as ckpt
 from trainer.checkpoint import Checkpoint, PhaseStats, Position, Progress, TrainingState
 from trainer.classifier import unwrap
+from trainer.head_fit import HeadFit
 from trainer.input_pipeline import Pipeline
-from trainer.layer_groups import LayerGroup
+from trainer.layer_groups import HEAD, LayerGroup
 from trainer.loop import EpochResult, EvalResult, Mixer, evaluate, train_one_epoch
 from trainer.metrics_log import MetricsLog
 from trainer.phases import (
@@ -137,6 +138,50 @@ class PhaseRunner:
             if self._run_phase(phase, here) == INTERRUPTED:
                 return PhasesOutcome(INTERRUPTED, self.progress)
         return PhasesOutcome(DONE, self.progress)
+
+    def record_fitted_head(self, phase: Phase, fit: HeadFit) -> None:
+        """The head phase done on cached features (``trainer.head_stage``): its stats, its
+        metrics record and a checkpoint positioned at the phase's end, so a resumed run goes
+        straight to phase 2 and ``best.pt`` exists even when phase 2 never beats the head."""
+        stats = self.progress.stats.setdefault(phase.name, PhaseStats())
+        stats.epochs += 1
+        stats.images += fit.train_rows
+        stats.train_seconds += fit.seconds
+        stats.wall_seconds += fit.seconds
+        progress = self.progress
+        progress.global_epoch += 1
+        progress.best_val_accuracy = fit.val_accuracy
+        progress.best_confusion = fit.confusion
+        progress.epochs_since_best = 0
+        if self.model.ema is not None:
+            self.model.ema.module.load_state_dict(unwrap(self.model.module).state_dict())
+        record: dict[str, Any] = {
+            "phase": phase.name,
+            "epoch": phase.epochs,
+            "global_epoch": progress.global_epoch,
+            "train_loss": fit.train_loss,
+            "val_loss": fit.val_loss,
+            "val_accuracy": fit.val_accuracy,
+            "lrs": {},
+            "images_per_second": fit.train_rows / fit.seconds if fit.seconds else 0.0,
+            "epoch_seconds": fit.seconds,
+            "trainable_groups": [HEAD],
+            "best": True,
+            "head_fit": fit.method,
+        }
+        if self.observers.metrics is not None:
+            self.observers.metrics.append(record)
+        log_event(log, "epoch_end", **{k: v for k, v in record.items() if k != "lrs"})
+        if self.context.is_main:
+            checkpoint = Checkpoint(
+                header=self.context.header,
+                position=Position(ckpt.PHASE_ORDER[phase.name], phase.epochs, ckpt.EPOCH_DONE),
+                progress=progress,
+                model_state=unwrap(self.model.module).state_dict(),
+                ema_state=self.model.ema.module.state_dict() if self.model.ema else None,
+                training=TrainingState(rng=ckpt.rng_state()),
+            )
+            ckpt.save(self.context.checkpoints, ckpt.serialize(checkpoint), best=True)
 
     def _restore(self, resume: Checkpoint) -> None:
         self.progress = resume.progress

@@ -8,7 +8,6 @@ below this module imports it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -22,8 +21,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from contracts.preprocessing import Preprocessing
 from trainer import checkpoint as ckpt
-from trainer.augment import AugmentSettings, BatchPreparer, batch_mixer
+from trainer.augment import BatchPreparer, augment_settings, batch_mixer
+from trainer.before_phases import before_phases, keep_augment_decisions, run_facts
+from trainer.calibrate_step import calibrate_best
 from trainer.checkpoint import Checkpoint, CheckpointHeader, HeadSpec, Progress
+from trainer.class_balance import class_balance
 from trainer.classifier import create_model
 from trainer.config import TrainConfig, resolve_defaults, save_config, trains_from_scratch
 from trainer.data import DatasetSplit, scan_dataset
@@ -89,7 +91,10 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[st
         device_type=device.type,
         dataset_cached=dataset_fits_cache(split, pre, config.cache_max_mb),
         cpu_count=os.cpu_count() or 1,
+        input_size=pre.input_size[0],
     )
+    if resume is not None:
+        config = keep_augment_decisions(config, resume)
     context = RunContext(
         config=config,
         dist=info,
@@ -102,9 +107,7 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[st
         check_resume_fits(resume, split.fingerprint)
     groups = layer_groups(model, config.arch)
     phases = plan_phases(config, [g.name for g in groups])
-    aug = AugmentSettings(
-        **{f.name: getattr(config, f.name) for f in dataclasses.fields(AugmentSettings)}
-    )
+    aug = augment_settings(config.to_dict())
     pipeline = build_pipeline(
         split,
         pre=pre,
@@ -118,14 +121,21 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[st
         device=device,
     )
     amp_dtype, needs_scaler = select_amp(config.amp, device)
+    labels = [sample.label for sample in split.train]
+    balance = class_balance(labels, len(split.classes), config.class_balance)
     trained = _place_model(model, groups, context)
     step = StepSetup(
         prepare=BatchPreparer(pre, device, bool(config.channels_last)),
         mixer=batch_mixer(aug, len(split.classes)),
         amp_dtype=amp_dtype,
         scaler=torch.amp.GradScaler("cuda") if needs_scaler else None,
-        loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+        loss_fn=nn.CrossEntropyLoss(weight=balance.tensor, label_smoothing=config.label_smoothing),
     )
+    stage = None
+    if resume is None:
+        stage = before_phases(context, trained, pipeline, step, split, pre, phases, balance)
+        context = stage.context
+        config = context.config
     if context.is_main:
         context.checkpoints.mkdir(parents=True, exist_ok=True)
         save_config(config, output / "config.yaml")
@@ -153,6 +163,9 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[st
         runner = PhaseRunner(
             context, trained, pipeline, step, RunObservers(metrics, telemetry, stop)
         )
+        if stage is not None and stage.result.head_fit is not None:
+            runner.record_fitted_head(phases[0], stage.result.head_fit)
+            phases = phases[1:]
         outcome = runner.run_phases(phases, resume)
     finally:
         stop.uninstall()
@@ -161,7 +174,9 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[st
         log_event(log, "stopped", reason="signal", checkpoint=str(context.last_checkpoint))
         return {"status": INTERRUPTED, "checkpoint": str(context.last_checkpoint)}
     # ---- report, export, summary -----------------------------------------------------------
-    return finish_run(context, outcome.progress, time.perf_counter() - started)
+    calibration = calibrate_best(context, pipeline, step)
+    extra = run_facts(context, stage, balance, calibration)
+    return finish_run(context, outcome.progress, time.perf_counter() - started, extra)
 
 
 # ---- set-up steps ----------------------------------------------------------------------------
@@ -309,8 +324,16 @@ def _open_metrics_log(context: RunContext, resume: Checkpoint | None) -> Metrics
 # ---- end of run ------------------------------------------------------------------------------
 
 
-def finish_run(context: RunContext, progress: Progress, seconds: float) -> dict[str, Any]:
-    """The summary; rank 0 also writes the report, exports ``best.pt`` and ``summary.json``."""
+def finish_run(
+    context: RunContext,
+    progress: Progress,
+    seconds: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The summary; rank 0 also writes the report, exports ``best.pt`` and ``summary.json``.
+
+    ``extra`` (the head phase, augmentation and class-balance facts) joins the summary.
+    """
     config = context.config
     classes = list(context.header.classes)
     summary: dict[str, Any] = {
@@ -327,7 +350,7 @@ def finish_run(context: RunContext, progress: Progress, seconds: float) -> dict[
         "model_repository": None,
         "model_name": None,
         "model_version": None,
-    }
+    } | (extra or {})
     if not context.is_main:
         return summary
     _write_report(context, progress)

@@ -37,7 +37,10 @@ def _pretrained_like(path: Path, num_classes: int = 10) -> dict[str, torch.Tenso
     return state
 
 
-def test_phase1_leaves_the_backbone_bit_identical(image_folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("streamed", [False, True], ids=["probe-on-cached-features", "streamed"])
+def test_phase1_leaves_the_backbone_bit_identical(
+    image_folder: Path, tmp_path: Path, streamed: bool
+) -> None:
     source = _pretrained_like(tmp_path / "pretrained.pt")
     config = tiny_config(
         image_folder,
@@ -46,6 +49,8 @@ def test_phase1_leaves_the_backbone_bit_identical(image_folder: Path, tmp_path: 
         head_epochs=1,
         finetune_epochs=0,
         batch_size=8,
+        feature_cache_mb=0 if streamed else 64,
+        feature_views=1,
     )
     train(config)
     checkpoint = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)
@@ -55,6 +60,9 @@ def test_phase1_leaves_the_backbone_bit_identical(image_folder: Path, tmp_path: 
     for key in backbone:  # parameters and BatchNorm buffers, num_batches_tracked included
         assert torch.equal(state[key], source[key]), key
     assert not torch.equal(state["fc.weight"][:3], source["fc.weight"][:3])
+    assert checkpoint["phase"] == "head" and checkpoint["epochs"] == {"head": 1, "finetune": 0}
+    if not streamed:
+        return
     groups = checkpoint["optimizer_state"]["param_groups"]
     assert {g["group"] for g in groups} == {"head"}
     assert sum(len(g["params"]) for g in groups) == 2  # fc.weight and fc.bias only

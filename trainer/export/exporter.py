@@ -169,7 +169,11 @@ def export_checkpoint(  # noqa: PLR0913  every export option is a keyword the CL
         work = Path(work_dir)
         fp32_path = work / "fp32.onnx"
         serving = ServingModel(
-            classifier, input_format=input_format, mean=graph.mean, std=graph.std
+            classifier,
+            input_format=input_format,
+            mean=graph.mean,
+            std=graph.std,
+            temperature=_temperature(checkpoint),
         )
         exporter = export_onnx(
             serving, fp32_path, input_format=input_format, input_size=graph.input_size
@@ -178,6 +182,8 @@ def export_checkpoint(  # noqa: PLR0913  every export option is a keyword the CL
         parity_fp32 = _verify_fp32(fp32_path, classifier, graph, val)
         fp32_path, optimization = _optimize(fp32_path, work, classifier, graph, val)
         extra: dict[str, Any] = {"state_source": state_source, "optimization": optimization}
+        if checkpoint.calibration is not None:
+            extra["calibration"] = checkpoint.calibration
         final_path, parity = fp32_path, parity_fp32
         if precision != "fp32":
             final_path, parity, variant_extra = _reduced_precision(
@@ -242,6 +248,13 @@ def export_checkpoint(  # noqa: PLR0913  every export option is a keyword the CL
         exporter=exporter,
         metadata=document,
     )
+
+
+def _temperature(checkpoint: Checkpoint) -> float:
+    """The checkpoint's fitted softmax temperature (1.0 when it was not calibrated)."""
+    if checkpoint.calibration is None:
+        return 1.0
+    return float(checkpoint.calibration.get("temperature", 1.0))
 
 
 def _golden_set(  # noqa: PLR0913  one step of export_checkpoint; its facts passed on

@@ -18,6 +18,8 @@ from trainer.export.signature import INPUT_FORMATS, UINT8_NHWC
 class ServingModel(nn.Module):
     """Wraps a classifier so its graph takes serving input and returns logits and probabilities.
 
+    ``probabilities`` are ``softmax(logits / temperature)`` (temperature 1: plain softmax).
+
     With ``uint8-nhwc`` the input is ``[N, H, W, 3]`` uint8 RGB, converted exactly as
     torchvision's ``ToTensor`` + ``Normalize`` do (divide by 255, subtract mean, divide by std).
     With ``float32-nchw`` the input is already normalised ``[N, 3, H, W]``.
@@ -33,12 +35,15 @@ class ServingModel(nn.Module):
         input_format: str,
         mean: Sequence[float],
         std: Sequence[float],
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
         self.classifier = classifier
         self.input_format = input_format
+        # Calibrated probabilities: softmax(logits / T), T fitted on val after training.
+        self.temperature = float(temperature)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -49,6 +54,8 @@ class ServingModel(nn.Module):
         else:
             x = image
         logits = self.classifier(x)
+        if self.temperature != 1.0:
+            return logits, torch.softmax(logits / self.temperature, dim=1)
         return logits, torch.softmax(logits, dim=1)
 
 

@@ -1,0 +1,154 @@
+"""The step between set-up and the phases, and the facts it leaves for the summary.
+
+``before_phases`` runs the head stage (``trainer.head_stage``: feature cache, converged probe,
+augmentation decisions, the head fitted on the cache), writes the decisions into the resolved
+config (so ``config.yaml`` and every checkpoint record them) and switches the training
+pipeline to the decided augmentation. A resumed run keeps the decisions its checkpoint
+recorded (``keep_augment_decisions``) instead of testing again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from contracts.preprocessing import Preprocessing
+from trainer.augment import augment_settings, train_transform
+from trainer.augment_policy import CANDIDATES
+from trainer.calibration import Calibration
+from trainer.checkpoint import Checkpoint
+from trainer.class_balance import ClassBalance
+from trainer.classifier import head_module_name
+from trainer.data import DatasetSplit
+from trainer.head_stage import FeatureSettings, HeadStageResult, run_head_stage
+from trainer.input_pipeline import Pipeline
+from trainer.phase_runner import StepSetup, TrainedModel
+from trainer.phases import HEAD_PHASE, Phase
+from trainer.run_context import RunContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BeforePhases:
+    """The context with the decided config, and what the head stage found."""
+
+    context: RunContext
+    result: HeadStageResult
+
+
+def before_phases(  # noqa: PLR0913  the run's parts, each built by trainer.run
+    context: RunContext,
+    trained: TrainedModel,
+    pipeline: Pipeline,
+    step: StepSetup,
+    split: DatasetSplit,
+    pre: Preprocessing,
+    phases: list[Phase],
+    balance: ClassBalance,
+) -> BeforePhases:
+    """Run the head stage; the config gets the augmentation decisions."""
+    config = context.config
+    user_flags = {name: getattr(config, name) for name in CANDIDATES}
+    probe_aug = augment_settings(config.to_dict())
+    fit_the_head = bool(phases) and phases[0].name == HEAD_PHASE
+    # Without a head phase the features only decide the augmentation: one view is enough.
+    views = config.feature_views if fit_the_head else 1
+    settings = FeatureSettings(
+        views=views,
+        cache_mb=config.feature_cache_mb,
+        batch_size=config.batch_size,
+        output=context.output,
+        fingerprint_parts={
+            "arch": config.arch,
+            "dataset": split.fingerprint,
+            "preprocessing": pre.to_dict(),
+            "augment": dataclasses.asdict(probe_aug),
+            "views": views,
+            "seed": config.seed,
+        },
+    )
+    result = run_head_stage(
+        trained.module,
+        head_module_name(trained.module),
+        pipeline,
+        pre=pre,
+        prepare=step.prepare,
+        settings=settings,
+        info=context.dist,
+        fit_the_head=fit_the_head,
+        user_flags=user_flags,
+        num_classes=len(split.classes),
+        class_weights=balance.tensor,
+    )
+    decided: dict[str, Any] = {name: d.enabled for name, d in result.decisions.items()}
+    config = dataclasses.replace(config, **decided)
+    final_aug = augment_settings(config.to_dict())
+    if final_aug != probe_aug:
+        pipeline.train_loader.dataset.transform = train_transform(pre, final_aug)  # type: ignore[attr-defined]
+    context = dataclasses.replace(
+        context,
+        config=config,
+        header=dataclasses.replace(context.header, config=config.to_dict()),
+    )
+    return BeforePhases(context, result)
+
+
+def keep_augment_decisions(config: Any, resume: Checkpoint) -> Any:
+    """The decisions the resumed checkpoint's run made, for candidates still undecided."""
+    recorded = resume.header.config or {}
+    kept: dict[str, Any] = {
+        name: bool(recorded[name])
+        for name in CANDIDATES
+        if getattr(config, name) is None and recorded.get(name) is not None
+    }
+    return dataclasses.replace(config, **kept)
+
+
+def run_facts(
+    context: RunContext,
+    stage: BeforePhases | None,
+    balance: ClassBalance,
+    calibration: Calibration | None,
+) -> dict[str, Any]:
+    """The summary's head phase, augmentation, class-balance and calibration entries."""
+    config = context.config
+    facts: dict[str, Any] = {
+        "head_phase_val_accuracy": _head_phase_accuracy(context),
+        "augment": {
+            "mode": config.augment,
+            "crop_scale_min": config.crop_scale_min,
+            **{name: getattr(config, name) for name in CANDIDATES},
+        },
+        "class_balance": {"mode": config.class_balance, **balance.to_dict()},
+        "calibration": (
+            {"split": "val", **calibration.to_dict()} if calibration is not None else None
+        ),
+    }
+    if stage is not None:
+        fit = stage.result.head_fit
+        facts["head_phase"] = fit.to_dict() if fit is not None else {"method": "streamed"}
+        if stage.result.fallback:
+            facts["head_phase"]["fallback"] = stage.result.fallback
+        facts["augment"]["decisions"] = {
+            name: d.to_dict() for name, d in stage.result.decisions.items()
+        }
+    return facts
+
+
+def _head_phase_accuracy(context: RunContext) -> float | None:
+    """The best val accuracy of the head phase's records in ``metrics.jsonl``."""
+    path = context.output / "metrics.jsonl"
+    if not context.is_main or not path.is_file():
+        return None
+    scores = [
+        float(record["val_accuracy"])
+        for line in path.read_text().splitlines()
+        if line.strip()
+        for record in [json.loads(line)]
+        if record.get("phase") == HEAD_PHASE and record.get("val_accuracy") is not None
+    ]
+    return max(scores) if scores else None
