@@ -196,3 +196,22 @@ def _disagreement(golden: GoldenSet, image: GoldenImage, row: list[float]) -> st
 def _name(golden: GoldenSet, index: int) -> str:
     label = golden.labels[index] if index < len(golden.labels) else str(index)
     return repr(label)
+
+
+def labelled_accuracy(
+    golden: GoldenSet, predicted_labels: Sequence[str]
+) -> tuple[float, int] | None:
+    """Share of the set's images with a known true class whose predicted class name matches.
+
+    ``predicted_labels`` holds one class name per golden image, in the set's order. Names, not
+    indices, are compared, so a model with more or reordered classes is judged fairly.
+    Returns (accuracy, images counted), or None when no image has a true class.
+    """
+    pairs = [
+        (golden.labels[image.true_label], predicted)
+        for image, predicted in zip(golden.images, predicted_labels, strict=True)
+        if image.true_label is not None and image.true_label < len(golden.labels)
+    ]
+    if not pairs:
+        return None
+    return sum(truth == predicted for truth, predicted in pairs) / len(pairs), len(pairs)

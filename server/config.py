@@ -184,6 +184,13 @@ class ServerConfig:
     preprocess_workers: int = field(
         default=0, metadata=_doc("Threads decoding and resizing images (0: the CPU budget).")
     )
+    rollout_max_accuracy_drop: float = field(
+        default=0.05,
+        metadata=_doc(
+            "A new version must not lose more accuracy than this (0-1) on the golden set of "
+            "the version it replaces, or it is refused and the old one keeps serving (1: off)."
+        ),
+    )
     capture_dir: Path | None = field(
         default=None,
         metadata=_doc(
@@ -215,7 +222,7 @@ def _validate(config: ServerConfig) -> None:
     _validate_choices(config)
     _validate_ranges(config)
     _validate_limits(config)
-    _validate_capture(config)
+    _validate_capture_and_rollout(config)
     _validate_tls(config)
 
 
@@ -284,12 +291,12 @@ def _validate_limits(config: ServerConfig) -> None:
             raise ConfigError(f"{name} must be >= 0")
 
 
-def _validate_capture(config: ServerConfig) -> None:
+def _validate_capture_and_rollout(config: ServerConfig) -> None:
     if config.capture_max_mb < 1:
         raise ConfigError(f"capture_max_mb must be >= 1, got {config.capture_max_mb}")
     if not config.capture_per_second > 0:
         raise ConfigError(f"capture_per_second must be > 0, got {config.capture_per_second}")
-    for name in ("capture_margin", "capture_random_share"):
+    for name in ("capture_margin", "capture_random_share", "rollout_max_accuracy_drop"):
         if not 0.0 <= getattr(config, name) <= 1.0:
             raise ConfigError(f"{name} must be in [0, 1], got {getattr(config, name)}")
 

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts.golden_set import InvalidGoldenSet, compare, read_golden_set
+from contracts.golden_set import (
+    GoldenSet,
+    InvalidGoldenSet,
+    compare,
+    labelled_accuracy,
+    read_golden_set,
+)
 from server.errors import InvalidInput
 from server.onnx_sessions import OnnxSessions
 from server.preprocess import ImageLimits, decode_image
@@ -73,6 +79,79 @@ def check_golden_set(
     if found is None:
         return None
     golden, images = found
+    rows, problems = _served_probabilities(golden, images, metadata, sessions, limits)
+    if not problems:
+        problems = compare(golden, [row.tolist() for row in rows])
+    return GoldenVerdict(len(images), golden.tolerance, tuple(problems))
+
+
+@dataclass(frozen=True)
+class RolloutVerdict:
+    """A new version against the golden set of the version it would replace."""
+
+    baseline_accuracy: float
+    accuracy: float
+    images: int
+    max_drop: float
+
+    @property
+    def passed(self) -> bool:
+        return self.accuracy >= self.baseline_accuracy - self.max_drop - 1e-9
+
+    def describe(self) -> str:
+        verdict = "passed" if self.passed else "failed"
+        return (
+            f"rollout check {verdict}: accuracy {self.accuracy:.3f} on the previous version's "
+            f"golden set ({self.images} labelled images) against its {self.baseline_accuracy:.3f}"
+            f", allowed drop {self.max_drop:.3f}"
+        )
+
+
+def check_rollout(
+    baseline_dir: Path,
+    metadata: ExportMetadata | None,
+    sessions: OnnxSessions,
+    labels: tuple[str, ...],
+    max_drop: float,
+) -> RolloutVerdict | None:
+    """How a new version does on the images the previous version's golden set holds.
+
+    A retrain must not silently break the classes the previous version got right: its
+    accuracy there (true classes from the val folders, predicted through the new version's
+    own decode and graph) may fall at most ``max_drop`` below the previous version's own.
+    None when the previous version has no golden set or no labelled images in it.
+
+    Raises:
+        InvalidGoldenSet: the previous version's golden set cannot be read.
+    """
+    found = read_golden_set(baseline_dir)
+    if found is None:
+        return None
+    golden, images = found
+    baseline = labelled_accuracy(golden, [golden.labels[image.top1] for image in golden.images])
+    if baseline is None:
+        return None
+    rows, _ = _served_probabilities(golden, images, metadata, sessions, GOLDEN_LIMITS)
+    predicted = [
+        "" if not np.isfinite(row).all() else _label(labels, int(np.argmax(row))) for row in rows
+    ]
+    accuracy = labelled_accuracy(golden, predicted)
+    assert accuracy is not None  # same images, same true classes as the baseline
+    return RolloutVerdict(baseline[0], accuracy[0], baseline[1], max_drop)
+
+
+def _label(labels: tuple[str, ...], index: int) -> str:
+    return labels[index] if index < len(labels) else str(index)
+
+
+def _served_probabilities(
+    golden: GoldenSet,
+    images: list[bytes],
+    metadata: ExportMetadata | None,
+    sessions: OnnxSessions,
+    limits: ImageLimits,
+) -> tuple[list[np.ndarray], list[str]]:
+    """Each golden image through the server's decode and the graph; refusals as problems."""
     if metadata is None or metadata.preprocessing is None:
         raise InvalidGoldenSet("the version has a golden set but no preprocessing (model.json)")
     image_input = sessions.inputs[0]
@@ -92,6 +171,4 @@ def check_golden_set(
         outputs = sessions.run({image_input.name: batch.astype(image_input.dtype, copy=False)})
         probabilities = probabilities_from_outputs(outputs, sessions.outputs[0].name)
         rows.append(probabilities.reshape(-1))
-    if not problems:
-        problems = compare(golden, [row.tolist() for row in rows])
-    return GoldenVerdict(len(images), golden.tolerance, tuple(problems))
+    return rows, problems

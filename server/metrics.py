@@ -136,6 +136,13 @@ class ServerMetrics:
             ["model"],
             registry=registry,
         )
+        self.rollout_refusals = Counter(
+            "model_rollout_refusals_total",
+            "New model versions refused because they lost more than rollout_max_accuracy_drop "
+            "of accuracy on the golden set of the version they would replace.",
+            ["model"],
+            registry=registry,
+        )
         self.golden_set_failures = Counter(
             "model_golden_set_failures_total",
             "Model versions refused because the server's decode, resize and graph did not "

@@ -24,7 +24,7 @@ from contracts.golden_set import InvalidGoldenSet
 from server.batching import BatchingSettings
 from server.config import ServerConfig
 from server.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServerError
-from server.golden_set import GoldenVerdict, check_golden_set
+from server.golden_set import GoldenVerdict, check_golden_set, check_rollout
 from server.metrics import ServerMetrics
 from server.model_spec import ModelSpec
 from server.model_version import ModelVersion
@@ -239,8 +239,11 @@ class ModelManager:
 
     async def _load(self, model_source: ModelSource, source: VersionSource) -> ModelVersion | None:
         started = time.monotonic()
+        baseline = self._rollout_baseline(source)
         try:
-            sessions, metadata = await asyncio.to_thread(self._load_sessions, model_source, source)
+            sessions, metadata = await asyncio.to_thread(
+                self._load_sessions, model_source, source, baseline
+            )
         except ServerError as error:
             self._reject(model_source, source, error)
             return None
@@ -273,8 +276,20 @@ class ModelManager:
         )
         return model
 
+    def _rollout_baseline(self, source: VersionSource) -> ModelVersion | None:
+        """The newest served version older than ``source``: what ``source`` would replace."""
+        older = [
+            version
+            for number, version in self._models.get(source.model_name, {}).items()
+            if number < source.version
+        ]
+        return max(older, key=lambda version: version.source.version, default=None)
+
     def _load_sessions(
-        self, model_source: ModelSource, source: VersionSource
+        self,
+        model_source: ModelSource,
+        source: VersionSource,
+        baseline: ModelVersion | None = None,
     ) -> tuple[OnnxSessions, ExportMetadata | None]:
         settings = SessionSettings(
             providers=self.settings.providers,
@@ -288,7 +303,38 @@ class ModelManager:
         metadata = read_metadata(source, sessions.custom_metadata)
         self._warm_up(sessions, model_source, source)
         self._check_golden_set(source, metadata, sessions)
+        if baseline is not None:
+            self._check_rollout(model_source, source, metadata, sessions, baseline)
         return sessions, metadata
+
+    def _check_rollout(
+        self,
+        model_source: ModelSource,
+        source: VersionSource,
+        metadata: ExportMetadata | None,
+        sessions: OnnxSessions,
+        baseline: ModelVersion,
+    ) -> None:
+        """Refuse a version that does worse than the one it replaces on that one's golden set."""
+        labels = metadata.labels if metadata and metadata.labels else model_source.labels
+        try:
+            verdict = check_rollout(
+                baseline.source.directory,
+                metadata,
+                sessions,
+                labels,
+                self.settings.rollout_max_accuracy_drop,
+            )
+        except InvalidGoldenSet as error:
+            log.warning("model %s: rollout check skipped: %s", source.model_name, error)
+            return
+        if verdict is None:
+            return
+        where = f"model {source.model_name} version {source.version} against {baseline.version_str}"
+        if not verdict.passed:
+            self.metrics.rollout_refusals.labels(source.model_name).inc()
+            raise ModelLoadError(f"{where}: {verdict.describe()}")
+        log.info("%s: %s", where, verdict.describe())
 
     def _check_golden_set(
         self, source: VersionSource, metadata: ExportMetadata | None, sessions: OnnxSessions

@@ -1,0 +1,76 @@
+"""A new version goes live only if it keeps the previous version's golden set about as right."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from repository_factory import make_model_repository, write_version
+from server_harness import RunningServer, server_config
+
+from contracts.golden_set import GOLDEN_DIRNAME, GOLDEN_FILENAME
+from server.client.api import InferenceClient
+
+
+def _label_golden_set_with_its_own_answers(version_dir: Path) -> list[int]:
+    """True classes = the version's own top-1: its accuracy on its golden set is 1.0."""
+    path = version_dir / GOLDEN_DIRNAME / GOLDEN_FILENAME
+    document = json.loads(path.read_text())
+    for image in document["images"]:
+        image["true_label"] = image["top1"]
+    path.write_text(json.dumps(document))
+    return [image["top1"] for image in document["images"]]
+
+
+def _golden_top1(version_dir: Path) -> list[int]:
+    document = json.loads((version_dir / GOLDEN_DIRNAME / GOLDEN_FILENAME).read_text())
+    return [image["top1"] for image in document["images"]]
+
+
+def _served_versions(server: RunningServer) -> list[str]:
+    return [model.version_str for model in server.handle.manager.versions("classifier")]
+
+
+def test_a_version_worse_on_the_previous_golden_set_is_refused(tmp_path: Path) -> None:
+    repo = make_model_repository(tmp_path / "models", versions=(1,))
+    truth = _label_golden_set_with_its_own_answers(repo / "classifier" / "1")
+    with RunningServer(server_config(repo)) as server:
+        # Version 2 is another random model: it disagrees with version 1 on some images.
+        write_version(repo / "classifier", 2)
+        assert _golden_top1(repo / "classifier" / "2") != truth
+        server.call(server.handle.manager.refresh())
+        assert _served_versions(server) == ["1"]
+        assert server.sample("model_rollout_refusals_total", {"model": "classifier"}) == 1
+        with InferenceClient(server.target) as client:
+            assert client.model_metadata("classifier").versions == ("1",)
+
+
+def test_a_version_as_good_rolls_out(tmp_path: Path) -> None:
+    repo = make_model_repository(tmp_path / "models", versions=(1,))
+    _label_golden_set_with_its_own_answers(repo / "classifier" / "1")
+    with RunningServer(server_config(repo)) as server:
+        # The same graph published again as version 2 keeps every answer.
+        shutil.copytree(repo / "classifier" / "1", tmp_path / "v2")
+        (tmp_path / "v2").rename(repo / "classifier" / "2")
+        server.call(server.handle.manager.refresh())
+        assert _served_versions(server) == ["2"]
+        assert server.sample("model_rollout_refusals_total", {"model": "classifier"}) == 0
+
+
+def test_the_gate_can_be_switched_off(tmp_path: Path) -> None:
+    repo = make_model_repository(tmp_path / "models", versions=(1,))
+    _label_golden_set_with_its_own_answers(repo / "classifier" / "1")
+    config = server_config(repo, rollout_max_accuracy_drop=1.0)
+    with RunningServer(config) as server:
+        write_version(repo / "classifier", 2)
+        server.call(server.handle.manager.refresh())
+        assert _served_versions(server) == ["2"]
+
+
+def test_without_labelled_golden_images_there_is_no_gate(tmp_path: Path) -> None:
+    repo = make_model_repository(tmp_path / "models", versions=(1,))  # no true labels
+    with RunningServer(server_config(repo)) as server:
+        write_version(repo / "classifier", 2)
+        server.call(server.handle.manager.refresh())
+        assert _served_versions(server) == ["2"]
