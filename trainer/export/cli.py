@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from trainer.abstention import DEFAULT_TARGET_PRECISION
 from trainer.errors import ConfigError
 from trainer.export.errors import CheckpointError
 from trainer.export.signature import INPUT_FORMATS, INT8_MODES, PRECISIONS
@@ -72,8 +73,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="POINTS",
         help="refuse an int8 model whose val accuracy drops more than this (default 1 point)",
     )
+    parser.add_argument(
+        "--abstention-precision",
+        type=_fraction,
+        default=DEFAULT_TARGET_PRECISION,
+        metavar="P",
+        help="choose the abstention threshold on the val images (--data) so that the answers "
+        "the server does not abstain on are right this often (default: %(default)s)",
+    )
     parser.set_defaults(func=run)
     return parser
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         data_dir=args.data,
         int8_mode=args.int8_mode,
         int8_accuracy_budget=args.int8_accuracy_budget,
+        abstention_precision=args.abstention_precision,
     )
     summary = {
         "model_dir": str(result.model_dir),

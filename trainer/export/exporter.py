@@ -15,6 +15,7 @@ from torch import nn
 
 from contracts.preprocessing import Preprocessing
 from contracts.repository_layout import METADATA_FILENAME, MODEL_FILENAME
+from trainer.abstention import DEFAULT_TARGET_PRECISION, choose_threshold
 from trainer.checkpoint import Checkpoint, load_checkpoint
 from trainer.classifier import restore_classifier
 from trainer.errors import ConfigError, DataError
@@ -22,9 +23,10 @@ from trainer.export import metadata as meta
 from trainer.export.errors import ExportError
 from trainer.export.golden import build_golden_set
 from trainer.export.graph import ServingModel
-from trainer.export.images import ImageSet, load_split
+from trainer.export.images import ImageSet, list_split, load_split
 from trainer.export.onnx_export import export_onnx
 from trainer.export.optimize import optimize_offline
+from trainer.export.ort_checks import cpu_session, run_logits
 from trainer.export.quantize import (
     DEFAULT_INT8_ACCURACY_BUDGET,
     LATENCY_BATCH,
@@ -128,6 +130,7 @@ def export_checkpoint(  # noqa: PLR0913  every export option is a keyword the CL
     int8_accuracy_budget: float = DEFAULT_INT8_ACCURACY_BUDGET,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
+    abstention_precision: float = DEFAULT_TARGET_PRECISION,
 ) -> ExportResult:
     """Export a checkpoint to ONNX, verify it, and publish it as the next model version.
 
@@ -197,6 +200,8 @@ def export_checkpoint(  # noqa: PLR0913  every export option is a keyword the CL
                 int8_accuracy_budget,
             )
             extra.update(variant_extra, parity_fp32=parity_fp32.as_metadata())
+        extra.update(_val_class_counts(data_dir, checkpoint))
+        extra.update(_abstention(final_path, graph, val, checkpoint, abstention_precision))
         golden_files = _golden_set(data_dir, checkpoint, serving, final_path, input_format, extra)
         document = meta.build_metadata(
             checkpoint,
@@ -248,6 +253,49 @@ def export_checkpoint(  # noqa: PLR0913  every export option is a keyword the CL
         exporter=exporter,
         metadata=document,
     )
+
+
+def _abstention(
+    model_path: Path,
+    graph: _Graph,
+    val: ImageSet | None,
+    checkpoint: Checkpoint,
+    target_precision: float,
+) -> dict[str, Any]:
+    """The abstention threshold, chosen on the val images' (calibrated) probabilities.
+
+    The graph's ``probabilities`` are ``softmax(logits / T)``, so the threshold is chosen on
+    exactly the numbers the server will compare it with. Without val images: no threshold.
+    """
+    if val is None or len(val) == 0:
+        return {}
+    logits = run_logits(
+        cpu_session(model_path), val.images, graph.input_format, graph.mean, graph.std
+    ).astype(np.float64) / _temperature(checkpoint)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    policy = choose_threshold(probabilities, val.labels, target_precision)
+    log.info(
+        "abstention threshold %.3f: answers %.0f%% of %d val images at %.1f%% precision "
+        "(target %.0f%%)",
+        policy.threshold,
+        100 * policy.coverage,
+        policy.count,
+        100 * policy.precision,
+        100 * target_precision,
+    )
+    return {"abstention": policy.to_dict()}
+
+
+def _val_class_counts(data_dir: Path | None, checkpoint: Checkpoint) -> dict[str, Any]:
+    """The whole val split's images per class: the server's reference for class drift."""
+    if data_dir is None:
+        return {}
+    classes = list(checkpoint.header.classes)
+    counts = [0] * len(classes)
+    for _, label in list_split(Path(data_dir) / "val", classes):
+        counts[label] += 1
+    return {"val_class_counts": counts}
 
 
 def _temperature(checkpoint: Checkpoint) -> float:

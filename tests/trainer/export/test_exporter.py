@@ -164,3 +164,19 @@ def test_repository_layout_config_and_labels(resnet_export, mobilenet_export):
         assert list(logits.dims) == list(probabilities.dims) == [len(CLASSES)]
         assert probabilities.label_filename == "labels.txt"
         assert (model_root / "labels.txt").read_text().splitlines() == CLASSES
+
+
+def test_abstention_threshold_and_val_counts_for_the_server(resnet_export, mobilenet_export):
+    result, _ = resnet_export
+    document = json.loads((result.model_dir / "model.json").read_text())
+    abstention = document["abstention"]
+    assert abstention["target_precision"] == 0.95
+    assert 0.0 <= abstention["threshold"] <= 1.0
+    assert 0.0 <= abstention["coverage"] <= 1.0
+    assert abstention["coverage"] == 0.0 or abstention["precision"] >= 0.95
+    assert sum(document["val_class_counts"]) == abstention["count"]
+    assert len(document["val_class_counts"]) == len(CLASSES)
+    # Without --data there are no val images to choose a threshold on.
+    bare, _ = mobilenet_export
+    bare_document = json.loads((bare.model_dir / "model.json").read_text())
+    assert "abstention" not in bare_document and "val_class_counts" not in bare_document
