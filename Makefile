@@ -7,7 +7,7 @@ UV_VERSION := 0.13.9
 EXTRAS := --extra train --extra serve --extra dev
 STAMP := $(VENV)/.synced
 
-.PHONY: venv demo test lint lint-deploy protos bench images manifests smoke-containers clean-images clean
+.PHONY: venv demo demo-loop test lint lint-deploy protos bench images manifests smoke-containers clean-images clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,11 @@ $(STAMP): pyproject.toml uv.lock
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash deploy/demo.sh
+
+# The production loop on the demo's outputs (run `make demo` first): capture, label, ingest,
+# retrain, roll out, before/after.
+demo-loop: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash deploy/demo-loop.sh
 
 test: $(STAMP)
 	$(PY) -m pytest
