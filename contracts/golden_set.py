@@ -127,6 +127,26 @@ class GoldenSet:
         return cls(labels, images, tolerance, measured)
 
 
+@dataclass(frozen=True)
+class GoldenVerdict:
+    """The outcome of a golden-set check: ``problems`` is empty when the version passes."""
+
+    images: int
+    tolerance: float
+    problems: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def describe(self) -> str:
+        if self.passed:
+            return f"golden set passed ({self.images} images, tolerance {self.tolerance:g})"
+        shown = "; ".join(self.problems[:5])
+        more = f" (and {len(self.problems) - 5} more)" if len(self.problems) > 5 else ""
+        return f"golden set failed on {len(self.problems)} of {self.images} images: {shown}{more}"
+
+
 def golden_dir(version_dir: Path) -> Path:
     """Where a version keeps its golden set."""
     return Path(version_dir) / GOLDEN_DIRNAME

@@ -18,6 +18,7 @@ import numpy as np
 
 from contracts.golden_set import (
     GoldenSet,
+    GoldenVerdict,
     InvalidGoldenSet,
     compare,
     labelled_accuracy,
@@ -33,26 +34,6 @@ log = logging.getLogger(__name__)
 #: The golden set is checked for its numbers, not its size: the export chose its images within
 #: the trainer's own budget, and an operator's narrower request limits must not refuse a model.
 GOLDEN_LIMITS = ImageLimits(max_bytes=64 * 2**20, max_pixels=100_000_000, max_aspect=64.0)
-
-
-@dataclass(frozen=True)
-class GoldenVerdict:
-    """The outcome of a golden-set check: ``problems`` is empty when the version passes."""
-
-    images: int
-    tolerance: float
-    problems: tuple[str, ...]
-
-    @property
-    def passed(self) -> bool:
-        return not self.problems
-
-    def describe(self) -> str:
-        if self.passed:
-            return f"golden set passed ({self.images} images, tolerance {self.tolerance:g})"
-        shown = "; ".join(self.problems[:5])
-        more = f" (and {len(self.problems) - 5} more)" if len(self.problems) > 5 else ""
-        return f"golden set failed on {len(self.problems)} of {self.images} images: {shown}{more}"
 
 
 def probabilities_from_outputs(outputs: Mapping[str, np.ndarray], first_output: str) -> np.ndarray:

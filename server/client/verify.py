@@ -11,7 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from contracts.golden_set import GoldenSet, InvalidGoldenSet, compare, read_golden_set
+from contracts.golden_set import (
+    GoldenSet,
+    GoldenVerdict,
+    InvalidGoldenSet,
+    compare,
+    read_golden_set,
+)
 from contracts.repository_layout import is_version_name
 from server.client.api import InferenceClient, RequestError
 
@@ -21,18 +27,11 @@ class VerifySetupError(Exception):
 
 
 @dataclass(frozen=True)
-class VerifyReport:
-    """The verdict: ``problems`` is empty when the server reproduced the golden set."""
+class VerifyReport(GoldenVerdict):
+    """The server's verdict on one version's golden set: ``problems`` empty when it passed."""
 
     model: str
     version: str
-    images: int
-    tolerance: float
-    problems: tuple[str, ...]
-
-    @property
-    def passed(self) -> bool:
-        return not self.problems
 
     def format_text(self) -> str:
         where = f"model {self.model} version {self.version}"
@@ -91,4 +90,10 @@ def verify(
                 row[prediction.index] = prediction.score
         rows.append(row)
     problems = refused or compare(golden, rows)
-    return VerifyReport(model, version, len(golden.images), golden.tolerance, tuple(problems))
+    return VerifyReport(
+        images=len(golden.images),
+        tolerance=golden.tolerance,
+        problems=tuple(problems),
+        model=model,
+        version=version,
+    )
