@@ -17,7 +17,7 @@ from typing import Any
 
 from contracts.preprocessing import Preprocessing
 from trainer.augment import augment_settings, train_transform
-from trainer.augment_policy import CANDIDATES
+from trainer.augment_policy import CANDIDATES, decide
 from trainer.calibration import Calibration
 from trainer.checkpoint import Checkpoint
 from trainer.class_balance import ClassBalance
@@ -55,6 +55,9 @@ def before_phases(  # noqa: PLR0913  the run's parts, each built by trainer.run
     user_flags = {name: getattr(config, name) for name in CANDIDATES}
     probe_aug = augment_settings(config.to_dict())
     fit_the_head = bool(phases) and phases[0].name == HEAD_PHASE
+    if not fit_the_head and all(value is not None for value in user_flags.values()):
+        # Nothing for the features to do: no head phase, every transform already decided.
+        return BeforePhases(context, HeadStageResult(None, decide(user_flags, None, None, {})))
     # Without a head phase the features only decide the augmentation: one view is enough.
     views = config.feature_views if fit_the_head else 1
     settings = FeatureSettings(
@@ -129,10 +132,11 @@ def run_facts(
         ),
     }
     if stage is not None:
-        fit = stage.result.head_fit
-        facts["head_phase"] = fit.to_dict() if fit is not None else {"method": "streamed"}
-        if stage.result.fallback:
-            facts["head_phase"]["fallback"] = stage.result.fallback
+        fit, fallback = stage.result.head_fit, stage.result.fallback
+        if fit is not None:
+            facts["head_phase"] = fit.to_dict()
+        elif fallback is not None:
+            facts["head_phase"] = {"method": "streamed", "fallback": fallback}
         facts["augment"]["decisions"] = {
             name: d.to_dict() for name, d in stage.result.decisions.items()
         }

@@ -75,14 +75,18 @@ def run_head_stage(  # noqa: PLR0913  the parts of the run the stage reads, each
     """Features, probe, decisions and (when ``fit_the_head``) the head fitted on the cache."""
     started = time.perf_counter()
     head = model.get_submodule(head_name)
+    streamed = None
     if fit_the_head and head_kind(head) is None:
-        log_event(log, "head_fit_fallback", reason="head has BatchNorm: streaming head phase")
+        streamed = "the head has layers other than Linear/activation/Dropout/LayerNorm"
+        log_event(log, "head_fit_fallback", reason=streamed + ": streaming head phase")
         fit_the_head = False
     bank, cache_state = _features(model, head, pipeline, pre, prepare, settings, info)
     if cache_state == "none":
         reason = f"features exceed feature_cache_mb={settings.cache_mb}"
-        log_event(log, "head_fit_fallback", reason=reason + ": streaming head phase")
-        return HeadStageResult(None, decide(user_flags, None, None, {}), fallback=reason)
+        outcome = ": streaming head phase" if fit_the_head else ": augmentation untested"
+        log_event(log, "head_fit_fallback", reason=reason + outcome)
+        fallback = reason if fit_the_head else None
+        return HeadStageResult(None, decide(user_flags, None, None, {}), fallback=fallback)
     result: list[Any] = [None, None, None]
     if info.is_main:
         assert bank is not None
@@ -119,7 +123,7 @@ def run_head_stage(  # noqa: PLR0913  the parts of the run the stage reads, each
     if info.enabled:
         dist.broadcast_object_list(result, src=0)
         head.load_state_dict(result[2])
-    return HeadStageResult(result[0], result[1])
+    return HeadStageResult(result[0], result[1], fallback=streamed)
 
 
 def _features(  # noqa: PLR0913  the stage's parts, passed through
