@@ -4,7 +4,6 @@ on request streams."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import threading
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from busy_server import BUSY_BYTES, BUSY_ROWS, WAIT_S, make_slow_repository, occupy, one_image
 from grpc_helpers import infer_request
 from PIL import Image
 from repository_factory import make_model_repository
@@ -25,49 +25,52 @@ from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
 
 @pytest.fixture(scope="module")
 def slow_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model_repository(
-        tmp_path_factory.mktemp("slow") / "models", input_size=(64, 64), slow_layers=3
-    )
+    return make_slow_repository(tmp_path_factory.mktemp("slow") / "models")
 
 
-async def _concurrent_infers(target: str, count: int, shape: tuple[int, ...]) -> list:
-    images = np.zeros(shape, np.uint8)
-    async with grpc.aio.insecure_channel(target) as channel:
+def _refusal(target: str) -> grpc.RpcError:
+    """The error of one small request sent while the server is busy."""
+    with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-
-        async def one() -> object:
-            call = stub.ModelInfer(infer_request(images), timeout=60)
-            try:
-                await call
-            except grpc.aio.AioRpcError as error:
-                return error
-            return grpc.StatusCode.OK
-
-        return await asyncio.gather(*(one() for _ in range(count)))
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(infer_request(one_image()), timeout=WAIT_S)
+    return error.value
 
 
 def test_concurrent_rpcs_beyond_the_limit_are_resource_exhausted(slow_repository: Path) -> None:
-    config = server_config(slow_repository, max_concurrent_rpcs=2, max_batch_size=1)
-    with RunningServer(config) as server:
-        results = asyncio.run(_concurrent_infers(server.target, 8, (1, 64, 64, 3)))
-    codes = [r if r is grpc.StatusCode.OK else r.code() for r in results]
-    assert grpc.StatusCode.OK in codes
-    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
-    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    config = server_config(
+        slow_repository, max_concurrent_rpcs=2, max_batch_size=BUSY_ROWS, warmup_batch_sizes=(1,)
+    )
+    with RunningServer(config) as server, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        # Both allowed RPCs stay in flight for a whole compute at least: the next is refused.
+        busy = occupy(server, stub, 2, max_done=0)
+        assert _refusal(server.target).code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        for future in busy:
+            future.result()
+        # Once they are answered, a new RPC is admitted again.
+        stub.ModelInfer(infer_request(one_image()), timeout=WAIT_S)
 
 
 def test_byte_budget_refuses_with_a_retry_pushback(slow_repository: Path) -> None:
-    one_request = 4 * 64 * 64 * 3
-    config = server_config(slow_repository, max_queued_bytes=one_request + 1, max_queue_delay_us=0)
-    with RunningServer(config) as server:
-        results = asyncio.run(_concurrent_infers(server.target, 6, (4, 64, 64, 3)))
-    refused = [r for r in results if r is not grpc.StatusCode.OK]
-    assert len(refused) < len(results)  # the first one always fits
-    assert refused, "no request was over the byte budget"
-    for error in refused:
+    config = server_config(
+        slow_repository,
+        max_queued_bytes=2 * BUSY_BYTES + 1,
+        max_batch_size=BUSY_ROWS,
+        warmup_batch_sizes=(1,),
+    )
+    with RunningServer(config) as server, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        # Two busy requests hold the budget until they are answered: one small image more
+        # does not fit.
+        busy = occupy(server, stub, 2, max_done=0)
+        error = _refusal(server.target)
         assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "byte budget" in error.details()
         assert dict(error.trailing_metadata())["grpc-retry-pushback-ms"] == "100"
+        for future in busy:
+            future.result()
+        stub.ModelInfer(infer_request(one_image()), timeout=WAIT_S)
 
 
 @pytest.fixture(scope="module")

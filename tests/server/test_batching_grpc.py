@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from busy_server import (
+    BUSY_ROWS,
+    LABELS,
+    WAIT_S,
+    arrived,
+    make_slow_repository,
+    occupy,
+    one_image,
+    wait_for,
+)
 from grpc_helpers import infer_async, infer_request, probabilities
-from repository_factory import make_model_repository
 from server_harness import RunningServer, server_config
 
 from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
-
-LABELS = {"model": "classifier", "version": "1"}
+from server.config import ServerConfig
 
 
 def test_concurrent_distinct_inputs_get_their_own_answers(model_repository: Path) -> None:
@@ -51,88 +58,71 @@ def test_concurrent_distinct_inputs_get_their_own_answers(model_repository: Path
 
 @pytest.fixture
 def slow_repository(tmp_path: Path) -> Path:
-    # About 0.1 s of compute per image on one core.
-    return make_model_repository(
-        tmp_path / "slow", input_size=(64, 64), slow_layers=12, max_queue_delay_us=0
-    )
+    return make_slow_repository(tmp_path / "slow")
 
 
-def _slow_images(count: int) -> list[np.ndarray]:
-    return [np.full((1, 64, 64, 3), i, dtype=np.uint8) for i in range(count)]
+def _busy_config(repository: Path, **overrides: object) -> ServerConfig:
+    # Warming one size only: the tests never time a batch, and warming every size of the slow
+    # model up to BUSY_ROWS would cost more than the tests themselves.
+    values: dict = {"max_batch_size": BUSY_ROWS, "warmup_batch_sizes": (1,), **overrides}
+    return server_config(repository, **values)
 
 
 def test_full_queue_answers_resource_exhausted(slow_repository: Path) -> None:
-    config = server_config(slow_repository, max_batch_size=1, max_queue_size=2)
-
-    async def scenario(target: str) -> list:
-        async with grpc.aio.insecure_channel(target) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            return await asyncio.gather(*(infer_async(stub, x) for x in _slow_images(8)))
-
-    with RunningServer(config) as server:
-        results = asyncio.run(scenario(server.target))
-        codes = [r for r in results if isinstance(r, grpc.StatusCode)]
-        assert codes and set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
-        assert len(results) - len(codes) <= 3  # one computing + two queued
-        assert server.sample("inference_requests_total", {**LABELS, "outcome": "rejected"}) == len(
-            codes
-        )
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Poll until ``condition()`` holds; fail after a generous ``timeout``."""
-    limit = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < limit, "condition not reached"
-        time.sleep(0.005)
-
-
-def _computing(server: RunningServer) -> bool:
-    """The one request in flight has left the queue: it is being computed."""
-    return server.sample("inference_inflight_requests") == 1 and _queued(server) == 0
-
-
-def _queued(server: RunningServer) -> float:
-    return server.sample("inference_queue_depth", LABELS)
-
-
-# Sixteen rows of the slow model: about 1.6 s of compute on an idle core, longer on a busy
-# one, so a request queued behind them waits far past a deadline of a fraction of that.
-BUSY_ROWS = 16
+    config = _busy_config(slow_repository, max_queue_size=2)
+    with RunningServer(config) as server, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        # One computing and two queued: the queue is full for a whole compute at least.
+        busy = occupy(server, stub, 3, max_done=0)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(infer_request(one_image()), timeout=WAIT_S)
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        for future in busy:
+            future.result()
+        assert server.sample("inference_requests_total", {**LABELS, "outcome": "rejected"}) == 1
 
 
 def test_expired_deadline_is_not_computed(slow_repository: Path) -> None:
-    config = server_config(slow_repository, max_batch_size=BUSY_ROWS)
-    busy = np.zeros((BUSY_ROWS, 64, 64, 3), dtype=np.uint8)
-    with RunningServer(config) as server, grpc.insecure_channel(server.target) as channel:
+    with (
+        RunningServer(_busy_config(slow_repository)) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        first = stub.ModelInfer.future(infer_request(busy), timeout=60)
-        _wait_for(lambda: _computing(server))
-        # Long enough to reach the server on a loaded machine, far shorter than the compute.
-        with pytest.raises(grpc.RpcError) as late:
-            stub.ModelInfer(infer_request(_slow_images(2)[1]), timeout=0.4)
-        assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-        first.result()
+        # At least one full busy compute (about 2 s on an idle core) is ahead of the late
+        # request, whose deadline of 0.5 s runs from its arrival at the server (the OIP
+        # timeout parameter). A client-side deadline would race: the client's cancel reaches
+        # the server before the server's own copy of the deadline has passed.
+        busy = occupy(server, stub, 3, max_done=1)
+        late = infer_request(one_image())
+        late.parameters["timeout"].int64_param = 500_000
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(late, timeout=WAIT_S)
+        assert refused.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        for future in busy:
+            future.result()
         outcome = {**LABELS, "outcome": "deadline"}
-        _wait_for(lambda: server.sample("inference_requests_total", outcome) == 1)
-        # The late request never reached onnxruntime: only the first request's rows ran.
-        assert server.sample("inference_rows_total", LABELS) == BUSY_ROWS
+        wait_for(lambda: server.sample("inference_requests_total", outcome) == 1)
+        # The late request never reached onnxruntime: only the busy requests' rows ran.
+        assert server.sample("inference_rows_total", LABELS) == 3 * BUSY_ROWS
 
 
 def test_cancelled_request_is_not_computed(slow_repository: Path) -> None:
-    config = server_config(slow_repository, max_batch_size=BUSY_ROWS)
-    busy = np.zeros((BUSY_ROWS, 64, 64, 3), dtype=np.uint8)
-    with RunningServer(config) as server, grpc.insecure_channel(server.target) as channel:
+    with (
+        RunningServer(_busy_config(slow_repository)) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        first = stub.ModelInfer.future(infer_request(busy), timeout=60)
-        _wait_for(lambda: _computing(server))
-        doomed = stub.ModelInfer.future(infer_request(_slow_images(2)[1]), timeout=60)
-        _wait_for(lambda: _queued(server) == 1)
+        busy = occupy(server, stub, 3, max_done=0)
+        doomed = stub.ModelInfer.future(infer_request(one_image()), timeout=WAIT_S)
+        # Arrived with at most one busy request done: a full busy compute is still ahead of
+        # it, so it is cancelled before it could run.
+        wait_for(arrived(server, 4, max_done=1))
         assert doomed.cancel()
-        first.result()
+        for future in busy:
+            future.result()
         outcome = {**LABELS, "outcome": "cancelled"}
-        _wait_for(lambda: server.sample("inference_requests_total", outcome) == 1)
-        assert server.sample("inference_rows_total", LABELS) == BUSY_ROWS
+        wait_for(lambda: server.sample("inference_requests_total", outcome) == 1)
+        assert server.sample("inference_rows_total", LABELS) == 3 * BUSY_ROWS
 
 
 def test_lone_request_is_not_held_for_the_queue_delay(model_repository: Path) -> None:
