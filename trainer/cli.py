@@ -68,14 +68,17 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from trainer.config import FIELDS, resolve_config
+    from trainer.config import FIELDS, build_config, given_settings
     from trainer.progress import configure_logging
     from trainer.run import train
 
+    # Only flags given are in ``args`` (SUPPRESS): a resumed run takes the rest from its
+    # checkpoint, so what was given (file, environment, flags) travels with the config.
     flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-    config = resolve_config(file=getattr(args, "config", None), flags=flags)
+    given = given_settings(file=getattr(args, "config", None), flags=flags)
+    config = build_config(given)
     configure_logging(fmt=config.log_format)
-    summary = train(config)
+    summary = train(config, given=frozenset(given))
     if summary.get("status") == "interrupted":
         log.info("stopped on request; resume with --resume auto")
     return 0

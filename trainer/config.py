@@ -241,6 +241,33 @@ def resolve_config(
     Raises:
         ConfigError: unreadable file, unknown key, or bad value (the message names the key).
     """
+    return build_config(given_settings(file=file, environ=environ, flags=flags))
+
+
+def build_config(given: Mapping[str, Any]) -> TrainConfig:
+    """The validated config of ``given`` settings (``given_settings``) over the defaults.
+
+    Raises:
+        ConfigError: a bad value (the message names the key).
+    """
+    config = TrainConfig(**given)
+    validate(config)
+    return config
+
+
+def given_settings(
+    *,
+    file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The settings the user gave (file < environment < flags), converted; no defaults.
+
+    A resumed run takes every setting missing here from its checkpoint (``trainer.resume``).
+
+    Raises:
+        ConfigError: unreadable file, unknown key, or bad value (the message names the key).
+    """
     values: dict[str, Any] = {}
     if file is not None:
         values.update({k: convert(k, v, f"{file}") for k, v in _read_yaml(file).items()})
@@ -256,9 +283,7 @@ def resolve_config(
         if name not in FIELDS:
             raise ConfigError(f"--{name.replace('_', '-')}: unknown setting")
         values[name] = convert(name, value, f"--{name.replace('_', '-')}")
-    config = TrainConfig(**values)
-    validate(config)
-    return config
+    return values
 
 
 def _read_yaml(file: Path) -> dict[str, Any]:
@@ -392,7 +417,8 @@ def resolve_defaults(
         device_type: the training device's type (``cpu`` or ``cuda``).
         dataset_cached: whether the dataset is decoded once into memory.
         cpu_count: CPUs of this machine (DataLoader workers).
-        input_size: the training crop in pixels (the crop scale under ``--augment auto``).
+        input_size: the training crop in pixels (``image_size`` when unset, and the crop
+            scale under ``--augment auto``).
             The flips and rotations ``--augment auto`` tests stay None here; the run fills
             them in from the probe (``augment_policy``).
     """
@@ -400,6 +426,7 @@ def resolve_defaults(
     config = _resolve_augment(config, input_size)
     return dataclasses.replace(
         config,
+        image_size=config.image_size if config.image_size is not None else input_size,
         head_epochs=config.head_epochs if config.head_epochs is not None else (0 if scratch else 2),
         unfreeze=config.unfreeze or ("all" if scratch else "top:1"),
         lr=config.lr if config.lr is not None else (config.head_lr if scratch else 1e-4),

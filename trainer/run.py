@@ -8,9 +8,11 @@ below this module imports it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,7 @@ from trainer.process_setup import (
     shutdown_distributed,
 )
 from trainer.progress import log_event
+from trainer.resume_settings import settings_for_resume, training_is_finished
 from trainer.run_context import RunContext
 from trainer.stopping import StopRequest
 from trainer.telemetry import TrainingTelemetry
@@ -59,9 +62,17 @@ from trainer.weights import load_starting_weights, preprocessing_for, resolve_we
 
 log = logging.getLogger(__name__)
 
+ALREADY_FINISHED = "already_finished"
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training as configured; returns the summary (rank 0 writes it)."""
+
+def train(config: TrainConfig, given: Collection[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) training as configured; returns the summary (rank 0 writes it).
+
+    Args:
+        config: defaults < file < environment < flags.
+        given: the names of the settings the user gave (None: every one). A resumed run
+            takes the others from its checkpoint, never from the defaults.
+    """
     info = dist_info_from_env()
     if not info.is_main:
         # Rank 0 alone logs progress; the others speak up only for warnings and errors.
@@ -70,21 +81,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
     configure_threads()
     init_distributed(info, device)
     try:
-        return _train(config, info, device)
+        return _train(config, given, info, device)
     finally:
         shutdown_distributed()
 
 
-def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, Any]:
+def _train(
+    config: TrainConfig, given: Collection[str] | None, info: DistInfo, device: torch.device
+) -> dict[str, Any]:
     started = time.perf_counter()
     # ---- set up: data, model (new or resumed), resolved config, context ----------------------
-    seed_everything(config.seed, config.deterministic)
-    assert config.data is not None and config.output is not None
-    split = scan_dataset(
-        config.data, val_fraction=config.val_fraction, seed=config.seed, strict=config.strict_data
-    )
+    assert config.output is not None
     output = Path(config.output)
-    resume = find_resume(config.resume, output / "checkpoints")
+    config, resume, split = settings_and_data(config, given, output / "checkpoints")
     model, pre, weights_source = build_model(config, len(split.classes), resume)
     config = resolve_defaults(
         config,
@@ -107,6 +116,10 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[st
         check_resume_fits(resume, split.fingerprint)
     groups = layer_groups(model, config.arch)
     phases = plan_phases(config, [g.name for g in groups])
+    if resume is not None and training_is_finished(resume, phases):
+        finished = already_finished(context, resume, export_asked=_export_asked(config, given))
+        if finished is not None:
+            return finished
     aug = augment_settings(config.to_dict())
     pipeline = build_pipeline(
         split,
@@ -180,6 +193,32 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[st
 
 
 # ---- set-up steps ----------------------------------------------------------------------------
+
+
+def settings_and_data(
+    config: TrainConfig, given: Collection[str] | None, checkpoints: Path
+) -> tuple[TrainConfig, Checkpoint | None, DatasetSplit]:
+    """The checkpoint to resume (if any), the config the run continues with, the data split.
+
+    A resumed run's settings are its checkpoint's, overlaid with the ``given`` ones; the
+    seed and the split follow from them.
+
+    Raises:
+        ConfigError: a given setting (or the data's classes) would change what the resumed
+            checkpoint means; one message names them all.
+    """
+    resume = find_resume(config.resume, checkpoints)
+    resumed = settings_for_resume(config, given, resume) if resume is not None else None
+    if resumed is not None:
+        config = resumed.config
+    seed_everything(config.seed, config.deterministic)
+    assert config.data is not None
+    split = scan_dataset(
+        config.data, val_fraction=config.val_fraction, seed=config.seed, strict=config.strict_data
+    )
+    if resumed is not None:
+        resumed.check(split.classes)
+    return config, resume, split
 
 
 def find_resume(mode: str, checkpoints: Path) -> Checkpoint | None:
@@ -271,16 +310,7 @@ def plan_phases(config: TrainConfig, group_names: list[str]) -> list[Phase]:
 
 
 def check_resume_fits(resume: Checkpoint, fingerprint: dict[str, Any]) -> None:
-    """The resumed checkpoint was trained on these classes (a changed file list only warns).
-
-    Raises:
-        ConfigError: the classes differ.
-    """
-    if list(resume.header.classes) != fingerprint["classes"]:
-        raise ConfigError(
-            f"resume: the checkpoint's classes {list(resume.header.classes)} differ from the "
-            f"data's {fingerprint['classes']}"
-        )
+    """A changed file list only warns (the classes were checked with the other settings)."""
     if resume.header.dataset_fingerprint != fingerprint:
         log.warning("resume: the dataset changed since the checkpoint (file list differs)")
 
@@ -322,6 +352,44 @@ def _open_metrics_log(context: RunContext, resume: Checkpoint | None) -> Metrics
 
 
 # ---- end of run ------------------------------------------------------------------------------
+
+
+def already_finished(
+    context: RunContext, resume: Checkpoint, *, export_asked: bool
+) -> dict[str, Any] | None:
+    """A finished run re-run: nothing is trained, ``config.yaml`` is left as it ran.
+
+    Returns None when the run's end (calibration, report, export, ``summary.json``) did not
+    complete: the caller then does it. Exports ``best.pt`` again only when asked
+    (``--export`` given on the re-run).
+    """
+    path = context.output / "summary.json"
+    if not path.is_file():
+        log.info("training is finished; completing the run's end (summary.json is missing)")
+        return None
+    summary: dict[str, Any] = json.loads(path.read_text())
+    log_event(
+        log,
+        "already_finished",
+        global_epochs=resume.progress.global_epoch,
+        best_val_accuracy=resume.progress.best_val_accuracy,
+        export=export_asked,
+    )
+    log.info(
+        "the run in %s finished before (%d epochs): nothing to train%s",
+        context.output,
+        resume.progress.global_epoch,
+        "; exporting best.pt again as asked" if export_asked else "",
+    )
+    if export_asked and context.is_main:
+        summary |= _export(context)
+        write_summary(path, summary)
+    return summary | {"status": ALREADY_FINISHED}
+
+
+def _export_asked(config: TrainConfig, given: Collection[str] | None) -> bool:
+    """Whether this re-run asked for an export itself (not by the recorded default)."""
+    return config.export and (given is None or "export" in given)
 
 
 def finish_run(
