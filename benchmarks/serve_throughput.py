@@ -10,7 +10,10 @@ weights, uint8-nhwc input) and each concurrency (1, 8, 32) it measures:
   (d) the naive baseline (benchmarks/naive_server.py: synchronous grpc server, thread pool,
       one session.run per request);
   (e) KServe's Python model server serving the same ONNX file, when --kserve-python names a
-      Python that has kserve and onnxruntime installed.
+      Python that has kserve and onnxruntime installed;
+  (g) Triton's perf_analyzer (C++ client, batch 1) against (b), when --perf-analyzer names the
+      binary (benchmarks/perf_analyzer_cell.py); the issue's target is (g)/(a) >= 0.90 at
+      concurrency 8 on ResNet-18 at 128 px (--models resnet18_128 --concurrency 8).
 
 (b)-(e) run as separate processes, all started before measuring, and are loaded over
 loopback by the same asyncio load generator (``client bench``'s engine) with raw ModelInfer
@@ -22,6 +25,8 @@ logs go to bench-output/serve_throughput_logs/.
 
     python benchmarks/serve_throughput.py --kserve-python /tmp/kserve-venv/bin/python
     python benchmarks/serve_throughput.py --models demo --time-scale 0.2   # smoke run
+    python benchmarks/serve_throughput.py --models resnet18_128 --concurrency 8 \
+        --systems a b g --perf-analyzer "$(../shared/tools/ensure-perf-analyzer)"
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from perf_analyzer_cell import WINDOWS, run_perf_analyzer
 
 from server.client.api import AsyncInferenceClient, ModelInfo, RequestError, TensorSpec
 from server.client.bench import MODEL_INFER_METHOD, infer_payload, raw_call
@@ -66,6 +72,7 @@ SYSTEMS = {
     "d": "naive grpc server",
     "e": "KServe Python server",
     "f": "server, dynamic batching, one 1-thread session per core",
+    "g": "perf_analyzer -> server, dynamic batching",
 }
 # (f) is (b) tuned for a small CPU: onnxruntime's default spreads each run over every core,
 # and on two cores its intra-op synchronisation costs more than it gains.
@@ -189,17 +196,23 @@ class Accumulator:
         self.images = 0
         self.batch_sum = 0.0
         self.batch_count = 0.0
+        # perf_analyzer reports percentiles, not samples: (p50 ms, p99 ms) per window.
+        self.percentiles_ms: list[tuple[float, float]] = []
 
     def cell(self, model: str, system: str, concurrency: int, batch: int) -> Cell:
         summary = LatencySummary.from_seconds(self.latencies_s)
+        p50, p99 = summary.p50_ms, summary.p99_ms
+        if self.percentiles_ms:
+            p50 = float(np.mean([p for p, _ in self.percentiles_ms]))
+            p99 = float(np.mean([p for _, p in self.percentiles_ms]))
         return Cell(
             model=model,
             system=system,
             concurrency=concurrency,
             batch=batch,
             images_per_s=self.images / self.window_s if self.window_s else 0.0,
-            p50_ms=summary.p50_ms,
-            p99_ms=summary.p99_ms,
+            p50_ms=p50,
+            p99_ms=p99,
             errors=dict(self.errors),
             mean_server_batch=self.batch_sum / self.batch_count if self.batch_count else None,
         )
@@ -231,6 +244,27 @@ async def server_window(
     into.errors.update(samples.errors)
     into.window_s += samples.window_s
     into.images += len(samples.latencies_s) * spec.batch
+    if before and after:
+        into.batch_sum += after[0] - before[0]
+        into.batch_count += after[1] - before[1]
+
+
+def perf_analyzer_window(
+    binary: Path, endpoint: Endpoint, case: ModelCase, spec: LoadSpec, into: Accumulator
+) -> None:
+    """One perf_analyzer call against ``endpoint`` (system (b)), merged into ``into``."""
+    before = batch_histogram(endpoint.metrics_port) if endpoint.metrics_port else None
+    window_ms = max(500, int(spec.duration_s * 1000 / WINDOWS))
+    try:
+        result = run_perf_analyzer(binary, endpoint.target, case.name, spec.concurrency, window_ms)
+    except (RuntimeError, subprocess.TimeoutExpired) as error:
+        print(f"  perf_analyzer failed: {str(error)[-600:]}", flush=True)
+        into.errors["perf_analyzer failed"] += 1
+        return
+    after = batch_histogram(endpoint.metrics_port) if endpoint.metrics_port else None
+    into.images += round(result.inferences_per_s * result.measured_s)
+    into.window_s += result.measured_s
+    into.percentiles_ms.append((result.p50_ms, result.p99_ms))
     if before and after:
         into.batch_sum += after[0] - before[0]
         into.batch_count += after[1] - before[1]
@@ -461,7 +495,12 @@ def bench_model(  # noqa: PLR0913  one benchmark cell: the case, its files and t
                             totals[endpoint.system],
                         )
                     )
-            for system in ["a", *(e.system for e in endpoints)]:
+                    if endpoint.system == "b" and "g" in args.systems and args.perf_analyzer:
+                        perf_analyzer_window(args.perf_analyzer, endpoint, case, spec, totals["g"])
+            measured = ["a", *(e.system for e in endpoints)]
+            if totals["g"].window_s or totals["g"].errors:
+                measured.append("g")
+            for system in measured:
                 if system == "a" and "a" not in args.systems:
                     continue
                 cell = totals[system].cell(
@@ -513,6 +552,14 @@ def evaluate_targets(
         )
 
     for model in models:
+        # The issue's perf_analyzer target: Triton's client against our server, at batch 8.
+        ratio(
+            "(g)/(a) throughput at c=8 (perf_analyzer)",
+            model,
+            find(cells, model, "g", 8),
+            find(cells, model, "a", 8),
+            0.90,
+        )
         for ours in ("b", "f"):
             b = find(cells, model, ours, top)
             if b is None:
@@ -595,7 +642,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument(
-        "--models", nargs="+", default=["demo", "resnet50"], choices=["demo", "resnet50"]
+        "--models",
+        nargs="+",
+        default=["demo", "resnet50"],
+        choices=["demo", "resnet50", "resnet18_128"],
     )
     parser.add_argument(
         "--systems",
@@ -610,11 +660,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="Python with kserve and onnxruntime installed, for (e)",
     )
+    parser.add_argument(
+        "--perf-analyzer",
+        type=Path,
+        default=os.environ.get("PERF_ANALYZER") or None,
+        help="Triton's perf_analyzer binary, for (g) (default: $PERF_ANALYZER)",
+    )
     parser.add_argument("--start-timeout-s", type=float, default=120.0)
     parser.add_argument(
         "--output", type=Path, default=ROOT / "bench-output" / "serve_throughput.json"
     )
     args = parser.parse_args(argv)
+    if args.perf_analyzer is not None and not Path(args.perf_analyzer).is_file():
+        parser.error(f"--perf-analyzer {args.perf_analyzer} is not a file")
     if args.kserve_python is not None and not args.kserve_python.is_file():
         parser.error(f"--kserve-python {args.kserve_python} is not a file")
     if (args.rounds is not None and args.rounds < 1) or args.time_scale <= 0:
@@ -637,6 +695,17 @@ CASES = {
         duration_s=12.0,
         warmup_s=2.0,
         rounds=2,
+    ),
+    # The perf_analyzer target's model: batches of 8 are the ceiling (a) at concurrency 8.
+    "resnet18_128": ModelCase(
+        name="resnet18_128",
+        arch="resnet18",
+        size=128,
+        num_classes=5,
+        max_batch_size=8,
+        duration_s=12.0,
+        warmup_s=1.0,
+        rounds=3,
     ),
 }
 
