@@ -103,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
         # Checked before the import below, which pulls in torch and onnx (seconds).
         raise CheckpointError(f"checkpoint {args.checkpoint} does not exist or is not a file")
     from trainer.export.exporter import export_checkpoint
+    from trainer.progress import configure_logging
 
+    # One line per export step on stderr; stdout keeps the JSON summary.
+    configure_logging()
     result = export_checkpoint(
         args.checkpoint,
         args.output_repository,

@@ -43,6 +43,7 @@ from trainer.export.repository import (
     validate_model_name,
 )
 from trainer.export.signature import INPUT_FORMATS, INT8_MODES, PRECISIONS, UINT8_NHWC
+from trainer.export.step_log import export_step, quiet_third_party
 from trainer.export.verify import (
     FP32_TOLERANCE,
     ParityReport,
@@ -155,103 +156,207 @@ def export_checkpoint(  # noqa: PLR0913  every export option is a keyword the CL
     _validate_options(
         model_name, input_format, precision, data_dir, int8_mode, int8_accuracy_budget
     )
+    options = _Options(precision, data_dir, int8_mode, int8_accuracy_budget, abstention_precision)
     started = time.perf_counter()
-    checkpoint = load_checkpoint(Path(checkpoint_path))
-    classifier, state_source = restore_classifier(checkpoint)
-    graph = _Graph(
-        input_format=input_format,
-        preprocessing=checkpoint.header.preprocessing,
-        num_classes=checkpoint.header.num_classes,
-    )
-    val = _load(data_dir, "val", checkpoint, VAL_LIMIT)
-    calibration = None
-    if precision == "int8" and int8_mode == "static":
-        calibration = _load(data_dir, "train", checkpoint, CALIBRATION_LIMIT)
-
-    with tempfile.TemporaryDirectory(prefix="export-") as work_dir:
-        work = Path(work_dir)
-        fp32_path = work / "fp32.onnx"
-        serving = ServingModel(
-            classifier,
-            input_format=input_format,
-            mean=graph.mean,
-            std=graph.std,
-            temperature=_temperature(checkpoint),
-        )
-        exporter = export_onnx(
-            serving, fp32_path, input_format=input_format, input_size=graph.input_size
-        )
-        log.info("exported %s with %s", checkpoint.header.arch, exporter)
-        parity_fp32 = _verify_fp32(fp32_path, classifier, graph, val)
-        fp32_path, optimization = _optimize(fp32_path, work, classifier, graph, val)
-        extra: dict[str, Any] = {"state_source": state_source, "optimization": optimization}
-        if checkpoint.calibration is not None:
-            extra["calibration"] = checkpoint.calibration
-        final_path, parity = fp32_path, parity_fp32
-        if precision != "fp32":
-            final_path, parity, variant_extra = _reduced_precision(
-                precision,
-                fp32_path,
-                work,
-                graph,
-                val,
-                calibration,
-                int8_mode,
-                int8_accuracy_budget,
-            )
-            extra.update(variant_extra, parity_fp32=parity_fp32.as_metadata())
-        extra.update(_val_class_counts(data_dir, checkpoint))
-        extra.update(_abstention(final_path, graph, val, checkpoint, abstention_precision))
-        golden_files = _golden_set(data_dir, checkpoint, serving, final_path, input_format, extra)
-        document = meta.build_metadata(
-            checkpoint,
-            input_format=input_format,
-            precision=precision,
-            parity=parity.as_metadata(),
-            exporter=exporter,
-            extra=extra,
-        )
-        model = onnx.load(str(final_path))
-        meta.embed(model, document)
-        try:
-            model_bytes = model.SerializeToString()
-        except ValueError as error:
-            raise ExportError(f"the model does not fit one ONNX file (2 GB): {error}") from error
-
-    config_text = render_config(
-        model_name,
-        input_format=input_format,
-        input_size=graph.input_size,
-        num_classes=graph.num_classes,
-        max_batch_size=max_batch_size,
-        max_queue_delay_us=max_queue_delay_us,
-    )
-    version, model_dir = publish(
-        Path(repository),
-        model_name,
-        version_files={
-            MODEL_FILENAME: model_bytes,
-            METADATA_FILENAME: meta.to_json_bytes(document),
-            **golden_files,
-        },
-        config_text=config_text,
-        labels=document["labels"],
-    )
+    with quiet_third_party():
+        source = _load_source(Path(checkpoint_path), input_format, options)
+        with tempfile.TemporaryDirectory(prefix="export-") as work_dir:
+            built = _build_version(source, Path(work_dir), options)
+            with export_step("publish", model_name=model_name) as facts:
+                document = meta.build_metadata(
+                    source.checkpoint,
+                    input_format=input_format,
+                    precision=precision,
+                    parity=built.parity.as_metadata(),
+                    exporter=built.exporter,
+                    extra=built.extra,
+                )
+                version, model_dir = _publish(
+                    built,
+                    document,
+                    Path(repository),
+                    model_name,
+                    source.graph,
+                    max_batch_size,
+                    max_queue_delay_us,
+                )
+                facts["version"] = version
     log.info(
         "published %s version %d (%s, max abs logit diff %.3g) in %.1f s",
         model_name,
         version,
         precision,
-        parity.max_abs_diff_logits,
+        built.parity.max_abs_diff_logits,
         time.perf_counter() - started,
     )
     return ExportResult(
         version=version,
         model_dir=model_dir,
-        max_abs_diff=parity.max_abs_diff_logits,
+        max_abs_diff=built.parity.max_abs_diff_logits,
         precision=precision,
-        exporter=exporter,
+        exporter=built.exporter,
         metadata=document,
+    )
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The export's options beyond the graph's input format and where it is published."""
+
+    precision: str
+    data_dir: Path | None
+    int8_mode: str
+    int8_accuracy_budget: float
+    abstention_precision: float
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What the export starts from: the checkpoint, its model, and the images it checks on."""
+
+    checkpoint: Checkpoint
+    classifier: nn.Module
+    state_source: str
+    graph: _Graph
+    val: ImageSet | None
+    calibration: ImageSet | None
+
+
+@dataclass(frozen=True)
+class _Built:
+    """The verified graph of a version, its parity, metadata facts and golden set files."""
+
+    path: Path
+    parity: ParityReport
+    exporter: str
+    extra: dict[str, Any]
+    golden_files: dict[str, bytes]
+
+
+def _load_source(checkpoint_path: Path, input_format: str, options: _Options) -> _Source:
+    """Step ``load``: the checkpoint (no code run), its classifier, the val (and calibration)
+    images."""
+    with export_step("load") as facts:
+        checkpoint = load_checkpoint(checkpoint_path)
+        classifier, state_source = restore_classifier(checkpoint)
+        graph = _Graph(
+            input_format=input_format,
+            preprocessing=checkpoint.header.preprocessing,
+            num_classes=checkpoint.header.num_classes,
+        )
+        val = _load(options.data_dir, "val", checkpoint, VAL_LIMIT)
+        calibration = None
+        if options.precision == "int8" and options.int8_mode == "static":
+            calibration = _load(options.data_dir, "train", checkpoint, CALIBRATION_LIMIT)
+        facts.update(
+            arch=checkpoint.header.arch,
+            weights=state_source,
+            val_images=0 if val is None else len(val),
+        )
+        if calibration is not None:
+            facts["calibration_images"] = len(calibration)
+    return _Source(checkpoint, classifier, state_source, graph, val, calibration)
+
+
+def _build_version(source: _Source, work: Path, options: _Options) -> _Built:
+    """Steps ``export``, ``check``, ``parity``, ``optimise``, ``quantise`` (fp16, int8),
+    ``abstention`` and ``golden_set``: the graph to publish and its facts."""
+    graph, checkpoint = source.graph, source.checkpoint
+    fp32_path = work / "fp32.onnx"
+    serving = ServingModel(
+        source.classifier,
+        input_format=graph.input_format,
+        mean=graph.mean,
+        std=graph.std,
+        temperature=_temperature(checkpoint),
+    )
+    with export_step("export", arch=checkpoint.header.arch) as facts:
+        exporter = export_onnx(
+            serving, fp32_path, input_format=graph.input_format, input_size=graph.input_size
+        )
+        facts["exporter"] = exporter
+    with export_step("check"):
+        _check(fp32_path, graph)
+    with export_step("parity") as facts:
+        parity_fp32 = _parity(fp32_path, source.classifier, graph, source.val)
+        facts.update(_parity_facts(parity_fp32))
+    with export_step("optimise") as facts:
+        fp32_path, optimization = _optimize(fp32_path, work, source.classifier, graph, source.val)
+        facts.update(optimization)
+    extra: dict[str, Any] = {"state_source": source.state_source, "optimization": optimization}
+    if checkpoint.calibration is not None:
+        extra["calibration"] = checkpoint.calibration
+    final_path, parity = fp32_path, parity_fp32
+    if options.precision != "fp32":
+        with export_step("quantise", precision=options.precision) as facts:
+            final_path, parity, variant_extra = _reduced_precision(
+                options.precision,
+                fp32_path,
+                work,
+                graph,
+                source.val,
+                source.calibration,
+                options.int8_mode,
+                options.int8_accuracy_budget,
+            )
+            facts.update(_parity_facts(parity), **variant_extra["precision_comparison"])
+        extra.update(variant_extra, parity_fp32=parity_fp32.as_metadata())
+    with export_step("abstention") as facts:
+        extra.update(_val_class_counts(options.data_dir, checkpoint))
+        extra.update(
+            _abstention(final_path, graph, source.val, checkpoint, options.abstention_precision)
+        )
+        facts.update(extra.get("abstention") or {"threshold": None})
+    with export_step("golden_set") as facts:
+        golden_files = _golden_set(
+            options.data_dir, checkpoint, serving, final_path, graph.input_format, extra
+        )
+        facts.update(extra.get("golden_set") or {"images": 0})
+    return _Built(final_path, parity, exporter, extra, golden_files)
+
+
+def _parity_facts(parity: ParityReport) -> dict[str, Any]:
+    return {
+        "reference": parity.reference,
+        "max_abs_diff_logits": float(f"{parity.max_abs_diff_logits:.3g}"),
+        "tolerance": parity.tolerance,
+    }
+
+
+def _publish(  # noqa: PLR0913  the publish step's inputs, each from export_checkpoint
+    built: _Built,
+    document: dict[str, Any],
+    repository: Path,
+    model_name: str,
+    graph: _Graph,
+    max_batch_size: int,
+    max_queue_delay_us: int,
+) -> tuple[int, Path]:
+    """Embed the metadata and publish the version atomically; its number and directory."""
+    model = onnx.load(str(built.path))
+    meta.embed(model, document)
+    try:
+        model_bytes = model.SerializeToString()
+    except ValueError as error:
+        raise ExportError(f"the model does not fit one ONNX file (2 GB): {error}") from error
+    config_text = render_config(
+        model_name,
+        input_format=graph.input_format,
+        input_size=graph.input_size,
+        num_classes=graph.num_classes,
+        max_batch_size=max_batch_size,
+        max_queue_delay_us=max_queue_delay_us,
+    )
+    return publish(
+        repository,
+        model_name,
+        version_files={
+            MODEL_FILENAME: model_bytes,
+            METADATA_FILENAME: meta.to_json_bytes(document),
+            **built.golden_files,
+        },
+        config_text=config_text,
+        labels=document["labels"],
     )
 
 
@@ -275,7 +380,7 @@ def _abstention(
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities = shifted / shifted.sum(axis=1, keepdims=True)
     policy = choose_threshold(probabilities, val.labels, target_precision)
-    log.info(
+    log.debug(  # the abstention step line says it
         "abstention threshold %.3f: answers %.0f%% of %d val images at %.1f%% precision "
         "(target %.0f%%)",
         policy.threshold,
@@ -374,13 +479,22 @@ def _load(data_dir: Path | None, split: str, checkpoint: Checkpoint, limit: int)
 def _verify_fp32(
     path: Path, classifier: nn.Module, graph: _Graph, val: ImageSet | None
 ) -> ParityReport:
-    model = check_model(path)
+    _check(path, graph)
+    return _parity(path, classifier, graph, val)
+
+
+def _check(path: Path, graph: _Graph) -> None:
+    """The ONNX checker and the graph's signature (inputs, outputs, shapes)."""
     check_signature(
-        model,
+        check_model(path),
         input_format=graph.input_format,
         input_size=graph.input_size,
         num_classes=graph.num_classes,
     )
+
+
+def _parity(path: Path, classifier: nn.Module, graph: _Graph, val: ImageSet | None) -> ParityReport:
+    """The graph's logits against PyTorch's on random and val images, two batch sizes."""
     return torch_parity(
         path,
         classifier,

@@ -115,7 +115,7 @@ def _log_summary(golden: GoldenSet, left_out: list[str]) -> None:
             len(left_out),
             ", ".join(left_out),
         )
-    log.info(
+    log.debug(  # the export's golden set step line says it
         "golden set: %d images, largest probability difference trainer vs graph %.2g, "
         "tolerance %.2g",
         len(golden.images),

@@ -58,5 +58,5 @@ def optimize_offline(source: Path, target: Path) -> OptimizationReport:
     optimized.opset_import.extend(kept)
     onnx.save(optimized, str(target))
     report = OptimizationReport(TOOL, before, len(optimized.graph.node))
-    log.info("offline optimisation: %d -> %d nodes", report.nodes_before, report.nodes_after)
+    log.debug("offline optimisation: %d -> %d nodes", report.nodes_before, report.nodes_after)
     return report

@@ -161,7 +161,7 @@ def compare_with_fp32(  # noqa: PLR0913  keyword-only comparison inputs
         cpu_latency_ratio=round(ratio, 4),
         latency_batch=len(latency_images),
     )
-    log.info(
+    log.debug(  # the export's quantise step line says it
         "against fp32: val accuracy %s -> %s (%s points), CPU latency ratio %.3f",
         accuracy_fp32,
         accuracy,

@@ -204,7 +204,7 @@ def _report(
             f"parity check failed: max abs logit difference {worst:.3g} against {reference} "
             f"(on {worst_source}) exceeds the tolerance {tolerance:.3g}"
         )
-    log.info(
+    log.debug(  # the export's parity step line says it
         "parity against %s: max abs logit difference %.3g (tolerance %.3g)",
         reference,
         worst,
