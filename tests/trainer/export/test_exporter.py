@@ -142,15 +142,22 @@ def test_metadata_in_model_json_and_onnx(resnet_export):
 
 def test_repository_layout_config_and_labels(resnet_export, mobilenet_export):
     pb = _model_config()
-    for result, name, data_type, layout, dims in (
-        (resnet_export[0], "classifier", pb.TYPE_UINT8, pb.ModelInput.FORMAT_NHWC, [SIZE, SIZE, 3]),
-        (mobilenet_export[0], "mnv3", pb.TYPE_FP32, pb.ModelInput.FORMAT_NCHW, [3, SIZE, SIZE]),
-    ):
+    # The resnet export had val data (--data), so it carries a golden set; the other did not.
+    for result, name, data_type, layout, dims, files in (
+        (
+            resnet_export[0], "classifier", pb.TYPE_UINT8, pb.ModelInput.FORMAT_NHWC,
+            [SIZE, SIZE, 3], ["golden", "model.json", "model.onnx"],
+        ),
+        (
+            mobilenet_export[0], "mnv3", pb.TYPE_FP32, pb.ModelInput.FORMAT_NCHW,
+            [3, SIZE, SIZE], ["model.json", "model.onnx"],
+        ),
+    ):  # fmt: skip
         assert result.version == 1 and result.model_dir.name == "1"
         model_root = result.model_dir.parent
         assert model_root.name == name
         assert sorted(p.name for p in model_root.iterdir()) == ["1", "config.pbtxt", "labels.txt"]
-        assert sorted(p.name for p in result.model_dir.iterdir()) == ["model.json", "model.onnx"]
+        assert sorted(p.name for p in result.model_dir.iterdir()) == files
         config = text_format.Parse((model_root / "config.pbtxt").read_text(), pb.ModelConfig())
         assert config.name == name and config.platform == "onnxruntime_onnx"
         assert config.max_batch_size >= 1
