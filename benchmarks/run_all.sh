@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Every benchmark in one go (about 15 minutes on 2 cores); tables on stdout, JSON in
+# Every benchmark in one go (about 30 minutes on 2 cores); tables on stdout, JSON in
 # bench-output/. KSERVE_PYTHON names a Python with kserve installed to add KServe to the
 # serving comparison (see docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench-output
 python benchmarks/train_throughput.py
+python benchmarks/transfer_quality.py
 python benchmarks/export_latency.py
 python benchmarks/serve_throughput.py ${KSERVE_PYTHON:+--kserve-python "$KSERVE_PYTHON"}

@@ -27,6 +27,7 @@ from trainer import checkpoint as ckpt
 from trainer.calibration import Calibration, fit_temperature
 from trainer.classifier import restore_classifier
 from trainer.input_pipeline import Pipeline
+from trainer.linear_probe import single_threaded
 from trainer.loop import autocast
 from trainer.phase_runner import StepSetup
 from trainer.progress import log_event
@@ -52,7 +53,8 @@ def calibrate_best(context: RunContext, pipeline: Pipeline, step: StepSetup) -> 
         labels = torch.cat([s[1] for s in shards if s is not None])
     if not context.is_main or len(labels) == 0:
         return None
-    calibration = fit_temperature(logits, labels)
+    with single_threaded():
+        calibration = fit_temperature(logits, labels)
     recorded = dataclasses.replace(checkpoint, calibration=calibration.to_dict())
     atomic_write_bytes(context.best_checkpoint, ckpt.serialize(recorded))
     document = {"split": "val", **calibration.to_dict()}

@@ -20,7 +20,12 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (torch's own convention)
 from torch import nn
 
-from trainer.linear_probe import LabelledFeatures, ProbeResult, fit_linear_probe
+from trainer.linear_probe import (
+    LabelledFeatures,
+    ProbeResult,
+    fit_linear_probe,
+    single_threaded,
+)
 
 LINEAR_PROBE = "linear-probe"
 CACHED_ADAM = "cached-adam"
@@ -121,7 +126,8 @@ def fit_head(  # noqa: PLR0913  the head, its data and the facts recorded with t
         assert isinstance(head, nn.Linear)
         probe.load_into(head)
     elif kind == CACHED_ADAM:
-        _train_cached(head, train, class_weights)
+        with single_threaded():
+            _train_cached(head, train, class_weights)
     else:
         raise ValueError("this head is not fitted on cached features")
     device = next(head.parameters()).device
