@@ -1,6 +1,11 @@
 """A drain clients can follow: a rolling stop of one of two servers behind a round-robin client
-that retries UNAVAILABLE elsewhere (as Envoy or a gRPC retry policy would) loses nothing, refused
-retries do not prolong the drain, and open inference streams are told to finish."""
+that retries UNAVAILABLE elsewhere and then leaves the draining server alone (as Envoy with
+outlier detection, or a health-checking gRPC client, would) loses nothing, the drain does not
+wait for the grace period, and open inference streams are told to finish.
+
+A client that keeps sending to a server after it answered UNAVAILABLE can see CANCELLED for a
+call that reaches the transport in the instant it stops: grpc's stop() cancels calls not yet
+handed to a handler, and Python's grpc has no GOAWAY-without-stop to prevent it."""
 
 from __future__ import annotations
 
@@ -22,10 +27,13 @@ IMAGES = np.zeros((1, 32, 32, 3), np.uint8)
 
 
 class RoundRobin:
-    """Sends each request to the next target; UNAVAILABLE is retried on the following one."""
+    """Sends each request to the next target; UNAVAILABLE is retried on the following one, and
+    the target that answered it gets no more requests (Envoy's outlier detection, or a gRPC
+    client watching health, does the same; in Kubernetes the endpoint is also removed)."""
 
     def __init__(self, channels: list[grpc.aio.Channel]) -> None:
         self.stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in channels]
+        self.ejected: set[int] = set()
         self.turn = 0
 
     async def infer(self) -> tuple[grpc.StatusCode, int]:
@@ -33,11 +41,14 @@ class RoundRobin:
         for _attempt in range(2 * len(self.stubs)):
             index = self.turn % len(self.stubs)
             self.turn += 1
+            if index in self.ejected:
+                continue
             try:
                 await self.stubs[index].ModelInfer(infer_request(IMAGES), timeout=20)
             except grpc.aio.AioRpcError as error:
                 code = error.code()
                 if code is grpc.StatusCode.UNAVAILABLE:
+                    self.ejected.add(index)
                     continue
                 return code, index
             return grpc.StatusCode.OK, index

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -46,23 +45,8 @@ def test_explicit_settings_win_over_the_budget() -> None:
     assert (plan.intra_op_threads, plan.inter_op_threads, plan.decode_workers) == (6, 2, 3)
 
 
-def _settled_thread_count(pid: int) -> int:
-    """The process's thread count once it has not changed for a second (grpc starts pollers
-    lazily; a loaded machine may take a while)."""
-    count, stable_since = -1, time.monotonic()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        current = len(os.listdir(f"/proc/{pid}/task"))
-        if current != count:
-            count, stable_since = current, time.monotonic()
-        elif time.monotonic() - stable_since >= 1.0:
-            break
-        time.sleep(0.1)
-    return count
-
-
-def _pinned_server_threads(repo: Path, *flags: str) -> tuple[int, str]:
-    """Start the server pinned to one CPU; return its thread count once serving, and its log."""
+def _pinned_server_log(repo: Path) -> str:
+    """Start the server pinned to one CPU; return its log up to "serving models"."""
     taskset = shutil.which("taskset")
     if taskset is None:
         pytest.skip("taskset (util-linux) is not installed")
@@ -71,7 +55,7 @@ def _pinned_server_threads(repo: Path, *flags: str) -> tuple[int, str]:
         taskset, "-c", one_cpu,
         sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())",
         "--model-repository", str(repo), "--host", "127.0.0.1", "--grpc-port", "0",
-        "--metrics-port", "-1", "--poll-interval-s", "0", "--drain-delay-s", "0", *flags,
+        "--metrics-port", "-1", "--poll-interval-s", "0", "--drain-delay-s", "0",
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     lines = []
@@ -81,26 +65,53 @@ def _pinned_server_threads(repo: Path, *flags: str) -> tuple[int, str]:
             lines.append(line)
             if "serving models" in line:
                 break
-        threads = _settled_thread_count(process.pid)
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
-    log = "".join(lines)
-    assert "serving models" in log, log[-3000:]
-    return threads, log
+    return "".join(lines)
 
 
 @pytest.mark.slow
-def test_server_pinned_to_one_cpu_runs_one_intra_op_thread(tmp_path: Path) -> None:
-    repo = make_model_repository(tmp_path / "models")
-    default_threads, log = _pinned_server_threads(repo)
+def test_server_pinned_to_one_cpu_plans_one_intra_op_thread(tmp_path: Path) -> None:
+    log = _pinned_server_log(make_model_repository(tmp_path / "models"))
     assert re.search(r"cpu budget 1 \(from cpu affinity; affinity 1 of", log), log[-3000:]
     assert "onnxruntime 1 intra-op and 1 inter-op thread(s) per session" in log
-    # With intra_op_threads=1 onnxruntime starts no pool thread; asking for 3 starts 2 more.
-    explicit_threads, _ = _pinned_server_threads(repo, "--intra-op-threads", "3")
-    assert explicit_threads - default_threads >= 2, (default_threads, explicit_threads)
+
+
+# Counts the OS threads a session adds: onnxruntime starts intra_op_threads - 1 pool threads
+# when the session is created, so the count is exact in a process doing nothing else.
+_THREADS_PER_SESSION = """
+import os, sys
+from pathlib import Path
+from server.onnx_sessions import OnnxSessions, SessionSettings
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+added = []
+for intra in (1, 3):
+    before = threads()
+    sessions = OnnxSessions(Path(sys.argv[1]), SessionSettings(
+        providers="cpu", intra_op_threads=intra, inter_op_threads=1, allow_spinning=False))
+    added.append(threads() - before)
+print(*added)
+"""
+
+
+def test_sessions_run_the_planned_intra_op_threads(tmp_path: Path) -> None:
+    repo = make_model_repository(tmp_path / "models")
+    model = repo / "classifier" / "1" / "model.onnx"
+    result = subprocess.run(
+        [sys.executable, "-c", _THREADS_PER_SESSION, str(model)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert result.stdout.split() == ["0", "2"], result.stderr[-2000:]
 
 
 def test_every_batch_size_is_warm_before_serving(
