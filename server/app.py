@@ -147,6 +147,7 @@ async def build_server(
         intra_op_threads=config.intra_op_threads,
         inter_op_threads=config.inter_op_threads,
         decode_workers=config.preprocess_workers,
+        spinning=config.ort_spinning,
     )
     log.info("%s", threads.describe())
     metrics.cpu_budget.set(threads.budget.cpus)

@@ -21,6 +21,7 @@ import yaml
 
 from contracts.settings import is_unset, parse_bool, parse_float, parse_int
 from server.errors import ConfigError
+from server.thread_plan import SPINNING_CHOICES
 
 ENV_PREFIX = "SERVER_"
 PROVIDER_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
@@ -81,6 +82,13 @@ class ServerConfig:
     )
     inter_op_threads: int = field(
         default=0, metadata=_doc("onnxruntime inter-op threads per session (0: one).")
+    )
+    ort_spinning: str = field(
+        default="auto",
+        metadata=_doc(
+            "onnxruntime intra- and inter-op thread spinning: auto (on only when the CPU budget "
+            "is every host core), on, off."
+        ),
     )
     graph_optimization: str = field(
         default="all", metadata=_doc("onnxruntime graph optimisation: disable|basic|extended|all.")
@@ -233,6 +241,10 @@ def _validate_choices(config: ServerConfig) -> None:
         raise ConfigError(
             f"graph_optimization must be one of {GRAPH_OPTIMIZATION_CHOICES}, "
             f"got {config.graph_optimization!r}"
+        )
+    if config.ort_spinning not in SPINNING_CHOICES:
+        raise ConfigError(
+            f"ort_spinning must be one of {SPINNING_CHOICES}, got {config.ort_spinning!r}"
         )
 
 
@@ -397,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = PROVIDER_CHOICES
         if name == "graph_optimization":
             kwargs["choices"] = GRAPH_OPTIMIZATION_CHOICES
+        if name == "ort_spinning":
+            kwargs["choices"] = SPINNING_CHOICES
         parser.add_argument(flag, dest=name, metavar=name.upper(), **kwargs)
     return parser
 

@@ -5,7 +5,8 @@ a 2-CPU quota on a 64-core node would run 64 spinning threads per session and be
 the kernel exactly when load rises. The plan divides the pod's CPU budget between the
 sessions, keeps one inter-op thread (sessions run sequentially), turns spinning off when the
 budget is below the host's cores (a spinning thread burns quota another thread needs), and
-sizes the decode pool from the same budget. An explicit setting always wins.
+sizes the decode pool from the same budget. An explicit setting always wins; spinning can be
+forced on or off (``--ort-spinning``), e.g. to reproduce onnxruntime's own defaults.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from contracts.cpu_budget import CpuBudget
+
+# "auto": spin only when the budget is the whole host; "on"/"off" force onnxruntime's intra-
+# and inter-op spinning either way.
+SPINNING_CHOICES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -34,19 +39,28 @@ class ThreadPlan:
         )
 
 
-def plan_threads(
+def plan_threads(  # noqa: PLR0913  the budget, then one keyword per thread setting it resolves
     budget: CpuBudget,
     *,
     instances: int,
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
     decode_workers: int = 0,
+    spinning: str = "auto",
 ) -> ThreadPlan:
-    """The plan for ``instances`` sessions per version; a setting of 0 means "from the budget"."""
+    """The plan for ``instances`` sessions per version; a setting of 0 means "from the budget".
+
+    Args:
+        spinning: one of SPINNING_CHOICES; "auto" spins only when the budget covers every
+            host core, since below that a spinning thread burns quota another thread needs.
+    """
+    if spinning not in SPINNING_CHOICES:
+        raise ValueError(f"spinning must be one of {SPINNING_CHOICES}, got {spinning!r}")
+    allow_spinning = {"on": True, "off": False}.get(spinning, budget.cpus >= budget.host_cpus)
     return ThreadPlan(
         budget=budget,
         intra_op_threads=intra_op_threads or max(1, budget.cpus // max(1, instances)),
         inter_op_threads=inter_op_threads or 1,
-        allow_spinning=budget.cpus >= budget.host_cpus,
+        allow_spinning=allow_spinning,
         decode_workers=decode_workers or budget.cpus,
     )

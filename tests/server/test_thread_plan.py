@@ -16,6 +16,8 @@ from repository_factory import make_model_repository
 from server_harness import RunningServer, server_config
 
 from contracts.cpu_budget import CpuBudget
+from server.config import ServerConfig
+from server.errors import ConfigError
 from server.thread_plan import plan_threads
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +45,16 @@ def test_explicit_settings_win_over_the_budget() -> None:
         _budget(1, 8), instances=1, intra_op_threads=6, inter_op_threads=2, decode_workers=3
     )
     assert (plan.intra_op_threads, plan.inter_op_threads, plan.decode_workers) == (6, 2, 3)
+
+
+def test_spinning_can_be_forced_either_way() -> None:
+    assert plan_threads(_budget(1, 8), instances=1, spinning="on").allow_spinning is True
+    assert plan_threads(_budget(2, 2), instances=1, spinning="off").allow_spinning is False
+    assert plan_threads(_budget(2, 2), instances=1, spinning="auto").allow_spinning is True
+    with pytest.raises(ValueError, match="spinning"):
+        plan_threads(_budget(2, 2), instances=1, spinning="yes")
+    with pytest.raises(ConfigError, match="ort_spinning"):
+        ServerConfig(ort_spinning="sometimes")
 
 
 def _pinned_server_log(repo: Path) -> str:
