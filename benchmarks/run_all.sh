@@ -9,3 +9,4 @@ python benchmarks/train_throughput.py
 python benchmarks/transfer_quality.py
 python benchmarks/export_latency.py
 python benchmarks/serve_throughput.py ${KSERVE_PYTHON:+--kserve-python "$KSERVE_PYTHON"}
+python benchmarks/serve_cpu_budget.py
