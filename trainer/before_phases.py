@@ -86,6 +86,7 @@ def before_phases(  # noqa: PLR0913  the run's parts, each built by trainer.run
         user_flags=user_flags,
         num_classes=len(split.classes),
         class_weights=balance.tensor,
+        label_smoothing=config.label_smoothing,
     )
     decided: dict[str, Any] = {name: d.enabled for name, d in result.decisions.items()}
     config = dataclasses.replace(config, **decided)

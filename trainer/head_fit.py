@@ -119,15 +119,18 @@ def fit_head(  # noqa: PLR0913  the head, its data and the facts recorded with t
     views: int,
     cache: str,
     started: float,
+    label_smoothing: float = 0.0,
 ) -> HeadFit:
     """Load ``probe`` into a linear ``head``, or train a small head on the features."""
     kind = head_kind(head)
     if kind == LINEAR_PROBE:
         assert isinstance(head, nn.Linear)
         probe.load_into(head)
+        with single_threaded():
+            _match_smoothing(head, train, label_smoothing)
     elif kind == CACHED_ADAM:
         with single_threaded():
-            _train_cached(head, train, class_weights)
+            _train_cached(head, train, class_weights, label_smoothing)
     else:
         raise ValueError("this head is not fitted on cached features")
     device = next(head.parameters()).device
@@ -148,8 +151,41 @@ def fit_head(  # noqa: PLR0913  the head, its data and the facts recorded with t
     )
 
 
+def _match_smoothing(head: nn.Linear, train: LabelledFeatures, label_smoothing: float) -> None:
+    """Scale the probe's logits to phase 2's label-smoothed loss (predictions unchanged).
+
+    The probe minimises plain cross-entropy, so on separable features its logits are huge;
+    phase 2's label-smoothed loss on such logits is large, and its first gradients would
+    distort the features the probe was fitted on. One scalar 1/s fitted on the cached training
+    features (minimum smoothed loss) fixes that without changing any arg-max.
+    """
+    if label_smoothing <= 0:
+        return
+    with torch.no_grad():
+        logits = (train.features.flatten(1).to(head.weight) @ head.weight.T + head.bias).double()
+    labels = train.labels.to(logits.device)
+    log_scale = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_scale], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_scale.exp(), labels, label_smoothing=label_smoothing)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    scale = float(log_scale.detach().exp())
+    with torch.no_grad():
+        head.weight.div_(scale)
+        head.bias.div_(scale)
+
+
 def _train_cached(
-    head: nn.Module, train: LabelledFeatures, class_weights: torch.Tensor | None
+    head: nn.Module,
+    train: LabelledFeatures,
+    class_weights: torch.Tensor | None,
+    label_smoothing: float,
 ) -> None:
     """Full-batch Adam on the cached features (dropout active, as in streaming training)."""
     device = next(head.parameters()).device
@@ -161,7 +197,7 @@ def _train_cached(
     with torch.enable_grad():
         for _ in range(CACHED_EPOCHS):
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(head(x), y, weight=weight)
+            loss = F.cross_entropy(head(x), y, weight=weight, label_smoothing=label_smoothing)
             loss.backward()
             optimizer.step()
     head.eval()

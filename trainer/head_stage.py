@@ -71,6 +71,7 @@ def run_head_stage(  # noqa: PLR0913  the parts of the run the stage reads, each
     user_flags: dict[str, bool | None],
     num_classes: int,
     class_weights: torch.Tensor | None,
+    label_smoothing: float = 0.0,
 ) -> HeadStageResult:
     """Features, probe, decisions and (when ``fit_the_head``) the head fitted on the cache."""
     started = time.perf_counter()
@@ -118,6 +119,7 @@ def run_head_stage(  # noqa: PLR0913  the parts of the run the stage reads, each
                 views=bank.views,
                 cache=cache_state,
                 started=started,
+                label_smoothing=label_smoothing,
             )
         result = [fitted, decisions, {k: v.cpu() for k, v in head.state_dict().items()}]
     if info.enabled:
