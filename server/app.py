@@ -20,7 +20,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from contracts.cpu_budget import cpu_budget
 from server.capture import CapturePolicy, CaptureWriter
 from server.config import ServerConfig, config_as_dict
 from server.decode_pool import DecodePool
@@ -33,7 +32,7 @@ from server.metrics_http import start_metrics_server
 from server.model_manager import ModelManager
 from server.prediction_monitor import PredictionMonitors
 from server.preprocess import ImageLimits
-from server.thread_plan import plan_threads
+from server.thread_plan import plan_from_settings
 from server.transport.grpc_server import GrpcEndpoint, format_address, start_grpc_server
 from server.transport.model_config import parse_model_config
 
@@ -141,14 +140,7 @@ async def build_server(
     registry = registry if registry is not None else CollectorRegistry()
     metrics = ServerMetrics(registry)
     state = ServerState()
-    threads = plan_threads(
-        cpu_budget(),
-        instances=config.instances,
-        intra_op_threads=config.intra_op_threads,
-        inter_op_threads=config.inter_op_threads,
-        decode_workers=config.preprocess_workers,
-        spinning=config.ort_spinning,
-    )
+    threads = plan_from_settings(config)
     log.info("%s", threads.describe())
     metrics.cpu_budget.set(threads.budget.cpus)
     manager = ModelManager(config, metrics, parse_model_config, threads)

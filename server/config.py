@@ -21,11 +21,13 @@ import yaml
 
 from contracts.settings import is_unset, parse_bool, parse_float, parse_int
 from server.errors import ConfigError
-from server.thread_plan import SPINNING_CHOICES
 
 ENV_PREFIX = "SERVER_"
 PROVIDER_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
 GRAPH_OPTIMIZATION_CHOICES = ("disable", "basic", "extended", "all")
+# "auto": spin only when the budget is the whole host; "on"/"off" force onnxruntime's intra-
+# and inter-op spinning either way.
+SPINNING_CHOICES = ("auto", "on", "off")
 MIB = 1024 * 1024
 
 

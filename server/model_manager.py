@@ -19,7 +19,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from contracts.cpu_budget import cpu_budget
 from contracts.golden_set import InvalidGoldenSet
 from server.batching import BatchingSettings
 from server.config import ServerConfig
@@ -39,7 +38,7 @@ from server.repository import (
     read_model,
     version_fingerprint,
 )
-from server.thread_plan import ThreadPlan, plan_threads
+from server.thread_plan import ThreadPlan, plan_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +81,7 @@ class ModelManager:
         self.settings = settings
         self.metrics = metrics
         self.parse_config = parse_config
-        self.threads = threads or plan_threads(
-            cpu_budget(),
-            instances=settings.instances,
-            intra_op_threads=settings.intra_op_threads,
-            inter_op_threads=settings.inter_op_threads,
-        )
+        self.threads = threads or plan_from_settings(settings)
         self._models: dict[str, dict[int, ModelVersion]] = {}
         self._rejected: dict[tuple[str, int], _Rejection] = {}
         # model -> its config.pbtxt and label files as last loaded (a change reloads it).

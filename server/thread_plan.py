@@ -13,11 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from contracts.cpu_budget import CpuBudget
-
-# "auto": spin only when the budget is the whole host; "on"/"off" force onnxruntime's intra-
-# and inter-op spinning either way.
-SPINNING_CHOICES = ("auto", "on", "off")
+from contracts.cpu_budget import CpuBudget, cpu_budget
+from server.config import SPINNING_CHOICES, ServerConfig
 
 
 @dataclass(frozen=True)
@@ -63,4 +60,16 @@ def plan_threads(  # noqa: PLR0913  the budget, then one keyword per thread sett
         inter_op_threads=inter_op_threads or 1,
         allow_spinning=allow_spinning,
         decode_workers=decode_workers or budget.cpus,
+    )
+
+
+def plan_from_settings(settings: ServerConfig) -> ThreadPlan:
+    """The plan for this process's CPU budget and the server's thread settings."""
+    return plan_threads(
+        cpu_budget(),
+        instances=settings.instances,
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        decode_workers=settings.preprocess_workers,
+        spinning=settings.ort_spinning,
     )
