@@ -95,10 +95,18 @@ truth = {hashlib.sha256(p.read_bytes()).hexdigest(): p.parent.name
 with labels_csv.open("w", newline="") as handle:
     rows = csv.writer(handle)
     rows.writerow(["path", "label"])
+    held_out = 0
     for image in sorted((captures / "unlabeled").rglob("*")):
         if image.is_file() and image.suffix != ".json":
-            label = truth[hashlib.sha256(image.read_bytes()).hexdigest()]
+            label = truth.get(hashlib.sha256(image.read_bytes()).hexdigest())
+            if label is None:
+                # Captured while measuring the held-out half: it must stay out of training.
+                image.unlink()
+                image.with_suffix(image.suffix + ".json").unlink(missing_ok=True)
+                held_out += 1
+                continue
             rows.writerow([image.relative_to(captures).as_posix(), label])
+    print(f"{held_out} captures of held-out images discarded (never trained on)")
 PY
 trainer ingest --captures "$CAPTURES" --labels "$LOOP/labels.csv" --data "$LOOP_DATA"
 
@@ -129,7 +137,9 @@ server_pid=
 printf '\n%-34s %-10s %-10s\n' "" "version 1" "version 2"
 printf '%-34s %-10s %-10s\n' "accuracy on held-out production" "$before_accuracy" "$after_accuracy"
 printf '%-34s %-10s %-10s\n' "abstention rate on held-out" "$before_abstained" "$after_abstained"
-printf '\nVersion 2 rolled out: %s; %s captures labelled and ingested; loop wall time %ds;' \
-  "$rolled_out" "$captured" $((SECONDS - loop_start))
+ingested=$(grep -c '"sha256"' "$LOOP_DATA/ingested.jsonl" || true)
+printf '\nVersion 2 rolled out: %s; %s images captured, %s of the traffic half labelled and' \
+  "$rolled_out" "$captured" "$ingested"
+printf ' ingested; loop wall time %ds;' $((SECONDS - loop_start))
 printf ' server exit status %s\n' "$status"
 exit "$status"
