@@ -5,6 +5,10 @@ augmentation decisions, the head fitted on the cache), writes the decisions into
 config (so ``config.yaml`` and every checkpoint record them) and switches the training
 pipeline to the decided augmentation. A resumed run keeps the decisions its checkpoint
 recorded (``keep_augment_decisions``) instead of testing again.
+
+Then, from the fitted head, what phase 2 left to the data (``--unfreeze auto``, ``--lr auto``)
+is chosen by ``trainer.finetune_choice``; the choice goes into the config the same way, and the
+LR range test's curve into ``report/lr_find.json``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from contracts.atomic_files import atomic_write_bytes
 from contracts.preprocessing import Preprocessing
 from trainer.augment import augment_settings, train_transform
 from trainer.augment_policy import CANDIDATES, decide
@@ -22,11 +27,13 @@ from trainer.calibration import Calibration
 from trainer.checkpoint import Checkpoint
 from trainer.class_balance import ClassBalance
 from trainer.classifier import head_module_name
+from trainer.config import trains_from_scratch
 from trainer.data import DatasetSplit
+from trainer.finetune_choice import FinetuneChoice, choose_finetune, untested
 from trainer.head_stage import FeatureSettings, HeadStageResult, run_head_stage
 from trainer.input_pipeline import Pipeline
 from trainer.phase_runner import StepSetup, TrainedModel
-from trainer.phases import HEAD_PHASE, Phase
+from trainer.phases import FINETUNE_PHASE, HEAD_PHASE, Phase
 from trainer.run_context import RunContext
 
 log = logging.getLogger(__name__)
@@ -34,10 +41,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BeforePhases:
-    """The context with the decided config, and what the head stage found."""
+    """The context with the decided config, what the head stage found, phase 2's choice."""
 
     context: RunContext
     result: HeadStageResult
+    finetune: FinetuneChoice
 
 
 def before_phases(  # noqa: PLR0913  the run's parts, each built by trainer.run
@@ -57,7 +65,8 @@ def before_phases(  # noqa: PLR0913  the run's parts, each built by trainer.run
     fit_the_head = bool(phases) and phases[0].name == HEAD_PHASE
     if not fit_the_head and all(value is not None for value in user_flags.values()):
         # Nothing for the features to do: no head phase, every transform already decided.
-        return BeforePhases(context, HeadStageResult(None, decide(user_flags, None, None, {})))
+        nothing = HeadStageResult(None, decide(user_flags, None, None, {}))
+        return BeforePhases(context, nothing, untested(config, "no head fitted on features"))
     # Without a head phase the features only decide the augmentation: one view is enough.
     views = config.feature_views if fit_the_head else 1
     settings = FeatureSettings(
@@ -93,12 +102,45 @@ def before_phases(  # noqa: PLR0913  the run's parts, each built by trainer.run
     final_aug = augment_settings(config.to_dict())
     if final_aug != probe_aug:
         pipeline.train_loader.dataset.transform = train_transform(pre, final_aug)  # type: ignore[attr-defined]
-    context = dataclasses.replace(
+    context = _with_config(context, config)
+    finetune = _choose_finetune(context, trained, pipeline, step, result, phases)
+    context = _with_config(
+        context, dataclasses.replace(config, unfreeze=finetune.unfreeze, lr=finetune.lr)
+    )
+    return BeforePhases(context, result, finetune)
+
+
+def _with_config(context: RunContext, config: Any) -> RunContext:
+    """The context whose config and checkpoint header record ``config``."""
+    return dataclasses.replace(
         context,
         config=config,
         header=dataclasses.replace(context.header, config=config.to_dict()),
     )
-    return BeforePhases(context, result)
+
+
+def _choose_finetune(  # noqa: PLR0913  the run's parts the trials train
+    context: RunContext,
+    trained: TrainedModel,
+    pipeline: Pipeline,
+    step: StepSetup,
+    result: HeadStageResult,
+    phases: list[Phase],
+) -> FinetuneChoice:
+    """Phase 2's policy and LR: tested from the fitted head where they are left to the data."""
+    config = context.config
+    if not any(phase.name == FINETUNE_PHASE for phase in phases):
+        return untested(config, "no phase 2")
+    if trains_from_scratch(config) or (config.unfreeze and config.lr is not None):
+        return untested(config, "given")
+    if result.head_fit is None:
+        return untested(config, "the head phase streams: no fitted head to test from")
+    choice = choose_finetune(context, trained, pipeline, step)
+    if context.is_main and choice.lr_finding is not None:
+        path = context.output / "report" / "lr_find.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps(choice.lr_finding.to_dict(), indent=1).encode())
+    return choice
 
 
 def keep_augment_decisions(config: Any, resume: Checkpoint) -> Any:
@@ -133,6 +175,7 @@ def run_facts(
         ),
     }
     if stage is not None:
+        facts["finetune_choice"] = stage.finetune.to_dict()
         fit, fallback = stage.result.head_fit, stage.result.fallback
         if fit is not None:
             facts["head_phase"] = fit.to_dict()

@@ -97,12 +97,14 @@ class TrainConfig:
         ("on", "off"),
     )
     unfreeze: str = _doc(
-        "Phase-2 policy: top:K (the top K layer groups), all, or gradual:N (one more group "
-        "every N epochs); default top:1, or all with --weights none.",
+        "Phase-2 policy: top:K (the top K layer groups), all, gradual:N (one more group "
+        "every N epochs), or auto: short trials of top:1, top:2 and all from the fitted head "
+        "pick one (docs/trainer.md); from scratch: all.",
         "",
     )
     lr: float | None = _doc(
-        "Phase-2 LR of the top unfrozen group; default 1e-4, or head_lr with --weights none.",
+        "Phase-2 LR of the top unfrozen group: a positive number, or auto: an LR range test "
+        "from the fitted head picks it (report/lr_find.json); from scratch: head_lr.",
         None,
     )
     head_lr: float = _doc("Learning rate of the head (phase 1, and phase 2).", 1e-3)
@@ -179,6 +181,9 @@ RESOLVED_AT_START = frozenset(
 # ``--augment auto`` leaves these None in ``resolve_defaults``; the run's probe decides them
 # before the phases (``trainer.augment_policy``) and the decided values are what is recorded.
 DECIDED_BY_PROBE = frozenset({"hflip", "vflip", "rotate90"})
+# ``auto`` is how a user spells "decide from the data" for these; it is stored as unset.
+AUTO = "auto"
+AUTO_MEANS_UNSET: dict[str, Any] = {"unfreeze": "", "lr": None}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
@@ -201,7 +206,9 @@ def field_help_with_default(name: str) -> str:
     if name in ("data", "output"):
         text += " (required)"
     elif default is None or default == "":
-        if name in RESOLVED_AT_START:
+        if name in AUTO_MEANS_UNSET:
+            text += f" (default: {AUTO})"
+        elif name in RESOLVED_AT_START:
             text += " (default: resolved at start)"
         elif name in DECIDED_BY_PROBE:
             text += " (default: decided by --augment)"
@@ -305,6 +312,8 @@ def _read_yaml(file: Path) -> dict[str, Any]:
 
 def convert(name: str, value: Any, source: str) -> Any:
     """Coerce ``value`` (a YAML scalar, an environment string or a flag) to the field's type."""
+    if name in AUTO_MEANS_UNSET and isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO_MEANS_UNSET[name]
     base, optional = field_type(name)
     where = (
         f"{source}"
@@ -328,6 +337,10 @@ def convert(name: str, value: Any, source: str) -> Any:
             raise ValueError(f"expected a string, got {value!r}")
         return str(value)
     except ValueError as exc:
+        if name == "lr":
+            raise ConfigError(
+                f"{where}: expected a positive number or auto, got {value!r}"
+            ) from None
         raise ConfigError(f"{where}: {exc}") from None
 
 
@@ -375,7 +388,7 @@ def validate(config: TrainConfig) -> None:
             config.metrics_port is None or 0 <= config.metrics_port <= 65535,
             "must be a port number 0-65535",
         ),
-        ("unfreeze", _is_unfreeze_policy(config.unfreeze), "must be top:K, all or gradual:N"),
+        ("unfreeze", _is_unfreeze_policy(config.unfreeze), "must be top:K, all, gradual:N or auto"),
     ]
     for name, ok, message in checks:
         if not ok:
@@ -388,7 +401,7 @@ def validate(config: TrainConfig) -> None:
 
 
 def _is_unfreeze_policy(policy: str) -> bool:
-    if policy in ("", "all"):
+    if policy in ("", AUTO, "all"):
         return True
     kind, _, count = policy.partition(":")
     return kind in ("top", "gradual") and count.isdigit() and int(count) >= 1
@@ -428,8 +441,10 @@ def resolve_defaults(
         config,
         image_size=config.image_size if config.image_size is not None else input_size,
         head_epochs=config.head_epochs if config.head_epochs is not None else (0 if scratch else 2),
-        unfreeze=config.unfreeze or ("all" if scratch else "top:1"),
-        lr=config.lr if config.lr is not None else (config.head_lr if scratch else 1e-4),
+        # Left unset (auto) for a pretrained start: trainer.finetune_choice decides them from
+        # the fitted head before phase 2, and the decided values are what is recorded.
+        unfreeze=config.unfreeze or ("all" if scratch else ""),
+        lr=config.lr if config.lr is not None else (config.head_lr if scratch else None),
         lr_decay=config.lr_decay if config.lr_decay is not None else (1.0 if scratch else 0.3),
         channels_last=(
             config.channels_last if config.channels_last is not None else device_type == "cuda"

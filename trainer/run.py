@@ -32,8 +32,10 @@ from trainer.classifier import create_model
 from trainer.config import TrainConfig, resolve_defaults, save_config, trains_from_scratch
 from trainer.data import DatasetSplit, scan_dataset
 from trainer.errors import CheckpointError, ConfigError
+from trainer.finetune_choice import FALLBACK_POLICY
 from trainer.input_pipeline import build_pipeline, dataset_fits_cache
 from trainer.layer_groups import LayerGroup, family, layer_groups
+from trainer.lr_finder import FALLBACK_LR
 from trainer.metrics_log import MetricsLog, write_summary
 from trainer.phase_runner import (
     INTERRUPTED,
@@ -147,7 +149,8 @@ def _train(
     stage = None
     if resume is None:
         stage = before_phases(context, trained, pipeline, step, split, pre, phases, balance)
-        context = stage.context
+        # The plan again, with phase 2's policy and LR as the stage chose them.
+        context, phases = stage.context, plan_phases(stage.context.config, [g.name for g in groups])
         config = context.config
     if context.is_main:
         context.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -282,11 +285,13 @@ def build_model(
 def plan_phases(config: TrainConfig, group_names: list[str]) -> list[Phase]:
     """The phases of a resolved config (``resolve_defaults`` filled every default).
 
+    Before phase 2's policy and LR are chosen from the data (``trainer.finetune_choice``),
+    their classic values stand in: the plan is then only read for which phases run.
+
     Raises:
         ConfigError: both phases have zero epochs.
     """
-    assert config.head_epochs is not None and config.lr is not None
-    assert config.lr_decay is not None
+    assert config.head_epochs is not None and config.lr_decay is not None
     if trains_from_scratch(config):
         log.info(
             "weights none: training from scratch, so phase 2 trains %s layer groups and the "
@@ -298,8 +303,8 @@ def plan_phases(config: TrainConfig, group_names: list[str]) -> list[Phase]:
         group_names,
         head_epochs=config.head_epochs,
         finetune_epochs=config.finetune_epochs,
-        policy=config.unfreeze,
-        lr=config.lr,
+        policy=config.unfreeze or FALLBACK_POLICY,
+        lr=config.lr if config.lr is not None else FALLBACK_LR,
         head_lr=config.head_lr,
         lr_decay=config.lr_decay,
         freeze_bn=config.freeze_bn,

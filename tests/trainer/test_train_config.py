@@ -34,7 +34,7 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
         ({}, {"ema": "perhaps"}, "--ema: expected true/false"),
         ({}, {"amp": "fp8"}, "amp: expected one of auto, off, bf16, fp16"),
         ({}, {"val_fraction": "1.5"}, "val_fraction: must be between 0 and 1"),
-        ({}, {"unfreeze": "top:zero"}, "unfreeze: must be top:K, all or gradual:N"),
+        ({}, {"unfreeze": "top:zero"}, "unfreeze: must be top:K, all, gradual:N or auto"),
         ({}, {"batch_size": "2.5"}, "--batch-size: invalid literal"),
         ({}, {"model_name": "../x"}, "model_name"),
         ({}, {"model_name": "_x"}, "model_name: model name '_x' is invalid"),

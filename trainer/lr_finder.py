@@ -1,0 +1,92 @@
+"""``--lr auto``: phase 2's learning rate from an LR range test (Smith 2017; fastai's lr_find).
+
+The test trains for a few steps while the learning rate of the unfrozen body groups grows
+geometrically from ``START_LR`` to ``END_LR`` (the converged head keeps its own LR, so the
+curve is about the groups being unfrozen), records the loss of every step, smooths it, and
+suggests a tenth of the rate at the smoothed minimum: the loss still falls steeply there and
+is far from where it blows up. A curve that never falls below its start by more than
+``MIN_DROP`` says nothing about the rate; the classic 1e-4 is used then and the reason logged.
+
+The pure part (``suggest_lr``) works on the curve alone; ``LRFinding`` is what the run records
+(``report/lr_find.json`` and ``summary.json``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+START_LR, END_LR = 1e-6, 1e-1
+FALLBACK_LR = 1e-4
+# Suggestions outside this range are clamped: beyond it a short test is not to be trusted.
+MIN_SUGGESTION, MAX_SUGGESTION = 1e-6, 1e-2
+SMOOTHING = 0.7
+MIN_DROP = 0.02
+
+
+@dataclass(frozen=True)
+class LRFinding:
+    """The range test's curve and the rate it suggests (or the fallback, and why)."""
+
+    lrs: tuple[float, ...]
+    losses: tuple[float, ...]
+    smoothed: tuple[float, ...]
+    suggestion: float
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """For ``report/lr_find.json`` and ``summary.json``."""
+        return {
+            "suggestion": self.suggestion,
+            "reason": self.reason,
+            "lrs": list(self.lrs),
+            "losses": list(self.losses),
+            "smoothed": list(self.smoothed),
+        }
+
+
+def sweep_lrs(steps: int, start: float = START_LR, end: float = END_LR) -> list[float]:
+    """The geometric schedule of the test: ``steps`` rates from ``start`` to ``end``."""
+    if steps < 2:
+        raise ValueError(f"an LR range test needs at least 2 steps, got {steps}")
+    ratio = end / start
+    return [start * ratio ** (i / (steps - 1)) for i in range(steps)]
+
+
+def smooth(losses: Sequence[float], beta: float = SMOOTHING) -> list[float]:
+    """Exponential moving average with bias correction; a non-finite loss stays infinite."""
+    smoothed, average = [], 0.0
+    for i, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            smoothed.append(math.inf)
+            continue
+        average = beta * average + (1 - beta) * loss
+        smoothed.append(average / (1 - beta ** (i + 1)))
+    return smoothed
+
+
+def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> LRFinding:
+    """The suggested rate for a recorded curve (``lrs[i]`` was used for step ``i``)."""
+    if len(lrs) != len(losses) or len(lrs) < 2:
+        raise ValueError("the curve needs one loss per learning rate, and at least 2 points")
+    smoothed = smooth(losses)
+    finite = [(value, i) for i, value in enumerate(smoothed) if math.isfinite(value)]
+    curve = (tuple(lrs), tuple(losses), tuple(smoothed))
+    if not finite:
+        return LRFinding(*curve, FALLBACK_LR, "no finite loss: fallback")
+    lowest, at = min(finite)
+    first = finite[0][0]
+    if lowest > first * (1 - MIN_DROP):
+        return LRFinding(
+            *curve,
+            FALLBACK_LR,
+            f"the loss never fell {MIN_DROP:.0%} below its start ({first:.4f}): fallback",
+        )
+    suggestion = min(MAX_SUGGESTION, max(MIN_SUGGESTION, lrs[at] / 10))
+    return LRFinding(
+        *curve,
+        suggestion,
+        f"smoothed loss lowest ({lowest:.4f}, from {first:.4f}) at lr {lrs[at]:.2e}; a tenth of it",
+    )
