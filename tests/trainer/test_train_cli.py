@@ -97,7 +97,7 @@ def test_invalid_model_name_stops_at_start_up(image_folder: Path, tmp_path: Path
 
 
 def test_train_help_shows_every_default(capsys) -> None:
-    from trainer.config import FIELDS, RESOLVED_AT_START
+    from trainer.config import AUTO_MEANS_UNSET, FIELDS, RESOLVED_AT_START
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -105,7 +105,9 @@ def test_train_help_shows_every_default(capsys) -> None:
     assert "(default: resnet18)" in text and "(default: 32)" in text
     assert "(default: on)" in text  # --export
     assert "(choices: fp32, fp16, int8) (default: fp32)" in text
-    assert text.count("(default: resolved at start)") == len(RESOLVED_AT_START)
+    auto = len(AUTO_MEANS_UNSET)  # lr and unfreeze: chosen from the data unless given
+    assert text.count("(default: resolved at start)") == len(RESOLVED_AT_START) - auto
+    assert text.count("(default: auto)") >= auto
     assert text.count("(default: decided by --augment)") == 3  # hflip, vflip, rotate90
     # Every field states its default (or that it is required).
     assert text.count("(default:") + text.count("(required)") >= len(FIELDS) - 3

@@ -77,7 +77,8 @@ def test_resolve_defaults_fills_every_derived_field() -> None:
 
     pretrained = resolve_config(environ={}, flags={**REQUIRED, "lr": "0.01"})
     resolved = resolve_defaults(pretrained, device_type="cuda", dataset_cached=False, cpu_count=16)
-    assert (resolved.head_epochs, resolved.unfreeze, resolved.lr) == (2, "top:1", 0.01)
+    # The policy stays auto (unset) for a pretrained start: the run's trials choose it.
+    assert (resolved.head_epochs, resolved.unfreeze, resolved.lr) == (2, "", 0.01)
     assert (resolved.lr_decay, resolved.channels_last, resolved.num_workers) == (0.3, True, 8)
     # Resolving a resolved config changes nothing; what the user gave is kept.
     assert resolve_defaults(resolved, device_type="cpu", dataset_cached=True, cpu_count=1) == (
