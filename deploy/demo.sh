@@ -15,7 +15,8 @@ COMMON=(--arch resnet18 --image-size 64 --batch-size 32 --device cpu --seed 0 --
 # The source model stands in for ImageNet weights and keeps its own short from-scratch recipe
 # (light augmentation converges within 18 epochs). The target fine-tune uses the defaults:
 # --augment auto (crops keep >= 60% of a 64 px image; each flip/rotation tested on the frozen
-# features), the head phase as a converged linear probe, calibrated probabilities.
+# features), the head phase as a converged linear probe, --lr auto and --unfreeze auto (an LR
+# range test and short policy trials from that head), calibrated probabilities.
 SOURCE_RECIPE=(--augment fixed --no-random-resized-crop --label-smoothing 0)
 
 demo_start=$SECONDS
@@ -52,7 +53,7 @@ trainer train --data "$DATA/source" --output "$SOURCE_RUN" --weights none \
 step 3 "two-phase fine-tune on the target task, starting from the source checkpoint"
 trainer train --data "$DATA/target" --output "$TARGET_RUN" \
   --weights "$SOURCE_RUN/checkpoints/best.pt" --finetune-epochs 15 --patience 15 \
-  --unfreeze top:2 --lr 5e-4 --no-export "${COMMON[@]}"
+  --no-export "${COMMON[@]}"
 
 step 4 "export a verified ONNX model into the model repository"
 trainer export --checkpoint "$TARGET_RUN/checkpoints/best.pt" --output-repository "$REPOSITORY" \
@@ -97,14 +98,17 @@ echo "server exited with status $status"
 step_end=$SECONDS
 printf '    (%s took %ds)\n' "$current_step" $((step_end - step_start))
 
-read -r head_accuracy accuracy chance < <(python - "$TARGET_RUN/summary.json" <<'PY'
+read -r head_accuracy accuracy chance policy lr < <(python - "$TARGET_RUN/summary.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
 head = s.get("head_phase_val_accuracy")
+choice = s.get("finetune_choice") or {}
 print(format(head, ".1%") if head is not None else "n/a", format(s["best_val_accuracy"], ".1%"),
-      format(1 / len(s["classes"]), ".1%"))
+      format(1 / len(s["classes"]), ".1%"), choice.get("unfreeze", "n/a"),
+      format(choice["lr"], ".1e") if choice.get("lr") else "n/a")
 PY
 )
-printf '\nTarget-task val accuracy: head phase %s, final %s (chance %s)   Demo wall time: %ds\n' \
-  "$head_accuracy" "$accuracy" "$chance" $((SECONDS - demo_start))
+printf '\nTarget-task val accuracy: head phase %s, final %s (chance %s); phase 2 chose %s at lr %s\n' \
+  "$head_accuracy" "$accuracy" "$chance" "$policy" "$lr"
+printf 'Demo wall time: %ds\n' $((SECONDS - demo_start))
 exit "$status"
