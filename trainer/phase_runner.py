@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.optim.swa_utils import AveragedModel
 
 from trainer import checkpoint as ckpt
@@ -378,6 +378,23 @@ class PhaseRunner:
         epoch_started: float,
     ) -> None:
         world = self.context.dist.world_size
+        # The schedule is per optimizer step (warmup, then cosine), so the report plots each
+        # group's LR at up to 64 evenly spaced steps of the epoch, first and last included:
+        # the LR of step s of the phase is base_lr * lambda(s), as LambdaLR computes it.
+        spe = self.pipeline.steps_per_epoch
+        points = min(spe, 64)
+        lr_steps = sorted({round(i * (spe - 1) / max(1, points - 1)) for i in range(points)})
+        first = (cursor.epoch - 1) * spe
+        step_lrs: dict[str, list[float]] = {}
+        if isinstance(cursor.scheduler, LambdaLR):
+            for group, base, factor in zip(
+                cursor.optimizer.param_groups,
+                cursor.scheduler.base_lrs,
+                cursor.scheduler.lr_lambdas,
+                strict=True,
+            ):
+                rates = [float(base) * factor(first + j) for j in lr_steps]
+                step_lrs.setdefault(group["group"], rates)
         record: dict[str, Any] = {
             "phase": cursor.phase.name,
             "epoch": cursor.epoch,
@@ -391,9 +408,12 @@ class PhaseRunner:
             "trainable_groups": list(cursor.trainable),
             "best": improved,
         }
+        if step_lrs:
+            record |= {"steps_per_epoch": spe, "lr_steps": lr_steps, "step_lrs": step_lrs}
         if self.observers.metrics is not None:
             self.observers.metrics.append(record)
-        log_event(log, "epoch_end", **{k: v for k, v in record.items() if k != "lrs"})
+        unlogged = ("lrs", "lr_steps", "step_lrs")
+        log_event(log, "epoch_end", **{k: v for k, v in record.items() if k not in unlogged})
         self.observers.telemetry.update(
             val_accuracy=evaluated.accuracy, images_per_second=result.images_per_second * world
         )

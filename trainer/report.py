@@ -3,8 +3,11 @@
 ``write_report`` reads the run's ``metrics.jsonl`` and the validation confusion matrix and
 writes three files into ``report_dir``:
 
-- ``curves.png``: train/val loss, val accuracy, the learning rate of every parameter group
-  and throughput over global epochs, with the head -> finetune boundary marked.
+- ``curves.png``: train/val loss, val accuracy (on a fixed 0-1 axis with chance level
+  1/classes drawn, so a run below chance cannot pass for progress), the learning rate of every
+  parameter group per optimizer step (the schedule is per step: warmup, then cosine; records
+  without ``step_lrs`` fall back to one point per epoch) and throughput over global epochs,
+  with the head -> finetune boundary marked.
 - ``confusion_matrix.png``: counts in the cells, colours normalised per true class (so a
   rare class is as visible as a common one), class names on both axes.
 - ``per_class.json``: precision, recall, F1 and support per class, overall accuracy, macro
@@ -36,6 +39,8 @@ MAX_LABEL_CHARS = 28
 MAX_ANNOTATED_CLASSES = 30
 PHASE_COLOURS = {"head": "#fff3d6", "finetune": "#e3f0fb"}
 DPI = 110
+# Below this val accuracy the "best" label goes above its point (the axis is fixed at 0-1).
+LOW_ACCURACY_LABEL = 0.15
 
 
 @dataclass
@@ -49,6 +54,40 @@ class _History:
     val_accuracy: list[float] = field(default_factory=list)
     images_per_second: list[float] = field(default_factory=list)
     lrs: dict[str, list[float]] = field(default_factory=dict)
+    # Per group, the LR curve as points (x in global epochs): one per recorded optimizer step
+    # of an epoch, else one at the epoch (older records); NaN breaks the line where the group
+    # was not trained.
+    lr_curves: dict[str, _LrCurve] = field(default_factory=dict)
+
+    @property
+    def has_step_lrs(self) -> bool:
+        return any(curve.step_points for curve in self.lr_curves.values())
+
+
+@dataclass
+class _LrCurve:
+    """One parameter group's learning rate over the run, as plotted."""
+
+    x: list[float] = field(default_factory=list)
+    y: list[float] = field(default_factory=list)
+    # Indices of the points that stand for a whole epoch (drawn with a marker).
+    epoch_points: list[int] = field(default_factory=list)
+    step_points: int = 0
+
+    def add_epoch(self, x: float, lr: float) -> None:
+        self.epoch_points.append(len(self.x))
+        self.x.append(x)
+        self.y.append(lr)
+
+    def add_steps(self, xs: list[float], lrs: list[float]) -> None:
+        self.x += xs
+        self.y += lrs
+        self.step_points += len(xs)
+
+    def break_line(self) -> None:
+        if self.y and not math.isnan(self.y[-1]):
+            self.x.append(self.x[-1])
+            self.y.append(math.nan)
 
 
 def write_report(
@@ -74,7 +113,7 @@ def write_report(
     history = read_metrics(Path(metrics_path))
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    _save_figure(_curves_figure(history), report_dir / "curves.png")
+    _save_figure(_curves_figure(history, len(classes)), report_dir / "curves.png")
     _save_figure(_confusion_figure(matrix, classes), report_dir / "confusion_matrix.png")
     scores = per_class_scores(matrix, classes)
     atomic_write_bytes(report_dir / "per_class.json", json.dumps(scores, indent=2).encode() + b"\n")
@@ -83,13 +122,40 @@ def write_report(
 def read_metrics(metrics_path: Path) -> _History:
     """Parse ``metrics.jsonl`` into columns sorted by global epoch.
 
+    Optional per-step learning rates (``steps_per_epoch``, ``lr_steps``: step indices within
+    the epoch, ``step_lrs``: ``{group: [lr per listed step]}``) become the LR curves; a record
+    without them (files of older runs) gives one point per epoch from ``lrs``.
+
     Raises:
-        ValueError: missing or empty file, a line that is not a JSON object, or a line
-            without one of the required keys.
+        ValueError: missing or empty file, a line that is not a JSON object, a line without
+            one of the required keys, or malformed learning rates (naming the line).
     """
+    rows = _read_rows(metrics_path)
+    history = _History()
+    for index, (where, row) in enumerate(rows):
+        history.global_epoch.append(int(row["global_epoch"]))
+        history.phase.append(str(row["phase"]))
+        history.train_loss.append(_float(row["train_loss"]))
+        history.val_loss.append(_float(row["val_loss"]))
+        history.val_accuracy.append(_float(row["val_accuracy"]))
+        history.images_per_second.append(_float(row.get("images_per_second")))
+        lrs = row.get("lrs")
+        if lrs is None:  # also accept flat "lr/<group>" keys beside the others
+            lrs = {key: value for key, value in row.items() if key.startswith("lr/")} or None
+        named = _named_lrs(lrs, str(row["phase"]), where=where)
+        for name, lr in named.items():
+            series = history.lrs.setdefault(name, [math.nan] * len(rows))
+            series[index] = lr
+        _add_lr_points(history, row, named, where)
+    return history
+
+
+def _read_rows(metrics_path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The records with where each was read (``file:line``), sorted by global epoch; a
+    ``global_epoch`` written twice (a resumed run) keeps its last line."""
     if not metrics_path.is_file():
         raise ValueError(f"metrics file not found: {metrics_path}")
-    rows: dict[int, dict[str, Any]] = {}
+    rows: dict[int, tuple[str, dict[str, Any]]] = {}
     with metrics_path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -105,29 +171,69 @@ def read_metrics(metrics_path: Path) -> _History:
             if missing:
                 raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
             try:
-                rows[int(row["global_epoch"])] = row
+                rows[int(row["global_epoch"])] = (where, row)
             except (TypeError, ValueError):
                 raise ValueError(
                     f"{where}: global_epoch must be an integer, got {row['global_epoch']!r}"
                 ) from None
     if not rows:
         raise ValueError(f"{metrics_path}: no epoch records to plot")
-    history = _History()
-    ordered = [rows[key] for key in sorted(rows)]
-    for index, row in enumerate(ordered):
-        history.global_epoch.append(int(row["global_epoch"]))
-        history.phase.append(str(row["phase"]))
-        history.train_loss.append(_float(row["train_loss"]))
-        history.val_loss.append(_float(row["val_loss"]))
-        history.val_accuracy.append(_float(row["val_accuracy"]))
-        history.images_per_second.append(_float(row.get("images_per_second")))
-        lrs = row.get("lrs")
-        if lrs is None:  # also accept flat "lr/<group>" keys beside the others
-            lrs = {key: value for key, value in row.items() if key.startswith("lr/")} or None
-        for name, lr in _named_lrs(lrs, str(row["phase"]), where=f"{metrics_path}").items():
-            series = history.lrs.setdefault(name, [math.nan] * len(ordered))
-            series[index] = lr
-    return history
+    return [rows[key] for key in sorted(rows)]
+
+
+def _add_lr_points(
+    history: _History, row: dict[str, Any], named: dict[str, float], where: str
+) -> None:
+    """Extend each group's LR curve by this record: its steps, or one point at the epoch."""
+    steps = _step_lrs(row, where)
+    present = set(steps[1] if steps is not None else named)
+    for name, curve in history.lr_curves.items():
+        if name not in present:
+            curve.break_line()
+    if steps is not None:
+        xs, groups = steps
+        for name, values in groups.items():
+            history.lr_curves.setdefault(name, _LrCurve()).add_steps(xs, values)
+    else:
+        for name, lr in named.items():
+            history.lr_curves.setdefault(name, _LrCurve()).add_epoch(float(row["global_epoch"]), lr)
+
+
+def _step_lrs(row: dict[str, Any], where: str) -> tuple[list[float], dict[str, list[float]]] | None:
+    """The per-step learning rates of one record with their x positions, or None if absent.
+
+    Step ``j`` of ``steps_per_epoch`` in global epoch ``g`` sits at
+    ``g - 0.5 + (j + 0.5) / steps_per_epoch``: inside the epoch's band of the plot.
+    """
+    if row.get("step_lrs") is None:
+        return None
+    per_epoch = row.get("steps_per_epoch")
+    if isinstance(per_epoch, bool) or not isinstance(per_epoch, int) or per_epoch < 1:
+        raise ValueError(f"{where}: steps_per_epoch must be a positive integer, got {per_epoch!r}")
+    steps = row.get("lr_steps")
+    if not isinstance(steps, list) or not all(
+        isinstance(j, int) and not isinstance(j, bool) and 0 <= j < per_epoch for j in steps
+    ):
+        raise ValueError(
+            f"{where}: lr_steps must list step indices from 0 to steps_per_epoch - 1 "
+            f"({per_epoch - 1}), got {steps!r}"
+        )
+    step_lrs = row["step_lrs"]
+    if not isinstance(step_lrs, dict):
+        raise ValueError(f"{where}: step_lrs must be a dict of group -> list of learning rates")
+    groups: dict[str, list[float]] = {}
+    for name, values in step_lrs.items():
+        if not isinstance(values, list) or len(values) != len(steps):
+            raise ValueError(
+                f"{where}: step_lrs[{name!r}] must list {len(steps)} learning rates, one per "
+                "entry of lr_steps"
+            )
+        try:
+            groups[str(name)] = [_float(value) for value in values]
+        except ValueError as err:
+            raise ValueError(f"{where}: step_lrs[{name!r}]: {err}") from None
+    epoch = int(row["global_epoch"])
+    return [epoch - 0.5 + (j + 0.5) / per_epoch for j in steps], groups
 
 
 def _named_lrs(lrs: Any, phase: str, where: str) -> dict[str, float]:
@@ -246,7 +352,78 @@ def _boundary_label(history: _History) -> str:
     return f"single phase: {history.phase[0]}"
 
 
-def _curves_figure(history: _History) -> Figure:
+def _plot_accuracy(axis: Any, history: _History, num_classes: int, style: dict[str, Any]) -> None:
+    """Val accuracy on a fixed 0-1 axis with chance level: an auto-scaled axis makes a run
+    wandering between 18% and 22% of five classes look like steady progress."""
+    x = history.global_epoch
+    axis.plot(x, history.val_accuracy, label="val accuracy", color="#2ca02c", **style)
+    if num_classes >= 1:
+        chance = 1.0 / num_classes
+        axis.axhline(
+            chance,
+            color="#7f7f7f",
+            linestyle="--",
+            linewidth=1.2,
+            label=f"chance (1/{num_classes} = {chance:.1%})",
+            zorder=2,
+        )
+    accuracies = np.asarray(history.val_accuracy, dtype=np.float64)
+    if np.isfinite(accuracies).any():
+        best = int(np.nanargmax(accuracies))
+        axis.scatter(
+            [x[best]],
+            [accuracies[best]],
+            s=120,
+            facecolors="none",
+            edgecolors="black",
+            zorder=5,
+            clip_on=False,
+        )
+        axis.annotate(
+            f"best {accuracies[best]:.1%} (epoch {x[best]})",
+            (x[best], accuracies[best]),
+            textcoords="offset points",
+            # below the point, unless that is off the bottom of the fixed axis
+            xytext=(0, -18 if accuracies[best] >= LOW_ACCURACY_LABEL else 10),
+            # keep the label inside the axes when the best epoch is at either end
+            ha="right" if best > len(x) / 2 else "left" if len(x) > 1 else "center",
+            fontsize=9,
+        )
+    axis.set_ylim(0.0, 1.0)
+    axis.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    axis.set_title("Validation accuracy")
+    axis.set_ylabel("accuracy")
+
+
+def _plot_learning_rates(axis: Any, history: _History, style: dict[str, Any]) -> None:
+    """One line per parameter group: per optimizer step where recorded, else per epoch."""
+    if not history.lr_curves:
+        axis.text(0.5, 0.5, "learning rates not recorded", ha="center", transform=axis.transAxes)
+    for name, curve in history.lr_curves.items():
+        if curve.step_points:
+            (line,) = axis.plot(curve.x, curve.y, label=name, linewidth=1.6)
+            if curve.epoch_points:  # older records of the same group: one point per epoch
+                axis.plot(
+                    [curve.x[i] for i in curve.epoch_points],
+                    [curve.y[i] for i in curve.epoch_points],
+                    linestyle="none",
+                    marker="o",
+                    markersize=4,
+                    color=line.get_color(),
+                )
+        else:
+            axis.plot(curve.x, curve.y, label=name, **style)
+    values = [v for curve in history.lr_curves.values() for v in curve.y if math.isfinite(v)]
+    if values and min(values) > 0:
+        axis.set_yscale("log")
+    per_step = history.has_step_lrs
+    axis.set_title(
+        "Learning rate per parameter group" + (", per optimizer step" if per_step else "")
+    )
+    axis.set_ylabel("learning rate")
+
+
+def _curves_figure(history: _History, num_classes: int) -> Figure:
     fig = Figure(figsize=(12, 8.5), dpi=DPI, layout="constrained")
     loss_ax, acc_ax, lr_ax, speed_ax = fig.subplots(2, 2, sharex=True).flat
     x = history.global_epoch
@@ -257,36 +434,8 @@ def _curves_figure(history: _History) -> Figure:
     loss_ax.set_title("Loss")
     loss_ax.set_ylabel("cross-entropy")
 
-    acc_ax.plot(x, history.val_accuracy, label="val accuracy", color="#2ca02c", **style)
-    accuracies = np.asarray(history.val_accuracy, dtype=np.float64)
-    if np.isfinite(accuracies).any():
-        best = int(np.nanargmax(accuracies))
-        acc_ax.scatter(
-            [x[best]], [accuracies[best]], s=120, facecolors="none", edgecolors="black", zorder=5
-        )
-        acc_ax.annotate(
-            f"best {accuracies[best]:.1%} (epoch {x[best]})",
-            (x[best], accuracies[best]),
-            textcoords="offset points",
-            xytext=(0, -18),
-            # keep the label inside the axes when the best epoch is at either end
-            ha="right" if best > len(x) / 2 else "left" if len(x) > 1 else "center",
-            fontsize=9,
-        )
-    acc_ax.margins(y=0.15)  # room for the "best" label above and below the curve
-    acc_ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-    acc_ax.set_title("Validation accuracy")
-    acc_ax.set_ylabel("accuracy")
-
-    if history.lrs:
-        for name, series in history.lrs.items():
-            lr_ax.plot(x, series, label=name, **style)
-        if all(v > 0 for series in history.lrs.values() for v in series if math.isfinite(v)):
-            lr_ax.set_yscale("log")
-    else:
-        lr_ax.text(0.5, 0.5, "learning rates not recorded", ha="center", transform=lr_ax.transAxes)
-    lr_ax.set_title("Learning rate per parameter group")
-    lr_ax.set_ylabel("learning rate")
+    _plot_accuracy(acc_ax, history, num_classes, style)
+    _plot_learning_rates(lr_ax, history, style)
 
     speed_ax.plot(x, history.images_per_second, label="train images/s", color="#9467bd", **style)
     speed_ax.set_title("Training throughput")
@@ -302,6 +451,8 @@ def _curves_figure(history: _History) -> Figure:
             axis.legend(loc="best", fontsize=9, framealpha=0.9)
     for axis in (lr_ax, speed_ax):
         axis.set_xlabel("global epoch")
+    if history.has_step_lrs:
+        lr_ax.set_xlabel("global epoch (each epoch's steps spread across its band)")
     fig.suptitle(
         f"Training curves ({_boundary_label(history)}; shaded: "
         + ", ".join(f"{p} phase" for p in dict.fromkeys(history.phase))
@@ -315,7 +466,29 @@ def _short(name: str) -> str:
     return name if len(name) <= MAX_LABEL_CHARS else name[: MAX_LABEL_CHARS - 1] + "\u2026"
 
 
-def _confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> Figure:
+def write_confusion_figure(
+    path: Path, confusion: Any, classes: Sequence[str], *, subject: str
+) -> None:
+    """Write the confusion-matrix figure of ``write_report`` alone (``trainer evaluate``).
+
+    Args:
+        path: the PNG to write (atomically; its folder is created).
+        confusion: ``[C, C]`` integer counts, rows = true class, columns = predicted class.
+        classes: the C class names in output order.
+        subject: what the images are, for the title (``validation``, a folder's name).
+
+    Raises:
+        ValueError: the confusion matrix does not match ``classes``.
+    """
+    matrix = _check_confusion(confusion, classes)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_figure(_confusion_figure(matrix, classes, subject), path)
+
+
+def _confusion_figure(
+    matrix: np.ndarray, classes: Sequence[str], subject: str = "validation"
+) -> Figure:
     count = len(classes)
     labels = [_short(name) for name in classes]
     longest = max(len(label) for label in labels)
@@ -354,7 +527,7 @@ def _confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> Figure:
     total = int(matrix.sum())
     accuracy = np.trace(matrix) / total if total else 0.0
     axis.set_title(
-        f"Confusion matrix (validation, {total} images, accuracy {accuracy:.1%})\n"
+        f"Confusion matrix ({subject}, {total} images, accuracy {accuracy:.1%})\n"
         "cells: counts; colour: share of the row's true class"
     )
     return fig

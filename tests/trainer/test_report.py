@@ -9,8 +9,11 @@ import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
+from trainer_helpers import tiny_config
 
-from trainer.report import per_class_scores, read_metrics, write_report
+from trainer.phases import warmup_cosine
+from trainer.report import _curves_figure, per_class_scores, read_metrics, write_report
+from trainer.run import train
 
 CLASSES = ["cat", "dog", "a rather long class name that would not fit on an axis"]
 CONFUSION = np.array([[8, 1, 1], [2, 6, 0], [0, 0, 0]], dtype=np.int64)
@@ -158,3 +161,115 @@ def test_scores_of_an_empty_matrix_are_zero():
     scores = per_class_scores(np.zeros((2, 2), dtype=np.int64), ["a", "b"])
     assert scores["accuracy"] == 0.0
     assert scores["per_class"]["a"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+def _with_step_lrs(rows: list[dict], steps_per_epoch: int = 10) -> list[dict]:
+    """The rows as the trainer now writes them: each group's LR at listed steps of the epoch."""
+    lr_steps = [0, 3, 6, 9]
+    for row in rows:
+        row["steps_per_epoch"] = steps_per_epoch
+        row["lr_steps"] = lr_steps
+        row["step_lrs"] = {
+            name: [lr * (j + 1) / steps_per_epoch for j in lr_steps]
+            for name, lr in row["lrs"].items()
+        }
+    return rows
+
+
+def test_learning_rates_per_step(tmp_path):
+    rows = _with_step_lrs(_two_phase_rows())
+    history = read_metrics(_write_metrics(tmp_path / "m.jsonl", rows))
+    assert history.has_step_lrs
+    head = history.lr_curves["head"]
+    assert head.step_points == 4 * 5
+    assert head.epoch_points == []
+    # step j of 10 in global epoch 1 lies inside the epoch's band [0.5, 1.5]
+    assert head.x[:4] == pytest.approx([0.55, 0.85, 1.15, 1.45])
+    assert head.y[:4] == pytest.approx([1e-4, 4e-4, 7e-4, 1e-3])
+    layer4 = history.lr_curves["layer4"]
+    assert layer4.x[0] == pytest.approx(2.55)  # trained from the finetune phase on
+    assert history.lrs["head"][0] == pytest.approx(1e-3)  # the per-epoch column stays
+    write_report(tmp_path / "report", tmp_path / "m.jsonl", CONFUSION, CLASSES)
+    assert (tmp_path / "report" / "curves.png").stat().st_size > 10_000
+
+
+def test_old_records_without_step_lrs_fall_back_to_epochs(tmp_path):
+    # A run resumed by a newer trainer: old lines per epoch, new lines per step.
+    rows = _two_phase_rows()
+    rows[2:] = _with_step_lrs(rows[2:])
+    history = read_metrics(_write_metrics(tmp_path / "m.jsonl", rows))
+    head = history.lr_curves["head"]
+    assert head.epoch_points == [0, 1]
+    assert head.x[:2] == [1.0, 2.0]
+    assert head.step_points == 4 * 3
+    assert not read_metrics(_write_metrics(tmp_path / "old.jsonl", _two_phase_rows())).has_step_lrs
+    write_report(tmp_path / "report", tmp_path / "m.jsonl", CONFUSION, CLASSES)
+
+
+def test_a_group_missing_from_an_epoch_breaks_its_line(tmp_path):
+    rows = _two_phase_rows()
+    rows[3]["lrs"].pop("layer4")
+    history = read_metrics(_write_metrics(tmp_path / "m.jsonl", _with_step_lrs(rows)))
+    layer4 = history.lr_curves["layer4"]
+    assert layer4.step_points == 4 * 2
+    assert sum(np.isnan(layer4.y)) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"steps_per_epoch": 0}, r"m\.jsonl:2: steps_per_epoch must be a positive integer"),
+        ({"lr_steps": [0, 3, 6, 10]}, r"m\.jsonl:2: lr_steps must list step indices"),
+        ({"step_lrs": [1e-3]}, r"m\.jsonl:2: step_lrs must be a dict"),
+        ({"step_lrs": {"head": [1e-3]}}, r"m\.jsonl:2: step_lrs\['head'\] must list 4"),
+        ({"step_lrs": {"head": ["x"] * 4}}, r"m\.jsonl:2: step_lrs\['head'\]: expected a number"),
+    ],
+)
+def test_bad_step_lrs_name_the_line(tmp_path, change, message):
+    rows = _with_step_lrs(_two_phase_rows())
+    rows[1].update(change)
+    with pytest.raises(ValueError, match=message):
+        read_metrics(_write_metrics(tmp_path / "m.jsonl", rows))
+
+
+def test_accuracy_axis_is_fixed_with_chance_level(tmp_path):
+    # A run wandering around chance must not fill the axis like steady progress.
+    rows = [dict(row, val_accuracy=0.18 + 0.01 * i) for i, row in enumerate(_two_phase_rows())]
+    history = read_metrics(_write_metrics(tmp_path / "m.jsonl", rows))
+    figure = _curves_figure(history, num_classes=5)
+    accuracy_axis = figure.axes[1]
+    assert accuracy_axis.get_ylim() == (0.0, 1.0)
+    chance = [line for line in accuracy_axis.get_lines() if line.get_label().startswith("chance")]
+    assert len(chance) == 1
+    assert chance[0].get_label() == "chance (1/5 = 20.0%)"
+    assert chance[0].get_linestyle() == "--"
+    assert list(chance[0].get_ydata()) == [0.2, 0.2]
+    assert "per optimizer step" not in figure.axes[2].get_title()
+    stepped_rows = _with_step_lrs(_two_phase_rows())
+    stepped = _curves_figure(
+        read_metrics(_write_metrics(tmp_path / "s.jsonl", stepped_rows)), num_classes=5
+    )
+    assert stepped.axes[2].get_title().endswith("per optimizer step")
+
+
+@pytest.mark.slow
+def test_a_real_run_records_the_lr_of_each_step(image_folder, tmp_path):
+    config = tiny_config(image_folder, tmp_path / "out", finetune_epochs=2, batch_size=4)
+    train(config)
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    per_epoch = records[0]["steps_per_epoch"]
+    assert per_epoch == 6  # 3 classes x 8 training images, 4 a batch
+    factor = warmup_cosine(2 * per_epoch, config.warmup_fraction)
+    for record in records:
+        assert record["lr_steps"] == list(range(per_epoch))
+        assert set(record["step_lrs"]) == set(record["lrs"])
+        first = (record["epoch"] - 1) * per_epoch
+        for group, rates in record["step_lrs"].items():
+            # "lrs" is the optimizer's LR after the epoch's last step: the same schedule
+            base = record["lrs"][group] / factor(record["epoch"] * per_epoch)
+            assert rates == pytest.approx([base * factor(first + j) for j in range(per_epoch)])
+    assert records[0]["step_lrs"]["head"][0] < records[0]["step_lrs"]["head"][2]  # warmup
+    history = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert history.lr_curves["head"].step_points == 2 * per_epoch
+    assert (tmp_path / "out" / "report" / "curves.png").is_file()
