@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     from trainer.ingest import add_parser as add_ingest_parser
 
     add_ingest_parser(subparsers)
+    _add_evaluate_parser(subparsers)
     return parser
 
 
@@ -84,6 +85,109 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="measure a checkpoint or an exported model on an image folder",
+        description=(
+            "Evaluate a model on DIR/<class>/* (one split of the trainer's data, or a test "
+            "folder of the model's classes): top-1 and top-5 accuracy (top-5 with more than 5 "
+            "classes), per-class precision, recall, F1 and support, the confusion matrix, ECE "
+            "(15 bins) and NLL. A checkpoint runs in PyTorch with the trainer's eval "
+            "preprocessing; a repository version runs in onnxruntime on the CPU, fed as the "
+            "server feeds it. Tables are printed; --output also writes evaluation.json and "
+            "confusion.png."
+        ),
+    )
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="PATH",
+        help="checkpoint (.pt) written by trainer train; loaded without running any code",
+    )
+    model.add_argument(
+        "--model-repository",
+        type=Path,
+        metavar="DIR",
+        help="Triton-layout model repository written by trainer export",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="NAME",
+        help="model name in the repository (default: classifier)",
+    )
+    parser.add_argument(
+        "--version",
+        type=_positive_int,
+        metavar="N",
+        help="model version in the repository (default: the latest complete one)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="image folder DIR/<class>/* whose class folders are the model's classes",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        metavar="DIR",
+        help="also write evaluation.json and confusion.png here (default: print only)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=32,
+        metavar="N",
+        help="images per forward pass (default: %(default)s)",
+    )
+    parser.set_defaults(func=_run_evaluate)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from trainer.errors import ConfigError, DataError
+
+    if args.checkpoint is not None and (args.model is not None or args.version is not None):
+        raise ConfigError("--model and --version choose a version of --model-repository")
+    if not args.data.is_dir():
+        # Checked before the imports below, which pull in torch and onnxruntime (seconds).
+        raise DataError(f"data: {args.data} does not exist or is not a directory")
+    from trainer.evaluate import (
+        DEFAULT_MODEL_NAME,
+        evaluate_folder,
+        format_report,
+        load_checkpoint_model,
+        load_repository_model,
+        write_outputs,
+    )
+    from trainer.progress import configure_logging
+
+    configure_logging()
+    if args.checkpoint is not None:
+        model = load_checkpoint_model(args.checkpoint)
+    else:
+        name = args.model or DEFAULT_MODEL_NAME
+        model = load_repository_model(args.model_repository, name, args.version)
+    evaluation = evaluate_folder(model, args.data, batch_size=args.batch_size)
+    print(format_report(evaluation))
+    if args.output is not None:
+        for path in write_outputs(evaluation, args.output):
+            print(f"wrote {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trainer`` and ``python -m trainer``; returns the exit code."""
     parser = build_parser()
@@ -97,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trainer: error: {exc}", file=sys.stderr)
         return USAGE_EXIT_CODE
     except Exception:
-        log.exception("training failed")
+        log.exception("trainer %s failed", args.command)
         return RUNTIME_EXIT_CODE
 
 
