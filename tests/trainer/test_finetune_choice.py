@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -21,7 +22,7 @@ from trainer.run import train
 def test_sweep_is_geometric_from_start_to_end() -> None:
     lrs = sweep_lrs(5, 1e-6, 1e-2)
     assert lrs[0] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(1e-2)
-    assert all(b / a == pytest.approx(10.0) for a, b in zip(lrs, lrs[1:], strict=False))
+    assert all(b / a == pytest.approx(10.0) for a, b in itertools.pairwise(lrs))
     with pytest.raises(ValueError, match="at least 2 steps"):
         sweep_lrs(1)
 
