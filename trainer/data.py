@@ -77,10 +77,10 @@ def scan_dataset(
     if not train_dir.is_dir():
         raise DataError(f"data: {root} has no train/ folder (expected {root}/train/<class>/*)")
     unsupported: list[str] = []
-    classes, train = _scan_split(train_dir, unsupported)
+    classes, train = scan_class_folders(train_dir, unsupported)
     val_dir = root / "val"
     if val_dir.is_dir():
-        val_classes, val = _scan_split(val_dir, unsupported)
+        val_classes, val = scan_class_folders(val_dir, unsupported)
         if val_classes != classes:
             only_train = sorted(set(classes) - set(val_classes))
             only_val = sorted(set(val_classes) - set(classes))
@@ -105,7 +105,7 @@ def scan_dataset(
     return DatasetSplit(classes, train, val, fingerprint)
 
 
-def _scan_split(split_dir: Path, unsupported: list[str]) -> tuple[list[str], list[Sample]]:
+def scan_class_folders(split_dir: Path, unsupported: list[str]) -> tuple[list[str], list[Sample]]:
     classes = sorted(
         p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
     )

@@ -44,7 +44,7 @@ from trainer.augment import eval_transform
 from trainer.calibration import ECE_BINS, expected_calibration_error, negative_log_likelihood
 from trainer.checkpoint import Checkpoint, load_checkpoint
 from trainer.classifier import restore_classifier
-from trainer.data import Sample, _scan_split, report_corrupt
+from trainer.data import Sample, report_corrupt, scan_class_folders
 from trainer.errors import CheckpointError, ConfigError, DataError, UsageError
 from trainer.export.graph import ServingModel
 from trainer.export.images import preprocess
@@ -324,7 +324,7 @@ def list_images(data_dir: Path, classes: Sequence[str]) -> tuple[list[Sample], l
             f"(missing: {missing or 'none'}; not classes of the model: {extra or 'none'}){hint}"
         )
     unsupported: list[str] = []
-    folder_classes, found = _scan_split(data_dir, unsupported)
+    folder_classes, found = scan_class_folders(data_dir, unsupported)
     index = {name: i for i, name in enumerate(classes)}
     samples = [Sample(s.path, index[folder_classes[s.label]]) for s in found]
     return samples, [f"{path}: not a supported image format" for path in unsupported]
