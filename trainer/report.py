@@ -12,6 +12,8 @@ writes three files into ``report_dir``:
   rare class is as visible as a common one), class names on both axes.
 - ``per_class.json``: precision, recall, F1 and support per class, overall accuracy, macro
   and support-weighted averages.
+- ``lr_find.png``, when the run's LR range test left ``lr_find.json`` in ``report_dir``
+  (``trainer.lr_finder``): loss against learning rate, raw and smoothed, with the suggestion.
 
 Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas: no pyplot, so no
 global figure registry and no backend switch in the caller's process.
@@ -117,6 +119,39 @@ def write_report(
     _save_figure(_confusion_figure(matrix, classes), report_dir / "confusion_matrix.png")
     scores = per_class_scores(matrix, classes)
     atomic_write_bytes(report_dir / "per_class.json", json.dumps(scores, indent=2).encode() + b"\n")
+    if (report_dir / "lr_find.json").is_file():
+        curve = _read_lr_find(report_dir / "lr_find.json")
+        _save_figure(_lr_find_figure(*curve), report_dir / "lr_find.png")
+
+
+def _read_lr_find(path: Path) -> tuple[list[float], list[float], list[float], float]:
+    """The range test's learning rates, raw and smoothed losses, and suggestion."""
+    try:
+        found = json.loads(path.read_text())
+        columns = [[float(v) for v in found[key]] for key in ("lrs", "losses", "smoothed")]
+        suggestion = float(found["suggestion"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not an LR range test record ({exc})") from None
+    if len({len(c) for c in columns}) != 1:
+        raise ValueError(f"{path}: lrs, losses and smoothed differ in length")
+    return columns[0], columns[1], columns[2], suggestion
+
+
+def _lr_find_figure(
+    lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float
+) -> Figure:
+    fig = Figure(figsize=(6.4, 4.0), dpi=DPI)
+    axis = fig.add_subplot()
+    axis.plot(lrs, losses, color="#bbbbbb", linewidth=1, label="loss per step")
+    finite = [v if math.isfinite(v) else math.nan for v in smoothed]
+    axis.plot(lrs, finite, color="#1f77b4", linewidth=2, label="smoothed")
+    axis.axvline(suggestion, color="#d62728", linestyle="--", label=f"chosen lr {suggestion:.1e}")
+    axis.set_xscale("log")
+    axis.set_xlabel("learning rate of the top unfrozen group (one step each)")
+    axis.set_ylabel("training loss")
+    axis.set_title("LR range test before phase 2")
+    axis.legend(loc="upper left", fontsize="small")
+    return fig
 
 
 def read_metrics(metrics_path: Path) -> _History:

@@ -105,6 +105,7 @@ def test_defaults_test_the_lr_and_the_policies_and_record_them(
     assert choice["unfreeze"] == best["policy"]
     curve = json.loads((tmp_path / "auto" / "report" / "lr_find.json").read_text())
     assert curve["suggestion"] == choice["lr"] and len(curve["lrs"]) == len(curve["losses"]) >= 16
+    assert (tmp_path / "auto" / "report" / "lr_find.png").stat().st_size > 1000
     recorded = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
     assert recorded["unfreeze"] == choice["unfreeze"] and recorded["lr"] == choice["lr"]
 
@@ -129,3 +130,19 @@ def test_a_given_policy_only_tests_the_lr(source_and_data: tuple[Path, Path], tm
 def _final_val_loss(output: Path) -> float:
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     return records[-1]["val_loss"]
+
+
+def test_report_refuses_a_malformed_range_test_record(tmp_path: Path) -> None:
+    from trainer.report import _read_lr_find
+
+    path = tmp_path / "lr_find.json"
+    path.write_text(
+        json.dumps(
+            {"lrs": [1e-5, 1e-4], "losses": [1.0], "smoothed": [1.0, 0.9], "suggestion": 1e-5}
+        )
+    )
+    with pytest.raises(ValueError, match="lr_find.json: lrs, losses and smoothed differ"):
+        _read_lr_find(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="lr_find.json: not an LR range test record"):
+        _read_lr_find(path)
