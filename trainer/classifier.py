@@ -138,12 +138,15 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP and ``torch.compile`` wrappers (for state dicts)."""
+    """The plain module inside DDP, ``torch.compile`` and training-view wrappers (for state
+    dicts and the EMA)."""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
+        elif isinstance(inner := getattr(model, "trained_module", None), nn.Module):
+            model = inner  # trainer.frozen_prefix.FrozenPrefixView
         else:
             return model
 

@@ -24,6 +24,7 @@ from torch.optim.swa_utils import AveragedModel
 from trainer import checkpoint as ckpt
 from trainer.checkpoint import Checkpoint, PhaseStats, Position, Progress, TrainingState
 from trainer.classifier import unwrap
+from trainer.frozen_prefix import training_view
 from trainer.head_fit import HeadFit
 from trainer.input_pipeline import Pipeline
 from trainer.layer_groups import HEAD, LayerGroup
@@ -289,7 +290,15 @@ class PhaseRunner:
         )
 
     def _wrap(self) -> nn.Module:
-        model: nn.Module = self.model.module
+        # What the steps run: the frozen prefix folded and without autograd, then the model's
+        # own trainable groups (trainer.frozen_prefix). It copies the frozen weights of this
+        # moment, so it is built again at each phase entry and unfreeze, like DDP and compile.
+        model: nn.Module = training_view(
+            self.model.module,
+            self.config.arch,
+            self.model.groups,
+            channels_last=bool(self.config.channels_last),
+        )
         if self.context.dist.enabled:
             device = self.context.device
             model = DistributedDataParallel(
