@@ -114,8 +114,11 @@ class TrainConfig:
     )
     warmup_fraction: float = _doc("Share of each phase's steps with linear LR warmup.", 0.1)
     weight_decay: float = _doc("AdamW weight decay (never on norms and biases).", 0.05)
-    freeze_bn: bool = _doc(
-        "Keep BatchNorm statistics frozen in the unfrozen groups in phase 2 too.", False
+    freeze_bn: bool | None = _doc(
+        "Keep BatchNorm statistics frozen in the unfrozen groups in phase 2 too; default on "
+        "from pretrained weights (the head was fitted on features made with those "
+        "statistics), off from scratch.",
+        None,
     )
     patience: int = _doc("Stop a phase after this many epochs without a better val accuracy.", 5)
     grad_clip: float = _doc("Clip the gradient norm to this value (0: off).", 1.0)
@@ -176,6 +179,7 @@ RESOLVED_AT_START = frozenset(
         "channels_last",
         "num_workers",
         "crop_scale_min",
+        "freeze_bn",
     }
 )
 # ``--augment auto`` leaves these None in ``resolve_defaults``; the run's probe decides them
@@ -446,6 +450,7 @@ def resolve_defaults(
         unfreeze=config.unfreeze or ("all" if scratch else ""),
         lr=config.lr if config.lr is not None else (config.head_lr if scratch else None),
         lr_decay=config.lr_decay if config.lr_decay is not None else (1.0 if scratch else 0.3),
+        freeze_bn=config.freeze_bn if config.freeze_bn is not None else not scratch,
         channels_last=(
             config.channels_last if config.channels_last is not None else device_type == "cuda"
         ),

@@ -245,7 +245,7 @@ class _TrialBench:
             lr=lr,
             head_lr=config.head_lr,
             lr_decay=config.lr_decay,
-            freeze_bn=config.freeze_bn,
+            freeze_bn=bool(config.freeze_bn),
         )
         trainable = phase.groups_at(1)
         module, groups = self.trained.module, self.trained.groups

@@ -307,7 +307,7 @@ def plan_phases(config: TrainConfig, group_names: list[str]) -> list[Phase]:
         lr=config.lr if config.lr is not None else FALLBACK_LR,
         head_lr=config.head_lr,
         lr_decay=config.lr_decay,
-        freeze_bn=config.freeze_bn,
+        freeze_bn=bool(config.freeze_bn),
     )
     if not phases:
         raise ConfigError("head_epochs and finetune_epochs are both 0: nothing to train")

@@ -73,13 +73,14 @@ def test_resolve_defaults_fills_every_derived_field() -> None:
     assert all(getattr(resolved, name) not in (None, "") for name in RESOLVED_AT_START)
     assert (resolved.head_epochs, resolved.unfreeze) == (0, "all")
     assert (resolved.lr, resolved.lr_decay) == (scratch.head_lr, 1.0)
-    assert (resolved.channels_last, resolved.num_workers) == (False, 0)
+    assert (resolved.channels_last, resolved.num_workers, resolved.freeze_bn) == (False, 0, False)
 
     pretrained = resolve_config(environ={}, flags={**REQUIRED, "lr": "0.01"})
     resolved = resolve_defaults(pretrained, device_type="cuda", dataset_cached=False, cpu_count=16)
     # The policy stays auto (unset) for a pretrained start: the run's trials choose it.
     assert (resolved.head_epochs, resolved.unfreeze, resolved.lr) == (2, "", 0.01)
     assert (resolved.lr_decay, resolved.channels_last, resolved.num_workers) == (0.3, True, 8)
+    assert resolved.freeze_bn  # phase 2 keeps the statistics the head was fitted with
     # Resolving a resolved config changes nothing; what the user gave is kept.
     assert resolve_defaults(resolved, device_type="cpu", dataset_cached=True, cpu_count=1) == (
         resolved
