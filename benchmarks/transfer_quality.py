@@ -32,9 +32,11 @@ prints a table and writes ``bench-output/transfer_quality.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -59,6 +61,8 @@ from trainer.run import train
 SIZE = 32
 BATCH = 32
 HEAD_EPOCHS, FINETUNE_EPOCHS = 2, 8
+TASKS = ("demo", "digits", "photo-patches")
+METHODS = ("trainer", "classic", "probe", "scratch")
 # The augmentation a practitioner would pick for each task after looking at it.
 HAND_AUGMENT: dict[str, list[nn.Module]] = {
     "demo": [v2.RandomResizedCrop(SIZE, scale=(0.7, 1.0)), v2.RandomHorizontalFlip()],
@@ -125,6 +129,7 @@ def photo_patch_task(root: Path, train: int = 40, val: int = 25) -> Path:
 
 
 def run_trainer(data: Path, output: Path, **flags: Any) -> dict[str, Any]:
+    shutil.rmtree(output, ignore_errors=True)  # a rerun in the same --work starts afresh
     base = {
         "data": data,
         "output": output,
@@ -239,46 +244,83 @@ def main() -> int:
     parser.add_argument("--source-epochs", type=int, default=12, help="source model epochs")
     parser.add_argument("--epochs", type=int, default=FINETUNE_EPOCHS, help="phase-2 epochs")
     parser.add_argument("--per-class", type=int, default=40, help="training images per class")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="keep the generated data and the source model here and reuse them when present "
+        "(default: a temporary folder)",
+    )
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    results: dict[str, Any] = {"threads": torch.get_num_threads(), "image_size": SIZE, "tasks": {}}
-    with tempfile.TemporaryDirectory(prefix="transfer-quality-") as work_dir:
-        work = Path(work_dir)
-        make_demo_data(work / "demo")
-        started = time.perf_counter()
-        run_trainer(
-            work / "demo" / "source",
-            work / "source",
-            weights="none",
-            finetune_epochs=args.source_epochs,
+    with contextlib.ExitStack() as stack:
+        work = args.work or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="transfer-quality-"))
         )
-        results["source_seconds"] = time.perf_counter() - started
-        source = work / "source" / "checkpoints" / "best.pt"
-        tasks = {
-            "demo": work / "demo" / "target",
-            "digits": digits_task(work / "digits", train=args.per_class),
-            "photo-patches": photo_patch_task(work / "patches", train=args.per_class),
-        }
-        for task, data in tasks.items():
-            epochs = {"head_epochs": HEAD_EPOCHS, "finetune_epochs": args.epochs}
-            results["tasks"][task] = {
-                "trainer": run_trainer(data, work / task / "a", weights=str(source), **epochs),
-                "classic": classic_recipe(data, source, task, args.epochs),
-                "probe": run_trainer(
-                    data, work / task / "c", weights=str(source), finetune_epochs=0
-                ),
-                "scratch": run_trainer(
-                    data,
-                    work / task / "d",
-                    weights="none",
-                    finetune_epochs=HEAD_EPOCHS + args.epochs,
-                ),
-            }
-            print_rows(task, results["tasks"][task])
+        results = measure(
+            work,
+            source_epochs=args.source_epochs,
+            epochs=args.epochs,
+            per_class=args.per_class,
+            tasks=[t for t in args.tasks.split(",") if t],
+            methods=[m for m in args.methods.split(",") if m],
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
     return 0
+
+
+def measure(  # noqa: PLR0913  the script's options
+    work: Path,
+    *,
+    source_epochs: int,
+    epochs: int,
+    per_class: int,
+    tasks: list[str],
+    methods: list[str],
+) -> dict[str, Any]:
+    """Every (task, method) row; the source model is trained once per ``work`` folder."""
+    results: dict[str, Any] = {"threads": torch.get_num_threads(), "image_size": SIZE, "tasks": {}}
+    if not (work / "demo").is_dir():
+        make_demo_data(work / "demo")
+    source = work / "source" / "checkpoints" / "best.pt"
+    if not source.is_file():
+        started = time.perf_counter()
+        run_trainer(
+            work / "demo" / "source", work / "source", weights="none", finetune_epochs=source_epochs
+        )
+        results["source_seconds"] = time.perf_counter() - started
+    builders = {
+        "demo": lambda: work / "demo" / "target",
+        "digits": lambda: digits_task(work / "digits", train=per_class),
+        "photo-patches": lambda: photo_patch_task(work / "patches", train=per_class),
+    }
+    for task in tasks:
+        data = builders[task]()
+        results["tasks"][task] = {
+            method: run_method(method, task, data, source, work / task, epochs)
+            for method in methods
+        }
+        print_rows(task, results["tasks"][task])
+    return results
+
+
+def run_method(  # noqa: PLR0913  one cell of the table
+    method: str, task: str, data: Path, source: Path, work: Path, epochs: int
+) -> dict[str, Any]:
+    """One method's row on one task (outputs under ``work``)."""
+    if method == "classic":
+        return classic_recipe(data, source, task, epochs)
+    if method == "probe":
+        return run_trainer(data, work / "c", weights=str(source), finetune_epochs=0)
+    if method == "scratch":
+        return run_trainer(data, work / "d", weights="none", finetune_epochs=HEAD_EPOCHS + epochs)
+    return run_trainer(
+        data, work / "a", weights=str(source), head_epochs=HEAD_EPOCHS, finetune_epochs=epochs
+    )
 
 
 def print_rows(task: str, rows: dict[str, dict[str, Any]]) -> None:
