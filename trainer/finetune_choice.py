@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
 from trainer import checkpoint as ckpt
+from trainer.frozen_prefix import training_view
 from trainer.input_pipeline import Pipeline
 from trainer.layer_groups import HEAD
 from trainer.loop import EvalResult, evaluate, train_one_epoch
@@ -261,8 +262,15 @@ class _TrialBench:
         on_loss: Callable[[float], None] | None,
     ) -> None:
         config = self.context.config
-        train_one_epoch(
+        # The phase's own fast path: the frozen prefix folded, without autograd.
+        view = training_view(
             self.trained.module,
+            config.arch,
+            self.trained.groups,
+            channels_last=bool(config.channels_last),
+        )
+        train_one_epoch(
+            view,
             itertools.islice(self._batches(), steps),
             optimizer=optimizer,
             scheduler=scheduler,
