@@ -2,10 +2,19 @@
 
 The test trains for a few steps while the learning rate of the unfrozen body groups grows
 geometrically from ``START_LR`` to ``END_LR`` (the converged head keeps its own LR, so the
-curve is about the groups being unfrozen), records the loss of every step, smooths it, and
-suggests a tenth of the rate at the smoothed minimum: the loss still falls steeply there and
-is far from where it blows up. A curve that never falls below its start by more than
-``MIN_DROP`` says nothing about the rate; the classic 1e-4 is used then and the reason logged.
+curve is about the groups being unfrozen), records the loss of every step and smooths it.
+Two shapes, two rules:
+
+* **The loss falls** (by ``MIN_DROP`` or more below its start): a tenth of the rate at the
+  smoothed minimum, where the loss still falls steeply and is far from where it blows up
+  (fastai's "minimum / 10").
+* **The loss is flat, then climbs** (the usual shape after a converged head: there is little
+  left to gain at first): a tenth of the first rate at which the smoothed loss exceeds
+  ``BLOW_UP`` times its lowest value so far, the edge of stable training (Smith's "largest
+  rate before the loss climbs", with the same safety factor).
+
+A curve that does neither says nothing about the rate; the classic 1e-4 is used then and the
+reason logged. Suggestions are clamped to ``MIN_SUGGESTION``..``MAX_SUGGESTION``.
 
 The pure part (``suggest_lr``) works on the curve alone; ``LRFinding`` is what the run records
 (``report/lr_find.json`` and ``summary.json``).
@@ -23,7 +32,8 @@ FALLBACK_LR = 1e-4
 # Suggestions outside this range are clamped: beyond it a short test is not to be trusted.
 MIN_SUGGESTION, MAX_SUGGESTION = 1e-6, 1e-2
 SMOOTHING = 0.7
-MIN_DROP = 0.02
+MIN_DROP = 0.10
+BLOW_UP = 1.5
 
 
 @dataclass(frozen=True)
@@ -78,15 +88,29 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> LRFinding:
         return LRFinding(*curve, FALLBACK_LR, "no finite loss: fallback")
     lowest, at = min(finite)
     first = finite[0][0]
-    if lowest > first * (1 - MIN_DROP):
+    if lowest <= first * (1 - MIN_DROP):
         return LRFinding(
             *curve,
-            FALLBACK_LR,
-            f"the loss never fell {MIN_DROP:.0%} below its start ({first:.4f}): fallback",
+            _clamped(lrs[at] / 10),
+            f"smoothed loss lowest ({lowest:.4f}, from {first:.4f}) at lr {lrs[at]:.2e}; "
+            "a tenth of it",
         )
-    suggestion = min(MAX_SUGGESTION, max(MIN_SUGGESTION, lrs[at] / 10))
+    floor = math.inf
+    for i, value in enumerate(smoothed):
+        floor = min(floor, value)
+        if value > BLOW_UP * floor:
+            return LRFinding(
+                *curve,
+                _clamped(lrs[i] / 10),
+                f"smoothed loss flat from {first:.4f}, above {BLOW_UP}x its lowest at lr "
+                f"{lrs[i]:.2e}; a tenth of it",
+            )
     return LRFinding(
         *curve,
-        suggestion,
-        f"smoothed loss lowest ({lowest:.4f}, from {first:.4f}) at lr {lrs[at]:.2e}; a tenth of it",
+        FALLBACK_LR,
+        f"the loss neither fell {MIN_DROP:.0%} below its start ({first:.4f}) nor climbed: fallback",
     )
+
+
+def _clamped(lr: float) -> float:
+    return min(MAX_SUGGESTION, max(MIN_SUGGESTION, lr))

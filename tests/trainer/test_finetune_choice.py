@@ -38,10 +38,22 @@ def test_suggestion_is_a_tenth_of_the_smoothed_minimum() -> None:
     assert 1e-3 <= lowest < 1e-2 and "a tenth" in finding.reason
 
 
+def test_flat_then_climbing_curve_takes_a_tenth_of_the_blow_up() -> None:
+    lrs = sweep_lrs(16)  # 1e-6 .. 1e-1, 1/3 decade a step
+    # A converged head: noise around 0.9, then the loss climbs from 1e-3 on.
+    losses = [0.92, 0.89, 0.9, 0.95, 0.93, 0.91, 0.9, 0.92, 0.95, 1.1, 1.5, 2.5, 5, 12, 23, 37]
+    finding = suggest_lr(lrs, losses)
+    climbed = next(
+        i for i, v in enumerate(finding.smoothed) if v > 1.5 * min(finding.smoothed[: i + 1])
+    )
+    assert finding.suggestion == pytest.approx(lrs[climbed] / 10)
+    assert 1e-4 <= finding.suggestion <= 1e-3 and "flat" in finding.reason
+
+
 def test_flat_or_broken_curves_fall_back() -> None:
     lrs = sweep_lrs(20)
     flat = suggest_lr(lrs, [1.0] * 20)
-    assert flat.suggestion == FALLBACK_LR and "never fell" in flat.reason
+    assert flat.suggestion == FALLBACK_LR and "neither fell" in flat.reason
     broken = suggest_lr(lrs, [math.nan] * 20)
     assert broken.suggestion == FALLBACK_LR and "no finite loss" in broken.reason
     with pytest.raises(ValueError, match="one loss per learning rate"):
@@ -141,8 +153,8 @@ def test_report_refuses_a_malformed_range_test_record(tmp_path: Path) -> None:
             {"lrs": [1e-5, 1e-4], "losses": [1.0], "smoothed": [1.0, 0.9], "suggestion": 1e-5}
         )
     )
-    with pytest.raises(ValueError, match="lr_find.json: lrs, losses and smoothed differ"):
+    with pytest.raises(ValueError, match=r"lr_find\.json: lrs, losses and smoothed differ"):
         _read_lr_find(path)
     path.write_text("[1, 2]")
-    with pytest.raises(ValueError, match="lr_find.json: not an LR range test record"):
+    with pytest.raises(ValueError, match=r"lr_find\.json: not an LR range test record"):
         _read_lr_find(path)
