@@ -152,9 +152,10 @@ def training_view(
 
 # Families whose frozen prefix is convolutions with BatchNorm. On the development CPU
 # (AVX-512 with bf16, no AMX) their folded prefix ran 1.16-1.45x faster in channels_last than
-# in NCHW, under bf16 autocast and in fp32 alike (resnet18, resnet50, mobilenet_v2,
-# mobilenet_v3_small, efficientnet_b0, regnet_y_400mf at 64 and 160 px); ConvNeXt and Swin
-# measured no gain (0.95-1.07x) and ViT has one convolution. Only the prefix changes format:
+# in NCHW under bf16 autocast, 1.12-1.56x in fp32 (resnet18, resnet50, mobilenet_v2,
+# mobilenet_v3_small, efficientnet_b0, regnet_y_400mf at 64 and 160 px); ConvNeXt measured no
+# gain (0.95-1.07x), nor Swin under bf16 (0.95x), and ViT has one convolution
+# (docs/benchmarks.md, "Training throughput"). Only the prefix changes format:
 # trainable parameters in channels_last made every fused AdamW step and convolution backward
 # copy them (a phase-2 step of resnet18 was 10% slower than with the prefix alone converted).
 _CHANNELS_LAST_PREFIX_ON_CPU = frozenset({"resnet", "regnet", "efficientnet", "mobilenet"})
