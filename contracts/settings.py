@@ -6,6 +6,7 @@ The trainer and the server read the same words the same way: ``true/false``, ``y
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
@@ -46,3 +47,14 @@ def parse_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
     return float(value)
+
+
+def positive_int_argument(text: str) -> int:
+    """An argparse ``type`` for counts: a positive integer, else a usage error naming the text."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value

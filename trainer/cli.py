@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from contracts.settings import positive_int_argument
 from trainer.errors import RUNTIME_EXIT_CODE, USAGE_EXIT_CODE, UsageError
 
 log = logging.getLogger("trainer")
@@ -119,7 +120,7 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--version",
-        type=_positive_int,
+        type=positive_int_argument,
         metavar="N",
         help="model version in the repository (default: the latest complete one)",
     )
@@ -138,22 +139,12 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int_argument,
         default=32,
         metavar="N",
         help="images per forward pass (default: %(default)s)",
     )
     parser.set_defaults(func=_run_evaluate)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 
 from contracts.image_formats import IMAGE_EXTENSIONS
+from contracts.settings import positive_int_argument
 from server.client.api import AsyncInferenceClient, ImageResult, InferenceClient, RequestError
 from server.client.bench import BenchSetupError, bench_classify, bench_infer, synthetic_jpeg
 from server.client.connection import ClientConfigError, ConnectionOptions, read_token_file
@@ -34,16 +35,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 class UsageError(Exception):
     """Bad arguments or unreadable inputs (exit status 2)."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _probability(text: str) -> float:
@@ -143,13 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="image files, or directories searched recursively for images",
     )
     classify.add_argument(
-        "--top-k", type=_positive_int, default=1, help="labels per image (default 1)"
+        "--top-k", type=positive_int_argument, default=1, help="labels per image (default 1)"
     )
     classify.add_argument("--json", action="store_true", help="print one JSON document")
     classify.add_argument("--model", default="", help="model name (default: server's default)")
     classify.add_argument("--model-version", default="", help="model version (default: latest)")
     classify.add_argument(
-        "--parallel", type=_positive_int, default=8, help="requests in flight at once (default 8)"
+        "--parallel",
+        type=positive_int_argument,
+        default=8,
+        help="requests in flight at once (default 8)",
     )
     classify.add_argument(
         "--abstention-threshold",
@@ -176,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_connection_flags(bench)
     bench.add_argument(
-        "--concurrency", type=_positive_int, default=1, help="requests in flight (default 1)"
+        "--concurrency",
+        type=positive_int_argument,
+        default=1,
+        help="requests in flight (default 1)",
     )
     bench.add_argument(
         "--rate",
@@ -191,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup-s", type=float, default=1.0, help="load before measuring, not counted (default 1)"
     )
     bench.add_argument(
-        "--batch", type=_positive_int, default=1, help="images per request (default 1)"
+        "--batch", type=positive_int_argument, default=1, help="images per request (default 1)"
     )
     bench.add_argument(
         "--image",
