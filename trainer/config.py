@@ -405,7 +405,7 @@ def validate(config: TrainConfig) -> None:
 
 
 def _is_unfreeze_policy(policy: str) -> bool:
-    if policy in ("", AUTO, "all"):
+    if policy in ("", "all"):
         return True
     kind, _, count = policy.partition(":")
     return kind in ("top", "gradual") and count.isdigit() and int(count) >= 1
