@@ -206,13 +206,14 @@ class _TrialBench:
         self._epochs = itertools.count(_TRIAL_EPOCH_BASE)
 
     def range_test(self, policy: str, steps: int) -> LRFinding:
-        """Train ``steps`` steps of ``policy`` with the body's LR swept; the head's is fixed."""
+        """Train ``steps`` steps of ``policy`` with the body's LR swept and the head held still:
+        with the head learning too, an early fall of the loss is the head's, not the body's."""
         lrs = sweep_lrs(steps)
         losses: list[float] = []
         with self._undone():
             optimizer = self._optimizer(policy, lr=1.0)
             factors = [
-                (lambda i: 1.0) if group["group"] == HEAD else (lambda i: lrs[min(i, steps - 1)])
+                (lambda i: 0.0) if group["group"] == HEAD else (lambda i: lrs[min(i, steps - 1)])
                 for group in optimizer.param_groups
             ]
             self._train(optimizer, LambdaLR(optimizer, factors), steps, losses.append)

@@ -1,8 +1,8 @@
 """``--lr auto``: phase 2's learning rate from an LR range test (Smith 2017; fastai's lr_find).
 
 The test trains for a few steps while the learning rate of the unfrozen body groups grows
-geometrically from ``START_LR`` to ``END_LR`` (the converged head keeps its own LR, so the
-curve is about the groups being unfrozen), records the loss of every step and smooths it.
+geometrically from ``START_LR`` to ``END_LR`` (the fitted head is held still, so the curve
+is about the groups being unfrozen), records the loss of every step and smooths it.
 Two shapes, two rules:
 
 * **The loss falls** (by ``MIN_DROP`` or more below its start): a tenth of the rate at the
