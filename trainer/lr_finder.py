@@ -5,9 +5,10 @@ geometrically from ``START_LR`` to ``END_LR`` (the fitted head is held still, so
 is about the groups being unfrozen), records the loss of every step and smooths it.
 Two shapes, two rules:
 
-* **The loss falls** (by ``MIN_DROP`` or more below its start): a tenth of the rate at the
-  smoothed minimum, where the loss still falls steeply and is far from where it blows up
-  (fastai's "minimum / 10").
+* **The loss falls** (by ``MIN_DROP`` or more below its start, the median loss of the sweep's
+  first quarter, whose rates are too small to move the weights: differences there are batch
+  noise): a tenth of the rate at the smoothed minimum after that quarter, where the loss still
+  falls steeply and is far from where it blows up (fastai's "minimum / 10").
 * **The loss is flat, then climbs** (the usual shape after a converged head: there is little
   left to gain at first): a tenth of the first rate at which the smoothed loss exceeds
   ``BLOW_UP`` times its lowest value so far, the edge of stable training (Smith's "largest
@@ -23,14 +24,17 @@ The pure part (``suggest_lr``) works on the curve alone; ``LRFinding`` is what t
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 START_LR, END_LR = 1e-6, 1e-1
 FALLBACK_LR = 1e-4
-# Suggestions outside this range are clamped: beyond it a short test is not to be trusted.
-MIN_SUGGESTION, MAX_SUGGESTION = 1e-6, 1e-2
+# Suggestions outside this range are clamped: below it nothing trains, and above it Adam moves
+# pretrained weights faster than fine-tuning can keep their features (with the head held still
+# the body's loss climbs only at 1e-2 to 5e-2, so a tenth of that is still too fast).
+MIN_SUGGESTION, MAX_SUGGESTION = 1e-6, 1e-3
 SMOOTHING = 0.7
 MIN_DROP = 0.10
 BLOW_UP = 1.5
@@ -86,16 +90,22 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> LRFinding:
     curve = (tuple(lrs), tuple(losses), tuple(smoothed))
     if not finite:
         return LRFinding(*curve, FALLBACK_LR, "no finite loss: fallback")
-    lowest, at = min(finite)
-    first = finite[0][0]
-    if lowest <= first * (1 - MIN_DROP):
+    # The first quarter of the sweep runs at rates too small to move the weights in a few
+    # steps: its losses differ only by batch, so their median is the start, and a minimum
+    # among them is noise, not a fall.
+    settled = max(1, len(lrs) // 4)
+    quiet = [v for v in losses[:settled] if math.isfinite(v)]
+    first = statistics.median(quiet) if quiet else finite[0][0]
+    later = [(value, i) for value, i in finite if i >= settled]
+    lowest, at = min(later) if later else min(finite)
+    if later and lowest <= first * (1 - MIN_DROP):
         return LRFinding(
             *curve,
             _clamped(lrs[at] / 10),
             f"smoothed loss lowest ({lowest:.4f}, from {first:.4f}) at lr {lrs[at]:.2e}; "
             "a tenth of it",
         )
-    floor = math.inf
+    floor = first
     for i, value in enumerate(smoothed):
         floor = min(floor, value)
         if value > BLOW_UP * floor:

@@ -50,6 +50,14 @@ def test_flat_then_climbing_curve_takes_a_tenth_of_the_blow_up() -> None:
     assert 1e-4 <= finding.suggestion <= 1e-3 and "flat" in finding.reason
 
 
+def test_a_dip_among_the_first_tiny_rates_is_noise_not_a_fall() -> None:
+    lrs = sweep_lrs(16)
+    # One heavy first batch, lighter ones next (rates 1e-6..1e-5 move nothing), then the climb.
+    losses = [1.07, 0.9, 0.92, 0.93, 0.95, 0.94, 0.96, 0.95, 1.0, 1.1, 1.5, 2.5, 5, 12, 23, 37]
+    finding = suggest_lr(lrs, losses)
+    assert "flat" in finding.reason and 1e-4 <= finding.suggestion <= 1e-3
+
+
 def test_flat_or_broken_curves_fall_back() -> None:
     lrs = sweep_lrs(20)
     flat = suggest_lr(lrs, [1.0] * 20)
@@ -63,7 +71,7 @@ def test_flat_or_broken_curves_fall_back() -> None:
 def test_suggestion_is_clamped_to_a_trustworthy_range() -> None:
     lrs = sweep_lrs(20)
     falling = [10.0 - i * 0.4 for i in range(20)]  # lowest at the very end (1e-1)
-    assert suggest_lr(lrs, falling).suggestion == pytest.approx(1e-2)
+    assert suggest_lr(lrs, falling).suggestion == pytest.approx(1e-3)
 
 
 # ---- the flags ---------------------------------------------------------------------------
