@@ -44,9 +44,9 @@ from trainer import checkpoint as ckpt
 from trainer.frozen_prefix import training_view
 from trainer.input_pipeline import Pipeline
 from trainer.layer_groups import HEAD
-from trainer.loop import EvalResult, evaluate, train_one_epoch
+from trainer.loop import train_one_epoch
 from trainer.lr_finder import FALLBACK_LR, LRFinding, suggest_lr, sweep_lrs
-from trainer.phase_runner import StepSetup, TrainedModel
+from trainer.phase_runner import StepSetup, TrainedModel, evaluate_on_val
 from trainer.phases import build_optimizer, build_phases, set_trainable, train_mode, warmup_cosine
 from trainer.progress import log_event
 from trainer.run_context import RunContext
@@ -226,7 +226,7 @@ class _TrialBench:
             optimizer = self._optimizer(policy, lr=lr)
             schedule = warmup_cosine(steps, self.context.config.warmup_fraction)
             self._train(optimizer, LambdaLR(optimizer, schedule), steps, None)
-            scored = self._evaluate()
+            scored = evaluate_on_val(self.trained.module, self.pipeline, self.step, self.context)
         trial = Trial(
             policy, lr, steps, scored.accuracy, scored.loss, time.perf_counter() - started
         )
@@ -298,17 +298,6 @@ class _TrialBench:
             sampler.set_epoch(next(self._epochs))
             sampler.set_start(0)
             yield from self.pipeline.train_loader
-
-    def _evaluate(self) -> EvalResult:
-        return evaluate(
-            self.trained.module,
-            self.pipeline.eval_batches(),
-            prepare=self.step.prepare,
-            num_classes=self.context.header.num_classes,
-            device=self.context.device,
-            amp_dtype=self.step.amp_dtype,
-            distributed=self.context.dist.enabled,
-        )
 
     def _mean_over_ranks(self, losses: list[float]) -> list[float]:
         if not self.context.dist.enabled:

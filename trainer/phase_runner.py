@@ -77,6 +77,22 @@ class StepSetup:
     loss_fn: nn.Module
 
 
+def evaluate_on_val(
+    model: nn.Module, pipeline: Pipeline, step: StepSetup, context: RunContext
+) -> EvalResult:
+    """``model`` on the run's val split, prepared and in the precision the steps use (summed
+    over ranks under DDP)."""
+    return evaluate(
+        model,
+        pipeline.eval_batches(),
+        prepare=step.prepare,
+        num_classes=context.header.num_classes,
+        device=context.device,
+        amp_dtype=step.amp_dtype,
+        distributed=context.dist.enabled,
+    )
+
+
 @dataclass(frozen=True)
 class RunObservers:
     """Where the run reports to and listens for a stop (built and closed by ``trainer.run``)."""
@@ -351,15 +367,7 @@ class PhaseRunner:
 
         Returns whether the val accuracy improved on the best so far.
         """
-        evaluated = evaluate(
-            self.model.evaluated,
-            self.pipeline.eval_batches(),
-            prepare=self.step.prepare,
-            num_classes=self.context.header.num_classes,
-            device=self.context.device,
-            amp_dtype=self.step.amp_dtype,
-            distributed=self.context.dist.enabled,
-        )
+        evaluated = evaluate_on_val(self.model.evaluated, self.pipeline, self.step, self.context)
         progress = self.progress
         progress.global_epoch += 1
         cursor.stats.epochs += 1
