@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from contracts.golden_set import InvalidGoldenSet
+from contracts.repository_layout import CONFIG_FILENAME
 from server.batching import BatchingSettings
 from server.config import ServerConfig
 from server.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServerError
 from server.golden_set import GoldenVerdict, check_golden_set, check_rollout
 from server.metrics import ServerMetrics
-from server.model_spec import ModelSpec
+from server.model_spec import ModelSpec, complete_from_graph, graph_contradictions
 from server.model_version import ModelVersion
 from server.onnx_sessions import OnnxSessions, SessionSettings
 from server.repository import (
@@ -66,6 +68,22 @@ def batching_settings(settings: ServerConfig, spec: ModelSpec, instances: int) -
         workers=instances,
         max_queued_bytes=settings.max_queued_bytes,
     )
+
+
+def agreed_spec(model: ModelSource, source: VersionSource, sessions: OnnxSessions) -> ModelSpec:
+    """The model's config.pbtxt completed from this version's graph.
+
+    Raises:
+        ModelLoadError: config.pbtxt contradicts the graph; one line naming each field with
+            both values.
+    """
+    contradictions = graph_contradictions(model.spec, sessions.inputs, sessions.outputs)
+    if contradictions:
+        raise ModelLoadError(
+            f"{model.directory / CONFIG_FILENAME} contradicts {source.onnx_path}: "
+            + "; ".join(contradictions)
+        )
+    return complete_from_graph(model.spec, sessions.inputs, sessions.outputs)
 
 
 class ModelManager:
@@ -235,7 +253,7 @@ class ModelManager:
         started = time.monotonic()
         baseline = self._rollout_baseline(source)
         try:
-            sessions, metadata = await asyncio.to_thread(
+            sessions, metadata, spec = await asyncio.to_thread(
                 self._load_sessions, model_source, source, baseline
             )
         except ServerError as error:
@@ -248,7 +266,7 @@ class ModelManager:
         self._rejected.pop((source.model_name, source.version), None)
         name, version = source.model_name, str(source.version)
         model = ModelVersion(
-            model_source,
+            dataclasses.replace(model_source, spec=spec),
             source,
             sessions,
             metadata,
@@ -284,7 +302,7 @@ class ModelManager:
         model_source: ModelSource,
         source: VersionSource,
         baseline: ModelVersion | None = None,
-    ) -> tuple[OnnxSessions, ExportMetadata | None]:
+    ) -> tuple[OnnxSessions, ExportMetadata | None, ModelSpec]:
         settings = SessionSettings(
             providers=self.settings.providers,
             instances=self.settings.instances,
@@ -294,12 +312,14 @@ class ModelManager:
             graph_optimization=self.settings.graph_optimization,
         )
         sessions = OnnxSessions(source.onnx_path, settings)
+        # Before the warm-up: a batch size the graph cannot take would fail there, less clearly.
+        spec = agreed_spec(model_source, source, sessions)
         metadata = read_metadata(source, sessions.custom_metadata)
         self._warm_up(sessions, model_source, source)
         self._check_golden_set(source, metadata, sessions)
         if baseline is not None:
             self._check_rollout(model_source, source, metadata, sessions, baseline)
-        return sessions, metadata
+        return sessions, metadata, spec
 
     def _check_rollout(
         self,

@@ -3,11 +3,21 @@
 ``server.transport.model_config`` reads Triton's text format into a ``ModelSpec`` and writes a
 ``ModelSpec`` back as the ``ModelConfig`` message; everything else (the repository reader, the
 model manager, the handlers, the batcher) sees only these frozen dataclasses.
+
+A version's graph is the truth about its tensors: ``graph_contradictions`` lists where
+config.pbtxt says otherwise (the version is then refused, so ``ModelConfig`` can never report
+one thing while ``ModelMetadata`` and the requests see another), and ``complete_from_graph``
+fills in what config.pbtxt leaves unstated.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
+
+from server.datatypes import DATATYPE_TO_CONFIG_TYPE
 
 
 @dataclass(frozen=True)
@@ -78,3 +88,126 @@ class ModelSpec:
     def label_filenames(self) -> tuple[str, ...]:
         """The outputs' label files, in output order."""
         return tuple(o.label_filename for o in self.outputs if o.label_filename)
+
+
+class GraphTensor(Protocol):
+    """A graph input or output as the sessions describe it (the batch dimension included)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def datatype(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+def _type_name(datatype: str) -> str:
+    return DATATYPE_TO_CONFIG_TYPE.get(datatype, datatype)
+
+
+def _dims(spec: ModelSpec, tensor: GraphTensor) -> tuple[int, ...]:
+    """The graph's shape as config.pbtxt writes it: without the batch dimension when batching."""
+    return tensor.shape[1:] if spec.max_batch_size > 0 else tensor.shape
+
+
+def _dims_agree(stated: tuple[int, ...], graph: tuple[int, ...]) -> bool:
+    # -1 on either side is a variable dimension: config.pbtxt may narrow or widen it.
+    return len(stated) == len(graph) and all(
+        s == g or s < 0 or g < 0 for s, g in zip(stated, graph, strict=True)
+    )
+
+
+def _batch_contradiction(spec: ModelSpec, tensors: Sequence[tuple[str, GraphTensor]]) -> list[str]:
+    if spec.max_batch_size <= 0:
+        return []
+    for kind, tensor in tensors:
+        if not tensor.shape:
+            return [
+                f"max_batch_size {spec.max_batch_size} in config.pbtxt, but the graph's {kind} "
+                f"{tensor.name!r} has no dimension to batch"
+            ]
+        if 0 <= tensor.shape[0] < spec.max_batch_size:
+            return [
+                f"max_batch_size {spec.max_batch_size} in config.pbtxt, {tensor.shape[0]} in the "
+                f"graph ({kind} {tensor.name!r} has a fixed batch dimension)"
+            ]
+    return []
+
+
+def _tensor_contradictions(
+    spec: ModelSpec, kind: str, stated: TensorConfig, tensor: GraphTensor
+) -> list[str]:
+    found = []
+    where = f"{kind} {stated.name!r}"
+    if stated.datatype and stated.datatype != tensor.datatype:
+        found.append(
+            f"{where} data_type {_type_name(stated.datatype)} in config.pbtxt, "
+            f"{_type_name(tensor.datatype)} in the graph"
+        )
+    graph_dims = _dims(spec, tensor)
+    if not _dims_agree(stated.dims, graph_dims):
+        batch = " after the batch dimension" if spec.max_batch_size > 0 else ""
+        found.append(
+            f"{where} dims {list(stated.dims)} in config.pbtxt, {list(graph_dims)} in the "
+            f"graph{batch}"
+        )
+    return found
+
+
+def graph_contradictions(
+    spec: ModelSpec, inputs: Sequence[GraphTensor], outputs: Sequence[GraphTensor]
+) -> list[str]:
+    """Where config.pbtxt contradicts the graph: one phrase each, naming the field and both
+    values (config.pbtxt's first, then the graph's).
+
+    As in Triton, a config that lists inputs lists every graph input; listed outputs must be
+    outputs of the graph (the graph may have more); an unstated ``data_type`` and a ``-1``
+    dimension agree with anything; ``max_batch_size`` may not exceed a fixed batch dimension.
+    """
+    graph = {"input": {t.name: t for t in inputs}, "output": {t.name: t for t in outputs}}
+    found = _batch_contradiction(
+        spec, [("input", t) for t in inputs] + [("output", t) for t in outputs]
+    )
+    for kind, stated_tensors in (("input", spec.inputs), ("output", spec.outputs)):
+        for stated in stated_tensors:
+            tensor = graph[kind].get(stated.name)
+            if tensor is None:
+                found.append(
+                    f"{kind} {stated.name!r} in config.pbtxt, not in the graph (its {kind}s: "
+                    f"{', '.join(graph[kind]) or 'none'})"
+                )
+            else:
+                found += _tensor_contradictions(spec, kind, stated, tensor)
+    stated_inputs = {t.name for t in spec.inputs}
+    unstated = [name for name in graph["input"] if name not in stated_inputs]
+    if spec.inputs and unstated:
+        found.append(
+            f"inputs {', '.join(sorted(stated_inputs))} in config.pbtxt, the graph also takes "
+            f"{', '.join(unstated)}"
+        )
+    return found
+
+
+def complete_from_graph(
+    spec: ModelSpec, inputs: Sequence[GraphTensor], outputs: Sequence[GraphTensor]
+) -> ModelSpec:
+    """``spec`` with what config.pbtxt leaves unstated taken from the graph: each tensor's
+    ``data_type``, and every input (output) when it lists none, so ``ModelConfig`` reports
+    what the version serves. Call after ``graph_contradictions`` found nothing."""
+    by_name = {t.name: t for t in (*inputs, *outputs)}
+
+    def completed(stated: TensorConfig) -> TensorConfig:
+        if stated.datatype:
+            return stated
+        return dataclasses.replace(stated, datatype=by_name[stated.name].datatype)
+
+    def listed(tensors: Sequence[GraphTensor]) -> tuple[TensorConfig, ...]:
+        return tuple(TensorConfig(t.name, t.datatype, _dims(spec, t)) for t in tensors)
+
+    return dataclasses.replace(
+        spec,
+        inputs=tuple(completed(t) for t in spec.inputs) or listed(inputs),
+        outputs=tuple(completed(t) for t in spec.outputs) or listed(outputs),
+    )

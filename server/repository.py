@@ -115,9 +115,18 @@ def read_config(model_dir: Path, parse: ConfigParser) -> ModelSpec:
     """Parse config.pbtxt; the model name defaults to the directory's name, as in Triton."""
     path = model_dir / CONFIG_FILENAME
     try:
-        spec = parse(path.read_text())
+        text = path.read_text()
     except OSError as error:
         raise ModelLoadError(f"{path}: {error.strerror}") from None
+    if not states_anything(text):
+        # Triton would auto-complete it; here only a directory with config.pbtxt is a model,
+        # so an empty one is more likely a truncated write than a request to guess the batching.
+        raise ModelLoadError(
+            f"{path}: empty; state at least max_batch_size, input and output "
+            "(trainer export writes them)"
+        )
+    try:
+        spec = parse(text)
     except ValueError as error:
         raise ModelLoadError(f"{path}: {error}") from None
     if not spec.name:
@@ -131,6 +140,11 @@ def read_config(model_dir: Path, parse: ConfigParser) -> ModelSpec:
     if spec.backend and spec.backend != BACKEND:
         raise ModelLoadError(f"{path}: backend {spec.backend!r} is not {BACKEND}")
     return spec
+
+
+def states_anything(text: str) -> bool:
+    """Whether config.pbtxt text holds anything but blank lines and ``#`` comments."""
+    return any(line.partition("#")[0].strip() for line in text.splitlines())
 
 
 def label_path(model_dir: Path, spec: ModelSpec) -> Path:
