@@ -17,13 +17,14 @@ from contracts.preprocessing import Preprocessing
 from contracts.repository_layout import METADATA_FILENAME, MODEL_FILENAME
 from trainer.abstention import DEFAULT_TARGET_PRECISION, choose_threshold
 from trainer.checkpoint import Checkpoint, load_checkpoint
+from trainer.config import TrainConfig
 from trainer.classifier import restore_classifier
 from trainer.errors import ConfigError, DataError
 from trainer.export import metadata as meta
 from trainer.export.errors import ExportError
 from trainer.export.golden import build_golden_set
 from trainer.export.graph import ServingModel
-from trainer.export.images import ImageSet, list_split, load_split
+from trainer.export.images import ImageSet, SplitRule, list_split, load_split
 from trainer.export.onnx_export import export_onnx
 from trainer.export.optimize import optimize_offline
 from trainer.export.ort_checks import cpu_session, run_logits
@@ -218,6 +219,7 @@ class _Source:
     classifier: nn.Module
     state_source: str
     graph: _Graph
+    val_files: list[tuple[Path, int]]
     val: ImageSet | None
     calibration: ImageSet | None
 
@@ -244,10 +246,12 @@ def _load_source(checkpoint_path: Path, input_format: str, options: _Options) ->
             preprocessing=checkpoint.header.preprocessing,
             num_classes=checkpoint.header.num_classes,
         )
-        val = _load(options.data_dir, "val", checkpoint, VAL_LIMIT)
+        val_files = _run_split(options.data_dir, "val", checkpoint)
+        val = _load(val_files, checkpoint, VAL_LIMIT)
         calibration = None
         if options.precision == "int8" and options.int8_mode == "static":
-            calibration = _load(options.data_dir, "train", checkpoint, CALIBRATION_LIMIT)
+            train_files = _run_split(options.data_dir, "train", checkpoint)
+            calibration = _load(train_files, checkpoint, CALIBRATION_LIMIT)
         facts.update(
             arch=checkpoint.header.arch,
             weights=state_source,
@@ -255,7 +259,7 @@ def _load_source(checkpoint_path: Path, input_format: str, options: _Options) ->
         )
         if calibration is not None:
             facts["calibration_images"] = len(calibration)
-    return _Source(checkpoint, classifier, state_source, graph, val, calibration)
+    return _Source(checkpoint, classifier, state_source, graph, val_files, val, calibration)
 
 
 def _build_version(source: _Source, work: Path, options: _Options) -> _Built:
@@ -302,14 +306,14 @@ def _build_version(source: _Source, work: Path, options: _Options) -> _Built:
             facts.update(_parity_facts(parity), **variant_extra["precision_comparison"])
         extra.update(variant_extra, parity_fp32=parity_fp32.as_metadata())
     with export_step("abstention") as facts:
-        extra.update(_val_class_counts(options.data_dir, checkpoint))
+        extra.update(_val_class_counts(source.val_files, checkpoint))
         extra.update(
             _abstention(final_path, graph, source.val, checkpoint, options.abstention_precision)
         )
         facts.update(extra.get("abstention") or {"threshold": None})
     with export_step("golden_set") as facts:
         golden_files = _golden_set(
-            options.data_dir, checkpoint, serving, final_path, graph.input_format, extra
+            options.data_dir, source.val_files, checkpoint, serving, final_path, graph, extra
         )
         facts.update(extra.get("golden_set") or {"images": 0})
     return _Built(final_path, parity, exporter, extra, golden_files)
@@ -392,13 +396,12 @@ def _abstention(
     return {"abstention": policy.to_dict()}
 
 
-def _val_class_counts(data_dir: Path | None, checkpoint: Checkpoint) -> dict[str, Any]:
-    """The whole val split's images per class: the server's reference for class drift."""
-    if data_dir is None:
+def _val_class_counts(val_files: list[tuple[Path, int]], checkpoint: Checkpoint) -> dict[str, Any]:
+    """The run's whole val split, images per class: the server's reference for class drift."""
+    if not val_files:
         return {}
-    classes = list(checkpoint.header.classes)
-    counts = [0] * len(classes)
-    for _, label in list_split(Path(data_dir) / "val", classes):
+    counts = [0] * checkpoint.header.num_classes
+    for _, label in val_files:
         counts[label] += 1
     return {"val_class_counts": counts}
 
@@ -412,10 +415,11 @@ def _temperature(checkpoint: Checkpoint) -> float:
 
 def _golden_set(  # noqa: PLR0913  one step of export_checkpoint; its facts passed on
     data_dir: Path | None,
+    val_files: list[tuple[Path, int]],
     checkpoint: Checkpoint,
     serving: ServingModel,
     graph_path: Path,
-    input_format: str,
+    graph: _Graph,
     extra: dict[str, Any],
 ) -> dict[str, bytes]:
     """The version's golden set files (none without val data); its summary goes in ``extra``."""
@@ -423,11 +427,12 @@ def _golden_set(  # noqa: PLR0913  one step of export_checkpoint; its facts pass
         return {}
     golden, files = build_golden_set(
         Path(data_dir),
+        val_files,
         classes=checkpoint.header.classes,
         preprocessing=checkpoint.header.preprocessing,
         serving=serving,
         onnx_path=graph_path,
-        input_format=input_format,
+        input_format=graph.input_format,
     )
     extra["golden_set"] = {
         "images": len(golden.images),
@@ -463,13 +468,25 @@ def _validate_options(  # noqa: PLR0913  the export's options, checked together 
         raise DataError(f"data directory {data_dir} does not exist")
 
 
-def _load(data_dir: Path | None, split: str, checkpoint: Checkpoint, limit: int) -> ImageSet | None:
+def _run_split(data_dir: Path | None, split: str, checkpoint: Checkpoint) -> list[tuple[Path, int]]:
+    """The training run's own ``split`` of ``data_dir`` (its seeded val share when the folder
+    has no ``val/``), by the split settings the checkpoint recorded."""
     if data_dir is None:
+        return []
+    recorded = checkpoint.header.config
+    rule = SplitRule(
+        val_fraction=float(recorded.get("val_fraction", TrainConfig.val_fraction)),
+        seed=int(recorded.get("seed", TrainConfig.seed)),
+    )
+    return list_split(Path(data_dir), split, checkpoint.header.classes, rule)
+
+
+def _load(files: list[tuple[Path, int]], checkpoint: Checkpoint, limit: int) -> ImageSet | None:
+    if not files:
         return None
     preprocessing = checkpoint.header.preprocessing
     return load_split(
-        Path(data_dir) / split,
-        checkpoint.header.classes,
+        files,
         input_size=preprocessing.input_size,
         resize_size=preprocessing.resize_size,
         limit=limit,

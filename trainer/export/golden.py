@@ -27,7 +27,7 @@ from contracts.golden_set import GOLDEN_DIRNAME, GOLDEN_FILENAME, GoldenImage, G
 from contracts.preprocessing import Preprocessing
 from trainer.augment import eval_transform
 from trainer.export.graph import ServingModel
-from trainer.export.images import list_split, preprocess
+from trainer.export.images import preprocess
 from trainer.export.ort_checks import cpu_session, to_feed
 from trainer.export.signature import INPUT_NAME, UINT8_NHWC
 from trainer.image_decode import CorruptImage, decode_image, open_rgb
@@ -57,6 +57,7 @@ class _Candidate:
 
 def build_golden_set(  # noqa: PLR0913  the export's facts, passed by keyword
     data_dir: Path,
+    val_files: Sequence[tuple[Path, int]],
     *,
     classes: Sequence[str],
     preprocessing: Preprocessing,
@@ -66,10 +67,11 @@ def build_golden_set(  # noqa: PLR0913  the export's facts, passed by keyword
 ) -> tuple[GoldenSet, dict[str, bytes]]:
     """The golden set for an exported graph, and its files keyed by their path in the version.
 
-    Raises:
-        DataError: the val split is missing or empty.
+    Args:
+        data_dir: the data folder ``val_files`` lie in (the golden images are named from it).
+        val_files: the run's val split (``trainer.export.images.list_split``).
     """
-    candidates = _choose(Path(data_dir), classes, preprocessing.resize_size)
+    candidates = _choose(Path(data_dir), val_files, preprocessing.resize_size)
     paths = _Paths(preprocessing, serving, onnx_path, input_format)
     with tempfile.TemporaryDirectory(prefix="golden-") as work_dir:
         work = Path(work_dir)
@@ -150,12 +152,14 @@ def _margin(row: np.ndarray) -> float:
     return float(best[0] - best[1]) if len(best) > 1 else 1.0
 
 
-def _choose(data_dir: Path, classes: Sequence[str], resize_size: int) -> list[_Candidate]:
+def _choose(
+    data_dir: Path, val_files: Sequence[tuple[Path, int]], resize_size: int
+) -> list[_Candidate]:
     """Up to ``GOLDEN_LIMIT`` decodable val images (classes interleaved), and a rotated one
     beyond them when one exists among the first ``EXIF_SEARCH_LIMIT``."""
     chosen: list[_Candidate] = []
     found_rotated = False
-    for path, label in list_split(data_dir / "val", classes)[:EXIF_SEARCH_LIMIT]:
+    for path, label in val_files[:EXIF_SEARCH_LIMIT]:
         if len(chosen) >= GOLDEN_LIMIT and found_rotated:
             break
         orientation = _exif_orientation(path)

@@ -4,6 +4,7 @@ exactly as the serving graph expects (shorter side resized, centre crop, uint8 R
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +12,11 @@ from pathlib import Path
 import numpy as np
 from torchvision.transforms.v2 import functional as tvf
 
-from contracts.image_formats import IMAGE_EXTENSIONS
+from trainer.data import scan_dataset
 from trainer.errors import DataError
 from trainer.image_decode import CorruptImage, open_rgb
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,54 +30,82 @@ class ImageSet:
         return len(self.labels)
 
 
-def list_split(split_dir: Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
-    """Image files of ``split_dir/<class>/`` with the checkpoint's class index of each.
+@dataclass(frozen=True)
+class SplitRule:
+    """How the training run split its data: the seeded share of each class it held out for
+    validation when the folder has no ``val/`` (``TrainConfig.val_fraction`` and ``seed``)."""
 
-    Files are interleaved across classes (one of each class in turn), so any prefix of the
-    list covers the classes evenly.
+    val_fraction: float
+    seed: int
+
+
+def list_split(
+    data_dir: Path, split: str, classes: Sequence[str], rule: SplitRule
+) -> list[tuple[Path, int]]:
+    """The run's own ``split`` (``train`` or ``val``) of ``data_dir``, with class indices.
+
+    The split is the one training used (``trainer.data.scan_dataset``): ``DATA/val`` when it
+    exists, else the seeded share ``rule`` holds out of ``DATA/train``, so a train-only folder
+    exports with real val images. Files are interleaved across classes (one of each class in
+    turn), so any prefix of the list covers the classes evenly.
 
     Raises:
-        DataError: the split is missing, empty, or has a class the checkpoint does not know.
+        DataError: the folder is not the checkpoint's data (other classes), or the split is
+            missing or empty.
     """
-    if not split_dir.is_dir():
-        raise DataError(f"{split_dir} is not a directory (expected an ImageFolder split)")
-    index = {name: i for i, name in enumerate(classes)}
-    per_class: list[list[tuple[Path, int]]] = []
-    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        if class_dir.name.startswith("."):
-            continue
-        if class_dir.name not in index:
-            raise DataError(
-                f"{split_dir}: class folder {class_dir.name!r} is not one of the checkpoint's "
-                f"classes {list(classes)}"
-            )
-        files = sorted(
-            p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    dataset = scan_dataset(data_dir, val_fraction=rule.val_fraction, seed=rule.seed)
+    if list(dataset.classes) != list(classes):
+        raise DataError(
+            f"data: {data_dir} has the classes {dataset.classes}; the checkpoint was trained "
+            f"on {list(classes)}"
         )
-        per_class.append([(p, index[class_dir.name]) for p in files])
+    samples = dataset.val if split == "val" else dataset.train
+    per_class: list[list[tuple[Path, int]]] = [[] for _ in classes]
+    for sample in samples:
+        per_class[sample.label].append((sample.path, sample.label))
     items = [
         item for group in itertools.zip_longest(*per_class) for item in group if item is not None
     ]
     if not items:
-        raise DataError(f"{split_dir} has no images in class folders")
+        raise DataError(f"data: {data_dir} has no {split} images")
     return items
 
 
 def load_split(
-    split_dir: Path,
-    classes: Sequence[str],
+    items: Sequence[tuple[Path, int]],
     *,
     input_size: Sequence[int],
     resize_size: int,
     limit: int | None = None,
 ) -> ImageSet:
-    """Load and preprocess up to ``limit`` images of a split (all of them when ``None``)."""
-    items = list_split(split_dir, classes)
-    if limit is not None:
-        items = items[:limit]
-    images = [preprocess(path, input_size=input_size, resize_size=resize_size) for path, _ in items]
-    labels = np.array([label for _, label in items], dtype=np.int64)
-    return ImageSet(images=np.stack(images), labels=labels)
+    """Preprocess up to ``limit`` decodable images of ``items`` (all of them when ``None``).
+
+    Files that fail to decode are skipped, named in the log and counted, as training skips
+    them: one bad file must not undo a finished run at its export.
+
+    Raises:
+        DataError: not one of the files decodes.
+    """
+    wanted = len(items) if limit is None else limit
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    skipped: list[str] = []
+    for path, label in items:
+        if len(images) >= wanted:
+            break
+        try:
+            images.append(preprocess(path, input_size=input_size, resize_size=resize_size))
+        except DataError as error:
+            skipped.append(str(error))
+            continue
+        labels.append(label)
+    if skipped:
+        log.warning(
+            "skipped %d undecodable image(s): %s", len(skipped), "; ".join(skipped[:5])
+        )
+    if not images:
+        raise DataError(f"none of the {len(items)} images could be decoded")
+    return ImageSet(images=np.stack(images), labels=np.array(labels, dtype=np.int64))
 
 
 def preprocess(path: Path, *, input_size: Sequence[int], resize_size: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from google.protobuf import text_format
 
 from trainer.classifier import create_model
 from trainer.export.graph import normalize_uint8_nhwc
-from trainer.export.images import load_split
+from trainer.export.images import SplitRule, list_split, load_split
 from trainer.export.metadata import read_embedded
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,8 @@ def _model_config():
 def test_uint8_nhwc_parity_against_pytorch(resnet_export, image_folder, batch):
     result, checkpoint = resnet_export
     model = _reference_model(checkpoint)
-    val = load_split(image_folder / "val", CLASSES, input_size=[SIZE, SIZE], resize_size=36)
+    files = list_split(image_folder, "val", CLASSES, SplitRule(val_fraction=0.2, seed=0))
+    val = load_split(files, input_size=[SIZE, SIZE], resize_size=36)
     images = val.images[np.arange(batch) % len(val)]
     session = ort.InferenceSession(str(result.model_path), providers=["CPUExecutionProvider"])
     logits, probabilities = session.run(None, {"image": images})
