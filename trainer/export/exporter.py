@@ -17,8 +17,8 @@ from contracts.preprocessing import Preprocessing
 from contracts.repository_layout import METADATA_FILENAME, MODEL_FILENAME
 from trainer.abstention import DEFAULT_TARGET_PRECISION, choose_threshold
 from trainer.checkpoint import Checkpoint, load_checkpoint
-from trainer.config import TrainConfig
 from trainer.classifier import restore_classifier
+from trainer.config import TrainConfig
 from trainer.errors import ConfigError, DataError
 from trainer.export import metadata as meta
 from trainer.export.errors import ExportError

@@ -100,9 +100,7 @@ def load_split(
             continue
         labels.append(label)
     if skipped:
-        log.warning(
-            "skipped %d undecodable image(s): %s", len(skipped), "; ".join(skipped[:5])
-        )
+        log.warning("skipped %d undecodable image(s): %s", len(skipped), "; ".join(skipped[:5]))
     if not images:
         raise DataError(f"none of the {len(items)} images could be decoded")
     return ImageSet(images=np.stack(images), labels=np.array(labels, dtype=np.int64))
