@@ -41,6 +41,7 @@ from server.repository import (
     version_fingerprint,
 )
 from server.thread_plan import ThreadPlan, plan_from_settings
+from server.version_states import LOADING, READY, UNAVAILABLE, VersionState
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,9 @@ class ModelManager:
         self.threads = threads or plan_from_settings(settings)
         self._models: dict[str, dict[int, ModelVersion]] = {}
         self._rejected: dict[tuple[str, int], _Rejection] = {}
+        # model -> why its config.pbtxt could not be read at the last poll.
+        self._config_errors: dict[str, str] = {}
+        self._loading: set[tuple[str, int]] = set()
         # model -> its config.pbtxt and label files as last loaded (a change reloads it).
         self._fingerprints: dict[str, tuple] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -179,7 +183,12 @@ class ModelManager:
             )
         except ModelLoadError as error:
             log.error("model %s: cannot read its configuration: %s", name, error)
+            self._config_errors[name] = str(error)
             return
+        self._config_errors.pop(name, None)
+        on_disk = {v.version for v in source.available}
+        for key in [k for k in self._rejected if k[0] == name and k[1] not in on_disk]:
+            del self._rejected[key]
         loaded = self._models.setdefault(name, {})
         previous = self._fingerprints.get(name)
         if loaded and previous is not None and previous != source.fingerprint:
@@ -252,6 +261,8 @@ class ModelManager:
     async def _load(self, model_source: ModelSource, source: VersionSource) -> ModelVersion | None:
         started = time.monotonic()
         baseline = self._rollout_baseline(source)
+        key = (source.model_name, source.version)
+        self._loading.add(key)
         try:
             sessions, metadata, spec = await asyncio.to_thread(
                 self._load_sessions, model_source, source, baseline
@@ -263,6 +274,8 @@ class ModelManager:
             log.exception("unexpected error loading %s", source.directory)
             self._reject(model_source, source, error)
             return None
+        finally:
+            self._loading.discard(key)
         self._rejected.pop((source.model_name, source.version), None)
         name, version = source.model_name, str(source.version)
         model = ModelVersion(
@@ -420,7 +433,7 @@ class ModelManager:
         )
         self.metrics.model_load_failures.labels(source.model_name).inc()
         self._rejected[key] = _Rejection(
-            _fingerprint(model_source, source), attempts, time.monotonic() + delay
+            _fingerprint(model_source, source), attempts, time.monotonic() + delay, str(error)
         )
 
     def _retire(self, model: ModelVersion, *, keep_info: bool = False) -> None:
@@ -441,6 +454,34 @@ class ModelManager:
         task = asyncio.get_running_loop().create_task(model.unload())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+
+    def repository_index(self) -> list[VersionState]:
+        """Every model the repository poll found, with its loaded, loading and refused versions.
+
+        A loaded version is READY even when a later change to its files was refused (it serves
+        what it loaded before); the refusal is its reason. Versions the policy left unloaded
+        without trying are not listed, as in Triton.
+        """
+        index = []
+        for name in sorted(set(self._models) | set(self._config_errors)):
+            loaded = self._models.get(name, {})
+            rejected = {v: r.reason for (n, v), r in self._rejected.items() if n == name}
+            loading = {v for n, v in self._loading if n == name}
+            config_error = self._config_errors.get(name)
+            versions = sorted(set(loaded) | set(rejected) | loading)
+            for version in versions:
+                if version in loaded:
+                    refused = config_error or rejected.get(version)
+                    reason = f"a change was refused, serving as loaded before: {refused}"
+                    index.append(VersionState(name, str(version), READY, reason if refused else ""))
+                elif version in loading:
+                    index.append(VersionState(name, str(version), LOADING))
+                else:
+                    index.append(VersionState(name, str(version), UNAVAILABLE, rejected[version]))
+            if not versions:
+                reason = config_error or "no version loaded"
+                index.append(VersionState(name, "", UNAVAILABLE, reason))
+        return index
 
     async def poll_forever(self, interval_s: float) -> None:
         """Refresh every interval_s seconds until cancelled; errors are logged, not raised."""
@@ -468,6 +509,7 @@ class _Rejection:
     fingerprint: tuple
     attempts: int
     retry_at: float
+    reason: str = ""
 
 
 def _fingerprint(model_source: ModelSource, source: VersionSource) -> tuple:

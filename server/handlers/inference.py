@@ -1,4 +1,5 @@
-"""Open Inference Protocol handlers: health, metadata, configuration, statistics, inference."""
+"""Open Inference Protocol handlers: health, metadata, configuration, statistics, the
+repository index, inference."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from server.model_version import ModelVersion
 from server.repository import PLATFORM
 from server.statistics import VersionStatistics
 from server.types import InferRequest, InferResponse, ModelInfo, Tensor, TensorInfo
+from server.version_states import VersionState
 
 SERVER_NAME = "finetune-serve"
 SERVER_VERSION = "0.1.0"
@@ -82,6 +84,11 @@ class InferenceHandler:
         else:
             models = [m for n in self.manager.model_names() for m in self.manager.versions(n)]
         return [VersionStatistics(m.name, m.version_str, m.stats.snapshot()) for m in models]
+
+    def repository_index(self, ready_only: bool) -> list[VersionState]:
+        """Triton's RepositoryIndex: each model and version with its state (one repository)."""
+        index = self.manager.repository_index()
+        return [entry for entry in index if entry.is_ready] if ready_only else index
 
     async def infer(self, request: InferRequest) -> InferResponse:
         record = RequestRecord()

@@ -31,6 +31,7 @@ from server.types import (
     ModelInfo,
     Tensor,
 )
+from server.version_states import VersionState
 
 _MAX_ELEMENTS = 1 << 31
 
@@ -295,4 +296,14 @@ def statistics_to_proto(versions: list[VersionStatistics]) -> pb.ModelStatistics
         ):
             duration = getattr(stats, name)
             _duration(getattr(inference, name), duration.count, duration.ns)
+    return message
+
+
+def repository_index_to_proto(index: list[VersionState]) -> pb.RepositoryIndexResponse:
+    """Triton's RepositoryIndex answer: one entry per model version."""
+    message = pb.RepositoryIndexResponse()
+    for entry in index:
+        message.models.add(
+            name=entry.model, version=entry.version, state=entry.state, reason=entry.reason
+        )
     return message

@@ -73,6 +73,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         versions = self.handler.statistics(request.name, request.version)
         return converters.statistics_to_proto(versions)
 
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        # One repository: any repository_name answers with it, as Triton does for an empty one.
+        return converters.repository_index_to_proto(self.handler.repository_index(request.ready))
+
     async def _infer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
