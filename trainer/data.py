@@ -96,13 +96,30 @@ def scan_dataset(
             len(train) + len(val),
         )
     report_corrupt([f"{path}: not a supported image format" for path in unsupported], strict)
-    files = sorted(s.path.relative_to(root).as_posix() for s in [*train, *val])
-    fingerprint = {
+    return DatasetSplit(classes, train, val, dataset_fingerprint(root, classes, [*train, *val]))
+
+
+def dataset_fingerprint(root: Path, classes: list[str], samples: list[Sample]) -> dict[str, Any]:
+    """What identifies a dataset across runs: its classes, file list and file sizes.
+
+    Paths are relative to ``root``, so a moved folder keeps its fingerprint; a file added,
+    removed, renamed or rewritten at another size changes it. Sizes come from ``stat`` (no
+    reads), so the fingerprint costs one system call per file.
+    """
+    files = sorted((s.path.relative_to(root).as_posix(), s.path.stat().st_size) for s in samples)
+    return {
         "classes": list(classes),
         "file_count": len(files),
-        "sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(),
+        "sha256": hashlib.sha256("\n".join(name for name, _ in files).encode()).hexdigest(),
+        "sizes_sha256": hashlib.sha256(
+            "\n".join(f"{name}\t{size}" for name, size in files).encode()
+        ).hexdigest(),
     }
-    return DatasetSplit(classes, train, val, fingerprint)
+
+
+def fingerprint_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The fingerprint keys that differ (only keys both carry: older checkpoints lack some)."""
+    return sorted(key for key in recorded.keys() & current.keys() if recorded[key] != current[key])
 
 
 def scan_class_folders(split_dir: Path, unsupported: list[str]) -> tuple[list[str], list[Sample]]:

@@ -27,7 +27,8 @@ from trainer.config import (
     convert,
     validate,
 )
-from trainer.errors import ConfigError
+from trainer.data import DatasetSplit, fingerprint_changes
+from trainer.errors import ConfigError, DataError
 from trainer.phases import Phase
 
 log = logging.getLogger(__name__)
@@ -136,19 +137,31 @@ class ResumedSettings:
     changed: dict[str, tuple[Any, Any]]
     checkpoint: Checkpoint
 
-    def check(self, classes: list[str]) -> None:
-        """Refuse meaning-changing changes (the data's classes too); log the safe ones.
+    def check(self, split: DatasetSplit, data: Path) -> None:
+        """Refuse meaning-changing changes and other data; log the safe changes.
+
+        The data may move (``--data`` is safe to change) but must be the checkpoint's: the
+        same classes, file list and file sizes (``trainer.data.dataset_fingerprint``).
 
         Raises:
             ConfigError: one message naming every refused setting with both values.
+            DataError: ``data`` is not the data the checkpoint was trained on.
         """
         changed = dict(self.changed)
         recorded_classes = list(self.checkpoint.header.classes)
-        if recorded_classes != list(classes):
-            changed["classes"] = (recorded_classes, list(classes))
+        if recorded_classes != list(split.classes):
+            changed["classes"] = (recorded_classes, list(split.classes))
         refused = {k: v for k, v in changed.items() if k in MEANING_CHANGING or k == "classes"}
         if refused:
             raise ConfigError(_refusal(refused, self.checkpoint))
+        recorded = self.checkpoint.header.dataset_fingerprint or {}
+        differs = fingerprint_changes(recorded, split.fingerprint)
+        if differs:
+            raise DataError(
+                f"resume: {data} is not the data the checkpoint in this output was trained on "
+                f"(differs in {', '.join(differs)}; {recorded.get('file_count')} files then, "
+                f"{split.fingerprint['file_count']} now); use --resume never or another --output"
+            )
         if changed:
             log.info(
                 "resume: settings changed since the checkpoint (safe to change): %s",

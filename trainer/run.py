@@ -114,8 +114,6 @@ def _train(
         checkpoints=output / "checkpoints",
         header=_header(config, split, pre, weights_source),
     )
-    if resume is not None:
-        check_resume_fits(resume, split.fingerprint)
     groups = layer_groups(model, config.arch)
     phases = plan_phases(config, [g.name for g in groups])
     if resume is not None and training_is_finished(resume, phases):
@@ -220,7 +218,7 @@ def settings_and_data(
         config.data, val_fraction=config.val_fraction, seed=config.seed, strict=config.strict_data
     )
     if resumed is not None:
-        resumed.check(split.classes)
+        resumed.check(split, config.data)
     return config, resume, split
 
 
@@ -312,12 +310,6 @@ def plan_phases(config: TrainConfig, group_names: list[str]) -> list[Phase]:
     if not phases:
         raise ConfigError("head_epochs and finetune_epochs are both 0: nothing to train")
     return phases
-
-
-def check_resume_fits(resume: Checkpoint, fingerprint: dict[str, Any]) -> None:
-    """A changed file list only warns (the classes were checked with the other settings)."""
-    if resume.header.dataset_fingerprint != fingerprint:
-        log.warning("resume: the dataset changed since the checkpoint (file list differs)")
 
 
 def _header(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,41 @@ def test_finished_run_rerun_with_fewer_flags_trains_nothing(
     assert not (output / "model_repository").exists()  # --no-export of the first run holds
     for name, content in kept.items():
         assert (output / name).read_bytes() == content, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["added", "resized"])
+def test_other_data_in_the_same_output_is_refused_in_one_line(
+    finished_run: tuple[Path, Path], tmp_path: Path, capsys, change: str
+) -> None:
+    data, output = finished_run
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    first = sorted((other / "train" / "a").iterdir())[0]
+    if change == "added":
+        shutil.copy(first, first.with_name("extra" + first.suffix))
+    else:
+        first.write_bytes(first.read_bytes() + b"\0" * 16)
+    before = (output / "config.yaml").read_bytes()
+    code = main(_args(other, output))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2
+    assert len(lines) == 1, lines
+    assert f"trainer: error: resume: {other} is not the data the checkpoint" in lines[0]
+    assert "--resume never" in lines[0]
+    assert (output / "config.yaml").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_the_same_data_moved_elsewhere_resumes(
+    finished_run: tuple[Path, Path], tmp_path: Path, caplog
+) -> None:
+    data, output = finished_run
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    with caplog.at_level(logging.INFO):
+        assert main(_args(moved, output)) == 0
+    assert "nothing to train" in caplog.text
 
 
 @pytest.mark.slow
