@@ -209,6 +209,13 @@ class ServerMetrics:
             model,
             registry=registry,
         )
+        self.load_test_predictions = Counter(
+            "classification_load_test_predictions_total",
+            "Classify answers to requests marked as a load test (x-load-test metadata), kept "
+            "out of the prediction, abstention and drift metrics and the capture.",
+            model,
+            registry=registry,
+        )
         self.captures = Counter(
             "classification_captures_total",
             "Images captured for review, by reason (abstained, low_margin, random).",
@@ -232,6 +239,7 @@ class ServerMetrics:
             observe_top_probability=self.top_probability.labels(model, version).observe,
             count_abstention=self.abstentions.labels(model, version).inc,
             set_drift=self.drift.labels(model, version).set,
+            count_load_test=self.load_test_predictions.labels(model, version).inc,
         )
 
 

@@ -13,6 +13,9 @@ thumb: below 0.1 stable, 0.1-0.25 moderate shift, above 0.25 a shift worth a loo
 is NaN until the window is full or when the export recorded no distribution. Label values
 are the model's class names, at most ``MAX_LABELS`` per version (the rest count as "other"),
 so a 10,000-class model cannot blow up the metrics' cardinality.
+
+Answers to a load test (``contracts.load_test``) describe the load generator's image, not
+production: they are counted apart and touch none of the above.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class VersionMetrics:
     observe_top_probability: Callable[[float], None]
     count_abstention: Callable[[], None]
     set_drift: Callable[[float], None]
+    count_load_test: Callable[[], None] = lambda: None
 
 
 class PredictionMonitor:
@@ -78,6 +82,10 @@ class PredictionMonitor:
         self._counts: Counter[int] = Counter()
         self._lock = threading.Lock()
         metrics.set_drift(math.nan)
+
+    def skip_load_test(self) -> None:
+        """Count one answer to a load test, leaving the production metrics and drift alone."""
+        self.metrics.count_load_test()
 
     def observe(self, predicted: int, top_probability: float, abstained: bool) -> None:
         """Record one served prediction (its class index and top probability)."""

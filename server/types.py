@@ -77,6 +77,8 @@ class ClassifyRequest:
     deadline: float | None = None
     # None: the version's own threshold; 0: never abstain.
     abstention_threshold: float | None = None
+    # Marked by a load test (contracts.load_test): kept out of the production metrics.
+    is_load_test: bool = False
 
 
 @dataclass(frozen=True)

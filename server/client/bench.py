@@ -10,6 +10,7 @@ import io
 
 import numpy as np
 
+from contracts.load_test import LOAD_TEST_METADATA
 from server._proto.finetune.v1 import classifier_pb2
 from server.client.api import AsyncInferenceClient, ModelInfo
 from server.client.loadgen import Call, LoadSpec, run_load
@@ -70,10 +71,11 @@ def infer_payload(info: ModelInfo, batch: int, model_version: str = "", seed: in
 
 
 def raw_call(client: AsyncInferenceClient, method: str, payload: bytes) -> Call:
-    """A coroutine factory sending ``payload`` as-is to ``method``."""
+    """A coroutine factory sending ``payload`` as-is to ``method``, marked as a load test so
+    the server keeps it out of its production metrics (``contracts.load_test``)."""
     # No serializer: grpc sends the bytes untouched and hands back the response bytes.
     multicallable = client.channel.unary_unary(method)
-    metadata = client.options.call_metadata()
+    metadata = (*client.options.call_metadata(), LOAD_TEST_METADATA)
     timeout = client.options.timeout_s
 
     async def call() -> object:

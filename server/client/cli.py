@@ -310,6 +310,8 @@ def run_classify(args: argparse.Namespace) -> int:
         records.append(
             {
                 "path": str(path),
+                "model": outcome.model_name,
+                "model_version": outcome.model_version,
                 "predictions": [
                     {"label": p.label, "index": p.index, "score": p.score}
                     for p in outcome.predictions
@@ -372,6 +374,9 @@ def run_bench(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(report.format_text())
+    if report.stopped:
+        print(f"client bench: stopped early: {report.stopped}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_FAILED if report.error_count or not report.requests_ok else EXIT_OK
 
 

@@ -3,6 +3,10 @@
 It knows nothing about what a request is: it awaits a zero-argument coroutine factory and
 classifies failures by gRPC status code. Only requests that *complete* inside the measurement
 window (after warm-up) count, so warm-up and the drain at the end do not bias throughput.
+
+A server that goes away mid-run makes every call fail at once with UNAVAILABLE, thousands a
+second: a run of ``unavailable_burst`` UNAVAILABLE failures with no other answer between them
+ends the load early, and the report says why instead of counting the spin.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import grpc
 from server.client.stats import BenchReport, LatencySummary
 
 Call = Callable[[], Awaitable[object]]
+
+# UNAVAILABLE failures in a row, with no answer between them, that end a run: at least every
+# request in flight (they all fail together when the server goes), and never a handful.
+MIN_UNAVAILABLE_BURST = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +69,28 @@ def status_name(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _details(exc: BaseException) -> str:
+    """The first line of a failure's message (a gRPC error's details), at most 200 characters."""
+    details = getattr(exc, "details", None)
+    lines = str(details() if callable(details) else exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
 class _Recorder:
-    def __init__(self, window_start: float, window_end: float) -> None:
+    def __init__(self, window_start: float, window_end: float, unavailable_burst: int) -> None:
         self.window_start = window_start
         self.window_end = window_end
+        self.unavailable_burst = unavailable_burst
         self.latencies: list[float] = []
         self.errors: collections.Counter[str] = collections.Counter()
+        self._unavailable_in_a_row = 0
+        # Why the run ended early, and when (None: it ran its course).
+        self.stopped: str | None = None
+        self.stopped_at: float | None = None
+
+    @property
+    def is_running(self) -> bool:
+        return self.stopped is None and time.perf_counter() < self.window_end
 
     async def measure(self, call: Call, scheduled: float) -> None:
         try:
@@ -74,12 +98,25 @@ class _Recorder:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if self.window_start <= time.perf_counter() <= self.window_end:
-                self.errors[status_name(exc)] += 1
+            now = time.perf_counter()
+            code = status_name(exc)
+            if self.window_start <= now <= self.window_end and self.stopped is None:
+                self.errors[code] += 1
+            self._count_unavailable(code == "UNAVAILABLE", now, exc)
             return
         done = time.perf_counter()
+        self._unavailable_in_a_row = 0
         if self.window_start <= done <= self.window_end:
             self.latencies.append(done - scheduled)
+
+    def _count_unavailable(self, unavailable: bool, now: float, exc: Exception) -> None:
+        self._unavailable_in_a_row = self._unavailable_in_a_row + 1 if unavailable else 0
+        if self._unavailable_in_a_row >= self.unavailable_burst and self.stopped is None:
+            self.stopped = (
+                f"{self._unavailable_in_a_row} requests in a row failed UNAVAILABLE (the server "
+                f"is gone or not serving): {_details(exc)}"
+            )
+            self.stopped_at = now
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,17 +126,26 @@ class LoadSamples:
     latencies_s: list[float]
     errors: dict[str, int]
     window_s: float
+    # Why the load ended before the window did (None: it did not).
+    stopped: str | None = None
 
 
 async def collect_load(call: Call, spec: LoadSpec) -> LoadSamples:
     """Applies the load described by ``spec``; returns what completed inside the window."""
     start = time.perf_counter()
-    recorder = _Recorder(start + spec.warmup_s, start + spec.warmup_s + spec.duration_s)
+    recorder = _Recorder(
+        start + spec.warmup_s,
+        start + spec.warmup_s + spec.duration_s,
+        max(MIN_UNAVAILABLE_BURST, 2 * spec.concurrency),
+    )
     if spec.rate is None:
         await _closed_loop(call, spec, recorder)
     else:
         await _open_loop(call, spec, recorder, spec.rate)
-    return LoadSamples(recorder.latencies, dict(recorder.errors), spec.duration_s)
+    window_s = spec.duration_s
+    if recorder.stopped_at is not None:
+        window_s = min(window_s, max(0.0, recorder.stopped_at - recorder.window_start))
+    return LoadSamples(recorder.latencies, dict(recorder.errors), window_s, recorder.stopped)
 
 
 def build_report(samples: LoadSamples, spec: LoadSpec, *, target: str) -> BenchReport:
@@ -113,6 +159,7 @@ def build_report(samples: LoadSamples, spec: LoadSpec, *, target: str) -> BenchR
         requests_ok=len(samples.latencies_s),
         errors=dict(samples.errors),
         latency=LatencySummary.from_seconds(samples.latencies_s),
+        stopped=samples.stopped,
     )
 
 
@@ -123,7 +170,7 @@ async def run_load(call: Call, spec: LoadSpec, *, target: str) -> BenchReport:
 
 async def _closed_loop(call: Call, spec: LoadSpec, recorder: _Recorder) -> None:
     async def worker() -> None:
-        while time.perf_counter() < recorder.window_end:
+        while recorder.is_running:
             await recorder.measure(call, time.perf_counter())
 
     await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
@@ -140,13 +187,13 @@ async def _open_loop(call: Call, spec: LoadSpec, recorder: _Recorder, rate: floa
     async def one(scheduled: float) -> None:
         async with slots:
             # Sends still waiting for a slot when the window closes would only prolong the drain.
-            if time.perf_counter() < recorder.window_end:
+            if recorder.is_running:
                 await recorder.measure(call, scheduled)
 
     n = 0
     while True:
         scheduled = begin + n * interval
-        if scheduled >= recorder.window_end:
+        if scheduled >= recorder.window_end or recorder.stopped is not None:
             break
         delay = scheduled - time.perf_counter()
         if delay > 0:

@@ -66,6 +66,8 @@ class BenchReport:
         requests_ok: successful requests completed inside the window.
         errors: failed requests inside the window, by gRPC status code name.
         latency: distribution over the successful requests.
+        stopped: why the load ended early (the server went away), else ``None``; the window
+            then ends there.
     """
 
     target: str
@@ -77,6 +79,7 @@ class BenchReport:
     requests_ok: int
     errors: Mapping[str, int]
     latency: LatencySummary
+    stopped: str | None = None
 
     @property
     def requests_per_s(self) -> float:
@@ -106,6 +109,7 @@ class BenchReport:
             else f"rate {self.rate:g}/s (at most {self.concurrency} in flight)"
         )
         errors = ", ".join(f"{code} {n}" for code, n in sorted(self.errors.items())) or "none"
+        stopped = [f"stopped     early: {self.stopped}"] if self.stopped else []
         return "\n".join(
             [
                 f"target      {self.target}",
@@ -115,6 +119,7 @@ class BenchReport:
                 f"latency ms  p50 {lat.p50_ms:.2f}  p90 {lat.p90_ms:.2f}  "
                 f"p99 {lat.p99_ms:.2f}  max {lat.max_ms:.2f}  mean {lat.mean_ms:.2f}",
                 f"errors      {errors}",
+                *stopped,
             ]
         )
 

@@ -134,7 +134,7 @@ class ClassificationHandler:
         self, model: ModelVersion, request: ClassifyRequest, probabilities: np.ndarray
     ) -> list[Classification]:
         """Top-k per image, abstained or not; each answer feeds the production metrics and,
-        when the model was unsure, the capture for review."""
+        when the model was unsure, the capture for review, unless a load test asked."""
         metadata = model.metadata
         threshold = request.abstention_threshold
         if threshold is None:
@@ -148,9 +148,12 @@ class ClassificationHandler:
         ):  # fmt: skip
             best = int(np.argmax(row))
             abstained = bool(row[best] < threshold)
-            monitor.observe(best, float(row[best]), abstained)
-            if self.capture is not None:
-                self._offer_capture(model, request, image, row, abstained)
+            if request.is_load_test:
+                monitor.skip_load_test()
+            else:
+                monitor.observe(best, float(row[best]), abstained)
+                if self.capture is not None:
+                    self._offer_capture(model, request, image, row, abstained)
             results.append(Classification(predictions, abstained, float(threshold)))
         return results
 

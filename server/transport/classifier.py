@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from contracts.load_test import is_load_test
 from server._proto.finetune.v1 import classifier_pb2 as pb
 from server._proto.finetune.v1 import classifier_pb2_grpc as pb_grpc
 from server.handlers.classification import ClassificationHandler
@@ -23,7 +24,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
         plain = converters.classify_request_from_proto(request)
-        plain = dataclasses.replace(plain, deadline=deadline_of(context))
+        plain = dataclasses.replace(
+            plain,
+            deadline=deadline_of(context),
+            is_load_test=is_load_test(context.invocation_metadata()),
+        )
         return converters.classify_response_to_proto(await self.handler.classify(plain))
 
     async def Classify(
