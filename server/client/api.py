@@ -59,11 +59,14 @@ class Prediction:
 
 @dataclasses.dataclass(frozen=True)
 class ImageResult:
-    """One image's answer: its predictions and whether the model abstained (was unsure)."""
+    """One image's answer: its predictions, whether the model abstained (was unsure), and the
+    model version that answered."""
 
     predictions: tuple[Prediction, ...]
     abstained: bool
     abstention_threshold: float
+    model_name: str = ""
+    model_version: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +115,8 @@ def _image_results(response: classifier_pb2.ClassifyResponse) -> list[ImageResul
             ),
             abstained=result.abstained,
             abstention_threshold=result.abstention_threshold,
+            model_name=response.model_name,
+            model_version=response.model_version,
         )
         for result in response.results
     ]
