@@ -5,8 +5,10 @@ resize the shorter side to ``resize_size`` (bilinear, antialiased), centre crop 
 ``input_size``. The model's export metadata supplies those numbers.
 
 Every image is planned before it is decoded: the header gives the size, from which the resize
-target and the crop are computed; images too large, too thin or in a format outside
-``contracts.image_formats.SUPPORTED_FORMATS`` are refused before any pixel is allocated. The
+target and the crop are computed; images too large, too thin, in a format outside
+``contracts.image_formats.SUPPORTED_FORMATS`` or whose structure would make the decode cost
+far more than its pixels (``contracts.image_header``: too many JPEG scans, RLE BMPs) are
+refused before any pixel is allocated. The
 crop is then mapped back to source coordinates, so only the surviving region is resampled
 (a 1 x 400,000 px sliver would otherwise be resized to gigabytes). JPEGs are decoded at a
 reduced DCT scale (``Image.draft``) when the image is far larger than the resize target.
@@ -14,7 +16,6 @@ reduced DCT scale (``Image.draft``) when the image is far larger than the resize
 
 from __future__ import annotations
 
-import io
 import warnings
 from dataclasses import dataclass
 
@@ -22,11 +23,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from contracts.image_formats import SUPPORTED_FORMATS, to_rgb8
+from contracts.image_header import UnsafeImage, open_image
 from contracts.preprocessing import Preprocessing
 from server.errors import InvalidInput
 
-_FORMATS = tuple(SUPPORTED_FORMATS)
-_FORMAT_NAMES = ", ".join(_FORMATS)
+_FORMAT_NAMES = ", ".join(SUPPORTED_FORMATS)
 # Leading bytes of formats clients send by mistake, to name them in the refusal.
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"GIF8", "GIF"),
@@ -147,7 +148,9 @@ def _open(data: bytes, where: str, limits: ImageLimits) -> Image.Image:
     if len(data) > limits.max_bytes:
         raise InvalidInput(f"{where} is {len(data)} bytes; the limit is {limits.max_bytes}")
     try:
-        opened = Image.open(io.BytesIO(data), formats=_FORMATS)
+        opened = open_image(data)
+    except UnsafeImage as error:
+        raise InvalidInput(f"{where} is refused: {error}") from None
     except UnidentifiedImageError:
         raise InvalidInput(
             f"{where} is {_sniff_format(data)}, not a decodable image of a supported format "

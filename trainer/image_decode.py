@@ -1,10 +1,12 @@
 """How the trainer reads an image file: one list of formats, one conversion, one budget.
 
-Training, evaluation and the export's checks all decode through ``open_rgb``: Pillow restricted
-to ``contracts.image_formats.SUPPORTED_FORMATS``, the size checked from the header before any
-pixel is decoded, then ``to_rgb8`` (EXIF orientation applied, 16-bit scaled, CMYK, palette and
-transparency converted), the same conversion the server applies. A file that fails any of it is
-a ``CorruptImage``: skipped and counted, or fatal with ``strict_data``.
+Training, evaluation and the export's checks all decode through ``open_rgb``: the file's
+structure checked as the server checks it (``contracts.image_header.open_image``: no JPEG of
+more than 32 scans, no RLE BMP, Pillow restricted to ``SUPPORTED_FORMATS``), the size checked
+from the header before any pixel is decoded, then ``to_rgb8`` (EXIF orientation applied,
+16-bit scaled, CMYK, palette and transparency converted), the same conversion the server
+applies. A file that fails any of it is a ``CorruptImage``: skipped and counted, or fatal with
+``strict_data``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from contracts.image_formats import SUPPORTED_FORMATS, to_rgb8
+from contracts.image_formats import to_rgb8
+from contracts.image_header import UnsafeImage, open_image
 
 #: Largest image (width x height) decoded: 50 MP covers phone and DSLR photos; beyond it a
 #: file is a scan, a panorama or a decompression bomb, and one of them can exhaust a worker.
@@ -24,7 +27,9 @@ MAX_PIXELS = 50_000_000
 #: Largest ratio of the longer to the shorter side. Thinner images resize to slivers whose
 #: long side is ``resize_size`` times this ratio, and teach the model nothing.
 MAX_ASPECT = 32.0
-_FORMATS = list(SUPPORTED_FORMATS)
+
+# Pixels read out of a decoded image at a time (a few MB of temporaries).
+_READOUT_PIXELS = 1 << 20
 
 
 class CorruptImage(Exception):  # noqa: N818 - reads as the condition it reports
@@ -64,16 +69,27 @@ def open_rgb(path: Path, budget: ImageBudget = DEFAULT_BUDGET) -> Image.Image:
             undecodable).
     """
     try:
-        with Image.open(path, formats=_FORMATS) as image:
+        with open_image(path) as image:
             budget.check(image.size, str(path))
             return to_rgb8(image)
     except CorruptImage:
         raise
+    except UnsafeImage as error:
+        raise CorruptImage(f"{path}: {error}") from error
     except Exception as error:  # Pillow reports bad files with many unrelated types
         raise CorruptImage(f"{path}: {type(error).__name__}: {error}") from error
 
 
 def decode_image(path: Path, budget: ImageBudget = DEFAULT_BUDGET) -> torch.Tensor:
     """Decode a file to an upright RGB uint8 tensor ``[3, H, W]`` (see ``open_rgb``)."""
-    array = np.asarray(open_rgb(path, budget), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    image = open_rgb(path, budget)
+    width, height = image.size
+    tensor = torch.empty((3, height, width), dtype=torch.uint8)
+    planes = tensor.numpy()
+    # Read out a band of rows at a time: np.asarray of the whole image goes through Pillow's
+    # tobytes, which holds two full copies at once (a 50 MP image: 2 x 143 MiB).
+    rows = max(1, _READOUT_PIXELS // width)
+    for top in range(0, height, rows):
+        band = np.asarray(image.crop((0, top, width, min(height, top + rows))), dtype=np.uint8)
+        planes[:, top : top + band.shape[0]] = band.transpose(2, 0, 1)
+    return tensor
