@@ -119,19 +119,21 @@ def _dims_agree(stated: tuple[int, ...], graph: tuple[int, ...]) -> bool:
     )
 
 
-def _batch_contradiction(spec: ModelSpec, tensors: Sequence[tuple[str, GraphTensor]]) -> list[str]:
+def _batch_contradiction(spec: ModelSpec, inputs: Sequence[GraphTensor]) -> list[str]:
+    # The inputs decide the batches a graph takes; an output's shape is only what onnxruntime's
+    # shape inference derived, and a graph that computes wrong shapes fails its warm-up.
     if spec.max_batch_size <= 0:
         return []
-    for kind, tensor in tensors:
+    for tensor in inputs:
         if not tensor.shape:
             return [
-                f"max_batch_size {spec.max_batch_size} in config.pbtxt, but the graph's {kind} "
+                f"max_batch_size {spec.max_batch_size} in config.pbtxt, but the graph's input "
                 f"{tensor.name!r} has no dimension to batch"
             ]
         if 0 <= tensor.shape[0] < spec.max_batch_size:
             return [
                 f"max_batch_size {spec.max_batch_size} in config.pbtxt, {tensor.shape[0]} in the "
-                f"graph ({kind} {tensor.name!r} has a fixed batch dimension)"
+                f"graph (input {tensor.name!r} has a fixed batch dimension)"
             ]
     return []
 
@@ -164,12 +166,11 @@ def graph_contradictions(
 
     As in Triton, a config that lists inputs lists every graph input; listed outputs must be
     outputs of the graph (the graph may have more); an unstated ``data_type`` and a ``-1``
-    dimension agree with anything; ``max_batch_size`` may not exceed a fixed batch dimension.
+    dimension agree with anything; ``max_batch_size`` may not exceed an input's fixed batch
+    dimension.
     """
     graph = {"input": {t.name: t for t in inputs}, "output": {t.name: t for t in outputs}}
-    found = _batch_contradiction(
-        spec, [("input", t) for t in inputs] + [("output", t) for t in outputs]
-    )
+    found = _batch_contradiction(spec, inputs)
     for kind, stated_tensors in (("input", spec.inputs), ("output", spec.outputs)):
         for stated in stated_tensors:
             tensor = graph[kind].get(stated.name)
