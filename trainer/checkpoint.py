@@ -22,6 +22,7 @@ import logging
 import pickle
 import random
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,7 +342,10 @@ def read_torch_file(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
     try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)), warnings.catch_warnings():
+            # A newer pickle protocol than torch.save's own loads fine or fails below; the
+            # warning would be a second stderr line beside the one-line error.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         refused = _REFUSED_GLOBAL.search(str(exc))
@@ -351,10 +355,15 @@ def read_torch_file(path: Path) -> Any:
                 "a type the trainer writes (the file was not made by this trainer, or was "
                 "tampered with); nothing from it was run"
             ) from None
-        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
-    except Exception as exc:
+        # torch's message is a page of advice to load with weights_only=False: not ours.
         raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})"
+            f"checkpoint {path} cannot be read: not a file torch.save wrote, or a damaged one"
+        ) from exc
+    except Exception as exc:
+        first_line = str(exc).strip().split("\n", 1)[0]
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read: not a file torch.save wrote, or a damaged one "
+            f"({type(exc).__name__}: {first_line})"
         ) from exc
 
 

@@ -70,15 +70,24 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from trainer.config import FIELDS, build_config, given_settings
-    from trainer.progress import configure_logging
-    from trainer.run import train
+    from trainer.config import FIELDS, build_config, check_output_directory, given_settings
+    from trainer.errors import DataError
 
     # Only flags given are in ``args`` (SUPPRESS): a resumed run takes the rest from its
     # checkpoint, so what was given (file, environment, flags) travels with the config.
     flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     given = given_settings(file=getattr(args, "config", None), flags=flags)
     config = build_config(given)
+    # Checked before the imports below, which pull in torch and torchvision (seconds).
+    assert config.data is not None and config.output is not None  # build_config checked
+    if not config.data.is_dir():
+        raise DataError(f"data: {config.data} does not exist or is not a directory")
+    check_output_directory(config.output, "output")
+    if config.repository is not None:
+        check_output_directory(config.repository, "repository")
+    from trainer.progress import configure_logging
+    from trainer.run import train
+
     configure_logging(fmt=config.log_format)
     summary = train(config, given=frozenset(given))
     if summary.get("status") == "interrupted":
@@ -148,13 +157,16 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from trainer.config import check_output_directory
     from trainer.errors import ConfigError, DataError
 
     if args.checkpoint is not None and (args.model is not None or args.version is not None):
         raise ConfigError("--model and --version choose a version of --model-repository")
+    # Checked before the imports below, which pull in torch and onnxruntime (seconds).
     if not args.data.is_dir():
-        # Checked before the imports below, which pull in torch and onnxruntime (seconds).
         raise DataError(f"data: {args.data} does not exist or is not a directory")
+    if args.output is not None:
+        check_output_directory(args.output, "--output")
     from trainer.evaluate import (
         DEFAULT_MODEL_NAME,
         evaluate_folder,

@@ -24,6 +24,8 @@ from contracts.repository_layout import InvalidModelName, validate_model_name
 from trainer.errors import ConfigError
 
 ENV_PREFIX = "TRAINER_"
+# The smallest training crop in pixels (``trainer.weights.preprocessing_for`` keeps to it too).
+MIN_IMAGE_SIZE = 16
 
 
 def _doc(text: str, default: Any, choices: tuple[str, ...] | None = None) -> Any:
@@ -358,6 +360,11 @@ def validate(config: TrainConfig) -> None:
     checks: list[tuple[str, bool, str]] = [
         ("data", config.data is not None, "is required (--data DIR)"),
         ("output", config.output is not None, "is required (--output DIR)"),
+        (
+            "image_size",
+            config.image_size is None or config.image_size >= MIN_IMAGE_SIZE,
+            f"must be at least {MIN_IMAGE_SIZE}",
+        ),
         ("batch_size", config.batch_size >= 1, "must be at least 1"),
         ("head_epochs", config.head_epochs is None or config.head_epochs >= 0, "must be >= 0"),
         ("finetune_epochs", config.finetune_epochs >= 0, "must be >= 0"),
@@ -396,12 +403,32 @@ def validate(config: TrainConfig) -> None:
     ]
     for name, ok, message in checks:
         if not ok:
-            raise ConfigError(f"{name}: {message}, got {getattr(config, name)!r}")
+            value = getattr(config, name)
+            raise ConfigError(f"{name}: {message}" + ("" if value is None else f", got {value!r}"))
     try:
         # The export publishes under this name: the same rule, checked before any training.
         validate_model_name(config.model_name)
     except InvalidModelName as exc:
         raise ConfigError(f"model_name: {exc}") from None
+
+
+def check_output_directory(path: Path, setting: str) -> None:
+    """Refuse a directory to write into that cannot be one: it, or a parent of it, is a file.
+
+    Checked before the heavy imports and the work, so the mistake is reported in a second
+    instead of as a traceback when the first file is written.
+
+    Raises:
+        ConfigError: naming ``setting`` (as the user spells it), the path and the file.
+    """
+    for existing in (path, *path.parents):
+        if not existing.exists():
+            continue
+        if existing.is_dir():
+            return
+        if existing == path:
+            raise ConfigError(f"{setting}: {path} is a file, not a directory")
+        raise ConfigError(f"{setting}: {path} cannot be created: {existing} is a file")
 
 
 def _is_unfreeze_policy(policy: str) -> bool:

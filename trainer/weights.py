@@ -21,9 +21,10 @@ from torch import nn
 from torchvision import models as tv_models
 
 from contracts.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from trainer.checkpoint import Checkpoint, is_checkpoint_dict, read_torch_file
+from trainer.checkpoint import Checkpoint, UnsafeCheckpoint, is_checkpoint_dict, read_torch_file
 from trainer.classifier import classifier_path, plain_state_dict
-from trainer.errors import ConfigError, WeightsUnavailable
+from trainer.config import MIN_IMAGE_SIZE
+from trainer.errors import CheckpointError, ConfigError, WeightsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,12 @@ def _from_file(arch: str, path: Path) -> StartingWeights:
             "DEFAULT, a torchvision weights name, or none"
         )
     # The same safe loader as resume and export: a crafted pickle is refused, never run.
-    obj = read_torch_file(path)
+    try:
+        obj = read_torch_file(path)
+    except UnsafeCheckpoint:
+        raise
+    except CheckpointError as exc:
+        raise ConfigError(f"{_not_weights(path)} (torch.load cannot read it)") from exc
     if is_checkpoint_dict(obj):
         checkpoint = Checkpoint.from_dict(obj, path)
         if checkpoint.header.arch != arch:
@@ -170,8 +176,12 @@ def _from_file(arch: str, path: Path) -> StartingWeights:
 
 def _plain_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError(f"weights: {path} holds no state dict of tensors")
+        raise ConfigError(f"{_not_weights(path)} (it holds no mapping of names to tensors)")
     return plain_state_dict(dict(obj))
+
+
+def _not_weights(path: Path) -> str:
+    return f"weights: {path} is not a checkpoint of this trainer or a state dict"
 
 
 def load_starting_weights(model: nn.Module, weights: StartingWeights) -> list[str]:
@@ -238,7 +248,7 @@ def preprocessing_for(weights: StartingWeights, image_size: int | None) -> Prepr
     )
     if image_size is None:
         return base
-    if image_size < 16:
-        raise ConfigError(f"image_size must be at least 16, got {image_size}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ConfigError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
     ratio = base.resize_size / base.input_size[0]
     return Preprocessing((image_size, image_size), round(image_size * ratio), base.mean, base.std)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from trainer.abstention import DEFAULT_TARGET_PRECISION
+from trainer.config import check_output_directory
 from trainer.errors import ConfigError
 from trainer.export.errors import CheckpointError
 from trainer.export.signature import INPUT_FORMATS, INT8_MODES, PRECISIONS
@@ -99,9 +100,10 @@ def run(args: argparse.Namespace) -> int:
     """Run the export; usage problems raise ``UsageError``, failed checks ``ExportError``."""
     if args.int8_accuracy_budget < 0:
         raise ConfigError("--int8-accuracy-budget must be >= 0 points")
+    # Checked before the import below, which pulls in torch and onnx (seconds).
     if not args.checkpoint.is_file():
-        # Checked before the import below, which pulls in torch and onnx (seconds).
         raise CheckpointError(f"checkpoint {args.checkpoint} does not exist or is not a file")
+    check_output_directory(args.output_repository, "--output-repository")
     from trainer.export.exporter import export_checkpoint
     from trainer.progress import configure_logging
 
