@@ -129,9 +129,9 @@ def _check_bmp(data: Encoded) -> None:
     compression = int.from_bytes(data[30:34], "little")
     if compression not in BMP_COMPRESSIONS:
         name = _BMP_COMPRESSION_NAMES.get(compression, f"unknown ({compression})")
+        why = " (Pillow decodes RLE in Python: a few KB cost seconds)" if "RLE" in name else ""
         raise UnsafeImage(
-            f"a BMP with {name} compression; only uncompressed and bitfields BMPs are accepted "
-            "(Pillow decodes RLE in Python: a few KB cost seconds)"
+            f"a BMP with {name} compression; only uncompressed and bitfields BMPs are accepted{why}"
         )
 
 

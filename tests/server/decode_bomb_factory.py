@@ -67,10 +67,20 @@ def sixteen_bit_png(side: int = WIDE_PNG_SIDE, value: int = 0) -> bytes:
     )
 
 
-def bmp(width: int, height: int, *, compression: int, bits: int = 8, pixels: bytes = b"") -> bytes:
-    """A BMP (BITMAPINFOHEADER) with a grey palette for ``bits`` <= 8 and ``pixels`` as given."""
+def bmp(
+    width: int,
+    height: int,
+    *,
+    compression: int,
+    bits: int = 8,
+    masks: tuple[int, ...] = (),
+    pixels: bytes = b"",
+) -> bytes:
+    """A BMP (BITMAPINFOHEADER): a grey palette for ``bits`` <= 8, the bitfield ``masks``
+    (after the header), then ``pixels`` as given."""
     colors = 1 << bits if bits <= 8 else 0
     palette = b"".join(bytes((i, i, i, 0)) for i in range(colors))
+    palette += b"".join(struct.pack("<I", mask) for mask in masks)
     offset = 14 + 40 + len(palette)
     info = struct.pack(
         "<IiiHHIIiiII", 40, width, height, 1, bits, compression, len(pixels), 2835, 2835, 0, 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from trainer_helpers import make_image_folder
 
@@ -77,3 +78,12 @@ def test_unsupported_files_are_skipped_and_counted(
     assert all(s.path.suffix != ".tif" for s in [*split.train, *split.val])
     with pytest.raises(DataError, match=r"anim\.gif: not a supported image format"):
         scan_dataset(root, val_fraction=0.25, seed=0, strict=True)
+
+
+def test_tensor_holds_every_band_of_the_decoded_pixels(tmp_path: Path) -> None:
+    # Over one read-out band (~1 M pixels), so the seams between bands are covered.
+    pixels = np.random.default_rng(0).integers(0, 256, (800, 1500, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "noise.png", compress_level=1)
+    tensor = decode_image(tmp_path / "noise.png")
+    assert tensor.dtype == torch.uint8 and tensor.is_contiguous()
+    np.testing.assert_array_equal(tensor.permute(1, 2, 0).numpy(), pixels)
