@@ -58,7 +58,7 @@ from trainer.process_setup import (
 from trainer.progress import log_event
 from trainer.resume_settings import settings_for_resume, training_is_finished
 from trainer.run_context import RunContext
-from trainer.stopping import StopRequest
+from trainer.stopping import RunStopped, StopRequest
 from trainer.telemetry import TrainingTelemetry
 from trainer.weights import load_starting_weights, preprocessing_for, resolve_weights
 
@@ -82,19 +82,45 @@ def train(config: TrainConfig, given: Collection[str] | None = None) -> dict[str
     device = select_device(config.device, info)
     configure_threads()
     init_distributed(info, device)
+    # Installed before the data scan: a preemption can land in any stage of the run.
+    stop = StopRequest(config.stop_timeout, distributed=info.enabled, device=device)
+    stop.install()
     try:
-        return _train(config, given, info, device)
+        return _train(config, given, info, device, stop)
+    except RunStopped as stopped:
+        return _stopped_between_steps(stopped.stage, Path(config.output or "."))
     finally:
+        stop.uninstall()
         shutdown_distributed()
 
 
+def _stopped_between_steps(stage: str, output: Path) -> dict[str, Any]:
+    """A stop outside the phases: what the last checkpoint (if any) lets ``--resume`` skip."""
+    last = output / "checkpoints" / ckpt.LAST
+    saved = str(last) if last.is_file() else None
+    log_event(log, "stopped", reason="signal", stage=stage, checkpoint=saved)
+    log.info(
+        "stopped during %s; %s",
+        stage,
+        "--resume auto continues from the last checkpoint and redoes that stage"
+        if saved
+        else "no checkpoint yet: --resume auto starts the run again",
+    )
+    return {"status": INTERRUPTED, "stage": stage, "checkpoint": saved}
+
+
 def _train(
-    config: TrainConfig, given: Collection[str] | None, info: DistInfo, device: torch.device
+    config: TrainConfig,
+    given: Collection[str] | None,
+    info: DistInfo,
+    device: torch.device,
+    stop: StopRequest,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     # ---- set up: data, model (new or resumed), resolved config, context ----------------------
     assert config.output is not None
     output = Path(config.output)
+    stop.enter_stage("the data scan and set-up")
     config, resume, split = settings_and_data(config, given, output / "checkpoints")
     model, pre, weights_source = build_model(config, len(split.classes), resume)
     config = resolve_defaults(
@@ -146,6 +172,7 @@ def _train(
     )
     stage = None
     if resume is None:
+        stop.enter_stage("the head phase and phase 2's choice")
         stage = before_phases(context, trained, pipeline, step, split, pre, phases, balance)
         # The plan again, with phase 2's policy and LR as the stage chose them.
         context, phases = stage.context, plan_phases(stage.context.config, [g.name for g in groups])
@@ -171,8 +198,7 @@ def _train(
     # ---- the phases ------------------------------------------------------------------------
     metrics = _open_metrics_log(context, resume)
     telemetry = TrainingTelemetry(config.metrics_port if context.is_main else None)
-    stop = StopRequest(config.stop_timeout, distributed=info.enabled, device=device)
-    stop.install()
+    stop.enter_stage(None)  # the phases finish their step and save a checkpoint
     try:
         runner = PhaseRunner(
             context, trained, pipeline, step, RunObservers(metrics, telemetry, stop)
@@ -182,14 +208,16 @@ def _train(
             phases = phases[1:]
         outcome = runner.run_phases(phases, resume)
     finally:
-        stop.uninstall()
         telemetry.close()
     if outcome.status == INTERRUPTED:
         log_event(log, "stopped", reason="signal", checkpoint=str(context.last_checkpoint))
         return {"status": INTERRUPTED, "checkpoint": str(context.last_checkpoint)}
     # ---- report, export, summary -----------------------------------------------------------
+    # Until summary.json is written a re-run with --resume auto completes the run's end.
+    stop.enter_stage("calibration")
     calibration = calibrate_best(context, pipeline, step)
     extra = run_facts(context, stage, balance, calibration)
+    stop.enter_stage("the report and export")
     return finish_run(context, outcome.progress, time.perf_counter() - started, extra)
 
 

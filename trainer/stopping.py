@@ -1,8 +1,14 @@
-"""Graceful stop on SIGTERM (Kubernetes preemption, torchrun shutdown).
+"""Graceful stop on SIGTERM (Kubernetes preemption, torchrun shutdown), in every stage of a run.
 
-The handler only sets a flag: the loop finishes its current step, saves a checkpoint and exits
-0. A watchdog ends the process if that takes longer than the configured bound, so a stuck step
-cannot outlive the pod's grace period silently.
+Inside the phases the handler only sets a flag: the loop finishes its current step, saves a
+checkpoint and exits 0. Outside them (the data scan, the feature cache, the head fit, the LR
+range test, the phase-2 trials, calibration, the export) there is no step to finish and
+nothing a checkpoint could hold that resuming would not redo, so in those stages
+(``StopRequest.enter_stage``) the handler raises ``RunStopped`` and the run unwinds from
+wherever it is: every file those stages write is written atomically, and ``--resume auto``
+redoes the interrupted stage. A watchdog
+ends the process if stopping takes longer than the configured bound, so a stuck step cannot
+outlive the pod's grace period silently.
 """
 
 from __future__ import annotations
@@ -22,6 +28,18 @@ log = logging.getLogger(__name__)
 TIMEOUT_EXIT_CODE = 143
 
 
+class RunStopped(BaseException):
+    """A stop request in a stage with no step to finish; ``stage`` names where it landed.
+
+    A ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` on the way
+    up mistakes it for a failure of the stage it interrupted.
+    """
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(stage)
+        self.stage = stage
+
+
 class StopRequest:
     """Set by SIGTERM/SIGINT; ``should_stop`` agrees across ranks so all stop at one step."""
 
@@ -32,6 +50,7 @@ class StopRequest:
         self._requested = threading.Event()
         self._watchdog: threading.Timer | None = None
         self._previous: dict[int, object] = {}
+        self._stage_stopping_at_once: str | None = None
 
     def install(self) -> None:
         """Take over SIGTERM and SIGINT (main thread only)."""
@@ -46,18 +65,31 @@ class StopRequest:
         if self._watchdog is not None:
             self._watchdog.cancel()
 
+    def enter_stage(self, stage: str | None) -> None:
+        """Say where the run is: a named stage stops at once (``RunStopped``), also for a
+        request that came before; ``None`` (the phases) lets the loop finish its step."""
+        self._stage_stopping_at_once = stage
+        if stage is not None and self._requested.is_set():
+            raise RunStopped(stage)
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self._requested.is_set():
             return
+        stage = self._stage_stopping_at_once
         log.warning(
-            "received %s: finishing the current step, saving a checkpoint, exiting (within %.0f s)",
+            "received %s %s, exiting (within %.0f s)",
             signal.Signals(signum).name,
+            "in the current step: finishing it, saving a checkpoint"
+            if stage is None
+            else f"during {stage}: stopping it",
             self.timeout_seconds,
         )
         self._requested.set()
         self._watchdog = threading.Timer(self.timeout_seconds, self._expire)
         self._watchdog.daemon = True
         self._watchdog.start()
+        if stage is not None:
+            raise RunStopped(stage)
 
     def _expire(self) -> None:
         log.error(

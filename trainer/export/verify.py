@@ -124,10 +124,16 @@ def torch_parity(  # noqa: PLR0913  keyword-only parity inputs and tolerances
     tolerance: float = FP32_TOLERANCE,
     batch_sizes: Sequence[int] = PARITY_BATCH_SIZES,
 ) -> ParityReport:
-    """onnxruntime vs PyTorch eval mode on the same images; raises above ``tolerance``."""
+    """onnxruntime vs PyTorch eval mode on the same images; raises above the limit.
+
+    The limit is ``tolerance * max(1, largest |reference logit|)``: float32 keeps about seven
+    significant digits, so a head fitted with little regularisation (logits in the hundreds)
+    differs by more than an absolute 1e-4 from mere summation order, not from a wrong graph.
+    """
     classifier.eval()
     session = cpu_session(path)
     per_source: dict[str, float] = {}
+    largest = 1.0
     for source, images in parity_batches(input_size, val_images, batch_sizes):
         with torch.no_grad():
             reference = classifier(normalize_uint8_nhwc(torch.from_numpy(images), mean, std))
@@ -137,7 +143,8 @@ def torch_parity(  # noqa: PLR0913  keyword-only parity inputs and tolerances
         )
         _check_outputs(source, logits, probabilities, reference_np.shape)
         per_source[source] = float(np.max(np.abs(logits - reference_np)))
-    return _report(per_source, tolerance, batch_sizes, "torch-eval-fp32")
+        largest = max(largest, float(np.max(np.abs(reference_np))))
+    return _report(per_source, tolerance * largest, batch_sizes, "torch-eval-fp32")
 
 
 def onnx_parity(  # noqa: PLR0913  keyword-only parity inputs and tolerances

@@ -100,8 +100,9 @@ def test_measured_parity_is_stored(resnet_export, mobilenet_export):
     for result, sources in ((resnet_export[0], 6), (mobilenet_export[0], 3)):
         parity = result.metadata["parity"]
         assert parity["batch_sizes"] == [1, 3, 17]
-        assert parity["tolerance"] == 1e-4
-        assert parity["max_abs_diff_logits"] == result.max_abs_diff <= 1e-4
+        # 1e-4 of the largest logit (at least 1e-4): float32 digits, whatever the scale.
+        assert 1e-4 <= parity["tolerance"] <= 1e-2
+        assert parity["max_abs_diff_logits"] == result.max_abs_diff <= parity["tolerance"]
         # Random images always; real val images only when data was given (resnet).
         assert len(parity["per_source"]) == sources
 
