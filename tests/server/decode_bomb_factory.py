@@ -67,7 +67,7 @@ def sixteen_bit_png(side: int = WIDE_PNG_SIDE, value: int = 0) -> bytes:
     )
 
 
-def bmp(
+def bmp(  # noqa: PLR0913  each keyword is one field of the generated header
     width: int,
     height: int,
     *,
