@@ -7,7 +7,7 @@ UV_VERSION := 0.13.9
 EXTRAS := --extra train --extra serve --extra dev
 STAMP := $(VENV)/.synced
 
-.PHONY: venv demo demo-loop test lint lint-deploy protos bench images manifests smoke-containers clean-images clean
+.PHONY: venv demo first-model demo-loop test lint lint-deploy protos bench images manifests smoke-containers clean-images clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml uv.lock
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash deploy/demo.sh
+
+# The README's "Your first model, offline" block, run as written (deploy/first-model.sh).
+first-model: $(STAMP)
+	bash deploy/first-model.sh
 
 # The production loop on the demo's outputs (run `make demo` first): capture, label, ingest,
 # retrain, roll out, before/after.
@@ -85,4 +89,4 @@ bench: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash benchmarks/run_all.sh
 
 clean:
-	rm -rf demo-output bench-output .pytest_cache .mypy_cache .ruff_cache
+	rm -rf demo-output first-model bench-output .pytest_cache .mypy_cache .ruff_cache

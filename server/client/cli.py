@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from server.client.verify import VerifySetupError, verify
 # The formats the server decodes; other files in a directory are skipped.
 IMAGE_SUFFIXES = IMAGE_EXTENSIONS
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# How often `client health --wait-s` asks a starting server again.
+_HEALTH_RETRY_S = 0.5
 
 
 class UsageError(Exception):
@@ -159,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_connection_flags(health)
     health.add_argument("--service", default="", help="service name (default: whole server)")
+    health.add_argument(
+        "--wait-s",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="ask again every half second until SERVING or S seconds have passed, for a "
+        "server that is still starting (default: ask once)",
+    )
 
     bench = commands.add_parser(
         "bench",
@@ -332,12 +343,20 @@ def run_classify(args: argparse.Namespace) -> int:
 
 
 def run_health(args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + max(0.0, args.wait_s)
     with InferenceClient(connection_options(args)) as client:
-        try:
-            status = client.health(args.service)
-        except RequestError as exc:
-            print(f"UNREACHABLE {exc}", file=sys.stderr)
-            return EXIT_FAILED
+        while True:
+            try:
+                status: str | None = client.health(args.service)
+                problem = None
+            except RequestError as exc:
+                status, problem = None, f"UNREACHABLE {exc}"
+            if status == "SERVING" or time.monotonic() >= deadline:
+                break
+            time.sleep(_HEALTH_RETRY_S)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return EXIT_FAILED
     print(status)
     return EXIT_OK if status == "SERVING" else EXIT_FAILED
 

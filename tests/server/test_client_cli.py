@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,12 @@ def test_health_exit_codes(
     with RunningServer(server_config(model_repository), start_models=False) as loading:
         assert main(["health", "--target", loading.target]) == 1
         assert capsys.readouterr().out.strip() == "NOT_SERVING"
+        # --wait-s asks again until SERVING or the time is up, then gives the last answer.
+        started = time.monotonic()
+        assert main(["health", "--target", loading.target, "--wait-s", "1"]) == 1
+        assert time.monotonic() - started >= 1.0
+        assert capsys.readouterr().out.strip() == "NOT_SERVING"
+    assert main(["health", "--target", running_server.target, "--wait-s", "30"]) == 0
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
