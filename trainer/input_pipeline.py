@@ -43,6 +43,9 @@ class Pipeline:
     cached: bool
     train_images: int
     val_images: int
+    # The class of each training image the loader yields: decoded ones only when cached (a
+    # streamed run finds its unreadable files while it trains).
+    train_labels: list[int]
 
 
 def dataset_fits_cache(split: DatasetSplit, pre: Preprocessing, cache_max_mb: int) -> bool:
@@ -90,13 +93,19 @@ def build_pipeline(  # noqa: PLR0913  keyword-only settings, each a config field
         def make_eval() -> Batches:
             return eval_batches(eval_x, eval_y, batch_size * 2)
 
-        log.info("decoded %d images once into memory (shorter side %d px)", total, pre.resize_size)
+        log.info(
+            "decoded %d images once into memory (shorter side %d px)%s",
+            n_train + n_val,
+            pre.resize_size,
+            f"; {total - n_train - n_val} unreadable skipped" if n_train + n_val < total else "",
+        )
     else:
         train_set = FileTrainSet(split.train, train_tf, seed, strict)
         eval_set = torch.utils.data.Subset(
             FileEvalSet(split.val, eval_tf), range(info.rank, len(split.val), info.world_size)
         )
         n_train, n_val = len(split.train), len(split.val)
+        train_labels = [sample.label for sample in split.train]
         eval_workers = num_workers if num_workers is not None else min(8, threads)
         eval_loader = DataLoader(
             eval_set,
@@ -133,4 +142,4 @@ def build_pipeline(  # noqa: PLR0913  keyword-only settings, each a config field
         if drop_last
         else math.ceil(sampler.num_samples / batch_size)
     )
-    return Pipeline(loader, sampler, steps, make_eval, cached, n_train, n_val)
+    return Pipeline(loader, sampler, steps, make_eval, cached, n_train, n_val, train_labels)

@@ -161,8 +161,7 @@ def _train(
         device=device,
     )
     amp_dtype, needs_scaler = select_amp(config.amp, device)
-    labels = [sample.label for sample in split.train]
-    balance = class_balance(labels, len(split.classes), config.class_balance)
+    balance = class_balance(pipeline.train_labels, len(split.classes), config.class_balance)
     trained = _place_model(model, groups, context)
     step = StepSetup(
         prepare=BatchPreparer(pre, device, bool(config.channels_last)),

@@ -135,3 +135,20 @@ def test_sampler_resumes_mid_epoch_in_the_same_order() -> None:
     sampler.set_start(4)
     assert list(sampler) == full[4:] and len(sampler) == 6
     assert all(epoch == 2 for _, epoch in full)
+
+
+@pytest.mark.slow
+def test_unreadable_files_are_not_counted_as_decoded_or_in_the_class_counts(
+    tmp_path: Path, caplog
+) -> None:
+    from trainer_helpers import make_image_folder, tiny_config
+
+    from trainer.run import train
+
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), train_per_class=4)
+    (data / "train" / "a" / "empty.png").write_bytes(b"")
+    with caplog.at_level(logging.INFO):
+        summary = train(tiny_config(data, tmp_path / "out"))
+    assert "decoded 14 images once into memory" in caplog.text
+    assert "; 1 unreadable skipped" in caplog.text
+    assert summary["class_balance"]["counts"] == [4, 4]
