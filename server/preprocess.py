@@ -158,7 +158,10 @@ def _open(data: bytes, where: str, limits: ImageLimits) -> Image.Image:
         ) from None
     width, height = opened.size  # from the header; nothing decoded yet
     if width * height > limits.max_pixels:
-        raise InvalidInput(f"{where} is {width}x{height} pixels; the limit is {limits.max_pixels}")
+        raise InvalidInput(
+            f"{where} is {width}x{height} pixels; the limit (max_image_pixels) is "
+            f"{limits.max_pixels}"
+        )
     return opened
 
 
@@ -193,7 +196,9 @@ def decode_image(
     except InvalidInput:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InvalidInput(f"{where} exceeds the decoder's pixel limit") from None
+        raise InvalidInput(
+            f"{where} has more pixels than the limit (max_image_pixels) of {limits.max_pixels}"
+        ) from None
     except (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError, KeyError):
         # Pillow reports truncated and malformed files with any of these.
         raise InvalidInput(f"{where} could not be decoded (corrupt or truncated)") from None
