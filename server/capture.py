@@ -11,6 +11,7 @@ cap by deleting the oldest captures first. Captured images are user data: see RE
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -19,12 +20,15 @@ import random
 import re
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from contracts.atomic_files import atomic_write_bytes
+from contracts.image_formats import to_rgb8
 from server.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,17 +37,34 @@ UNLABELED = "unlabeled"
 SIDECAR_SUFFIX = ".json"
 _MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b"BM", ".bmp"))
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+# Clients whose capture rate is tracked; the least recently seen is forgotten first.
+_TRACKED_CLIENTS = 1024
 
 
 @dataclass(frozen=True)
 class CapturePolicy:
-    """Which predictions to keep and how much of them."""
+    """Which predictions to keep and how much of them.
+
+    A capture is the server's decision, never a client's: the version's own abstention
+    threshold decides it, each client (by address) gets a share of the rate, queued images are
+    bounded in bytes, and an image larger than ``max_image_bytes`` (a padded JPEG) is stored
+    re-encoded, shrunk to ``reencode_side`` pixels on its long side, instead of whole.
+    """
 
     max_bytes: int = 1 << 30
     per_second: float = 5.0
     margin: float = 0.2
     random_share: float = 0.01
     queue_size: int = 64
+    # No client (by address) may take more than this share of ``per_second`` (at least one
+    # capture a second), so one client cannot fill the review queue with its own images.
+    client_share: float = 0.25
+    max_queued_bytes: int = 32 << 20
+    max_image_bytes: int = 2 << 20
+    reencode_side: int = 1024
+    # Captured images are user data: readable by the owner and its group (a labelling tool
+    # in the same group), never by everyone on the host.
+    file_mode: int = 0o640
 
 
 @dataclass(frozen=True)
@@ -57,6 +78,8 @@ class Capture:
     request_id: str
     reason: str
     received_at: float = field(default_factory=time.time)
+    # Who sent it (the peer's address): each client gets its own share of the capture rate.
+    client: str = ""
 
 
 def capture_reason(
@@ -101,23 +124,52 @@ class CaptureWriter:
         self._files: deque[tuple[Path, int]] = deque(self._existing())
         self._bytes = sum(size for _, size in self._files)
         self._queue: queue.Queue[Capture | None] = queue.Queue(policy.queue_size)
-        self._tokens = policy.per_second
-        self._refilled = time.monotonic()
+        self._queued_bytes = 0
+        self._rate = _TokenBucket(policy.per_second)
+        self._client_rates: OrderedDict[str, _TokenBucket] = OrderedDict()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._write_forever, name="capture", daemon=True)
         self._thread.start()
 
     def offer(self, capture: Capture) -> bool:
-        """Queue a capture if the rate allows; never blocks. Returns whether it was queued."""
-        if not self._take_token():
-            self._on_dropped("rate_limited")
+        """Queue a capture if the rates and the queue's bytes allow; never blocks.
+
+        Returns whether it was queued; a refusal is counted by its cause.
+        """
+        with self._lock:
+            cause = self._admit(capture)
+            if cause is None:
+                self._queued_bytes += len(capture.image)
+        if cause is not None:
+            self._on_dropped(cause)
             return False
         try:
             self._queue.put_nowait(capture)
         except queue.Full:
+            self._release(capture)
             self._on_dropped("queue_full")
             return False
         return True
+
+    def _admit(self, capture: Capture) -> str | None:
+        """The reason to drop ``capture`` (None: keep it); called under the lock."""
+        if self._queued_bytes + len(capture.image) > self.policy.max_queued_bytes:
+            return "queue_full"
+        client = self._client_rates.pop(capture.client, None)
+        if client is None:
+            client = _TokenBucket(max(1.0, self.policy.per_second * self.policy.client_share))
+            while len(self._client_rates) >= _TRACKED_CLIENTS:
+                self._client_rates.popitem(last=False)  # the least recently seen
+        self._client_rates[capture.client] = client
+        if not client.has_token() or not self._rate.has_token():
+            return "rate_limited"
+        client.take()
+        self._rate.take()
+        return None
+
+    def _release(self, capture: Capture) -> None:
+        with self._lock:
+            self._queued_bytes -= len(capture.image)
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued (up to ``timeout``), then stop the thread."""
@@ -127,21 +179,9 @@ class CaptureWriter:
             return
         self._thread.join(timeout)
 
-    def _take_token(self) -> bool:
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(
-                self.policy.per_second,
-                self._tokens + (now - self._refilled) * self.policy.per_second,
-            )
-            self._refilled = now
-            if self._tokens < 1.0:
-                return False
-            self._tokens -= 1.0
-            return True
-
     def _write_forever(self) -> None:
         while (capture := self._queue.get()) is not None:
+            self._release(capture)
             try:
                 self._write(capture)
             except OSError as error:  # a full disk or a vanished volume: drop, keep serving
@@ -156,7 +196,11 @@ class CaptureWriter:
         stem = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(capture.received_at))}-" + (
             f"{os.getpid()}-{random.getrandbits(48):012x}"
         )
-        image_path = folder / f"{stem}{_extension(capture.image)}"
+        image, facts = capture.image, {}
+        if len(image) > self.policy.max_image_bytes:
+            image = reencoded(image, self.policy.reencode_side)
+            facts = {"reencoded_from_bytes": len(capture.image)}
+        image_path = folder / f"{stem}{_extension(image)}"
         sidecar = json.dumps(
             {
                 "model": capture.model,
@@ -165,17 +209,19 @@ class CaptureWriter:
                 "request_id": capture.request_id,
                 "reason": capture.reason,
                 "received_at": capture.received_at,
+                **facts,
             },
             sort_keys=True,
         ).encode()
-        incoming = len(capture.image) + len(sidecar)
+        incoming = len(image) + len(sidecar)
         if incoming > self.policy.max_bytes:
             raise OSError(f"one capture ({incoming} bytes) exceeds capture_max_bytes")
         self._evict(incoming)
-        atomic_write_bytes(image_path, capture.image)
+        mode = self.policy.file_mode
+        atomic_write_bytes(image_path, image, mode=mode)
         sidecar_path = image_path.with_suffix(image_path.suffix + SIDECAR_SUFFIX)
-        atomic_write_bytes(sidecar_path, sidecar)
-        self._files.extend(((image_path, len(capture.image)), (sidecar_path, len(sidecar))))
+        atomic_write_bytes(sidecar_path, sidecar, mode=mode)
+        self._files.extend(((image_path, len(image)), (sidecar_path, len(sidecar))))
         self._bytes += incoming
 
     def _evict(self, incoming: int) -> None:
@@ -194,6 +240,43 @@ class CaptureWriter:
             except OSError:
                 continue
         return [(path, size) for _, path, size in sorted(found)]
+
+
+class _TokenBucket:
+    """``per_second`` tokens a second, at most ``per_second`` (one second's worth) saved up."""
+
+    def __init__(self, per_second: float) -> None:
+        self.per_second = per_second
+        self.tokens = per_second
+        self.refilled = time.monotonic()
+
+    def has_token(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.per_second, self.tokens + (now - self.refilled) * self.per_second)
+        self.refilled = now
+        return self.tokens >= 1.0
+
+    def take(self) -> None:
+        self.tokens -= 1.0
+
+
+def reencoded(image: bytes, side: int) -> bytes:
+    """``image`` as a JPEG at most ``side`` pixels on its long side (quality 90).
+
+    Only images the server already decoded reach a capture, so the decode is within the
+    request limits; the JPEG draft makes a large JPEG's decode cheap here too. An image that
+    cannot be re-encoded raises ``OSError`` and is dropped like a failed write.
+    """
+    try:
+        with Image.open(io.BytesIO(image)) as opened:
+            opened.draft("RGB", (side, side))
+            rgb = to_rgb8(opened)
+        rgb.thumbnail((side, side))
+        buffer = io.BytesIO()
+        rgb.save(buffer, format="JPEG", quality=90)
+    except (ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
+        raise OSError(f"cannot re-encode the image: {error}") from None
+    return buffer.getvalue()
 
 
 def _extension(image: bytes) -> str:

@@ -79,6 +79,8 @@ class ClassifyRequest:
     abstention_threshold: float | None = None
     # Marked by a load test (contracts.load_test): kept out of the production metrics.
     is_load_test: bool = False
+    # Who asked (the peer's address, without its port): captures are rate-limited per client.
+    client: str = ""
 
 
 @dataclass(frozen=True)

@@ -136,9 +136,10 @@ class ClassificationHandler:
         """Top-k per image, abstained or not; each answer feeds the production metrics and,
         when the model was unsure, the capture for review, unless a load test asked."""
         metadata = model.metadata
+        own_threshold = metadata.abstention_threshold if metadata is not None else 0.0
         threshold = request.abstention_threshold
         if threshold is None:
-            threshold = metadata.abstention_threshold if metadata is not None else 0.0
+            threshold = own_threshold
         reference = metadata.val_class_counts if metadata is not None else None
         monitor = self.monitors.for_version(model.name, model.version_str, model.labels, reference)
         results = []
@@ -153,7 +154,9 @@ class ClassificationHandler:
             else:
                 monitor.observe(best, float(row[best]), abstained)
                 if self.capture is not None:
-                    self._offer_capture(model, request, image, row, abstained)
+                    # The version's own threshold decides what is kept for review: a client's
+                    # threshold changes its answer, never what the server stores.
+                    self._offer_capture(model, request, image, row, bool(row[best] < own_threshold))
             results.append(Classification(predictions, abstained, float(threshold)))
         return results
 
@@ -172,5 +175,13 @@ class ClassificationHandler:
         labels = [model.labels[i] if i < len(model.labels) else str(i) for i in range(len(row))]
         scores = {label: round(float(p), 6) for label, p in zip(labels, row, strict=True)}
         self.capture.offer(
-            Capture(image, model.name, model.version_str, scores, request.id, reason)
+            Capture(
+                image,
+                model.name,
+                model.version_str,
+                scores,
+                request.id,
+                reason,
+                client=request.client,
+            )
         )

@@ -28,6 +28,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             plain,
             deadline=deadline_of(context),
             is_load_test=is_load_test(context.invocation_metadata()),
+            client=peer_host(context.peer()),
         )
         return converters.classify_response_to_proto(await self.handler.classify(plain))
 
@@ -42,3 +43,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         # A failing request ends the stream with its status, like a unary call would.
         async for request in request_iterator:
             yield await self._classify(request, context)
+
+
+def peer_host(peer: str | None) -> str:
+    """``ipv4:10.0.0.7:51234`` -> ``ipv4:10.0.0.7``: one client, whichever connection it uses."""
+    if not peer:
+        return ""
+    host, separator, port = peer.rpartition(":")
+    return host if separator and port.isdigit() else peer

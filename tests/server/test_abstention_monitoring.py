@@ -115,6 +115,25 @@ def test_uncertain_images_are_captured_for_review(tmp_path: Path) -> None:
     assert sidecar["reason"] == "abstained" and sidecar["model"] == "classifier"
 
 
+def test_a_clients_threshold_changes_its_answer_not_what_is_captured(tmp_path: Path) -> None:
+    repo = _repository(tmp_path, threshold=0.0, val_counts=None)  # the version never abstains
+    captures = tmp_path / "captures"
+    images, _ = _images(3)
+    config = server_config(
+        repo,
+        capture_dir=captures,
+        capture_per_second=100.0,
+        capture_margin=0.0,
+        capture_random_share=0.0,
+    )
+    with RunningServer(config) as server, InferenceClient(server.target) as client:
+        forced = client.classify_images(images, abstention_threshold=1.0)
+    assert all(r.abstained for r in forced)  # the client asked, and is answered so
+    captured = server.sample("classification_captures_total", {"reason": "abstained"})
+    assert not captured
+    assert not list((captures / "unlabeled").rglob("*.png"))
+
+
 def test_an_unwritable_capture_directory_fails_start_up(tmp_path: Path) -> None:
     repo = _repository(tmp_path, threshold=0.5, val_counts=None)
     (tmp_path / "file").write_text("x")

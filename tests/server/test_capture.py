@@ -129,3 +129,50 @@ def test_an_unwritable_directory_is_a_start_up_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=r"capture_dir .* is not writable"):
         _writer(tmp_path / "file" / "captures", Counts())
+
+
+def _client_capture(seed: int, client: str, image: bytes | None = None) -> Capture:
+    scores = {"cat": 0.55, "dog": 0.45}
+    return Capture(image or _png(seed), "m", "3", scores, f"r{seed}", "low_margin", client=client)
+
+
+def test_one_client_gets_only_its_share_of_the_rate(tmp_path: Path) -> None:
+    counts = Counts()
+    writer = _writer(tmp_path, counts, per_second=8, client_share=0.25)
+    greedy = sum(writer.offer(_client_capture(seed, "ipv4:10.0.0.1")) for seed in range(20))
+    other = sum(writer.offer(_client_capture(seed, "ipv4:10.0.0.2")) for seed in range(2))
+    writer.close()
+    assert greedy == 2  # a quarter of 8 a second
+    assert other == 2  # the greedy client did not use up the others' rate
+
+
+def test_queued_bytes_are_bounded(tmp_path: Path) -> None:
+    counts = Counts()
+    big = _png(1, size=256)
+    writer = _writer(tmp_path, counts, per_second=1000, max_queued_bytes=len(big) + 10)
+    # The writer thread may take one off the queue meanwhile: at most two fit in a row.
+    queued = sum(writer.offer(_client_capture(seed, f"c{seed}", big)) for seed in range(20))
+    writer.close()
+    assert 1 <= queued <= 3
+    assert counts.dropped.count("queue_full") == 20 - queued
+
+
+def test_a_padded_image_is_stored_re_encoded_and_files_are_not_world_readable(
+    tmp_path: Path,
+) -> None:
+    counts = Counts()
+    buffer = io.BytesIO()
+    Image.new("RGB", (3000, 2000), (200, 10, 10)).save(buffer, format="JPEG")
+    padded = buffer.getvalue() + b"\0" * (3 << 20)  # junk after the image: 3 MiB more
+    writer = _writer(tmp_path, counts, per_second=1000, max_image_bytes=1 << 20)
+    assert writer.offer(_client_capture(1, "c", padded))
+    counts.wait_for(lambda: len(counts.captured) == 1)
+    writer.close()
+    (image_path,) = [p for p in (tmp_path / "unlabeled").rglob("*") if p.suffix == ".jpg"]
+    assert image_path.stat().st_size < 1 << 20
+    with Image.open(image_path) as stored:
+        assert max(stored.size) == 1024
+    sidecar = json.loads(image_path.with_suffix(".jpg.json").read_text())
+    assert sidecar["reencoded_from_bytes"] == len(padded)
+    for path in (image_path, image_path.with_suffix(".jpg.json")):
+        assert path.stat().st_mode & 0o777 == 0o640
