@@ -107,6 +107,14 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
         help="file holding a bearer token sent on every call",
     )
     group.add_argument(
+        "--allow-insecure-token",
+        action="store_true",
+        default=env("CLIENT_ALLOW_INSECURE_TOKEN", "").strip().lower()
+        in ("1", "true", "yes", "on"),
+        help="send the token without TLS to a host other than this one (a trusted network "
+        "only; refused by default)",
+    )
+    group.add_argument(
         "--timeout-s",
         type=_positive_float,
         # A string default goes through `type`, so a bad environment value is a usage error.
@@ -247,6 +255,7 @@ def connection_options(args: argparse.Namespace) -> ConnectionOptions:
         server_name=args.server_name,
         token=token,
         timeout_s=args.timeout_s,
+        allow_insecure_token=args.allow_insecure_token,
     )
 
 

@@ -6,6 +6,7 @@ Nothing here imports onnxruntime or torch; the client runs in images that carry 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from pathlib import Path
 
 import grpc
@@ -35,6 +36,11 @@ class ConnectionOptions:
         token: bearer token sent as ``authorization: Bearer <token>`` on every call.
         timeout_s: deadline of each call; ``None`` waits indefinitely.
         max_message_bytes: send and receive limit of the channel.
+        channel_credentials: ready-made gRPC channel credentials (tritonclient's ``creds``);
+            they replace the certificate options.
+        allow_insecure_token: send ``token`` without TLS to a host other than this one (a
+            trusted network such as a pod's sidecar); refused otherwise, since anyone on the
+            path could read and replay it.
     """
 
     target: str
@@ -46,6 +52,8 @@ class ConnectionOptions:
     token: str | None = None
     timeout_s: float | None = 30.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    channel_credentials: grpc.ChannelCredentials | None = None
+    allow_insecure_token: bool = False
 
     def __post_init__(self) -> None:
         host, sep, port = self.target.rpartition(":")
@@ -57,10 +65,21 @@ class ConnectionOptions:
             raise ClientConfigError("token must be a non-empty single line")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise ClientConfigError(f"timeout_s must be positive, got {self.timeout_s}")
+        cleartext = self.token is not None and not self.uses_tls
+        if cleartext and not self.allow_insecure_token and not is_loopback(host):
+            raise ClientConfigError(
+                f"refusing to send the bearer token in cleartext to {host}: use TLS "
+                "(--tls or --ca-cert), or --allow-insecure-token on a trusted network"
+            )
 
     @property
     def uses_tls(self) -> bool:
-        return self.tls or self.ca_cert is not None or self.client_cert is not None
+        return (
+            self.tls
+            or self.ca_cert is not None
+            or self.client_cert is not None
+            or self.channel_credentials is not None
+        )
 
     def channel_options(self) -> list[tuple[str, int | str]]:
         options: list[tuple[str, int | str]] = [
@@ -78,6 +97,8 @@ class ConnectionOptions:
         return (("authorization", f"Bearer {self.token}"),)
 
     def credentials(self) -> grpc.ChannelCredentials:
+        if self.channel_credentials is not None:
+            return self.channel_credentials
         return grpc.ssl_channel_credentials(
             root_certificates=_read_pem(self.ca_cert, "ca_cert"),
             private_key=_read_pem(self.client_key, "client_key"),
@@ -92,9 +113,10 @@ _TRITONCLIENT_NAMES = {
     "root_certificates": "ca_cert",
     "private_key": "client_key",
     "certificate_chain": "client_cert",
+    "creds": "channel_credentials",
 }
 # tritonclient keywords that change nothing here (logging, keepalive and channel tuning).
-_IGNORED = frozenset({"verbose", "keepalive_options", "channel_args", "creds"})
+_IGNORED = frozenset({"verbose", "keepalive_options", "channel_args"})
 _PATH_FIELDS = frozenset({"ca_cert", "client_cert", "client_key"})
 
 
@@ -102,8 +124,8 @@ def resolve_options(target: ConnectionOptions | str, **options: object) -> Conne
     """Connection options from ``"HOST:PORT"`` and keywords, or from ready-made options.
 
     Keywords are ``ConnectionOptions``' fields; tritonclient's names (``ssl``,
-    ``root_certificates``, ``private_key``, ``certificate_chain``) are accepted as aliases and
-    its ``verbose``, ``keepalive_options``, ``channel_args`` and ``creds`` are ignored.
+    ``root_certificates``, ``private_key``, ``certificate_chain``, ``creds``) are accepted as
+    aliases and its ``verbose``, ``keepalive_options`` and ``channel_args`` are ignored.
 
     Raises:
         ClientConfigError: an unknown keyword or an inconsistent combination.
@@ -120,6 +142,17 @@ def resolve_options(target: ConnectionOptions | str, **options: object) -> Conne
     if isinstance(target, ConnectionOptions):
         return dataclasses.replace(target, **values)  # type: ignore[arg-type]
     return ConnectionOptions(target=target, **values)  # type: ignore[arg-type]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 in brackets or not) is this machine."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def read_token_file(path: Path) -> str:

@@ -165,6 +165,20 @@ def test_connection_options_reject_bad_values(tmp_path: Path) -> None:
         InferenceClient(ConnectionOptions(target="h:1", ca_cert=tmp_path / "missing.pem"))
 
 
+@pytest.mark.parametrize("target", ["10.0.0.7:8001", "models.example:8001", "[2001:db8::1]:8001"])
+def test_a_token_is_not_sent_in_cleartext_to_another_host(target: str) -> None:
+    with pytest.raises(ClientConfigError, match="refusing to send the bearer token in cleartext"):
+        ConnectionOptions(target=target, token="s3cret")
+    # Told so (a sidecar, a trusted network), or over TLS, it is sent.
+    assert ConnectionOptions(target=target, token="s3cret", allow_insecure_token=True).token
+    assert ConnectionOptions(target=target, token="s3cret", tls=True).token
+
+
+@pytest.mark.parametrize("target", ["localhost:8001", "127.0.0.1:8001", "[::1]:8001"])
+def test_a_token_may_travel_in_cleartext_on_this_machine(target: str) -> None:
+    assert ConnectionOptions(target=target, token="s3cret").token == "s3cret"
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
@@ -206,6 +220,16 @@ def test_mutual_tls_and_token(tmp_path: Path, model_repository: Path) -> None:
             timeout_s=10,
         )
         with InferenceClient(dataclasses.replace(mtls, token="s3cret")) as client:
+            assert client.classify([solid_png((9, 9, 9))])[0][0].label.startswith("class_")
+        # tritonclient's creds= is honoured: the channel is TLS with exactly these credentials.
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=(certs / "ca.pem").read_bytes(),
+            private_key=(certs / "client.key").read_bytes(),
+            certificate_chain=(certs / "client.pem").read_bytes(),
+        )
+        with InferenceClient(
+            server.target, creds=creds, server_name="localhost", token="s3cret", timeout_s=10
+        ) as client:
             assert client.classify([solid_png((9, 9, 9))])[0][0].label.startswith("class_")
         with InferenceClient(mtls) as client:
             # Health is exempt from the token so Kubernetes probes work.
