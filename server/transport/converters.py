@@ -45,7 +45,8 @@ def parameters_from_proto(parameters: Any) -> dict[str, Any]:
     return {key: _parameter_value(value) for key, value in parameters.items()}
 
 
-def _element_count(shape: list[int], where: str) -> int:
+def element_count(shape: list[int], where: str) -> int:
+    """Elements of ``shape``; refuses negative and oversized shapes (both transports)."""
     if any(d < 0 for d in shape):
         raise InvalidInput(f"{where}: shape {shape} has a negative dimension")
     # Zero dimensions are skipped: numpy refuses [0, 2**40, 2**40] although it holds nothing.
@@ -62,8 +63,9 @@ def deserialize_bytes(raw: bytes, count: int, where: str) -> np.ndarray:
         raise InvalidInput(f"{where}: {error}") from None
 
 
-def _raw_to_array(raw: bytes, datatype: str, shape: list[int], where: str) -> np.ndarray:
-    count = _element_count(shape, where)
+def raw_to_array(raw: bytes, datatype: str, shape: list[int], where: str) -> np.ndarray:
+    """A tensor from its raw bytes: gRPC's raw_input_contents and HTTP's binary extension."""
+    count = element_count(shape, where)
     if datatype == "BYTES":
         return deserialize_bytes(raw, count, where).reshape(shape)
     dtype = DATATYPES[datatype]
@@ -93,7 +95,7 @@ _FIELD_DTYPES: dict[str, np.dtype] = {
 def _typed_to_array(
     contents: pb.InferTensorContents, datatype: str, shape: list[int], where: str
 ) -> np.ndarray:
-    count = _element_count(shape, where)
+    count = element_count(shape, where)
     if datatype not in CONTENTS_FIELD:
         raise InvalidInput(f"{where}: datatype {datatype} can only be sent as raw contents")
     field = CONTENTS_FIELD[datatype]
@@ -156,7 +158,7 @@ def _check_inputs(request: pb.ModelInferRequest) -> list[list[int]]:
         if tensor.datatype not in DATATYPES:
             raise InvalidInput(f"{where}: unknown datatype {tensor.datatype!r}")
         shape = list(tensor.shape)
-        count = _element_count(shape, where)
+        count = element_count(shape, where)
         if raw and tensor.HasField("contents") and tensor.contents.ByteSize() > 0:
             raise InvalidInput(f"{where}: sets contents while the request uses raw_input_contents")
         if raw and tensor.datatype != "BYTES":
@@ -183,7 +185,7 @@ def infer_request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
     for index, (tensor, shape) in enumerate(zip(request.inputs, shapes, strict=True)):
         where = f"inputs[{index}] ({tensor.name!r})"
         if raw:
-            array = _raw_to_array(raw[index], tensor.datatype, shape, where)
+            array = raw_to_array(raw[index], tensor.datatype, shape, where)
         else:
             array = _typed_to_array(tensor.contents, tensor.datatype, shape, where)
         tensors.append(Tensor(tensor.name, tensor.datatype, array))
