@@ -143,7 +143,8 @@ async def build_server(
     threads = plan_from_settings(config)
     log.info("%s", threads.describe())
     metrics.cpu_budget.set(threads.budget.cpus)
-    manager = ModelManager(config, metrics, parse_model_config, threads)
+    monitors = PredictionMonitors(metrics.prediction_metrics)
+    manager = ModelManager(config, metrics, parse_model_config, threads, monitors.forget)
     decode_executor = ThreadPoolExecutor(
         max_workers=threads.decode_workers, thread_name_prefix="decode"
     )
@@ -155,7 +156,7 @@ async def build_server(
         DecodePool(decode_executor, config.max_pending_images),
         ImageLimits(config.max_image_bytes, config.max_image_pixels, config.max_image_aspect),
         config.max_images_per_request,
-        PredictionMonitors(metrics.prediction_metrics),
+        monitors,
         capture,
     )
     endpoint = await start_grpc_server(config, inference, classification, metrics, state)

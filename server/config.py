@@ -201,6 +201,23 @@ class ServerConfig:
             "the version it replaces, or it is refused and the old one keeps serving (1: off)."
         ),
     )
+    allow_versions_without_golden_set: bool = field(
+        default=False,
+        metadata=_doc(
+            "Serve a version whose golden set is missing or unreadable (and judge a rollout "
+            "whose baseline's golden set is unreadable as passed), unchecked and with a "
+            "warning; otherwise such a version is refused."
+        ),
+    )
+    state_dir: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "This replica's own state: markers of versions being loaded (a version a server "
+            "died loading is skipped at the next start) and rollout verdicts a read-only model "
+            "repository cannot hold (default: <temp dir>/finetune-server-state-<uid>/<repository "
+            "name>-<hash>; an emptyDir in Kubernetes)."
+        ),
+    )
     capture_dir: Path | None = field(
         default=None,
         metadata=_doc(

@@ -10,7 +10,7 @@ before it serves.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,14 @@ from server.repository import ExportMetadata
 
 log = logging.getLogger(__name__)
 
+# Called between golden images; raises to stop the check (a load cancelled at shutdown).
+Checkpoint = Callable[[], None]
+
+
+def _never_stop() -> None:
+    return None
+
+
 #: The golden set is checked for its numbers, not its size: the export chose its images within
 #: the trainer's own budget, and an operator's narrower request limits must not refuse a model.
 GOLDEN_LIMITS = ImageLimits(max_bytes=64 * 2**20, max_pixels=100_000_000, max_aspect=64.0)
@@ -50,8 +58,12 @@ def check_golden_set(
     metadata: ExportMetadata | None,
     sessions: OnnxSessions,
     limits: ImageLimits = GOLDEN_LIMITS,
+    checkpoint: Checkpoint = _never_stop,
 ) -> GoldenVerdict | None:
     """Run the version's golden set through the server's path; None when it has none.
+
+    Args:
+        checkpoint: called between images; what it raises stops the check.
 
     Raises:
         InvalidGoldenSet: the golden set cannot be read or does not fit the model.
@@ -60,7 +72,7 @@ def check_golden_set(
     if found is None:
         return None
     golden, images = found
-    rows, problems = _served_probabilities(golden, images, metadata, sessions, limits)
+    rows, problems = _served_probabilities(golden, images, metadata, sessions, limits, checkpoint)
     if not problems:
         problems = compare(golden, [row.tolist() for row in rows])
     return GoldenVerdict(len(images), golden.tolerance, tuple(problems))
@@ -88,12 +100,13 @@ class RolloutVerdict:
         )
 
 
-def check_rollout(
+def check_rollout(  # noqa: PLR0913  the check's inputs, and where it may be stopped
     baseline_dir: Path,
     metadata: ExportMetadata | None,
     sessions: OnnxSessions,
     labels: tuple[str, ...],
     max_drop: float,
+    checkpoint: Checkpoint = _never_stop,
 ) -> RolloutVerdict | None:
     """How a new version does on the images the previous version's golden set holds.
 
@@ -112,7 +125,7 @@ def check_rollout(
     baseline = labelled_accuracy(golden, [golden.labels[image.top1] for image in golden.images])
     if baseline is None:
         return None
-    rows, _ = _served_probabilities(golden, images, metadata, sessions, GOLDEN_LIMITS)
+    rows, _ = _served_probabilities(golden, images, metadata, sessions, GOLDEN_LIMITS, checkpoint)
     predicted = [
         "" if not np.isfinite(row).all() else _label(labels, int(np.argmax(row))) for row in rows
     ]
@@ -125,12 +138,13 @@ def _label(labels: tuple[str, ...], index: int) -> str:
     return labels[index] if index < len(labels) else str(index)
 
 
-def _served_probabilities(
+def _served_probabilities(  # noqa: PLR0913  the set, the version, and where to stop
     golden: GoldenSet,
     images: list[bytes],
     metadata: ExportMetadata | None,
     sessions: OnnxSessions,
     limits: ImageLimits,
+    checkpoint: Checkpoint,
 ) -> tuple[list[np.ndarray], list[str]]:
     """Each golden image through the server's decode and the graph; refusals as problems."""
     if metadata is None or metadata.preprocessing is None:
@@ -140,6 +154,7 @@ def _served_probabilities(
     rows: list[np.ndarray] = []
     problems: list[str] = []
     for index, data in enumerate(images):
+        checkpoint()
         try:
             pixels = decode_image(
                 data, index, metadata.preprocessing, metadata.input_format, limits

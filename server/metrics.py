@@ -38,12 +38,14 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+# inference_requests_total's outcome values: "success" and each ServerError.reason.
 OUTCOMES = (
     "success",
     "invalid",
     "not_found",
     "unavailable",
     "rejected",
+    "too_large",
     "deadline",
     "cancelled",
     "unauthenticated",
@@ -228,6 +230,34 @@ class ServerMetrics:
             ["cause"],
             registry=registry,
         )
+
+    def forget_version(self, model: str, version: str, class_labels: Iterable[str]) -> None:
+        """Drop every series of a retired version (``remove()``), so that neither /metrics
+        nor this process keeps one set per version ever served.
+
+        Args:
+            class_labels: the ``label`` values its predictions were counted under.
+        """
+        per_version = (
+            self.request_seconds,
+            self.queue_seconds,
+            self.preprocess_seconds,
+            self.compute_seconds,
+            self.batch_size,
+            self.inferences,
+            self.expired,
+            self.queue_depth,
+            self.top_probability,
+            self.abstentions,
+            self.drift,
+            self.load_test_predictions,
+        )
+        for metric in per_version:
+            metric.remove(model, version)
+        for outcome in OUTCOMES:
+            self.requests.remove(model, version, outcome)
+        for label in set(class_labels):
+            self.predictions.remove(model, version, label)
 
     def observer(self, model: str, version: str) -> BatchObserver:
         return _BatchMetrics(self, model, version)

@@ -1,13 +1,20 @@
 """Loaded model versions and hot reload.
 
 The manager reads the repository, loads every version the policy selects (sessions + warm-up,
-off the event loop), and polls for changes. A new version is swapped in only after it loaded
-and warmed up; a version that fails is rejected with a log line and a metric while the old one
-keeps serving. A version leaving the policy is removed from lookup at once and unloaded only
-after the requests holding it (leases) finish, so a swap under load fails no request. A
-rejected version is retried with exponential backoff (``load_retry_s`` doubling) and at once
-when any of its files, config.pbtxt or the labels change; a change to config.pbtxt or the
-labels reloads the model's loaded versions the same swap-in way.
+off the event loop; ``server.version_loader``), and polls for changes. A new version is swapped
+in only after it loaded, warmed up and passed its checks; a version that fails is rejected with
+a log line and a metric while the old one keeps serving. A version leaving the policy is
+removed from lookup at once and unloaded only after the requests holding it (leases) finish,
+so a swap under load fails no request; then its metric series are dropped. A rejected version
+is retried with exponential backoff (``load_retry_s`` doubling) and at once when any of its
+files, config.pbtxt or the labels change; a change to config.pbtxt or the labels reloads the
+model's loaded versions the same swap-in way.
+
+It fails closed across restarts (``server.version_records``): a version the rollout gate
+refused stays refused (its verdict is on file), and a version a server died loading is skipped;
+neither is retried until its files change, and the newest older version that loads serves
+instead. Trouble with one model during a poll (an unreadable file, a symbolic link loop) stays
+with that model: the others keep loading and serving.
 """
 
 from __future__ import annotations
@@ -15,76 +22,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
+import math
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from contracts.golden_set import InvalidGoldenSet
-from contracts.repository_layout import CONFIG_FILENAME
-from server.batching import BatchingSettings
+from contracts.golden_set import GOLDEN_FILENAME, golden_dir
 from server.config import ServerConfig
 from server.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServerError
-from server.golden_set import GoldenVerdict, check_golden_set, check_rollout
 from server.metrics import ServerMetrics
-from server.model_spec import ModelSpec, complete_from_graph, graph_contradictions
 from server.model_version import ModelVersion
-from server.onnx_sessions import OnnxSessions, SessionSettings
+from server.prediction_monitor import prediction_label_values
 from server.repository import (
     ConfigParser,
     ExportMetadata,
     ModelSource,
     VersionSource,
     list_models,
-    read_metadata,
     read_model,
     version_fingerprint,
 )
 from server.thread_plan import ThreadPlan, plan_from_settings
+from server.version_loader import (
+    LoadCancelled,
+    LoadPlan,
+    VersionLoader,
+    batching_settings,
+    run_in_daemon_thread,
+)
+from server.version_records import RefusedVersion, VersionRecords, default_state_dir
 from server.version_states import LOADING, READY, UNAVAILABLE, VersionState
 
 log = logging.getLogger(__name__)
 
-
-def batching_settings(settings: ServerConfig, spec: ModelSpec, instances: int) -> BatchingSettings:
-    """Server flags override the model's config.pbtxt; no dynamic_batching means batch 1."""
-    dynamic = spec.dynamic_batching
-    if spec.max_batch_size <= 0:
-        max_batch = 0
-    elif settings.max_batch_size is not None:
-        max_batch = settings.max_batch_size
-    else:
-        max_batch = spec.max_batch_size if dynamic is not None else 1
-    if settings.max_queue_delay_us is not None:
-        delay_us = settings.max_queue_delay_us
-    else:
-        delay_us = dynamic.max_queue_delay_us if dynamic is not None else 0
-    queue_size = settings.max_queue_size
-    if dynamic is not None and dynamic.max_queue_size > 0:
-        queue_size = min(queue_size, dynamic.max_queue_size)
-    return BatchingSettings(
-        max_batch_size=max_batch,
-        max_queue_delay_s=delay_us / 1e6,
-        max_queue_size=queue_size,
-        workers=instances,
-        max_queued_bytes=settings.max_queued_bytes,
-    )
-
-
-def agreed_spec(model: ModelSource, source: VersionSource, sessions: OnnxSessions) -> ModelSpec:
-    """The model's config.pbtxt completed from this version's graph.
-
-    Raises:
-        ModelLoadError: config.pbtxt contradicts the graph; one line naming each field with
-            both values.
-    """
-    contradictions = graph_contradictions(model.spec, sessions.inputs, sessions.outputs)
-    if contradictions:
-        raise ModelLoadError(
-            f"{model.directory / CONFIG_FILENAME} contradicts {source.onnx_path}: "
-            + "; ".join(contradictions)
-        )
-    return complete_from_graph(model.spec, sessions.inputs, sessions.outputs)
+# Called with (model, version) once a retired version is unloaded and its series are dropped.
+RetiredCallback = Callable[[str, str], None]
 
 
 class ModelManager:
@@ -96,16 +71,28 @@ class ModelManager:
         metrics: ServerMetrics,
         parse_config: ConfigParser,
         threads: ThreadPlan | None = None,
+        on_retired: RetiredCallback | None = None,
     ) -> None:
+        """
+        Args:
+            on_retired: told (model, version) when a retired version is gone for good, so
+                what else keeps state per version (the prediction monitors) can drop it.
+        """
         self.settings = settings
         self.metrics = metrics
         self.parse_config = parse_config
         self.threads = threads or plan_from_settings(settings)
+        state_dir = settings.state_dir or default_state_dir(settings.model_repository)
+        self.records = VersionRecords(state_dir)
+        self.loader = VersionLoader(settings, self.threads, metrics, self.records)
+        self._on_retired = on_retired
         self._models: dict[str, dict[int, ModelVersion]] = {}
         self._rejected: dict[tuple[str, int], _Rejection] = {}
-        # model -> why its config.pbtxt could not be read at the last poll.
-        self._config_errors: dict[str, str] = {}
+        # model -> why it could not be read at the last poll (its config.pbtxt, its labels).
+        self._model_errors: dict[str, str] = {}
         self._loading: set[tuple[str, int]] = set()
+        # One per load in progress: set, the load stops at its next step.
+        self._cancels: set[threading.Event] = set()
         # model -> its config.pbtxt and label files as last loaded (a change reloads it).
         self._fingerprints: dict[str, tuple] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -174,7 +161,18 @@ class ModelManager:
                     )
                 names = [self.settings.model_name]
             for name in names:
-                await self._refresh_model(name)
+                try:
+                    await self._refresh_model(name)
+                except Exception as error:  # one model's trouble must not stop the others
+                    self._model_failed(name, error)
+
+    def _model_failed(self, name: str, error: Exception) -> None:
+        """Keep an error of one model's poll with that model: logged, and its index reason."""
+        if isinstance(error, (ServerError, OSError, RuntimeError, ValueError)):
+            log.error("model %s: skipped in this poll: %s", name, error)
+        else:
+            log.exception("model %s: skipped in this poll", name)
+        self._model_errors[name] = f"cannot read the model: {error}"
 
     async def _refresh_model(self, name: str) -> None:
         try:
@@ -183,9 +181,9 @@ class ModelManager:
             )
         except ModelLoadError as error:
             log.error("model %s: cannot read its configuration: %s", name, error)
-            self._config_errors[name] = str(error)
+            self._model_errors[name] = str(error)
             return
-        self._config_errors.pop(name, None)
+        self._model_errors.pop(name, None)
         on_disk = {v.version for v in source.available}
         for key in [k for k in self._rejected if k[0] == name and k[1] not in on_disk]:
             del self._rejected[key]
@@ -247,26 +245,60 @@ class ModelManager:
             fresh = await self._load(source, version_source)
             if fresh is not None:
                 loaded[version] = fresh
-                self._retire(old, keep_info=True)
+                self._retire(old, reloaded=True)
+
+    def _fingerprint(self, model_source: ModelSource, source: VersionSource) -> tuple:
+        """The files a rejection depends on: the model's, the version's, and its records (a
+        deleted verdict or loading marker has the version tried again)."""
+        return (
+            model_source.fingerprint,
+            version_fingerprint(source),
+            self.records.fingerprint(source),
+        )
 
     def _recently_rejected(self, model_source: ModelSource, source: VersionSource) -> bool:
         """Rejected, with the same files, and its backoff not over yet."""
         rejection = self._rejected.get((source.model_name, source.version))
         if rejection is None:
             return False
-        if rejection.fingerprint != _fingerprint(model_source, source):
+        if rejection.fingerprint != self._fingerprint(model_source, source):
             return False
         return time.monotonic() < rejection.retry_at
 
     async def _load(self, model_source: ModelSource, source: VersionSource) -> ModelVersion | None:
         started = time.monotonic()
-        baseline = self._rollout_baseline(source)
+        try:
+            plan = await asyncio.to_thread(self._plan_load, model_source, source)
+        except RefusedVersion as error:
+            self._reject(model_source, source, error, final=True)
+            return None
         key = (source.model_name, source.version)
         self._loading.add(key)
+        cancel = threading.Event()
+        self._cancels.add(cancel)
+        marker = self.records.mark_loading(source, plan.files)
         try:
-            sessions, metadata, spec = await asyncio.to_thread(
-                self._load_sessions, model_source, source, baseline
-            )
+            try:
+                loaded = await run_in_daemon_thread(
+                    functools.partial(self.loader.load, model_source, source, plan, cancel),
+                    name=f"load-{source.model_name}-{source.version}",
+                )
+            finally:
+                # Before a rejection takes the files' fingerprint. A load that ended, failed
+                # or was cancelled by a shutdown is no crash.
+                marker.release()
+                self._cancels.discard(cancel)
+                self._loading.discard(key)
+        except asyncio.CancelledError:
+            cancel.set()  # its thread stops at its next step; nobody waits for it
+            log.warning("model %s version %d: load cancelled", source.model_name, source.version)
+            raise
+        except LoadCancelled:  # close() stopped it
+            log.warning("model %s version %d: load cancelled", source.model_name, source.version)
+            return None
+        except RefusedVersion as error:
+            self._reject(model_source, source, error, final=True)
+            return None
         except ServerError as error:
             self._reject(model_source, source, error)
             return None
@@ -274,12 +306,11 @@ class ModelManager:
             log.exception("unexpected error loading %s", source.directory)
             self._reject(model_source, source, error)
             return None
-        finally:
-            self._loading.discard(key)
-        self._rejected.pop((source.model_name, source.version), None)
+        self._rejected.pop(key, None)
         name, version = source.model_name, str(source.version)
+        sessions, metadata = loaded.sessions, loaded.metadata
         model = ModelVersion(
-            dataclasses.replace(model_source, spec=spec),
+            dataclasses.replace(model_source, spec=loaded.spec),
             source,
             sessions,
             metadata,
@@ -301,159 +332,129 @@ class ModelManager:
         )
         return model
 
-    def _rollout_baseline(self, source: VersionSource) -> ModelVersion | None:
-        """The newest served version older than ``source``: what ``source`` would replace."""
-        older = [
-            version
-            for number, version in self._models.get(source.model_name, {}).items()
-            if number < source.version
-        ]
-        return max(older, key=lambda version: version.source.version, default=None)
+    def _plan_load(self, model_source: ModelSource, source: VersionSource) -> LoadPlan:
+        """What is on file about the version, and the gate's baseline (runs in a thread).
 
-    def _load_sessions(
-        self,
-        model_source: ModelSource,
-        source: VersionSource,
-        baseline: ModelVersion | None = None,
-    ) -> tuple[OnnxSessions, ExportMetadata | None, ModelSpec]:
-        settings = SessionSettings(
-            providers=self.settings.providers,
-            instances=self.settings.instances,
-            intra_op_threads=self.threads.intra_op_threads,
-            inter_op_threads=self.threads.inter_op_threads,
-            allow_spinning=self.threads.allow_spinning,
-            graph_optimization=self.settings.graph_optimization,
-        )
-        sessions = OnnxSessions(source.onnx_path, settings)
-        # Before the warm-up: a batch size the graph cannot take would fail there, less clearly.
-        spec = agreed_spec(model_source, source, sessions)
-        metadata = read_metadata(source, sessions.custom_metadata)
-        self._warm_up(sessions, model_source, source)
-        self._check_golden_set(source, metadata, sessions)
-        if baseline is not None:
-            self._check_rollout(model_source, source, metadata, sessions, baseline)
-        return sessions, metadata, spec
-
-    def _check_rollout(
-        self,
-        model_source: ModelSource,
-        source: VersionSource,
-        metadata: ExportMetadata | None,
-        sessions: OnnxSessions,
-        baseline: ModelVersion,
-    ) -> None:
-        """Refuse a version that does worse than the one it replaces on that one's golden set."""
-        labels = metadata.labels if metadata and metadata.labels else model_source.labels
-        try:
-            verdict = check_rollout(
-                baseline.source.directory,
-                metadata,
-                sessions,
-                labels,
-                self.settings.rollout_max_accuracy_drop,
-            )
-        except InvalidGoldenSet as error:
-            log.warning("model %s: rollout check skipped: %s", source.model_name, error)
-            return
-        if verdict is None:
-            return
-        where = f"model {source.model_name} version {source.version} against {baseline.version_str}"
-        if not verdict.passed:
-            self.metrics.rollout_refusals.labels(source.model_name).inc()
-            raise ModelLoadError(f"{where}: {verdict.describe()}")
-        log.info("%s: %s", where, verdict.describe())
-
-    def _check_golden_set(
-        self, source: VersionSource, metadata: ExportMetadata | None, sessions: OnnxSessions
-    ) -> None:
-        """Refuse the version unless its golden set passes through the server's image path."""
-        try:
-            verdict = check_golden_set(source.directory, metadata, sessions)
-        except InvalidGoldenSet as error:
-            verdict = GoldenVerdict(0, 0.0, (f"unreadable golden set: {error}",))
-        if verdict is None:
-            log.warning(
-                "model %s version %d has no golden set: its preprocessing is not checked",
-                source.model_name,
-                source.version,
-            )
-            return
-        if not verdict.passed:
-            self.metrics.golden_set_failures.labels(source.model_name).inc()
-            raise ModelLoadError(verdict.describe())
-        log.info("model %s version %d: %s", source.model_name, source.version, verdict.describe())
-
-    def _warm_up(
-        self, sessions: OnnxSessions, model_source: ModelSource, source: VersionSource
-    ) -> None:
-        """Run every batch size the batcher can form before the version serves.
-
-        The first run of a shape pays graph and allocator set-up (on a GPU, cuDNN's algorithm
-        search): without this, every rollout shows as a burst of p99 spikes.
+        Raises:
+            RefusedVersion: a server died loading these files, or their verdict refuses them.
         """
-        sizes = list(self.settings.warmup_batch_sizes)
-        if not sizes:
-            batching = batching_settings(self.settings, model_source.spec, sessions.instances)
-            sizes = list(range(1, max(1, batching.max_batch_size) + 1))
-        started = time.monotonic()
-        warmed = sessions.warm_up(sizes, self.settings.warmup_timeout_s)
-        seconds = time.monotonic() - started
-        log.info(
-            "model %s version %d warmed up at batch sizes %s in %.2fs",
-            source.model_name,
-            source.version,
-            _ranges(warmed),
-            seconds,
-        )
-        if len(warmed) < len(sizes):
-            log.warning(
-                "model %s version %d: warm-up stopped after %.0fs (warmup_timeout_s); batch "
-                "sizes %s stay cold until first used",
+        files = version_fingerprint(source)
+        crashed = self.records.crashed_load(source, files)
+        if crashed is not None:
+            raise RefusedVersion(crashed.describe())
+        on_file = self.records.read_verdict(source, files)
+        verdict = on_file[0] if on_file is not None else None
+        max_drop = self.settings.rollout_max_accuracy_drop
+        if on_file is not None and on_file[0].refuses_under(max_drop):
+            raise RefusedVersion(
+                f"{on_file[0].describe()} (verdict in {on_file[1]}; delete it to judge again)"
+            )
+        if verdict is not None and not verdict.accepted:
+            log.info(
+                "model %s version %d: refused with an allowed drop of %.3f, judged again with "
+                "rollout_max_accuracy_drop %.3f",
                 source.model_name,
                 source.version,
-                self.settings.warmup_timeout_s,
-                _ranges(sizes[len(warmed) :]),
+                verdict.max_drop,
+                max_drop,
             )
+            verdict = None
+        return LoadPlan(self._rollout_baseline(model_source, source), verdict, files)
+
+    def _rollout_baseline(
+        self, model_source: ModelSource, source: VersionSource
+    ) -> VersionSource | None:
+        """The newest older version on disk with a golden set that is not refused.
+
+        On disk, loaded or not: after a restart nothing older is loaded, and a version judged
+        only against loaded ones would go live unjudged. A version refused by its verdict, by
+        this process or skipped after a crash never served, so it is passed over: judged
+        against a version as bad, a bad version would pass.
+        """
+        max_drop = self.settings.rollout_max_accuracy_drop
+        for older in reversed(model_source.available):
+            if older.version >= source.version:
+                continue
+            if not (golden_dir(older.directory) / GOLDEN_FILENAME).is_file():
+                continue
+            rejection = self._rejected.get((older.model_name, older.version))
+            if rejection is not None and rejection.is_final:
+                continue
+            files = version_fingerprint(older)
+            on_file = self.records.read_verdict(older, files)
+            if on_file is not None and on_file[0].refuses_under(max_drop):
+                continue
+            if self.records.crashed_load(older, files) is not None:
+                continue
+            return older
+        return None
 
     def _reject(
-        self, model_source: ModelSource, source: VersionSource, error: BaseException
+        self,
+        model_source: ModelSource,
+        source: VersionSource,
+        error: BaseException,
+        *,
+        final: bool = False,
     ) -> None:
+        """Record a version that did not load; ``final``: not retried while its files are
+        unchanged (the gate refused it, or a server died loading it)."""
         key = (source.model_name, source.version)
         previous = self._rejected.get(key)
         attempts = previous.attempts + 1 if previous is not None else 1
         delay = min(self.settings.load_retry_s * 2 ** (attempts - 1), MAX_LOAD_RETRY_S)
+        retry = (
+            "not retried while its files are unchanged"
+            if final
+            else f"attempt {attempts}; retried in {delay:.0f} s, or sooner when its files change"
+        )
         log.error(
-            "model %s version %d rejected, previous versions keep serving: %s (attempt %d; "
-            "retried in %.0f s, or sooner when its files change)",
+            "model %s version %d rejected, previous versions keep serving: %s (%s)",
             source.model_name,
             source.version,
             error,
-            attempts,
-            delay,
+            retry,
         )
         self.metrics.model_load_failures.labels(source.model_name).inc()
+        retry_at = math.inf if final else time.monotonic() + delay
         self._rejected[key] = _Rejection(
-            _fingerprint(model_source, source), attempts, time.monotonic() + delay, str(error)
+            self._fingerprint(model_source, source), attempts, retry_at, str(error)
         )
 
-    def _retire(self, model: ModelVersion, *, keep_info: bool = False) -> None:
-        """Unload ``model`` once its requests finish; ``keep_info``: a reload of the same
-        version took its place and owns its ``model_info`` series now."""
+    def _retire(self, model: ModelVersion, *, reloaded: bool = False) -> None:
+        """Unload ``model`` once its requests finish, then drop its metric series.
+
+        ``reloaded``: a reload of the same version took its place and owns its series now.
+        """
         log.info(
             "model %s version %d retired; unloading after in-flight requests",
             model.name,
             model.version,
         )
-        if not keep_info:
+        if not reloaded:
             self.metrics.model_info.remove(
                 model.name,
                 model.version_str,
                 model.sessions.providers[0],
                 _precision(model.metadata),
             )
-        task = asyncio.get_running_loop().create_task(model.unload())
+        task = asyncio.get_running_loop().create_task(self._unload(model, forget=not reloaded))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+
+    async def _unload(self, model: ModelVersion, *, forget: bool) -> None:
+        await model.unload()
+        if not forget or model.version in self._models.get(model.name, {}):
+            return  # serving again (a fall back, a policy change): its series are live
+        # Only now: a request finishing on it until the unload would create them again.
+        self.metrics.forget_version(
+            model.name, model.version_str, prediction_label_values(model.labels)
+        )
+        if self._on_retired is not None:
+            self._on_retired(model.name, model.version_str)
+        log.info(
+            "model %s version %d unloaded; its metric series dropped", model.name, model.version
+        )
 
     def repository_index(self) -> list[VersionState]:
         """Every model the repository poll found, with its loaded, loading and refused versions.
@@ -463,11 +464,11 @@ class ModelManager:
         without trying are not listed, as in Triton.
         """
         index = []
-        for name in sorted(set(self._models) | set(self._config_errors)):
+        for name in sorted(set(self._models) | set(self._model_errors)):
             loaded = self._models.get(name, {})
             rejected = {v: r.reason for (n, v), r in self._rejected.items() if n == name}
             loading = {v for n, v in self._loading if n == name}
-            config_error = self._config_errors.get(name)
+            config_error = self._model_errors.get(name)
             versions = sorted(set(loaded) | set(rejected) | loading)
             for version in versions:
                 if version in loaded:
@@ -493,7 +494,9 @@ class ModelManager:
                 log.exception("repository poll failed; will retry")
 
     async def close(self) -> None:
-        """Drain and unload everything (used at shutdown)."""
+        """Stop the loads in progress, drain and unload everything (used at shutdown)."""
+        for cancel in self._cancels:
+            cancel.set()
         models = [m for versions in self._models.values() for m in versions.values()]
         self._models = {name: {} for name in self._models}
         await asyncio.gather(*(m.unload() for m in models), *self._retiring)
@@ -511,21 +514,10 @@ class _Rejection:
     retry_at: float
     reason: str = ""
 
-
-def _fingerprint(model_source: ModelSource, source: VersionSource) -> tuple:
-    return (model_source.fingerprint, version_fingerprint(source))
+    @property
+    def is_final(self) -> bool:
+        return math.isinf(self.retry_at)
 
 
 def _precision(metadata: ExportMetadata | None) -> str:
     return (metadata.precision if metadata else None) or "unknown"
-
-
-def _ranges(sizes: list[int]) -> str:
-    """``[1, 2, 3, 5]`` -> ``"1-3,5"``: short log lines for 32 or 256 batch sizes."""
-    runs: list[list[int]] = []
-    for size in sizes:
-        if runs and size == runs[-1][-1] + 1:
-            runs[-1].append(size)
-        else:
-            runs.append([size])
-    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs) or "none"

@@ -44,6 +44,11 @@ def population_stability_index(live: Sequence[float], reference: Sequence[float]
     return index
 
 
+def prediction_label_values(labels: Sequence[str]) -> tuple[str, ...]:
+    """The ``label`` value each class is counted under: its name, ``other`` past the cap."""
+    return tuple(label if i < MAX_LABELS else OTHER for i, label in enumerate(labels))
+
+
 @dataclass(frozen=True)
 class VersionMetrics:
     """The metric callbacks of one model version (bound to its label values)."""
@@ -72,9 +77,7 @@ class PredictionMonitor:
             window: how many recent predictions the live distribution covers.
         """
         self.labels = tuple(labels)
-        self.metric_labels = tuple(
-            label if i < MAX_LABELS else OTHER for i, label in enumerate(self.labels)
-        )
+        self.metric_labels = prediction_label_values(self.labels)
         has_reference = reference is not None and len(reference) == len(self.labels)
         self.reference = tuple(reference) if has_reference and reference is not None else None
         self.metrics = metrics
@@ -131,3 +134,9 @@ class PredictionMonitors:
                 monitor = PredictionMonitor(labels, reference, metrics, self._window)
                 self._monitors[key] = monitor
             return monitor
+
+    def forget(self, name: str, version: str) -> None:
+        """Drop the monitors of a retired version (its metric series are dropped with it)."""
+        with self._lock:
+            for key in [k for k in self._monitors if k[:2] == (name, version)]:
+                del self._monitors[key]

@@ -104,9 +104,13 @@ def list_models(repository: Path) -> list[str]:
     """Model names in the repository: directories holding a config.pbtxt, sorted."""
     if not repository.is_dir():
         raise ModelLoadError(f"model repository {repository} is not a directory")
+    try:
+        entries = list(repository.iterdir())
+    except OSError as error:
+        raise ModelLoadError(f"model repository {repository}: {error.strerror}") from None
     return sorted(
         p.name
-        for p in repository.iterdir()
+        for p in entries
         if p.is_dir() and not p.name.startswith(".") and (p / CONFIG_FILENAME).is_file()
     )
 
@@ -152,11 +156,16 @@ def label_path(model_dir: Path, spec: ModelSpec) -> Path:
 
     Raises:
         ModelLoadError: the name resolves outside the model directory (``../``, an absolute
-            path, or a symbolic link leading out).
+            path, or a symbolic link leading out), or cannot be resolved (a symbolic link loop).
     """
     name = (spec.label_filenames or (LABELS_FILENAME,))[0]
     path = model_dir / name
-    if not path.resolve().is_relative_to(model_dir.resolve()):
+    try:
+        # A loop raises RuntimeError up to Python 3.12, OSError (ELOOP) from 3.13.
+        resolved, directory = path.resolve(), model_dir.resolve()
+    except (OSError, RuntimeError) as error:
+        raise ModelLoadError(f"{path}: cannot be resolved: {error}") from None
+    if not resolved.is_relative_to(directory):
         raise ModelLoadError(
             f"{model_dir / CONFIG_FILENAME}: label_filename {name!r} resolves outside the model "
             "directory"

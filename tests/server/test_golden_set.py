@@ -20,9 +20,12 @@ from server.model_manager import ModelManager
 from server.transport.model_config import parse_model_config
 
 
-def _served_versions(repo: Path, registry: CollectorRegistry, tamper=None) -> list[int]:
+def _served_versions(
+    repo: Path, registry: CollectorRegistry, tamper=None, **settings: object
+) -> list[int]:
     async def scenario() -> list[int]:
-        manager = ModelManager(server_config(repo), ServerMetrics(registry), parse_model_config)
+        config = server_config(repo, **settings)
+        manager = ModelManager(config, ServerMetrics(registry), parse_model_config)
         await manager.refresh()
         if tamper is not None:
             tamper()
@@ -46,7 +49,7 @@ def test_every_factory_version_passes_its_golden_set(
 ) -> None:
     repo = make_model_repository(tmp_path / "models", versions=(1, 2))
     registry = CollectorRegistry()
-    with caplog.at_level(logging.INFO, logger="server.model_manager"):
+    with caplog.at_level(logging.INFO, logger="server.version_loader"):
         assert _served_versions(repo, registry) == [2]
     assert "golden set passed (4 images" in caplog.text
     assert (
@@ -93,13 +96,17 @@ def test_unreadable_golden_set_is_refused(tmp_path: Path) -> None:
     )
 
 
-def test_version_without_golden_set_loads_with_a_warning(
+def test_version_without_golden_set_is_refused_unless_allowed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     repo = make_model_repository(tmp_path / "models", versions=())
     write_version(repo / "classifier", 1, golden=False)
+    assert _served_versions(repo, CollectorRegistry()) == []
     with caplog.at_level(logging.WARNING):
-        assert _served_versions(repo, CollectorRegistry()) == [1]
+        allowed = _served_versions(
+            repo, CollectorRegistry(), allow_versions_without_golden_set=True
+        )
+    assert allowed == [1]
     assert "has no golden set" in caplog.text
 
 

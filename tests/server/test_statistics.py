@@ -74,7 +74,8 @@ def test_a_failing_computation_counts_as_failure(tmp_path: Path) -> None:
     # Version 2 loads but fails in onnxruntime; without warm-up nothing runs it before serving.
     repo = make_model_repository(tmp_path / "models", config_extra="version_policy { all {} }\n")
     write_failing_version(repo / "classifier" / "2")
-    config = server_config(repo, warmup_timeout_s=0)
+    # It has no golden set either, which would refuse it before it serves.
+    config = server_config(repo, warmup_timeout_s=0, allow_versions_without_golden_set=True)
     with RunningServer(config) as server:
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)

@@ -2,10 +2,18 @@
 
 ``REPO/<name>/<version>/`` is staged as ``REPO/<name>/.staging-<random>/`` (every file
 fsynced), then renamed to the next integer version, so a polling server sees either no new
-version or a complete one. ``config.pbtxt`` and ``labels.txt`` are replaced with the same
-temp-file + fsync + ``os.replace`` pattern. A staging directory left by a killed export is a
-dot-directory, which no reader treats as a version; the next publish removes staging
-directories older than an hour (a live export stages for seconds).
+version or a complete one. Only then are ``config.pbtxt`` and ``labels.txt`` replaced, with the
+same temp-file + fsync + ``os.replace`` pattern. In that order a server polling in between sees
+the new version beside the previous model-level files, which it survives: the version's
+``model.json`` carries its own labels, which servers prefer, and a ``config.pbtxt`` that does
+not fit the new graph refuses it only until the new one lands (a change retries it). In the
+other order a poll in between saw the versions already served with the new labels and
+configuration: Triton (which reads ``labels.txt``, not ``model.json``) answered with the new
+class names for the old graph, and an export failing between the two steps left it so. The
+layout itself is unchanged, so older servers and Triton read it as before. A staging
+directory left by a killed export is a dot-directory, which no reader treats as a version; the
+next publish removes staging directories older than an hour (a live export stages for
+seconds).
 """
 
 from __future__ import annotations
@@ -132,9 +140,12 @@ def publish(
 ) -> tuple[int, Path]:
     """Write ``version_files`` as the next version of ``model_name``; return (version, dir).
 
-    On any failure the staging directory is removed and no version appears.
+    On any failure before the version appears the staging directory is removed and nothing
+    changes. A failure replacing ``labels.txt`` or ``config.pbtxt`` after it appeared raises
+    with a note naming the published version (the next publish replaces both).
     """
     validate_model_name(model_name)
+    labels_text = render_labels(labels).encode()
     model_root = Path(repository) / model_name
     for directory in (Path(repository), model_root):
         if not directory.is_dir():
@@ -147,13 +158,20 @@ def publish(
         for filename, data in version_files.items():
             _write_new_file(staging / filename, data)
         fsync_directory(staging)
-        atomic_write_bytes(model_root / LABELS_FILENAME, render_labels(labels).encode())
-        atomic_write_bytes(model_root / CONFIG_FILENAME, config_text.encode())
         version, target = _rename_to_next_version(staging, model_root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     fsync_directory(model_root)
+    try:
+        atomic_write_bytes(model_root / LABELS_FILENAME, labels_text)
+        atomic_write_bytes(model_root / CONFIG_FILENAME, config_text.encode())
+    except OSError as error:
+        error.add_note(
+            f"version {version} is published at {target}; {LABELS_FILENAME} and "
+            f"{CONFIG_FILENAME} of {model_root} may still be the previous ones"
+        )
+        raise
     return version, target
 
 
