@@ -17,13 +17,14 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from server.capture import CapturePolicy, CaptureWriter
 from server.config import ServerConfig, config_as_dict
 from server.decode_pool import DecodePool
-from server.errors import ModelLoadError
+from server.errors import ConfigError, ModelLoadError
 from server.handlers.classification import ClassificationHandler
 from server.handlers.inference import InferenceHandler
 from server.lifecycle import DrainTarget, ServerState, drain
@@ -133,6 +134,45 @@ def create_capture_writer(config: ServerConfig, metrics: ServerMetrics) -> Captu
     return writer
 
 
+def _metrics_host(config: ServerConfig) -> str:
+    return config.metrics_host if config.metrics_host is not None else config.host
+
+
+def start_metrics_http(config: ServerConfig, registry: CollectorRegistry) -> WSGIServer | None:
+    """The started /metrics endpoint, or None when ``metrics_port`` is -1.
+
+    Raises:
+        ConfigError: the port cannot be bound (taken, or the address is not this host's).
+    """
+    if config.metrics_port < 0:
+        return None
+    ProcessCollector(registry=registry)  # process_* (CPU, RSS, open fds), per registry
+    host = _metrics_host(config)
+    try:
+        return start_metrics_server(registry, host, config.metrics_port, config.metrics_timeout_s)
+    except OSError as error:
+        address = format_address(host, config.metrics_port)
+        raise ConfigError(f"metrics_port: cannot listen on {address}: {error.strerror}") from None
+
+
+def describe_listeners(
+    config: ServerConfig, endpoint: GrpcEndpoint, metrics_port: int | None
+) -> str:
+    """One phrase per listener the server opened, for the start-up log line."""
+    listeners = [
+        f"gRPC on {format_address(config.host, endpoint.port)} "
+        f"({'TLS' if endpoint.uses_tls else 'plaintext'})"
+    ]
+    if endpoint.health_port is not None:
+        address = format_address(config.host, endpoint.health_port)
+        listeners.append(f"health-only port on {address}")
+    if metrics_port is None:
+        listeners.append("metrics off")
+    else:
+        listeners.append(f"metrics on {format_address(_metrics_host(config), metrics_port)}")
+    return ", ".join(listeners)
+
+
 async def build_server(
     config: ServerConfig, registry: CollectorRegistry | None = None
 ) -> ServerHandle:
@@ -160,20 +200,15 @@ async def build_server(
         capture,
     )
     endpoint = await start_grpc_server(config, inference, classification, metrics, state)
-    http, metrics_port = None, None
-    if config.metrics_port >= 0:
-        ProcessCollector(registry=registry)  # process_* (CPU, RSS, open fds), per registry
-        metrics_host = config.metrics_host if config.metrics_host is not None else config.host
-        http = start_metrics_server(
-            registry, metrics_host, config.metrics_port, config.metrics_timeout_s
-        )
-        metrics_port = http.server_port
+    try:
+        http = start_metrics_http(config, registry)
+    except ConfigError:
+        await endpoint.stop(None)
+        raise
+    metrics_port = http.server_port if http is not None else None
     log.info(
-        "gRPC on %s (%s), health-only on %s, metrics on %s; settings: %s",
-        format_address(config.host, endpoint.port),
-        "TLS" if endpoint.uses_tls else "plaintext",
-        endpoint.health_port,
-        metrics_port,
+        "%s; settings: %s",
+        describe_listeners(config, endpoint, metrics_port),
         config_as_dict(config),
     )
     return ServerHandle(

@@ -352,15 +352,21 @@ def _base_type(name: str) -> tuple[type, bool]:
     return hint, False
 
 
-def coerce(name: str, value: Any) -> Any:
-    """Convert a YAML, environment or flag value to the field's type, or raise ConfigError."""
+def coerce(name: str, value: Any, source: str | None = None) -> Any:
+    """Convert a YAML, environment or flag value to the field's type, or raise ConfigError.
+
+    Args:
+        source: where the value came from (``SERVER_GRPC_PORT``, a file's key), named in
+            the error; default: the field's name.
+    """
     if name not in FIELDS:
         raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(FIELDS))}")
+    source = source or name
     base, optional = _base_type(name)
     if value is None or (optional and is_unset(value)):
         if optional:
             return None
-        raise ConfigError(f"{name} must not be empty")
+        raise ConfigError(f"{source} must not be empty")
     try:
         if typing.get_origin(base) is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
@@ -377,10 +383,20 @@ def coerce(name: str, value: Any) -> Any:
             raise ValueError(value)
         return value
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}: cannot read {value!r} as {base}") from None
+        raise ConfigError(f"{source}: cannot read {value!r} as {_kind(base)}") from None
 
 
-def _from_yaml(path: Path) -> dict[str, Any]:
+def _kind(base: type) -> str:
+    if typing.get_origin(base) is tuple:
+        return "a comma-separated list of integers"
+    return {bool: "true or false", int: "an integer", float: "a number"}.get(base, "text")
+
+
+# Settings the user gave: field name -> (value, where it came from: coerce's ``source``).
+Given = dict[str, tuple[Any, str]]
+
+
+def _from_yaml(path: Path) -> Given:
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as error:
@@ -391,19 +407,38 @@ def _from_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of settings")
-    return {str(k).replace("-", "_"): coerce(str(k).replace("-", "_"), v) for k, v in data.items()}
+    given = {}
+    for key, raw in data.items():
+        name = str(key).replace("-", "_")
+        source = f"config file {path}: {name}"
+        given[name] = (coerce(name, raw, source), source)
+    return given
 
 
-def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    values = {}
+def _from_env(environ: Mapping[str, str]) -> Given:
+    given = {}
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or key == f"{ENV_PREFIX}CONFIG":
             continue
         name = key[len(ENV_PREFIX) :].lower()
         if name not in FIELDS:
             raise ConfigError(f"unknown environment setting {key}")
-        values[name] = coerce(name, raw)
-    return values
+        given[name] = (coerce(name, raw, key), key)
+    return given
+
+
+def _help(spec: dataclasses.Field[Any]) -> str:
+    text = str(spec.metadata["help"])
+    if "default" in text:  # the help says what the unset value means
+        return text
+    default = spec.default
+    if default is None:
+        shown = "unset"
+    elif isinstance(default, tuple):
+        shown = ",".join(map(str, default)) or "empty"
+    else:
+        shown = str(default)
+    return f"{text} [default: {shown}]"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -423,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="YAML file of settings (env SERVER_CONFIG).")
     for name, spec in FIELDS.items():
         flag = "--" + name.replace("_", "-")
-        kwargs: dict[str, Any] = {"help": f"{spec.metadata['help']} [default: {spec.default}]"}
+        kwargs: dict[str, Any] = {"help": _help(spec)}
         if name == "providers":
             kwargs["choices"] = PROVIDER_CHOICES
         if name == "graph_optimization":
@@ -441,12 +476,21 @@ def load_config(
     environ = os.environ if environ is None else environ
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config", None) or environ.get(f"{ENV_PREFIX}CONFIG")
-    values: dict[str, Any] = {}
+    given: Given = {}
     if config_path:
-        values.update(_from_yaml(Path(config_path)))
-    values.update(_from_env(environ))
-    values.update({name: coerce(name, raw) for name, raw in args.items()})
-    return ServerConfig(**values)
+        given.update(_from_yaml(Path(config_path)))
+    given.update(_from_env(environ))
+    # A flag's errors name the field, as the checks do: --grpc-port reads as grpc_port.
+    given.update({name: (coerce(name, raw), name) for name, raw in args.items()})
+    try:
+        return ServerConfig(**{name: value for name, (value, _) in given.items()})
+    except ConfigError as error:
+        # The checks name the field first ("grpc_port must be ..."); the user may have set it
+        # as SERVER_GRPC_PORT or in a file, so say where the value came from.
+        field_name = str(error).split(" ", 1)[0]
+        if field_name not in given or given[field_name][1] == field_name:
+            raise
+        raise ConfigError(f"{given[field_name][1]}: {error}") from None
 
 
 def config_as_dict(config: ServerConfig) -> dict[str, Any]:

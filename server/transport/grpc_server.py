@@ -147,11 +147,21 @@ async def start_health_listener(
     )
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     address = format_address(host, port)
-    bound = server.add_insecure_port(address)
+    bound = _bind(server, address, None)
     if bound == 0:
-        raise ConfigError(f"cannot bind the health port at {address}")
+        raise ConfigError(f"health_port: cannot listen on {address}")
     await server.start()
     return server, bound
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """The bound port, or 0 when ``address`` cannot be bound (taken, or not this host's)."""
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        return 0
 
 
 def _create_server(
@@ -209,12 +219,9 @@ async def start_grpc_server(
     )
     address = format_address(config.host, config.grpc_port)
     credentials = server_credentials(config)
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    port = _bind(server, address, credentials)
     if port == 0:
-        raise ConfigError(f"cannot bind the gRPC port at {address}")
+        raise ConfigError(f"grpc_port: cannot listen on {address}")
     await server.start()
     endpoint = GrpcEndpoint(server, port, health, uses_tls=credentials is not None)
     if config.health_port >= 0:
