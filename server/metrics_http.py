@@ -1,13 +1,16 @@
 """The Prometheus endpoint: ``GET /metrics`` only, on its own bind address, with timeouts.
 
 prometheus_client's ``start_http_server`` answers every path with the metrics and keeps a
-thread per connection as long as the client likes; this one answers 404 off ``/metrics`` and
-drops connections idle for ``timeout_s`` (``--metrics-timeout-s``), so a slow or scanning
+thread per connection as long as the client likes; this one answers 404 off ``/metrics``,
+gives each connection ``timeout_s`` (``--metrics-timeout-s``) for the whole exchange (not per
+read: a client trickling a byte at a time would reset a per-read timeout forever) and serves
+at most ``MAX_CONNECTIONS`` at once, closing any beyond them at once, so a slow or scanning
 client cannot pin threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -19,10 +22,29 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 
 TIMEOUT_S = 10.0
 PATH = "/metrics"
+# Prometheus scrapes over one connection at a time; a few more cover humans and a second
+# scraper of an HA pair.
+MAX_CONNECTIONS = 16
 
 
 class _Handler(WSGIRequestHandler):
-    timeout = TIMEOUT_S  # socket timeout for reading the request and writing the answer
+    timeout = TIMEOUT_S  # socket timeout of each read and write ...
+
+    def setup(self) -> None:
+        super().setup()
+        # ... and the whole exchange's deadline: the socket is shut down when it passes.
+        self._deadline = threading.Timer(self.timeout, self._expire)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _expire(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes every few seconds would flood the log."""
@@ -31,6 +53,29 @@ class _Handler(WSGIRequestHandler):
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # over the cap: closed without a thread
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that timed out or went away is not the server's error: no traceback."""
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _ThreadingServer6(_ThreadingServer):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -126,3 +128,58 @@ def test_metrics_connection_idle_past_the_timeout_is_closed(model_repository: Pa
         # Send nothing: the server closes the connection after metrics_timeout_s; the 60 s
         # client timeout only keeps a failing test from hanging.
         assert sock.recv(1024) == b""
+
+
+def test_a_trickling_client_is_cut_off_at_the_whole_request_deadline(
+    model_repository: Path,
+) -> None:
+    config = server_config(model_repository, metrics_port=0, metrics_timeout_s=1.0)
+    with (
+        RunningServer(config) as server,
+        socket.create_connection(("127.0.0.1", server.metrics_port), timeout=60) as sock,
+    ):
+        # One byte every 0.2 s never lets a per-read timeout of 1 s expire; the deadline does.
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X" * 1000:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.2)
+        elapsed = time.monotonic() - started
+        assert elapsed < 30, elapsed  # closed by the deadline, not after 200 s of trickling
+        assert sock.recv(1024) == b""
+
+
+def test_connections_beyond_the_cap_are_closed_and_scrapes_resume(
+    model_repository: Path,
+) -> None:
+    from server.metrics_http import MAX_CONNECTIONS
+
+    config = server_config(model_repository, metrics_port=0, metrics_timeout_s=20.0)
+    with RunningServer(config) as server:
+        address = ("127.0.0.1", server.metrics_port)
+        idle = [socket.create_connection(address, timeout=60) for _ in range(MAX_CONNECTIONS)]
+        try:
+            # Once the server has taken the idle ones (a busy machine may take a moment), a
+            # further connection is closed at once instead of waiting out the 20 s deadline.
+            deadline = time.monotonic() + 15
+            while True:
+                with socket.create_connection(address, timeout=60) as extra:
+                    extra.settimeout(1.0)
+                    try:
+                        if extra.recv(1024) == b"":
+                            break
+                    except TimeoutError:
+                        pass  # it got a slot: the server had not taken them all yet
+                assert time.monotonic() < deadline, "the cap never closed a connection"
+        finally:
+            for sock in idle:
+                sock.close()
+        # The idle slots free up as their clients leave: a scrape works again.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert _scrape(server)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
