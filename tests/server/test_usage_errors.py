@@ -98,7 +98,7 @@ def test_a_port_taken_after_the_check_is_a_config_error(
 
 
 def test_bad_port_is_reported_fast_and_before_onnxruntime_is_imported() -> None:
-    # Before as after: 0.3-0.5 s; the server's config never needed onnxruntime.
+    # 2 cores: 0.3-0.6 s before and after; the settings never needed onnxruntime.
     started = time.perf_counter()
     result = run_server("--grpc-port", "-1")
     elapsed = time.perf_counter() - started
