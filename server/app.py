@@ -25,6 +25,7 @@ from server.capture import CapturePolicy, CaptureWriter
 from server.config import ServerConfig, config_as_dict
 from server.decode_pool import DecodePool
 from server.errors import ConfigError, ModelLoadError
+from server.handlers.byte_budget import ByteBudget
 from server.handlers.classification import ClassificationHandler
 from server.handlers.inference import InferenceHandler
 from server.lifecycle import DrainTarget, ServerState, drain
@@ -188,7 +189,7 @@ async def build_server(
     decode_executor = ThreadPoolExecutor(
         max_workers=threads.decode_workers, thread_name_prefix="decode"
     )
-    inference = InferenceHandler(manager, metrics)
+    inference = InferenceHandler(manager, metrics, ByteBudget(config.max_inflight_input_bytes))
     capture = create_capture_writer(config, metrics)
     classification = ClassificationHandler(
         manager,

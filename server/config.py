@@ -126,7 +126,18 @@ class ServerConfig:
         metadata=_doc("File holding the bearer token every RPC but health must carry."),
     )
     max_message_bytes: int = field(
-        default=64 * MIB, metadata=_doc("Largest gRPC message received or sent, in bytes.")
+        default=64 * MIB,
+        metadata=_doc(
+            "Largest gRPC message received or sent, in bytes; grpc refuses a larger one from "
+            "its length prefix, before receiving it (docs/server.md, Limits)."
+        ),
+    )
+    max_inflight_input_bytes: int = field(
+        default=512 * MIB,
+        metadata=_doc(
+            "Estimated memory of ModelInfer inputs converted and in flight at once, reserved "
+            "before any is converted; beyond it: RESOURCE_EXHAUSTED."
+        ),
     )
     max_image_bytes: int = field(
         default=32 * MIB, metadata=_doc("Largest encoded image accepted by Classify, in bytes.")
@@ -167,6 +178,43 @@ class ServerConfig:
     )
     stream_max_duration_s: float = field(
         default=3600.0, metadata=_doc("A bidi stream is ended after this long (0: never).")
+    )
+    max_health_watches: int = field(
+        default=100,
+        metadata=_doc(
+            "grpc.health.v1 Watch streams open at once (health is exempt from auth and from "
+            "max_concurrent_rpcs); beyond it: RESOURCE_EXHAUSTED."
+        ),
+    )
+    health_watch_max_s: float = field(
+        default=300.0,
+        metadata=_doc("A health Watch stream is ended (OK) after this long; clients watch again."),
+    )
+    keepalive_time_s: float = field(
+        default=60.0,
+        metadata=_doc("The server pings a connection with calls open after this long idle."),
+    )
+    keepalive_timeout_s: float = field(
+        default=20.0,
+        metadata=_doc("A connection whose keepalive ping is unanswered this long is closed."),
+    )
+    max_connection_idle_s: float = field(
+        default=300.0,
+        metadata=_doc("A connection with no call for this long is closed (GOAWAY; 0: never)."),
+    )
+    max_connection_age_s: float = field(
+        default=600.0,
+        metadata=_doc(
+            "A connection is closed (GOAWAY) after this long, give or take a tenth, so clients "
+            "reconnect and new replicas get traffic (0: never)."
+        ),
+    )
+    max_connection_age_grace_s: float = field(
+        default=3600.0,
+        metadata=_doc(
+            "Calls still open on a connection closed for its age may finish within this long "
+            "(as long as stream_max_duration_s, so age never ends a stream sooner; 0: no limit)."
+        ),
     )
     metrics_host: str | None = field(
         default=None, metadata=_doc("Address the metrics port binds to (default: host).")
@@ -251,6 +299,30 @@ def _validate(config: ServerConfig) -> None:
     _validate_limits(config)
     _validate_capture_and_rollout(config)
     _validate_tls(config)
+    _validate_connections(config)
+
+
+def _validate_connections(config: ServerConfig) -> None:
+    if config.max_inflight_input_bytes < 1:
+        raise ConfigError(
+            f"max_inflight_input_bytes must be >= 1, got {config.max_inflight_input_bytes}"
+        )
+    if config.max_health_watches < 0:
+        raise ConfigError(f"max_health_watches must be >= 0, got {config.max_health_watches}")
+    longest = 2**31 // 1000  # grpc takes milliseconds as a C int
+    times = (
+        "keepalive_time_s",
+        "keepalive_timeout_s",
+        "health_watch_max_s",
+        "max_connection_idle_s",
+        "max_connection_age_s",
+        "max_connection_age_grace_s",
+    )
+    for name in times:
+        value = getattr(config, name)
+        lowest = 0.001 if name.startswith("keepalive") else 0.0  # 0: never, for the others
+        if not lowest <= value <= longest:
+            raise ConfigError(f"{name} must be in {lowest:g}..{longest}, got {value}")
 
 
 def _validate_choices(config: ServerConfig) -> None:

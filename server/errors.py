@@ -7,6 +7,18 @@ from gRPC on purpose.
 
 from __future__ import annotations
 
+# Client-chosen names (models, versions, inputs, outputs, datatypes) echoed in an error are cut
+# to this many characters: the message travels in a trailer, and gRPC clients refuse
+# trailers over 8-16 KiB with an error that hides the real one.
+SHOWN_NAME_CHARS = 128
+
+
+def shown(name: str) -> str:
+    """``name`` quoted for an error message, cut to SHOWN_NAME_CHARS with its length said."""
+    if len(name) <= SHOWN_NAME_CHARS:
+        return repr(name)
+    return f"{name[:SHOWN_NAME_CHARS]!r}... ({len(name)} characters)"
+
 
 class ServerError(Exception):
     """Base class. ``reason`` is the failure label used in metrics."""

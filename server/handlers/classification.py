@@ -10,7 +10,7 @@ import numpy as np
 from server.capture import Capture, CaptureWriter, capture_reason
 from server.decode_pool import DecodePool
 from server.errors import InvalidInput
-from server.handlers.common import RequestRecord, recorded
+from server.handlers.common import RequestRecord, check_model_reference, recorded
 from server.metrics import ServerMetrics
 from server.model_manager import ModelManager
 from server.model_version import ModelVersion
@@ -85,6 +85,7 @@ class ClassificationHandler:
                     f"images: {len(request.images)} images; the limit (max_images_per_request) "
                     f"is {self.max_images}"
                 )
+            check_model_reference(request.model_name, request.model_version)
             async with self.manager.lease(request.model_name, request.model_version) as model:
                 record.model, record.version = model.name, model.version_str
                 return await self._classify(model, request, record.started)

@@ -7,8 +7,12 @@ import contextlib
 import time
 from collections.abc import Iterator
 
-from server.errors import ServerError
+from contracts.repository_layout import MAX_MODEL_NAME_LENGTH
+from server.errors import ModelNotFound, ServerError, shown
 from server.metrics import ServerMetrics
+
+# Versions are int64 numbers in Triton: 19 digits at most.
+MAX_VERSION_CHARS = 19
 
 
 class RequestRecord:
@@ -22,6 +26,20 @@ class RequestRecord:
         self.model = model
         self.version = version
         self.started = time.monotonic()
+
+
+def check_model_reference(name: str, version: str) -> None:
+    """Refuse a model name or version no repository can hold, before it is looked up, so
+    the error names it cut short (``server.errors.shown``).
+
+    Raises:
+        ModelNotFound: the name is longer than the repository's name rule allows, or the
+            version longer than a number can be.
+    """
+    if len(name) > MAX_MODEL_NAME_LENGTH:
+        raise ModelNotFound(f"unknown model {shown(name)}")
+    if len(version) > MAX_VERSION_CHARS:
+        raise ModelNotFound(f"model {shown(name)} has no version {shown(version)}")
 
 
 @contextlib.contextmanager

@@ -3,17 +3,21 @@ repository index, inference."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+from collections.abc import Sequence
 
 import numpy as np
 
-from server.errors import InvalidInput
-from server.handlers.common import RequestRecord, recorded
+from server.errors import InvalidInput, shown
+from server.handlers.byte_budget import ByteBudget
+from server.handlers.common import RequestRecord, check_model_reference, recorded
+from server.handlers.staged_request import StagedInferRequest, StagedTensor, stage
 from server.metrics import ServerMetrics
 from server.model_manager import ModelManager
 from server.model_spec import ModelSpec
-from server.model_version import ModelVersion
+from server.model_version import ModelVersion, check_input
 from server.repository import PLATFORM
 from server.statistics import VersionStatistics
 from server.types import InferRequest, InferResponse, ModelInfo, Tensor, TensorInfo
@@ -23,14 +27,50 @@ SERVER_NAME = "finetune-serve"
 SERVER_VERSION = "0.1.0"
 # "statistics" makes perf_analyzer call ModelStatistics, which this server implements.
 EXTENSIONS = ["classification", "model_configuration", "statistics"]
+# Inputs that cost more than this to convert are converted on a worker thread, so a 64 MB
+# request (typed and BYTES contents convert element by element) never stalls the event loop
+# and health with it.
+CONVERT_ON_LOOP_BYTES = 256 * 1024
+
+
+def check_staged_inputs(model: ModelVersion, inputs: Sequence[StagedTensor]) -> None:
+    """Names, datatypes and shapes against the graph, before any input is converted.
+
+    Raises:
+        InvalidInput: an unknown or missing input (names cut short), or what
+            ``check_input`` refuses.
+    """
+    specs = {spec.name: spec for spec in model.inputs}
+    unknown = [tensor.name for tensor in inputs if tensor.name not in specs]
+    if unknown:
+        names = ", ".join(shown(name) for name in unknown[:8])
+        more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+        raise InvalidInput(f"unknown input(s) {names}{more}; the model takes {sorted(specs)}")
+    missing = sorted(set(specs) - {tensor.name for tensor in inputs})
+    if missing:
+        raise InvalidInput(f"missing input(s) {missing}")
+    for tensor in inputs:
+        check_input(specs[tensor.name], tensor.header(), model.max_batch_size)
+
+
+async def convert(tensor: StagedTensor) -> np.ndarray:
+    """The staged input's array; large ones are converted on a worker thread."""
+    if tensor.cost_bytes <= CONVERT_ON_LOOP_BYTES:
+        return tensor.convert()
+    return await asyncio.get_running_loop().run_in_executor(None, tensor.convert)
 
 
 class InferenceHandler:
     """The OIP data plane on plain types; the transport converts to and from protobuf."""
 
-    def __init__(self, manager: ModelManager, metrics: ServerMetrics) -> None:
+    def __init__(self, manager: ModelManager, metrics: ServerMetrics, budget: ByteBudget) -> None:
+        """
+        Args:
+            budget: the bytes converted inputs may hold at once (``max_inflight_input_bytes``).
+        """
         self.manager = manager
         self.metrics = metrics
+        self.budget = budget
         self.is_draining = False
 
     def is_live(self) -> bool:
@@ -42,6 +82,7 @@ class InferenceHandler:
     def model_ready(self, name: str, version: str) -> bool:
         if self.is_draining:
             return False
+        check_model_reference(name, version)
         self.manager.resolve(name, version)  # raises ModelNotFound for unknown models
         return True
 
@@ -49,6 +90,7 @@ class InferenceHandler:
         return SERVER_NAME, SERVER_VERSION, list(EXTENSIONS)
 
     def model_metadata(self, name: str, version: str) -> ModelInfo:
+        check_model_reference(name, version)
         model = self.manager.resolve(name, version)
         properties = {
             "provider": model.sessions.providers[0],
@@ -69,12 +111,14 @@ class InferenceHandler:
         )
 
     def model_config(self, name: str, version: str) -> ModelSpec:
+        check_model_reference(name, version)
         spec = self.manager.resolve(name, version).spec
         if not spec.platform and not spec.backend:
             spec = dataclasses.replace(spec, platform=PLATFORM)
         return spec
 
     def statistics(self, name: str, version: str) -> list[VersionStatistics]:
+        check_model_reference(name, version)
         if name:
             if version:
                 models = [self.manager.resolve(name, version)]
@@ -90,24 +134,37 @@ class InferenceHandler:
         index = self.manager.repository_index()
         return [entry for entry in index if entry.is_ready] if ready_only else index
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: StagedInferRequest | InferRequest) -> InferResponse:
+        """Check the request against the model, then convert its inputs and compute.
+
+        Raises:
+            ModelNotFound, InvalidInput, MessageTooLarge, Overloaded, ...: before any input
+                is converted when the model, a name, a datatype, a shape or the byte budget
+                refuses it.
+        """
+        if isinstance(request, InferRequest):
+            request = stage(request)
         record = RequestRecord()
         with recorded(self.metrics, record, request.deadline):
+            check_model_reference(request.model_name, request.model_version)
             async with self.manager.lease(request.model_name, request.model_version) as model:
                 record.model, record.version = model.name, model.version_str
                 return await self._infer(model, request, record)
 
     async def _infer(
-        self, model: ModelVersion, request: InferRequest, record: RequestRecord
+        self, model: ModelVersion, request: StagedInferRequest, record: RequestRecord
     ) -> InferResponse:
         outputs = {s.name: s for s in model.outputs}
         for name in request.requested_outputs:
             if name not in outputs:
-                raise InvalidInput(f"unknown output {name!r}; the model has {sorted(outputs)}")
+                raise InvalidInput(f"unknown output {shown(name)}; the model has {sorted(outputs)}")
         for name in request.class_counts:
             if outputs[name].datatype == "BYTES":
                 raise InvalidInput(f"output {name!r} is BYTES; classification needs numbers")
-        values = await model.infer(request.inputs, request.deadline, record.started)
+        check_staged_inputs(model, request.inputs)
+        with self.budget.reserve(sum(tensor.cost_bytes for tensor in request.inputs)):
+            inputs = [Tensor(t.name, t.datatype, await convert(t)) for t in request.inputs]
+            values = await model.infer(inputs, request.deadline, record.started)
         names = request.requested_outputs or list(outputs)
         tensors = []
         for name in names:

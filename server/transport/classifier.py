@@ -23,7 +23,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     async def _classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
-        plain = converters.classify_request_from_proto(request)
+        plain = converters.classify_request_from_proto(request, self.handler.max_images)
         plain = dataclasses.replace(
             plain,
             deadline=deadline_of(context),

@@ -7,7 +7,9 @@ or typed ``contents`` for every input, never both.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,15 +23,16 @@ from server.datatypes import (
     serialize_bytes,
 )
 from server.datatypes import deserialize_bytes as _deserialize_bytes
-from server.errors import InvalidInput
+from server.errors import InvalidInput, shown
+from server.handlers.staged_request import StagedInferRequest, StagedTensor
 from server.statistics import VersionStatistics
+from server.transport import wire
+from server.transport.wire import MAX_RANK
 from server.types import (
     ClassifyRequest,
     ClassifyResponse,
-    InferRequest,
     InferResponse,
     ModelInfo,
-    Tensor,
 )
 from server.version_states import VersionState
 
@@ -46,7 +49,12 @@ def parameters_from_proto(parameters: Any) -> dict[str, Any]:
 
 
 def element_count(shape: list[int], where: str) -> int:
-    """Elements of ``shape``; refuses negative and oversized shapes (both transports)."""
+    """Elements of ``shape``; refuses too many dimensions, negative and oversized shapes
+    (both transports)."""
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(
+            f"{where}: shape has {len(shape)} dimensions; at most {MAX_RANK} are accepted"
+        )
     if any(d < 0 for d in shape):
         raise InvalidInput(f"{where}: shape {shape} has a negative dimension")
     # Zero dimensions are skipped: numpy refuses [0, 2**40, 2**40] although it holds nothing.
@@ -92,33 +100,69 @@ _FIELD_DTYPES: dict[str, np.dtype] = {
 }
 
 
-def _typed_to_array(
-    contents: pb.InferTensorContents, datatype: str, shape: list[int], where: str
-) -> np.ndarray:
-    count = element_count(shape, where)
-    if datatype not in CONTENTS_FIELD:
-        raise InvalidInput(f"{where}: datatype {datatype} can only be sent as raw contents")
+# What one BYTES element costs once converted, besides its bytes: a bytes object (33), its
+# slots in a list and in the object array (8 + 8), and, for typed contents, protobuf's
+# 16-byte view of it in an array that may have doubled.
+_RAW_BYTES_ELEMENT_COST = 64
+_TYPED_BYTES_ELEMENT_COST = 96
+
+
+def _raw_conversion(
+    raw: bytes, datatype: str, shape: list[int], where: str
+) -> tuple[int, Callable[[], np.ndarray]]:
+    """(the bytes converting raw contents takes at most, the conversion)."""
+    count = math.prod(shape)
+    cost = count * _RAW_BYTES_ELEMENT_COST + len(raw) if datatype == "BYTES" else len(raw)
+    return cost, functools.partial(raw_to_array, raw, datatype, shape, where)
+
+
+def _typed_values(contents: bytes, field: str, count: int, where: str, datatype: str) -> Any:
+    """The ``field`` values of InferTensorContents wire bytes, walked before they are parsed
+    (only the datatype's field, exactly ``count`` elements)."""
+    wire.check_contents(contents, field, count, where, datatype)
+    try:
+        values = getattr(pb.InferTensorContents.FromString(contents), field)
+    except Exception:  # protobuf's DecodeError
+        raise InvalidInput(f"{where}: contents are not a valid InferTensorContents") from None
+    if len(values) != count:  # a value sent with another wire type is an unknown field
+        raise InvalidInput(f"{where}: {len(values)} values in {field}, the shape needs {count}")
+    return values
+
+
+def _typed_conversion(
+    contents: bytes, datatype: str, shape: list[int], where: str
+) -> tuple[int, Callable[[], np.ndarray]]:
+    """(the bytes converting typed contents takes at most, the conversion).
+
+    Args:
+        contents: the input's InferTensorContents as wire bytes (a staged request's).
+    """
+    count = math.prod(shape)
     field = CONTENTS_FIELD[datatype]
-    for other in set(CONTENTS_FIELD.values()) - {field}:
-        if len(getattr(contents, other)):
-            raise InvalidInput(f"{where}: {other} set for a {datatype} tensor; expected {field}")
-    values = getattr(contents, field)
-    if len(values) != count:
-        raise InvalidInput(f"{where}: {len(values)} values in {field}, shape {shape} needs {count}")
     if datatype == "BYTES":
-        array = np.empty(count, dtype=np.object_)
-        array[:] = list(values)
-        return array.reshape(shape)
-    dtype = DATATYPES[datatype]
-    wide = np.array(values, dtype=_FIELD_DTYPES[field])
-    if dtype.kind in "iu" and dtype.itemsize < wide.dtype.itemsize and count:
-        info = np.iinfo(dtype)
-        if wide.min() < info.min or wide.max() > info.max:
-            raise InvalidInput(f"{where}: values out of range for {datatype}")
-    return wide.astype(dtype, copy=False).reshape(shape)
+
+        def objects() -> np.ndarray:
+            array = np.empty(count, dtype=np.object_)
+            array[:] = list(_typed_values(contents, field, count, where, datatype))
+            return array.reshape(shape)
+
+        return count * _TYPED_BYTES_ELEMENT_COST + 2 * len(contents), objects
+    dtype, wide_dtype = DATATYPES[datatype], _FIELD_DTYPES[field]
+
+    def numbers() -> np.ndarray:
+        values = _typed_values(contents, field, count, where, datatype)
+        wide = np.array(values, dtype=wide_dtype)
+        if dtype.kind in "iu" and dtype.itemsize < wide.dtype.itemsize and count:
+            info = np.iinfo(dtype)
+            if wide.min() < info.min or wide.max() > info.max:
+                raise InvalidInput(f"{where}: values out of range for {datatype}")
+        return wide.astype(dtype, copy=False).reshape(shape)
+
+    # protobuf's array (which may have doubled), numpy's copy of it, the narrowed array.
+    return len(contents) + count * (3 * wide_dtype.itemsize + dtype.itemsize), numbers
 
 
-def _class_count(output: pb.ModelInferRequest.InferRequestedOutputTensor, where: str) -> int:
+def _class_count(output: Any, where: str) -> int:
     """Triton's ``classification`` output parameter (tritonclient's ``class_count``); 0: off."""
     if "classification" not in output.parameters:
         return 0
@@ -128,12 +172,12 @@ def _class_count(output: pb.ModelInferRequest.InferRequestedOutputTensor, where:
     return value
 
 
-def _requested_outputs(request: pb.ModelInferRequest) -> tuple[list[str], dict[str, int]]:
+def _requested_outputs(request: Any) -> tuple[list[str], dict[str, int]]:
     """Requested output names (each once) and their class counts, checked before any input."""
     names: list[str] = []
     class_counts: dict[str, int] = {}
     for index, output in enumerate(request.outputs):
-        where = f"outputs[{index}] ({output.name!r})"
+        where = f"outputs[{index}] ({shown(output.name)})"
         if output.name in class_counts:
             raise InvalidInput(f"{where}: output requested more than once")
         class_counts[output.name] = _class_count(output, where)
@@ -141,7 +185,7 @@ def _requested_outputs(request: pb.ModelInferRequest) -> tuple[list[str], dict[s
     return names, {name: k for name, k in class_counts.items() if k}
 
 
-def _check_inputs(request: pb.ModelInferRequest) -> list[list[int]]:
+def _check_inputs(request: Any) -> list[list[int]]:
     """Names, datatypes, shapes and raw byte lengths, before any tensor is materialised."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -151,15 +195,15 @@ def _check_inputs(request: pb.ModelInferRequest) -> list[list[int]]:
     names: set[str] = set()
     shapes = []
     for index, tensor in enumerate(request.inputs):
-        where = f"inputs[{index}] ({tensor.name!r})"
+        where = f"inputs[{index}] ({shown(tensor.name)})"
         if tensor.name in names:
             raise InvalidInput(f"{where}: duplicate input name")
         names.add(tensor.name)
         if tensor.datatype not in DATATYPES:
-            raise InvalidInput(f"{where}: unknown datatype {tensor.datatype!r}")
+            raise InvalidInput(f"{where}: unknown datatype {shown(tensor.datatype)}")
         shape = list(tensor.shape)
         count = element_count(shape, where)
-        if raw and tensor.HasField("contents") and tensor.contents.ByteSize() > 0:
+        if raw and tensor.contents:
             raise InvalidInput(f"{where}: sets contents while the request uses raw_input_contents")
         if raw and tensor.datatype != "BYTES":
             expected = count * DATATYPES[tensor.datatype].itemsize
@@ -168,32 +212,41 @@ def _check_inputs(request: pb.ModelInferRequest) -> list[list[int]]:
                     f"{where}: raw contents are {len(raw[index])} bytes, shape {shape} of "
                     f"{tensor.datatype} needs {expected}"
                 )
+        if not raw and tensor.datatype not in CONTENTS_FIELD:
+            raise InvalidInput(
+                f"{where}: datatype {tensor.datatype} can only be sent as raw contents"
+            )
         shapes.append(shape)
     return shapes
 
 
-def infer_request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
-    """Validate the wire format and build plain tensors; the handler checks the model's specs.
+def stage_infer_request(request: Any) -> StagedInferRequest:
+    """Check the wire format and stage each input, converting none of them; the handler
+    converts them once the model has accepted their headers.
 
-    Every check that needs no tensor (requested outputs, names, datatypes, shapes, byte
-    lengths, raw and typed mixed) runs before the first tensor is converted.
+    Every check that needs no tensor runs here: requested outputs, names, datatypes, shapes
+    (rank, negative and oversized dimensions), raw byte lengths, raw and typed mixed.
+
+    Args:
+        request: a ModelInferRequest from ``wire.parse_staged_infer_request``, whose inputs'
+            ``contents`` are still wire bytes.
     """
     requested, class_counts = _requested_outputs(request)
     shapes = _check_inputs(request)
     raw = request.raw_input_contents
-    tensors = []
+    inputs = []
     for index, (tensor, shape) in enumerate(zip(request.inputs, shapes, strict=True)):
-        where = f"inputs[{index}] ({tensor.name!r})"
+        where = f"inputs[{index}] ({shown(tensor.name)})"
         if raw:
-            array = raw_to_array(raw[index], tensor.datatype, shape, where)
+            cost, conversion = _raw_conversion(raw[index], tensor.datatype, shape, where)
         else:
-            array = _typed_to_array(tensor.contents, tensor.datatype, shape, where)
-        tensors.append(Tensor(tensor.name, tensor.datatype, array))
-    return InferRequest(
+            cost, conversion = _typed_conversion(tensor.contents, tensor.datatype, shape, where)
+        inputs.append(StagedTensor(tensor.name, tensor.datatype, tuple(shape), cost, conversion))
+    return StagedInferRequest(
         model_name=request.model_name,
         model_version=request.model_version,
         id=request.id,
-        inputs=tensors,
+        inputs=inputs,
         requested_outputs=requested,
         parameters=parameters_from_proto(request.parameters),
         class_counts=class_counts,
@@ -236,9 +289,17 @@ def model_metadata_to_proto(info: ModelInfo) -> pb.ModelMetadataResponse:
     return message
 
 
-def classify_request_from_proto(request: classifier_pb2.ClassifyRequest) -> ClassifyRequest:
+def classify_request_from_proto(
+    request: classifier_pb2.ClassifyRequest, max_images: int
+) -> ClassifyRequest:
+    """The plain request; the images are counted before they are copied."""
     if not request.images:
         raise InvalidInput("images: at least one image is required")
+    if len(request.images) > max_images:
+        raise InvalidInput(
+            f"images: {len(request.images)} images; the limit (max_images_per_request) is "
+            f"{max_images}"
+        )
     threshold = None
     if request.HasField("abstention_threshold"):
         threshold = request.abstention_threshold

@@ -8,13 +8,13 @@ port and a ``HealthReporter``; it never touches grpc's types or the ``*_pb2`` mo
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server._proto import POOL
@@ -26,7 +26,9 @@ from server.handlers.classification import ClassificationHandler
 from server.handlers.inference import InferenceHandler
 from server.lifecycle import ServerState
 from server.metrics import ServerMetrics
+from server.transport import wire
 from server.transport.classifier import ClassifierServicer
+from server.transport.health import HealthServicer
 from server.transport.inference import InferenceServicer
 from server.transport.interceptors import GateInterceptor, ObservingInterceptor, StreamLimits
 
@@ -35,8 +37,9 @@ log = logging.getLogger(__name__)
 INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 SERVICES = (INFERENCE_SERVICE, CLASSIFIER_SERVICE)
-# The health-only listener takes tiny messages and a few probes at once: it is reachable
-# without TLS or a token, so it must not be a way around the main port's limits.
+# The health-only listener takes tiny messages and a few streams per connection: it is
+# reachable without TLS or a token, so it must not be a way around the main port's limits.
+# Its Watch streams count against the same max_health_watches as the main port's.
 HEALTH_MESSAGE_BYTES = 4096
 HEALTH_CONCURRENT_RPCS = 16
 
@@ -82,11 +85,43 @@ def _reflection_pool() -> Any:
     return POOL
 
 
+def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Keepalive and connection lifetime: dead peers are found, idle connections closed, and
+    every connection is eventually closed (GOAWAY), so clients reconnect and new replicas
+    get their share of the traffic."""
+    options = [
+        ("grpc.keepalive_time_ms", round(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(config.keepalive_timeout_s * 1000)),
+    ]
+    lifetimes = (
+        ("grpc.max_connection_idle_ms", config.max_connection_idle_s),
+        ("grpc.max_connection_age_ms", config.max_connection_age_s),
+        ("grpc.max_connection_age_grace_ms", config.max_connection_age_grace_s),
+    )
+    # 0: no limit, grpc's own default.
+    options += [(name, round(seconds * 1000)) for name, seconds in lifetimes if seconds > 0]
+    return options
+
+
+def request_parsers(config: ServerConfig) -> dict[str, Any]:
+    """The payload methods' request parsers: bounded walks of the bytes before parsing."""
+    inference, classifier = f"/{INFERENCE_SERVICE}/", f"/{CLASSIFIER_SERVICE}/"
+    classify = functools.partial(
+        wire.parse_classify_request, max_images=config.max_images_per_request
+    )
+    return {
+        f"{inference}ModelInfer": wire.parse_staged_infer_request,
+        f"{inference}ModelStreamInfer": wire.parse_staged_infer_request,
+        f"{classifier}Classify": classify,
+        f"{classifier}ClassifyStream": classify,
+    }
+
+
 class HealthReporter:
     """``grpc.health.v1`` status of the whole server and of each service, in plain terms."""
 
-    def __init__(self) -> None:
-        self.servicer = health_aio.HealthServicer()
+    def __init__(self, max_watches: int, watch_max_s: float) -> None:
+        self.servicer = HealthServicer(max_watches, watch_max_s)
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -95,11 +130,11 @@ class HealthReporter:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for service in ("", *SERVICES):
-            await self.servicer.set(service, status)
+            self.servicer.set(service, status)
 
     async def enter_graceful_shutdown(self) -> None:
         """NOT_SERVING for every service, and no later change (the drain has begun)."""
-        await self.servicer.enter_graceful_shutdown()
+        self.servicer.enter_graceful_shutdown()
 
 
 @dataclass
@@ -122,13 +157,14 @@ class GrpcEndpoint:
 
 
 async def start_health_listener(
-    host: str, port: int, health: HealthReporter
+    host: str, port: int, health: HealthReporter, options: list[tuple[str, int]] | None = None
 ) -> tuple[grpc.aio.Server, int]:
     """A plaintext gRPC server with ``grpc.health.v1`` only, sharing ``health``'s servicer.
 
     The kubelet's native gRPC probe speaks plaintext, so with TLS on the main port it needs
     this listener; every other service answers UNIMPLEMENTED here, and drain's NOT_SERVING is
-    seen on both ports because the servicer is the same object.
+    seen on both ports because the servicer is the same object. There is no limit on calls
+    at once, so Watch streams (capped by the servicer) never crowd out a Check.
 
     Returns:
         the started server and its bound port.
@@ -137,12 +173,12 @@ async def start_health_listener(
         ConfigError: the port cannot be bound.
     """
     server = grpc.aio.server(
-        maximum_concurrent_rpcs=HEALTH_CONCURRENT_RPCS,
         options=[
             ("grpc.max_receive_message_length", HEALTH_MESSAGE_BYTES),
             ("grpc.max_send_message_length", HEALTH_MESSAGE_BYTES),
             ("grpc.max_concurrent_streams", HEALTH_CONCURRENT_RPCS),
             ("grpc.so_reuseport", 0),
+            *(options or []),
         ],
     )
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
@@ -175,15 +211,18 @@ def _create_server(
                 read_token(config),
                 config.max_message_bytes,
                 StreamLimits(config.stream_idle_timeout_s, config.stream_max_duration_s),
+                # Not grpc's maximum_concurrent_rpcs: that one counts health watches too, so
+                # open watches could starve inference and the probes' own Checks.
+                max_concurrent_rpcs=config.max_concurrent_rpcs,
+                parsers=request_parsers(config),
             ),
         ],
-        # Beyond this many RPCs in flight grpc answers RESOURCE_EXHAUSTED itself.
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
             ("grpc.max_concurrent_streams", config.max_concurrent_streams),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            *connection_options(config),
         ],
     )
 
@@ -205,7 +244,7 @@ async def start_grpc_server(
         InferenceServicer(inference), server
     )
     classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(classification), server)
-    health = HealthReporter()
+    health = HealthReporter(config.max_health_watches, config.health_watch_max_s)
     await health.set_serving(False)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
@@ -227,7 +266,7 @@ async def start_grpc_server(
     if config.health_port >= 0:
         try:
             endpoint.health_server, endpoint.health_port = await start_health_listener(
-                config.host, config.health_port, health
+                config.host, config.health_port, health, connection_options(config)
             )
         except ConfigError:
             await server.stop(None)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 
@@ -13,24 +12,15 @@ from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from server.errors import InvalidInput, ServerError
 from server.handlers.inference import InferenceHandler
-from server.transport import converters
+from server.transport import converters, wire
 from server.transport.deadlines import deadline_of
 from server.transport.model_config import model_config_to_proto
-from server.types import InferRequest
-
-# Requests larger than this are converted on a worker thread, so a 64 MB request (typed or
-# BYTES contents convert element by element) never stalls the event loop and health with it.
-_CONVERT_ON_LOOP_BYTES = 256 * 1024
-
-
-async def _request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
-    if request.ByteSize() <= _CONVERT_ON_LOOP_BYTES:
-        return converters.infer_request_from_proto(request)
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, converters.infer_request_from_proto, request)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """ModelInfer and ModelStreamInfer receive staged requests (``wire.parse_staged_infer_request``,
+    installed by the gate): inputs' typed ``contents`` are still wire bytes."""
+
     def __init__(self, handler: InferenceHandler) -> None:
         self.handler = handler
 
@@ -82,7 +72,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        plain = await _request_from_proto(request)
+        if isinstance(request, pb.ModelInferRequest):  # not parsed by the gate's parser
+            request = wire.parse_staged_infer_request(request.SerializeToString())
+        plain = converters.stage_infer_request(request)
         timeout = plain.parameters.get("timeout")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)):
             raise InvalidInput("parameters['timeout'] must be an integer (microseconds)")

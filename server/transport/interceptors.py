@@ -2,18 +2,23 @@
 metrics, bearer-token auth and the draining gate.
 
 ``ObservingInterceptor`` is outermost: it counts every RPC and maps whatever the inner layers
-raise. ``GateInterceptor`` refuses RPCs (unauthenticated, draining) by raising domain errors,
-so even refusals go through the one mapping.
+raise. ``GateInterceptor`` refuses RPCs (unauthenticated, draining, over the concurrency
+limit) by raising domain errors, so even refusals go through the one mapping.
+
+grpc reads a unary call's whole request message before its handler runs, so the gate turns
+every call it may refuse into a request-streaming one: the refusal, or the admission, comes
+first, and only an admitted call reads its message (a refused 60 MB message is never read).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -65,12 +70,22 @@ PAYLOAD_METHODS = frozenset(
 )
 
 
+# RPCs of services other than inference, classification and health (reflection) at once.
+MAX_OTHER_RPCS = 32
+# A status message travels in a trailer; gRPC clients refuse trailers over 8-16 KiB with an
+# error that hides ours. Names are cut shorter where the message is written (errors.shown).
+MAX_STATUS_MESSAGE_CHARS = 2048
+
+
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for an exception."""
     if isinstance(error, ServerError):
         for kind in type(error).__mro__:
             if kind in STATUS_BY_ERROR:
-                return STATUS_BY_ERROR[kind], str(error)
+                message = str(error)
+                if len(message) > MAX_STATUS_MESSAGE_CHARS:
+                    message = message[:MAX_STATUS_MESSAGE_CHARS] + "..."
+                return STATUS_BY_ERROR[kind], message
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
@@ -80,7 +95,21 @@ def _split_method(method: str) -> tuple[str, str]:
     return service, name
 
 
+def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    behaviors = (
+        handler.unary_unary,
+        handler.unary_stream,
+        handler.stream_unary,
+        handler.stream_stream,
+    )
+    return next(b for b in behaviors if b is not None)
+
+
 def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
+    """The method's type in the .proto (the gate reads unary requests as streams)."""
+    declared = getattr(_behavior(handler), "rpc_type", None)
+    if declared is not None:
+        return str(declared)
     if handler.request_streaming and handler.response_streaming:
         return "bidi_stream"
     if handler.request_streaming:
@@ -221,17 +250,12 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         return _replace_behavior(handler, wrap)
 
 
-class _Oversized:
-    """Stands in for a request message over its method's limit; it was never parsed."""
+class _Unparsed:
+    """Stands in for a request message that was refused while being parsed (over its
+    method's size limit, or what its parser refuses); the handler raises ``error``."""
 
-    def __init__(self, size: int, limit: int) -> None:
-        self.size = size
-        self.limit = limit
-
-    def error(self) -> MessageTooLarge:
-        return MessageTooLarge(
-            f"request message is {self.size} bytes; this method accepts {self.limit}"
-        )
+    def __init__(self, error: ServerError) -> None:
+        self.error = error
 
 
 def _limited_deserializer(
@@ -239,15 +263,41 @@ def _limited_deserializer(
 ) -> Callable[[bytes], Any]:
     def deserialize(data: bytes) -> Any:
         if len(data) > limit:
-            return _Oversized(len(data), limit)
-        return deserializer(data) if deserializer is not None else data
+            return _Unparsed(
+                MessageTooLarge(
+                    f"request message is {len(data)} bytes; this method accepts {limit}"
+                )
+            )
+        if deserializer is None:
+            return data
+        try:
+            return deserializer(data)
+        except ServerError as error:  # a parser's refusal (server.transport.wire)
+            return _Unparsed(error)
 
     return deserialize
 
 
-def _refused_deserializer(data: bytes) -> None:
-    """Refused calls never parse their body."""
-    return None
+class RpcSlots:
+    """RPCs running at once against ``limit``; beyond it Overloaded (RESOURCE_EXHAUSTED with
+    a retry pushback). Used on the event loop only."""
+
+    def __init__(self, limit: int, setting: str) -> None:
+        self.limit = limit
+        self.active = 0
+        self._setting = setting
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        if self.active >= self.limit:
+            raise Overloaded(
+                f"{self.active} RPCs in flight; the limit ({self._setting}) is {self.limit}"
+            )
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
 
 
 class StreamLimits:
@@ -307,23 +357,38 @@ class StreamLimits:
 
 
 class GateInterceptor(grpc.aio.ServerInterceptor):
-    """Admission at the door: the bearer token and the draining gate (from metadata, before
-    the body is parsed), per-method message limits, and limits on request streams.
+    """Admission at the door: the bearer token and the draining gate (from metadata), the
+    concurrency limits (each decided before the request message is read), per-method
+    message limits and parsers, and limits on request streams.
 
-    Health is exempt from the token and the drain, so Kubernetes probes keep working.
+    Health is exempt from the token, the drain and the concurrency limits, so Kubernetes
+    probes keep working however many other calls are open; its Watch streams are capped by
+    the health servicer itself (server.transport.health).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  each limit is handed in explicitly
         self,
         state: ServerState,
         token: str | None,
         max_message_bytes: int,
         streams: StreamLimits,
+        *,
+        max_concurrent_rpcs: int = 1024,
+        parsers: Mapping[str, Callable[[bytes], Any]] | None = None,
     ) -> None:
+        """
+        Args:
+            max_concurrent_rpcs: inference and classification RPCs at once.
+            parsers: method -> what parses its request bytes in place of the generated
+                deserializer (bounded walks before parsing; server.transport.wire).
+        """
         self.state = state
         self._expected = f"Bearer {token}".encode() if token else None
         self.max_message_bytes = max_message_bytes
         self.streams = streams
+        self.parsers = dict(parsers or {})
+        self.rpc_slots = RpcSlots(max_concurrent_rpcs, "max_concurrent_rpcs")
+        self.other_slots = RpcSlots(MAX_OTHER_RPCS, "MAX_OTHER_RPCS")
         # method -> (inner handler, limited handler): wrapped once, so the observing
         # interceptor's own cache keeps hitting.
         self._limited_handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -359,35 +424,91 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
             return cached[1]
         limit = self.max_message_bytes if method in PAYLOAD_METHODS else SMALL_MESSAGE_BYTES
         service, _ = _split_method(method)
-        limited = self._limited(handler, limit, drains=service in TRACKED_SERVICES)
+        deserializer = _limited_deserializer(
+            self.parsers.get(method, handler.request_deserializer), limit
+        )
+        if service == HEALTH_SERVICE:
+            limited = _replace_behavior(handler, lambda b: _on_requests(b, _checked), deserializer)
+        else:
+            slots = self.rpc_slots if service in TRACKED_SERVICES else self.other_slots
+            limited = self._admitting(handler, slots, deserializer, service in TRACKED_SERVICES)
         self._limited_handlers[method] = (handler, limited)
         return limited
 
-    def _limited(
-        self, handler: grpc.RpcMethodHandler, limit: int, drains: bool
+    def _admitting(
+        self,
+        handler: grpc.RpcMethodHandler,
+        slots: RpcSlots,
+        deserializer: Callable[[bytes], Any],
+        drains: bool,
     ) -> grpc.RpcMethodHandler:
+        """``handler`` as a request-streaming one that takes a slot before it reads."""
         streams, state = self.streams, self.state
 
         def stopping() -> bool:
             return drains and state.rejecting
 
-        def guarded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-            return streams.guard(requests, stopping)
-
-        def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        def requests_of(requests: AsyncIterator[Any]) -> Awaitable[Any]:
             if handler.request_streaming:
-                return _on_requests(behavior, guarded)
-            return _on_requests(behavior, _checked)
+                return _ready(streams.guard(requests, stopping))
+            return _first_request(requests)
 
-        return _replace_behavior(
-            handler, wrap, _limited_deserializer(handler.request_deserializer, limit)
-        )
+        return _reading_after(handler, slots.held, requests_of, deserializer)
 
 
 def _checked(request: Any) -> Any:
-    if isinstance(request, _Oversized):
-        raise request.error()
+    if isinstance(request, _Unparsed):
+        raise request.error
     return request
+
+
+async def _ready(value: Any) -> Any:
+    return value
+
+
+async def _first_request(requests: AsyncIterator[Any]) -> Any:
+    """The one message of a unary call, read only now."""
+    async for request in requests:
+        return _checked(request)
+    raise InvalidInput("the call carried no request message")
+
+
+def _reading_after(
+    handler: grpc.RpcMethodHandler,
+    admit: Callable[[], contextlib.AbstractContextManager[None]],
+    requests_of: Callable[[AsyncIterator[Any]], Awaitable[Any]],
+    deserializer: Callable[[bytes], Any],
+) -> grpc.RpcMethodHandler:
+    """``handler`` with request streaming on: ``admit`` runs before anything is read, then
+    ``requests_of`` gives the behaviour its request (unary) or request iterator."""
+    behavior = _behavior(handler)
+    rpc_type = _rpc_type(handler)
+    if handler.response_streaming:
+
+        async def stream(requests: AsyncIterator[Any], context: Any) -> Any:
+            with admit():
+                request = await requests_of(requests)
+                if inspect.isasyncgenfunction(behavior):
+                    async for item in behavior(request, context):
+                        yield item
+                else:  # writes with context.write()
+                    await behavior(request, context)
+
+        stream.rpc_type = rpc_type  # type: ignore[attr-defined]
+        return grpc.stream_stream_rpc_method_handler(
+            stream,
+            request_deserializer=deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def call(requests: AsyncIterator[Any], context: Any) -> Any:
+        with admit():
+            return await behavior(await requests_of(requests), context)
+
+    call.rpc_type = rpc_type  # type: ignore[attr-defined]
+    return grpc.stream_unary_rpc_method_handler(
+        call, request_deserializer=deserializer, response_serializer=handler.response_serializer
+    )
 
 
 def _on_requests(behavior: Callable[..., Any], adapt: Callable[[Any], Any]) -> Callable[..., Any]:
@@ -407,30 +528,19 @@ def _on_requests(behavior: Callable[..., Any], adapt: Callable[[Any], Any]) -> C
 
 
 def _is_refusal(handler: grpc.RpcMethodHandler) -> bool:
-    behaviors = (
-        handler.unary_unary,
-        handler.unary_stream,
-        handler.stream_unary,
-        handler.stream_stream,
-    )
-    return any(getattr(b, "is_refusal", False) for b in behaviors if b is not None)
+    return bool(getattr(_behavior(handler), "is_refusal", False))
+
+
+@contextlib.contextmanager
+def _raising(refusal: ServerError) -> Iterator[None]:
+    raise refusal
+    yield  # a generator, as contextmanager needs
 
 
 def _refusing(handler: grpc.RpcMethodHandler, refusal: ServerError) -> grpc.RpcMethodHandler:
-    def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
-        if inspect.isasyncgenfunction(behavior):
-
-            async def refuse_stream(request: Any, context: Any) -> Any:
-                raise refusal
-                yield  # an async generator, like the behaviour it replaces
-
-            refuse_stream.is_refusal = True  # type: ignore[attr-defined]
-            return refuse_stream
-
-        async def refuse(request: Any, context: Any) -> Any:
-            raise refusal
-
-        refuse.is_refusal = True  # type: ignore[attr-defined]
-        return refuse
-
-    return _replace_behavior(handler, wrap, _refused_deserializer)
+    """A handler that refuses before reading: the request message is never received."""
+    refusing = _reading_after(
+        handler, lambda: _raising(refusal), _first_request, _limited_deserializer(None, 0)
+    )
+    _behavior(refusing).is_refusal = True  # type: ignore[attr-defined]
+    return refusing

@@ -7,13 +7,24 @@ import pytest
 
 from server._proto.inference import grpc_service_pb2 as pb
 from server.errors import InvalidInput
+from server.handlers.staged_request import StagedInferRequest
 from server.transport.converters import (
     deserialize_bytes,
-    infer_request_from_proto,
     infer_response_to_proto,
     serialize_bytes,
+    stage_infer_request,
 )
+from server.transport.wire import parse_staged_infer_request
 from server.types import InferResponse, Tensor
+
+
+def _staged(message: pb.ModelInferRequest) -> StagedInferRequest:
+    """The message as the server receives it: parsed staged, checked, nothing converted."""
+    return stage_infer_request(parse_staged_infer_request(message.SerializeToString()))
+
+
+def _arrays(message: pb.ModelInferRequest) -> list[np.ndarray]:
+    return [tensor.convert() for tensor in _staged(message).inputs]
 
 
 def test_bytes_round_trip() -> None:
@@ -37,9 +48,9 @@ def test_raw_and_typed_requests_decode_the_same() -> None:
         data.reshape(-1).tolist()
     )
     for message in (raw, typed):
-        [tensor] = infer_request_from_proto(message).inputs
-        np.testing.assert_array_equal(tensor.data, data)
-        assert tensor.data.dtype == np.int32
+        [array] = _arrays(message)
+        np.testing.assert_array_equal(array, data)
+        assert array.dtype == np.int32
 
 
 def test_bytes_input_raw_and_typed() -> None:
@@ -50,7 +61,7 @@ def test_bytes_input_raw_and_typed() -> None:
     typed = pb.ModelInferRequest()
     typed.inputs.add(name="s", datatype="BYTES", shape=[3]).contents.bytes_contents.extend(values)
     for message in (raw, typed):
-        assert list(infer_request_from_proto(message).inputs[0].data) == values
+        assert list(_arrays(message)[0]) == values
 
 
 @pytest.mark.parametrize(
@@ -68,24 +79,24 @@ def test_raw_checks(datatype: str, shape: list[int], payload: bytes, message: st
     request.inputs.add(name="x", datatype=datatype, shape=shape)
     request.raw_input_contents.append(payload)
     with pytest.raises(InvalidInput, match=message):
-        infer_request_from_proto(request)
+        _arrays(request)
 
 
 def test_typed_checks() -> None:
     wrong_field = pb.ModelInferRequest()
     wrong_field.inputs.add(name="x", datatype="FP32", shape=[1]).contents.int_contents.append(1)
     with pytest.raises(InvalidInput, match="int_contents set for a FP32"):
-        infer_request_from_proto(wrong_field)
+        _arrays(wrong_field)
     out_of_range = pb.ModelInferRequest()
     out_of_range.inputs.add(name="x", datatype="UINT8", shape=[1]).contents.uint_contents.append(
         300
     )
     with pytest.raises(InvalidInput, match="out of range"):
-        infer_request_from_proto(out_of_range)
+        _arrays(out_of_range)
     half = pb.ModelInferRequest()
     half.inputs.add(name="x", datatype="FP16", shape=[0])
     with pytest.raises(InvalidInput, match="only be sent as raw"):
-        infer_request_from_proto(half)
+        _staged(half)
 
 
 def test_response_raw_or_typed() -> None:
@@ -111,20 +122,20 @@ def _request_with_outputs(*outputs: tuple[str, int]) -> pb.ModelInferRequest:
 
 
 def test_requested_outputs_and_class_counts() -> None:
-    plain = infer_request_from_proto(_request_with_outputs(("a", 0), ("b", 3)))
+    plain = _staged(_request_with_outputs(("a", 0), ("b", 3)))
     assert plain.requested_outputs == ["a", "b"]
     assert plain.class_counts == {"b": 3}
     with pytest.raises(InvalidInput, match=r"outputs\[1\] \('a'\): output requested more"):
-        infer_request_from_proto(_request_with_outputs(("a", 0), ("a", 0)))
+        _staged(_request_with_outputs(("a", 0), ("a", 0)))
     with pytest.raises(InvalidInput, match="must be a positive integer"):
-        infer_request_from_proto(_request_with_outputs(("a", -2)))
+        _staged(_request_with_outputs(("a", -2)))
 
 
 def test_outputs_are_checked_before_inputs_are_converted() -> None:
     request = _request_with_outputs(("a", 0), ("a", 0))
     request.raw_input_contents[0] = b"short"
     with pytest.raises(InvalidInput, match="requested more than once"):
-        infer_request_from_proto(request)
+        _staged(request)
 
 
 @pytest.mark.parametrize(
@@ -144,6 +155,6 @@ def test_typed_contents_convert_exactly(
     request = pb.ModelInferRequest(model_name="m")
     tensor = request.inputs.add(name="x", datatype=datatype, shape=[2])
     getattr(tensor.contents, field).extend(values)
-    array = infer_request_from_proto(request).inputs[0].data
+    [array] = _arrays(request)
     assert array.dtype == expected.dtype
     np.testing.assert_array_equal(array, expected)

@@ -163,12 +163,21 @@ def test_output_requested_many_times_is_invalid(running_server: RunningServer) -
     request = pb.ModelInferRequest(model_name="classifier")
     request.inputs.add(name="image", datatype="UINT8", shape=[1, 32, 32, 3])
     request.raw_input_contents.append(bytes(32 * 32 * 3))
-    for _ in range(100_000):
-        request.outputs.add(name="probabilities")
-    with grpc.insecure_channel(running_server.target) as channel, pytest.raises(grpc.RpcError) as e:
-        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
-    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert "requested more than once" in e.value.details()
+    request.outputs.add(name="probabilities")
+    request.outputs.add(name="probabilities")
+    with grpc.insecure_channel(running_server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(request, timeout=30)
+        assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "requested more than once" in e.value.details()
+        # 100,000 of them are refused before the message is parsed, naming the limit.
+        for _ in range(100_000):
+            request.outputs.add(name="probabilities")
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(request, timeout=30)
+        assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "outputs: more than 128 entries" in e.value.details()
 
 
 @pytest.mark.parametrize(
