@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import logging
 import math
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from server.repository import (
 from server.thread_plan import ThreadPlan, plan_from_settings
 from server.version_loader import (
     LoadCancelled,
+    LoadControl,
     LoadPlan,
     VersionLoader,
     batching_settings,
@@ -91,8 +91,8 @@ class ModelManager:
         # model -> why it could not be read at the last poll (its config.pbtxt, its labels).
         self._model_errors: dict[str, str] = {}
         self._loading: set[tuple[str, int]] = set()
-        # One per load in progress: set, the load stops at its next step.
-        self._cancels: set[threading.Event] = set()
+        # Loads whose thread may still run: in progress, or cancelled and not yet stopped.
+        self._loads: set[LoadControl] = set()
         # model -> its config.pbtxt and label files as last loaded (a change reloads it).
         self._fingerprints: dict[str, tuple] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -274,23 +274,22 @@ class ModelManager:
             return None
         key = (source.model_name, source.version)
         self._loading.add(key)
-        cancel = threading.Event()
-        self._cancels.add(cancel)
+        control = LoadControl()
+        self._loads.add(control)
         marker = self.records.mark_loading(source, plan.files)
         try:
             try:
                 loaded = await run_in_daemon_thread(
-                    functools.partial(self.loader.load, model_source, source, plan, cancel),
+                    functools.partial(self.loader.load, model_source, source, plan, control),
                     name=f"load-{source.model_name}-{source.version}",
                 )
             finally:
                 # Before a rejection takes the files' fingerprint. A load that ended, failed
                 # or was cancelled by a shutdown is no crash.
                 marker.release()
-                self._cancels.discard(cancel)
                 self._loading.discard(key)
         except asyncio.CancelledError:
-            cancel.set()  # its thread stops at its next step; nobody waits for it
+            control.cancel()  # its thread stops within a step; close() waits for that only
             log.warning("model %s version %d: load cancelled", source.model_name, source.version)
             raise
         except LoadCancelled:  # close() stopped it
@@ -306,6 +305,9 @@ class ModelManager:
             log.exception("unexpected error loading %s", source.directory)
             self._reject(model_source, source, error)
             return None
+        finally:
+            if control.finished.is_set():
+                self._loads.discard(control)
         self._rejected.pop(key, None)
         name, version = source.model_name, str(source.version)
         sessions, metadata = loaded.sessions, loaded.metadata
@@ -493,16 +495,38 @@ class ModelManager:
             except Exception:
                 log.exception("repository poll failed; will retry")
 
+    async def _stop_loads(self) -> None:
+        """Cancel every load and wait until their threads are out of onnxruntime.
+
+        A cancelled load leaves its step within one kernel (its runs are terminated), but a
+        thread still inside onnxruntime when the process exits makes it abort in onnxruntime's
+        destructors. Waiting is bounded: a session still being created cannot be stopped.
+        """
+        for control in self._loads:
+            control.cancel()
+        deadline = time.monotonic() + STOP_LOADS_WAIT_S
+        while not all(control.finished.is_set() for control in self._loads):
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "a cancelled load is still inside onnxruntime after %.0f s; exiting anyway",
+                    STOP_LOADS_WAIT_S,
+                )
+                break
+            await asyncio.sleep(0.01)
+        self._loads.clear()
+
     async def close(self) -> None:
         """Stop the loads in progress, drain and unload everything (used at shutdown)."""
-        for cancel in self._cancels:
-            cancel.set()
+        await self._stop_loads()
         models = [m for versions in self._models.values() for m in versions.values()]
         self._models = {name: {} for name in self._models}
         await asyncio.gather(*(m.unload() for m in models), *self._retiring)
 
 
 MAX_LOAD_RETRY_S = 600.0
+# How long close() waits for cancelled loads to leave onnxruntime (one kernel, or the rest of
+# a session's creation, which cannot be interrupted).
+STOP_LOADS_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,8 @@ class OnnxSessions:
             "CUDAExecutionProvider",
             "TensorrtExecutionProvider",
         )
+        # One for every run: terminate() stops the runs in progress within a kernel.
+        self._run_options = ort.RunOptions()
         self._free = list(range(len(self._sessions)))
         self._lock = threading.Lock()
         self._available = threading.Semaphore(len(self._sessions))
@@ -154,6 +156,14 @@ class OnnxSessions:
     def output_names(self) -> list[str]:
         return [o.name for o in self.outputs]
 
+    def terminate(self) -> None:
+        """Stop the runs in progress and fail every later one (thread-safe).
+
+        For sessions nobody will serve from: a load cancelled at shutdown must not keep a
+        thread inside onnxruntime while the process exits.
+        """
+        self._run_options.terminate = True
+
     def run(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
@@ -165,8 +175,8 @@ class OnnxSessions:
             try:
                 session = self._sessions[index]
                 if self._use_io_binding:
-                    return self._run_bound(session, inputs, names)
-                values = session.run(names, dict(inputs))
+                    return self._run_bound(session, inputs, names, self._run_options)
+                values = session.run(names, dict(inputs), self._run_options)
                 return dict(zip(names, values, strict=True))
             finally:
                 with self._lock:
@@ -174,7 +184,10 @@ class OnnxSessions:
 
     @staticmethod
     def _run_bound(
-        session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], names: list[str]
+        session: ort.InferenceSession,
+        inputs: Mapping[str, np.ndarray],
+        names: list[str],
+        run_options: ort.RunOptions,
     ) -> dict[str, np.ndarray]:
         # IO binding copies inputs to the device once and lets onnxruntime allocate outputs on
         # the device, avoiding the extra staging copies of session.run on CUDA.
@@ -184,7 +197,7 @@ class OnnxSessions:
             binding.bind_ortvalue_input(name, device_value)
         for name in names:
             binding.bind_output(name, "cuda", 0)
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, run_options)
         values = binding.copy_outputs_to_cpu()
         return dict(zip(names, values, strict=True))
 
@@ -216,9 +229,9 @@ class OnnxSessions:
             for session in self._sessions:
                 try:
                     if self._use_io_binding:
-                        self._run_bound(session, example, self.output_names)
+                        self._run_bound(session, example, self.output_names, self._run_options)
                     else:
-                        session.run(self.output_names, example)
+                        session.run(self.output_names, example, self._run_options)
                 except Exception as error:
                     raise ModelLoadError(
                         f"{self.path}: warm-up at batch size {batch_size} failed: {error}"

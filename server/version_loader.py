@@ -117,6 +117,32 @@ async def run_in_daemon_thread(function: Callable[[], T], name: str) -> T:
     return await future
 
 
+class LoadControl:
+    """How the event loop stops one load running in its thread, and learns that it ended."""
+
+    def __init__(self) -> None:
+        self._cancelled = threading.Event()
+        self.finished = threading.Event()
+        self._sessions: OnnxSessions | None = None
+
+    def cancel(self) -> None:
+        """Stop at the next step; a run in progress (a warm-up batch) stops within a kernel."""
+        self._cancelled.set()
+        sessions = self._sessions
+        if sessions is not None:
+            sessions.terminate()
+
+    def checkpoint(self) -> None:
+        """Raises LoadCancelled once ``cancel()`` was called (in the load's thread)."""
+        if self._cancelled.is_set():
+            raise LoadCancelled("cancelled")
+
+    def started(self, sessions: OnnxSessions) -> None:
+        """The load's sessions exist: from now on ``cancel()`` terminates their runs."""
+        self._sessions = sessions
+        self.checkpoint()  # a cancel() that came before the line above found no sessions
+
+
 @dataclass(frozen=True)
 class LoadPlan:
     """What the manager decided before the load: the gate's baseline and a verdict on file.
@@ -161,20 +187,31 @@ class VersionLoader:
         model_source: ModelSource,
         source: VersionSource,
         plan: LoadPlan,
-        cancel: threading.Event,
+        control: LoadControl,
     ) -> LoadedVersion:
-        """Every step of a load; each one first checks ``cancel``.
+        """Every step of a load; each one first checks whether ``control`` was cancelled.
 
         Raises:
-            LoadCancelled: ``cancel`` was set.
+            LoadCancelled: ``control.cancel()`` was called.
             RefusedVersion: the rollout gate refused it (its verdict is written).
             ModelLoadError: any other reason not to serve it.
         """
+        try:
+            return self._load(model_source, source, plan, control)
+        except ModelLoadError:
+            control.checkpoint()  # a run stopped by cancel() fails: that is a cancellation
+            raise
+        finally:
+            control.finished.set()
 
-        def checkpoint() -> None:
-            if cancel.is_set():
-                raise LoadCancelled(f"model {source.model_name} version {source.version}")
-
+    def _load(
+        self,
+        model_source: ModelSource,
+        source: VersionSource,
+        plan: LoadPlan,
+        control: LoadControl,
+    ) -> LoadedVersion:
+        checkpoint = control.checkpoint
         checkpoint()
         settings = SessionSettings(
             providers=self.settings.providers,
@@ -185,7 +222,7 @@ class VersionLoader:
             graph_optimization=self.settings.graph_optimization,
         )
         sessions = OnnxSessions(source.onnx_path, settings)
-        checkpoint()
+        control.started(sessions)
         # Before the warm-up: a batch size the graph cannot take would fail there, less clearly.
         spec = agreed_spec(model_source, source, sessions)
         metadata = read_metadata(source, sessions.custom_metadata)
