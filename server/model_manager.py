@@ -84,6 +84,7 @@ class ModelManager:
         self.threads = threads or plan_from_settings(settings)
         state_dir = settings.state_dir or default_state_dir(settings.model_repository)
         self.records = VersionRecords(state_dir)
+        log.info("state directory (loading markers, verdicts off the repository): %s", state_dir)
         self.loader = VersionLoader(settings, self.threads, metrics, self.records)
         self._on_retired = on_retired
         self._models: dict[str, dict[int, ModelVersion]] = {}

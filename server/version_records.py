@@ -181,6 +181,7 @@ class VersionRecords:
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir)
+        self._warned_untrusted = False
 
     def _state_path(self, source: VersionSource, suffix: str) -> Path:
         return self.state_dir / source.model_name / f"{source.version}{suffix}"
@@ -188,6 +189,29 @@ class VersionRecords:
     @staticmethod
     def _beside_path(source: VersionSource) -> Path:
         return source.directory.parent / f"{source.version}{VERDICT_SUFFIX}"
+
+    def _is_trusted(self) -> bool:
+        """Whether what the state directory holds may be believed: it is missing (nothing to
+        read) or this server's own. Another user's could hold markers planted to make this
+        server skip versions."""
+        try:
+            owner = self.state_dir.stat().st_uid
+        except FileNotFoundError:
+            return True
+        except OSError as error:
+            log.warning("state directory %s cannot be read: %s", self.state_dir, error)
+            return False
+        if owner != os.geteuid():
+            if not self._warned_untrusted:
+                self._warned_untrusted = True
+                log.error(
+                    "state directory %s belongs to uid %d, not to this server: ignored (set "
+                    "--state-dir)",
+                    self.state_dir,
+                    owner,
+                )
+            return False
+        return True
 
     def _state_model_dir(self, source: VersionSource) -> Path:
         """The model's directory in the state directory, made ours (0700) if missing.
@@ -233,7 +257,10 @@ class VersionRecords:
         An unreadable verdict, or one on other files, is logged and ignored (the gate judges
         the version again and writes a new one).
         """
-        for path in (self._beside_path(source), self._state_path(source, VERDICT_SUFFIX)):
+        paths = [self._beside_path(source)]
+        if self._is_trusted():
+            paths.append(self._state_path(source, VERDICT_SUFFIX))
+        for path in paths:
             try:
                 text = path.read_text()
             except FileNotFoundError:
@@ -335,6 +362,8 @@ class VersionRecords:
         get their chance.
         """
         path = self._state_path(source, LOADING_SUFFIX)
+        if not self._is_trusted():
+            return None
         try:
             descriptor = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
