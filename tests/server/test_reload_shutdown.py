@@ -17,6 +17,8 @@ import tritonclient.grpc as triton
 from repository_factory import make_model_repository, write_version
 from test_lifecycle import ServerProcess
 
+from server.config import FIELDS
+
 # Version 2 warms up at batch sizes 1-16 of 64 px images through 12 slow convolutions: about
 # 30 s of compute on an idle core, far longer than the drain below.
 SLOW_LAYERS = 12
@@ -24,12 +26,15 @@ INPUT_SIZE = (64, 64)
 DRAIN_DELAY_S = 0.5
 GRACE_PERIOD_S = 10.0
 WAIT_S = 120.0
+LISTENERS = ("metrics_port", "http_port", "health_port")
 
 
 def _start(repository: Path, state: Path) -> tuple[ServerProcess, int]:
+    # Every listener but gRPC off: a fixed default port would collide between tests.
+    others = [f"--{name.replace('_', '-')}=-1" for name in LISTENERS if name in FIELDS]
     server = ServerProcess(
         "--model-repository", str(repository), "--host", "127.0.0.1", "--grpc-port", "0",
-        "--metrics-port", "-1", "--poll-interval-s", "0.2", "--intra-op-threads", "1",
+        *others, "--poll-interval-s", "0.2", "--intra-op-threads", "1",
         "--drain-delay-s", str(DRAIN_DELAY_S), "--grace-period-s", str(GRACE_PERIOD_S),
         "--state-dir", str(state),
     )  # fmt: skip
