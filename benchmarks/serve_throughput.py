@@ -370,6 +370,8 @@ def server_command(
         "127.0.0.1",
         "--grpc-port",
         str(port),
+        "--http-port",
+        "-1",
         "--metrics-port",
         str(metrics_port),
         "--max-batch-size",

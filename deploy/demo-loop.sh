@@ -66,7 +66,7 @@ cp -r "$DATA/target" "$LOOP_DATA"
 step 2 "serve version 1 with capture for review on"
 grpc_port=$(free_port)
 server --model-repository "$REPOSITORY" --model-name classifier --grpc-port "$grpc_port" \
-  --metrics-port -1 --poll-interval-s 1 --capture-dir "$CAPTURES" --capture-random-share 0 \
+  --http-port -1 --metrics-port -1 --poll-interval-s 1 --capture-dir "$CAPTURES" --capture-random-share 0 \
   --capture-per-second 1000 >"$SERVER_LOG" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 120); do

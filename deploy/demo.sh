@@ -63,7 +63,7 @@ step 5 "start the server on localhost"
 grpc_port=$(free_port)
 metrics_port=$(free_port)
 server --model-repository "$REPOSITORY" --model-name classifier \
-  --grpc-port "$grpc_port" --metrics-port "$metrics_port" >"$SERVER_LOG" 2>&1 &
+  --grpc-port "$grpc_port" --http-port -1 --metrics-port "$metrics_port" >"$SERVER_LOG" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 120); do
   if client health --target "127.0.0.1:$grpc_port" >/dev/null 2>&1; then break; fi

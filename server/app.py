@@ -1,9 +1,10 @@
 """The composition root: builds every part of the server from one ServerConfig.
 
 Domain objects (metrics, model manager, handlers, drain state) are wired here; the gRPC side
-is assembled by ``server.transport.grpc_server``, so this module imports no grpc and no
-``*_pb2``. ``build_server`` binds and starts the gRPC server (health NOT_SERVING) and the
-metrics port;
+is assembled by ``server.transport.grpc_server`` and the HTTP/REST side, over the same
+handlers and drain state, by ``server.transport.http_server``, so this module imports no grpc,
+no aiohttp and no ``*_pb2``. ``build_server`` binds and starts the gRPC server (health
+NOT_SERVING), the HTTP/REST listener and the metrics port;
 ``ServerHandle.start`` loads and warms up the models, turns health SERVING and starts polling
 the repository; ``serve`` runs it all until SIGTERM and drains.
 """
@@ -35,7 +36,13 @@ from server.model_manager import ModelManager
 from server.prediction_monitor import PredictionMonitors
 from server.preprocess import ImageLimits
 from server.thread_plan import plan_from_settings
-from server.transport.grpc_server import GrpcEndpoint, format_address, start_grpc_server
+from server.transport.grpc_server import (
+    GrpcEndpoint,
+    format_address,
+    read_token,
+    start_grpc_server,
+)
+from server.transport.http_server import HttpEndpoint, start_http_server
 from server.transport.model_config import parse_model_config
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,7 @@ class ServerHandle(DrainTarget):
     inference: InferenceHandler
     decode_executor: ThreadPoolExecutor
     capture: CaptureWriter | None = None
+    rest: HttpEndpoint | None = None  # the HTTP/REST listener (None: http_port -1)
     _http: Any = None
     _poll: asyncio.Task[None] | None = field(default=None)
     _stopped: bool = False
@@ -86,6 +94,8 @@ class ServerHandle(DrainTarget):
             self._poll.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poll
+        if self.rest is not None:
+            await self.rest.stop()
         await self.grpc.stop(grace)
 
     async def unload_models(self) -> None:
@@ -157,13 +167,21 @@ def start_metrics_http(config: ServerConfig, registry: CollectorRegistry) -> WSG
 
 
 def describe_listeners(
-    config: ServerConfig, endpoint: GrpcEndpoint, metrics_port: int | None
+    config: ServerConfig,
+    endpoint: GrpcEndpoint,
+    metrics_port: int | None,
+    rest: HttpEndpoint | None = None,
 ) -> str:
     """One phrase per listener the server opened, for the start-up log line."""
     listeners = [
         f"gRPC on {format_address(config.host, endpoint.port)} "
         f"({'TLS' if endpoint.uses_tls else 'plaintext'})"
     ]
+    if rest is not None:
+        listeners.append(
+            f"HTTP/REST on {format_address(config.host, rest.port)} "
+            f"({'TLS' if rest.uses_tls else 'plaintext'})"
+        )
     if endpoint.health_port is not None:
         address = format_address(config.host, endpoint.health_port)
         listeners.append(f"health-only port on {address}")
@@ -201,15 +219,22 @@ async def build_server(
         capture,
     )
     endpoint = await start_grpc_server(config, inference, classification, metrics, state)
+    rest = None
     try:
+        if config.http_port >= 0:
+            rest = await start_http_server(
+                config, inference, classification, metrics, state, read_token(config)
+            )
         http = start_metrics_http(config, registry)
     except ConfigError:
+        if rest is not None:
+            await rest.stop()
         await endpoint.stop(None)
         raise
     metrics_port = http.server_port if http is not None else None
     log.info(
         "%s; settings: %s",
-        describe_listeners(config, endpoint, metrics_port),
+        describe_listeners(config, endpoint, metrics_port, rest),
         config_as_dict(config),
     )
     return ServerHandle(
@@ -223,6 +248,7 @@ async def build_server(
         inference=inference,
         decode_executor=decode_executor,
         capture=capture,
+        rest=rest,
         _http=http,
     )
 

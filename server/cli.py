@@ -46,6 +46,7 @@ def check_ports_free(config: ServerConfig) -> None:
     metrics_host = config.metrics_host if config.metrics_host is not None else config.host
     listeners = (
         ("grpc_port", config.host, config.grpc_port),
+        ("http_port", config.host, config.http_port),
         ("metrics_port", metrics_host, config.metrics_port),
         ("health_port", config.host, config.health_port),
     )

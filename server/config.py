@@ -46,8 +46,17 @@ class ServerConfig:
         default=None,
         metadata=_doc("Serve only this model (default: every model in the repository)."),
     )
-    host: str = field(default="0.0.0.0", metadata=_doc("Address to bind both ports to."))
+    host: str = field(
+        default="0.0.0.0", metadata=_doc("Address the gRPC, HTTP/REST and health ports bind to.")
+    )
     grpc_port: int = field(default=8001, metadata=_doc("gRPC port (0: pick a free one)."))
+    http_port: int = field(
+        default=8000,
+        metadata=_doc(
+            "Open Inference Protocol over HTTP/REST (KServe v2, Triton's REST API) and image "
+            "classify, in the gRPC server's process (0: pick one; -1: off)."
+        ),
+    )
     metrics_port: int = field(
         default=8002, metadata=_doc("Prometheus /metrics port (0: pick one; -1: disabled).")
     )
@@ -342,7 +351,7 @@ def _validate_choices(config: ServerConfig) -> None:
 def _validate_ports(config: ServerConfig) -> None:
     if not 0 <= config.grpc_port <= 65535:
         raise ConfigError(f"grpc_port must be in 0..65535, got {config.grpc_port}")
-    for name in ("metrics_port", "health_port"):  # -1: that listener is off
+    for name in ("http_port", "metrics_port", "health_port"):  # -1: that listener is off
         value = getattr(config, name)
         if not -1 <= value <= 65535:
             raise ConfigError(f"{name} must be in -1..65535, got {value}")
@@ -520,8 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "gRPC inference server for ONNX image classifiers: the Open Inference Protocol v2 "
             "(Triton-compatible), a finetune.v1.Classifier service, grpc.health.v1 and "
-            "reflection on one port, Prometheus metrics on another. Every flag can also be set "
-            "as SERVER_<FLAG> in the environment (e.g. SERVER_GRPC_PORT=9001) or in the "
+            "reflection on one port, the same protocol and image classify over HTTP/REST on "
+            "another, Prometheus metrics on a third. Every flag can also be set as "
+            "SERVER_<FLAG> in the environment (e.g. SERVER_GRPC_PORT=9001) or in the "
             "--config YAML file (keys as the flag names). Precedence: defaults < file < "
             "environment < flags."
         ),

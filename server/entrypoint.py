@@ -5,7 +5,7 @@ from __future__ import annotations
 from contracts.extras import require_extra
 
 # What `server` imports beyond the base install (the `serve` extra in pyproject.toml).
-SERVE_MODULES = ("onnxruntime", "grpc_health", "grpc_reflection", "prometheus_client")
+SERVE_MODULES = ("onnxruntime", "grpc_health", "grpc_reflection", "aiohttp", "prometheus_client")
 
 
 def main() -> int:

@@ -178,6 +178,22 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        # The HTTP/REST listener's twins of the grpc_server_* metrics; route is the matched
+        # pattern (/v2/models/{model}/infer), never the client's path.
+        http_labels = ["method", "route"]
+        self.http_handled = Counter(
+            "http_server_requests_total",
+            "HTTP/REST requests answered, by status code.",
+            [*http_labels, "code"],
+            registry=registry,
+        )
+        self.http_seconds = Histogram(
+            "http_server_request_duration_seconds",
+            "HTTP/REST request handling time on the server.",
+            http_labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self._declare_prediction_metrics(registry, model)
         gpu = GpuCollector()
         if gpu.available:

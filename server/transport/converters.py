@@ -107,10 +107,11 @@ _RAW_BYTES_ELEMENT_COST = 64
 _TYPED_BYTES_ELEMENT_COST = 96
 
 
-def _raw_conversion(
+def raw_conversion(
     raw: bytes, datatype: str, shape: list[int], where: str
 ) -> tuple[int, Callable[[], np.ndarray]]:
-    """(the bytes converting raw contents takes at most, the conversion)."""
+    """(the bytes converting raw contents takes at most, the conversion): gRPC's
+    raw_input_contents and HTTP's binary extension."""
     count = math.prod(shape)
     cost = count * _RAW_BYTES_ELEMENT_COST + len(raw) if datatype == "BYTES" else len(raw)
     return cost, functools.partial(raw_to_array, raw, datatype, shape, where)
@@ -238,7 +239,7 @@ def stage_infer_request(request: Any) -> StagedInferRequest:
     for index, (tensor, shape) in enumerate(zip(request.inputs, shapes, strict=True)):
         where = f"inputs[{index}] ({shown(tensor.name)})"
         if raw:
-            cost, conversion = _raw_conversion(raw[index], tensor.datatype, shape, where)
+            cost, conversion = raw_conversion(raw[index], tensor.datatype, shape, where)
         else:
             cost, conversion = _typed_conversion(tensor.contents, tensor.datatype, shape, where)
         inputs.append(StagedTensor(tensor.name, tensor.datatype, tuple(shape), cost, conversion))

@@ -28,6 +28,7 @@ def server_config(repository: Path, **overrides: Any) -> ServerConfig:
         "model_repository": repository,
         "host": "127.0.0.1",
         "grpc_port": 0,
+        "http_port": -1,  # the HTTP/REST tests turn it on (http_port=0)
         "metrics_port": -1,  # the metrics test turns it on; its HTTP shutdown costs 0.5 s
         "poll_interval_s": 0.0,
         "drain_delay_s": 0.0,
@@ -40,7 +41,7 @@ def server_config(repository: Path, **overrides: Any) -> ServerConfig:
 
 
 class RunningServer:
-    """A started server; ``port``/``metrics_port`` are the bound ports."""
+    """A started server; ``port``/``http_port``/``metrics_port`` are the bound ports."""
 
     def __init__(self, config: ServerConfig, *, start_models: bool = True) -> None:
         self.config = config
@@ -61,6 +62,11 @@ class RunningServer:
         return f"127.0.0.1:{self.handle.port}"
 
     @property
+    def http_port(self) -> int:
+        assert self.handle.rest is not None, "started without http_port"
+        return self.handle.rest.port
+
+    @property
     def metrics_port(self) -> int:
         assert self.handle.metrics_port is not None
         return self.handle.metrics_port
@@ -79,6 +85,7 @@ class RunningServer:
     def stop(self) -> None:
         try:
             self.call(self.handle.stop(), timeout=30)
+            self.call(_cancel_the_rest(), timeout=10)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
@@ -89,6 +96,16 @@ class RunningServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def _cancel_the_rest() -> None:
+    """Cancel the loop's remaining tasks, as ``asyncio.run`` does when ``serve`` returns (an
+    HTTP connection still discarding the unread body of a refused request, for up to
+    aiohttp's lingering time, would otherwise be destroyed pending when the loop closes)."""
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def replace(config: ServerConfig, **changes: Any) -> ServerConfig:

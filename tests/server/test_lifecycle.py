@@ -61,7 +61,8 @@ def test_sigterm_under_load_completes_accepted_requests(tmp_path: Path) -> None:
     repo = make_model_repository(tmp_path / "models", input_size=(64, 64), slow_layers=2)
     server = ServerProcess(
         "--model-repository", str(repo), "--host", "127.0.0.1", "--grpc-port", "0",
-        "--metrics-port", "-1", "--poll-interval-s", "0", "--drain-delay-s", "1.5",
+        "--http-port", "-1", "--metrics-port", "-1", "--poll-interval-s", "0",
+        "--drain-delay-s", "1.5",
         "--grace-period-s", "10", "--intra-op-threads", "1",
     )  # fmt: skip
     port = server.wait_ready()

@@ -67,7 +67,8 @@ def _pinned_server_log(repo: Path) -> str:
         taskset, "-c", one_cpu,
         sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())",
         "--model-repository", str(repo), "--host", "127.0.0.1", "--grpc-port", "0",
-        "--metrics-port", "-1", "--poll-interval-s", "0", "--drain-delay-s", "0",
+        "--http-port", "-1", "--metrics-port", "-1", "--poll-interval-s", "0",
+        "--drain-delay-s", "0",
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     lines = []

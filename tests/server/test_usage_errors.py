@@ -65,9 +65,18 @@ def taken_port() -> Iterator[int]:
 @pytest.mark.parametrize(
     ("setting", "ports"),
     [
-        ("grpc_port", {"--grpc-port": "TAKEN", "--metrics-port": "0"}),
-        ("metrics_port", {"--grpc-port": "0", "--metrics-port": "TAKEN"}),
-        ("health_port", {"--grpc-port": "0", "--metrics-port": "0", "--health-port": "TAKEN"}),
+        ("grpc_port", {"--grpc-port": "TAKEN", "--http-port": "0", "--metrics-port": "0"}),
+        ("http_port", {"--grpc-port": "0", "--http-port": "TAKEN", "--metrics-port": "0"}),
+        ("metrics_port", {"--grpc-port": "0", "--http-port": "0", "--metrics-port": "TAKEN"}),
+        (
+            "health_port",
+            {
+                "--grpc-port": "0",
+                "--http-port": "0",
+                "--metrics-port": "0",
+                "--health-port": "TAKEN",
+            },
+        ),
     ],
 )
 def test_port_in_use(
@@ -85,7 +94,7 @@ def test_port_in_use(
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("setting", ["grpc_port", "metrics_port", "health_port"])
+@pytest.mark.parametrize("setting", ["grpc_port", "http_port", "metrics_port", "health_port"])
 def test_a_port_taken_after_the_check_is_a_config_error(
     setting: str, taken_port: int, model_repository: Path
 ) -> None:
