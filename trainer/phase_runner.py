@@ -31,6 +31,7 @@ from trainer.layer_groups import HEAD, LayerGroup
 from trainer.loop import EpochResult, EvalResult, Mixer, evaluate, train_one_epoch
 from trainer.metrics_log import MetricsLog
 from trainer.phases import (
+    FINETUNE_PHASE,
     Phase,
     build_optimizer,
     build_scheduler,
@@ -41,8 +42,10 @@ from trainer.phases import (
 )
 from trainer.progress import log_event
 from trainer.run_context import RunContext
+from trainer.step_penalty import StepPenalty
 from trainer.stopping import StopRequest
 from trainer.telemetry import TrainingTelemetry
+from trainer.trainjob_progress import TrainJobProgress
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,8 @@ class StepSetup:
     amp_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler | None
     loss_fn: nn.Module
+    # Phase 2's extra loss terms (feature alignment, forgetting guard), or None.
+    penalty: StepPenalty | None = None
 
 
 def evaluate_on_val(
@@ -100,6 +105,24 @@ class RunObservers:
     metrics: MetricsLog | None
     telemetry: TrainingTelemetry
     stop: StopRequest
+    # Rank 0 inside a Kubeflow TrainJob: each finished epoch goes to the TrainJob's status.
+    trainjob: TrainJobProgress | None = None
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        """A finished epoch's record, for the observers that take one."""
+        if self.trainjob is not None:
+            self.trainjob.epoch_end(
+                phase=record["phase"],
+                epoch=record["epoch"],
+                train_loss=record["train_loss"],
+                val_accuracy=record["val_accuracy"],
+                epoch_seconds=record["epoch_seconds"],
+            )
+
+    def phases_done(self) -> None:
+        """Every phase ran to its end (early stops included)."""
+        if self.trainjob is not None:
+            self.trainjob.training_done()
 
 
 @dataclass(frozen=True)
@@ -154,6 +177,7 @@ class PhaseRunner:
             here = resume if resume is not None and resume.position.phase_index == order else None
             if self._run_phase(phase, here) == INTERRUPTED:
                 return PhasesOutcome(INTERRUPTED, self.progress)
+        self.observers.phases_done()
         return PhasesOutcome(DONE, self.progress)
 
     def record_fitted_head(self, phase: Phase, fit: HeadFit) -> None:
@@ -189,6 +213,7 @@ class PhaseRunner:
         if self.observers.metrics is not None:
             self.observers.metrics.append(record)
         log_event(log, "epoch_end", **{k: v for k, v in record.items() if k != "lrs"})
+        self.observers.epoch_end(record)
         if self.context.is_main:
             checkpoint = Checkpoint(
                 header=self.context.header,
@@ -334,6 +359,10 @@ class PhaseRunner:
         sampler.set_start(cursor.step * self.config.batch_size)
         telemetry = self.observers.telemetry
         telemetry.update(epoch=epoch)
+        penalty = self.step.penalty if phase.name == FINETUNE_PHASE else None
+        if penalty is not None:
+            spe = self.pipeline.steps_per_epoch
+            penalty.begin_epoch((epoch - 1) * spe + cursor.step, phase.epochs * spe)
         result = train_one_epoch(
             cursor.wrapped,
             self.pipeline.train_loader,
@@ -355,6 +384,7 @@ class PhaseRunner:
             on_step=(lambda step, loss: telemetry.update(step=step, loss=loss))
             if telemetry.enabled
             else None,
+            penalty=penalty,
         )
         cursor.stats.images += result.images * self.context.dist.world_size
         cursor.stats.train_seconds += result.seconds
@@ -427,10 +457,13 @@ class PhaseRunner:
         }
         if step_lrs:
             record |= {"steps_per_epoch": spe, "lr_steps": lr_steps, "step_lrs": step_lrs}
+        if result.penalties:
+            record["penalties"] = result.penalties
         if self.observers.metrics is not None:
             self.observers.metrics.append(record)
         unlogged = ("lrs", "lr_steps", "step_lrs")
         log_event(log, "epoch_end", **{k: v for k, v in record.items() if k not in unlogged})
+        self.observers.epoch_end(record)
         self.observers.telemetry.update(
             val_accuracy=evaluated.accuracy, images_per_second=result.images_per_second * world
         )

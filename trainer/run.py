@@ -8,11 +8,13 @@ below this module imports it.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from contracts.preprocessing import Preprocessing
 from trainer import checkpoint as ckpt
+from trainer.adaptation_step import adapt_best
 from trainer.augment import BatchPreparer, augment_settings, batch_mixer
 from trainer.before_phases import before_phases, keep_augment_decisions, run_facts
 from trainer.calibrate_step import calibrate_best
@@ -34,7 +37,8 @@ from trainer.config import TrainConfig, resolve_defaults, save_config, trains_fr
 from trainer.data import DatasetSplit, scan_dataset
 from trainer.errors import CheckpointError, ConfigError
 from trainer.finetune_choice import FALLBACK_POLICY
-from trainer.input_pipeline import build_pipeline, dataset_fits_cache
+from trainer.fisher_step import store_fisher
+from trainer.input_pipeline import Pipeline, build_pipeline, dataset_fits_cache
 from trainer.layer_groups import LayerGroup, family, layer_groups
 from trainer.lr_finder import FALLBACK_LR
 from trainer.metrics_log import MetricsLog, write_summary
@@ -45,6 +49,7 @@ from trainer.phase_runner import (
     StepSetup,
     TrainedModel,
 )
+from trainer.phase_two_terms import PhaseTwoTerms, phase_two_terms
 from trainer.phases import Phase, build_phases
 from trainer.process_setup import (
     DistInfo,
@@ -61,6 +66,8 @@ from trainer.resume_settings import settings_for_resume, training_is_finished
 from trainer.run_context import RunContext
 from trainer.stopping import RunStopped, StopRequest
 from trainer.telemetry import TrainingTelemetry
+from trainer.trainjob_progress import trainjob_progress_from_env
+from trainer.unlabeled_data import UnlabeledImages, load_unlabeled_images
 from trainer.weights import load_starting_weights, preprocessing_for, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -124,6 +131,11 @@ def _train(
     stop.enter_stage("the data scan and set-up")
     config, resume, split = settings_and_data(config, given, output / "checkpoints")
     model, pre, weights_source = build_model(config, len(split.classes), resume)
+    unlabeled = (
+        load_unlabeled_images(config.unlabeled_data, shorter_side=pre.resize_size, seed=config.seed)
+        if config.unlabeled_data is not None
+        else None
+    )
     config = resolve_defaults(
         config,
         device_type=device.type,
@@ -177,6 +189,10 @@ def _train(
         # The plan again, with phase 2's policy and LR as the stage chose them.
         context, phases = stage.context, plan_phases(stage.context.config, [g.name for g in groups])
         config = context.config
+    terms = phase_two_terms(
+        context, trained, step, pre, pipeline.train_images, unlabeled, fresh=resume is None
+    )
+    step = dataclasses.replace(step, penalty=terms.penalty)
     if context.is_main:
         context.checkpoints.mkdir(parents=True, exist_ok=True)
         save_config(config, output / "config.yaml")
@@ -197,28 +213,68 @@ def _train(
     )
     # ---- the phases ------------------------------------------------------------------------
     metrics = _open_metrics_log(context, resume)
-    telemetry = TrainingTelemetry(config.metrics_port if context.is_main else None)
     stop.enter_stage(None)  # the phases finish their step and save a checkpoint
-    try:
-        runner = PhaseRunner(
-            context, trained, pipeline, step, RunObservers(metrics, telemetry, stop)
-        )
+    with run_observers(context, metrics, stop, phases) as observers:
+        runner = PhaseRunner(context, trained, pipeline, step, observers)
         if stage is not None and stage.result.head_fit is not None:
             runner.record_fitted_head(phases[0], stage.result.head_fit)
             phases = phases[1:]
         outcome = runner.run_phases(phases, resume)
-    finally:
-        telemetry.close()
     if outcome.status == INTERRUPTED:
         log_event(log, "stopped", reason="signal", checkpoint=str(context.last_checkpoint))
         return {"status": INTERRUPTED, "checkpoint": str(context.last_checkpoint)}
     # ---- report, export, summary -----------------------------------------------------------
     # Until summary.json is written a re-run with --resume auto completes the run's end.
+    adapted = adapt_and_store_fisher(context, pipeline, step, pre, unlabeled, terms, stop)
     stop.enter_stage("calibration")
     calibration = calibrate_best(context, pipeline, step)
-    extra = run_facts(context, stage, balance, calibration)
+    extra = run_facts(context, stage, balance, calibration) | terms.summary() | adapted
     stop.enter_stage("the report and export")
     return finish_run(context, outcome.progress, time.perf_counter() - started, extra)
+
+
+@contextlib.contextmanager
+def run_observers(
+    context: RunContext, metrics: MetricsLog | None, stop: StopRequest, phases: list[Phase]
+) -> Iterator[RunObservers]:
+    """What the phases report to, closed when they end: the metrics log, the Prometheus gauges
+    (``--metrics-port``) and, on rank 0 inside a Kubeflow TrainJob, the TrainJob's status."""
+    telemetry = TrainingTelemetry(context.config.metrics_port if context.is_main else None)
+    plan = [(phase.name, phase.epochs) for phase in phases]
+    trainjob = trainjob_progress_from_env(os.environ, plan) if context.is_main else None
+    try:
+        yield RunObservers(metrics, telemetry, stop, trainjob)
+    finally:
+        telemetry.close()
+        if trainjob is not None:
+            trainjob.close()
+
+
+def adapt_and_store_fisher(  # noqa: PLR0913  the run's parts both steps read
+    context: RunContext,
+    pipeline: Pipeline,
+    step: StepSetup,
+    pre: Preprocessing,
+    unlabeled: UnlabeledImages | None,
+    terms: PhaseTwoTerms,
+    stop: StopRequest,
+) -> dict[str, Any]:
+    """AdaBN as a candidate for ``best.pt`` (with ``--unlabeled-data``), then the Fisher
+    information of ``best.pt`` for a later retrain's EWC; the summary's entries of both."""
+    adaptation = None
+    if unlabeled is not None:
+        stop.enter_stage("domain adaptation")
+        adaptation = adapt_best(
+            context,
+            pipeline,
+            step,
+            pre,
+            unlabeled,
+            alignment=terms.alignment_facts(),
+            entropy_before=terms.entropy_before,
+        )
+    stop.enter_stage("the Fisher information")
+    return {"adaptation": adaptation, "fisher_information": store_fisher(context, pipeline, step)}
 
 
 # ---- set-up steps ----------------------------------------------------------------------------
