@@ -218,6 +218,22 @@ def test_classify_several_images_as_multipart(server: RunningServer) -> None:
         ]
 
 
+def test_a_load_test_mark_keeps_an_http_classify_out_of_the_production_metrics(
+    server: RunningServer,
+) -> None:
+    labels = {"model": "classifier", "version": "1"}
+    before = server.sample("classification_load_test_predictions_total", labels)
+    answer = request(
+        server.http_port,
+        "POST",
+        "/v2/models/classifier/classify",
+        _png(9),
+        {"Content-Type": "image/png", "x-load-test": "1"},
+    )
+    assert answer.status == 200, answer.body
+    assert server.sample("classification_load_test_predictions_total", labels) == before + 1
+
+
 def test_http_port_is_off_in_the_harness_and_8000_by_default(tmp_path: Path) -> None:
     from server.config import ServerConfig, load_config
     from server.errors import ConfigError
