@@ -18,6 +18,7 @@ from server.metrics import ServerMetrics
 from server.model_manager import ModelManager
 from server.model_spec import ModelSpec
 from server.model_version import ModelVersion, check_input
+from server.onnx_sessions import TensorSpec
 from server.repository import PLATFORM
 from server.statistics import VersionStatistics
 from server.types import InferRequest, InferResponse, ModelInfo, Tensor, TensorInfo
@@ -33,24 +34,26 @@ EXTENSIONS = ["classification", "model_configuration", "statistics"]
 CONVERT_ON_LOOP_BYTES = 256 * 1024
 
 
-def check_staged_inputs(model: ModelVersion, inputs: Sequence[StagedTensor]) -> None:
-    """Names, datatypes and shapes against the graph, before any input is converted.
+def check_staged_inputs(
+    specs: Sequence[TensorSpec], max_batch_size: int, inputs: Sequence[StagedTensor]
+) -> None:
+    """Names, datatypes and shapes against the graph's inputs, before any is converted.
 
     Raises:
         InvalidInput: an unknown or missing input (names cut short), or what
             ``check_input`` refuses.
     """
-    specs = {spec.name: spec for spec in model.inputs}
-    unknown = [tensor.name for tensor in inputs if tensor.name not in specs]
+    by_name = {spec.name: spec for spec in specs}
+    unknown = [tensor.name for tensor in inputs if tensor.name not in by_name]
     if unknown:
         names = ", ".join(shown(name) for name in unknown[:8])
         more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
-        raise InvalidInput(f"unknown input(s) {names}{more}; the model takes {sorted(specs)}")
-    missing = sorted(set(specs) - {tensor.name for tensor in inputs})
+        raise InvalidInput(f"unknown input(s) {names}{more}; the model takes {sorted(by_name)}")
+    missing = sorted(set(by_name) - {tensor.name for tensor in inputs})
     if missing:
         raise InvalidInput(f"missing input(s) {missing}")
     for tensor in inputs:
-        check_input(specs[tensor.name], tensor.header(), model.max_batch_size)
+        check_input(by_name[tensor.name], tensor.header(), max_batch_size)
 
 
 async def convert(tensor: StagedTensor) -> np.ndarray:
@@ -161,7 +164,7 @@ class InferenceHandler:
         for name in request.class_counts:
             if outputs[name].datatype == "BYTES":
                 raise InvalidInput(f"output {name!r} is BYTES; classification needs numbers")
-        check_staged_inputs(model, request.inputs)
+        check_staged_inputs(model.inputs, model.max_batch_size, request.inputs)
         with self.budget.reserve(sum(tensor.cost_bytes for tensor in request.inputs)):
             inputs = [Tensor(t.name, t.datatype, await convert(t)) for t in request.inputs]
             values = await model.infer(inputs, request.deadline, record.started)
