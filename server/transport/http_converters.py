@@ -1,12 +1,13 @@
-"""The Open Inference Protocol over HTTP/REST: JSON bodies (and Triton's binary tensor
-extension) <-> the plain types the handlers take.
+"""Inference over HTTP/REST: KServe v2 JSON bodies (and Triton's binary tensor extension) <->
+the plain types the handlers take. ``http_metadata`` and ``http_classify`` convert the other
+endpoints' bodies.
 
 The REST twin of ``converters``: the same plain (staged) requests, checked by the same shape
 and raw byte rules (``converters.element_count``, ``converters.raw_conversion``), for the same
 handlers. As there, every check that needs no tensor runs here and each input is staged, not
 converted: the handler converts it once the model, the names, shapes and the byte budget have
-accepted the request. Nothing here knows aiohttp: functions take bytes and query values and
-return bytes or JSON-able values, so they are tested without a server.
+accepted the request. Nothing here knows aiohttp: functions take and return bytes and
+JSON-able values, so they are tested without a server.
 
 Triton's binary extension: with ``Inference-Header-Content-Length: N`` the first N bytes of
 the body are the JSON header; the inputs whose ``parameters`` carry ``binary_data_size``
@@ -22,30 +23,17 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from google.protobuf import json_format
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
 
 from server.datatypes import DATATYPES, serialize_bytes
 from server.errors import InvalidInput, MessageTooLarge, shown
 from server.handlers.staged_request import StagedInferRequest, StagedTensor
-from server.model_spec import ModelSpec
-from server.statistics import VersionStatistics
-from server.transport.converters import element_count, raw_conversion, statistics_to_proto
-from server.transport.model_config import model_config_to_proto
-from server.types import (
-    ClassifyRequest,
-    ClassifyResponse,
-    InferResponse,
-    ModelInfo,
-    Tensor,
-)
-from server.version_states import VersionState
+from server.transport.converters import element_count, raw_conversion
+from server.types import InferResponse, Tensor
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # json.loads holds every number as a Python object (a float costs 24 bytes plus its list
@@ -54,15 +42,6 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 # in the binary extension.
 MAX_JSON_BYTES = 16 * 1024 * 1024
 _HEADER_LENGTH_TEXT = re.compile(r"[0-9]{1,19}")
-_INT64_TYPES = frozenset(
-    {
-        FieldDescriptor.TYPE_INT64,
-        FieldDescriptor.TYPE_UINT64,
-        FieldDescriptor.TYPE_SINT64,
-        FieldDescriptor.TYPE_FIXED64,
-        FieldDescriptor.TYPE_SFIXED64,
-    }
-)
 # What a JSON ``data`` array may hold per datatype: numpy's kind of the parsed array.
 _JSON_KINDS = {"BOOL": "b", "FP16": "iuf", "FP32": "iuf", "FP64": "iuf"}
 _INTEGER_KINDS = "iu"
@@ -70,7 +49,6 @@ _INTEGER_KINDS = "iu"
 # array of the parsed list before it is narrowed; a BYTES element, its bytes object and slots.
 _JSON_NUMBER_COST = 8
 _JSON_BYTES_ELEMENT_COST = 64
-CLASSIFY_QUERY = ("top_k", "abstention_threshold", "id")
 
 
 @dataclass(frozen=True)
@@ -445,138 +423,3 @@ def infer_response_to_http(
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
-
-
-def model_metadata_to_json(info: ModelInfo) -> dict[str, Any]:
-    """KServe v2 model metadata; ``properties`` as the gRPC answer's (labels, preprocessing)."""
-    return {
-        "name": info.name,
-        "versions": list(info.versions),
-        "platform": info.platform,
-        "inputs": [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in info.inputs],
-        "outputs": [
-            {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in info.outputs
-        ],
-        "properties": dict(info.properties),
-    }
-
-
-def server_metadata_to_json(name: str, version: str, extensions: list[str]) -> dict[str, Any]:
-    return {"name": name, "version": version, "extensions": list(extensions)}
-
-
-def _numbers(value: dict[str, Any], descriptor: Any) -> None:
-    """64-bit integers as JSON numbers, as Triton writes them (protobuf's JSON uses strings)."""
-    for spec in descriptor.fields:
-        if spec.name not in value:
-            continue
-        item = value[spec.name]
-        message = spec.message_type
-        if message is not None and message.GetOptions().map_entry:
-            entry = message.fields_by_name["value"]
-            if entry.message_type is not None:
-                for member in item.values():
-                    _numbers(member, entry.message_type)
-            elif entry.type in _INT64_TYPES:
-                value[spec.name] = {k: int(v) for k, v in item.items()}
-        elif message is not None:
-            for member in item if isinstance(item, list) else [item]:
-                _numbers(member, message)
-        elif spec.type in _INT64_TYPES:
-            value[spec.name] = [int(v) for v in item] if isinstance(item, list) else int(item)
-
-
-def proto_to_json(message: Message) -> dict[str, Any]:
-    """Triton's JSON form of a message: field names as in the .proto, every field printed."""
-    value = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    _numbers(value, message.DESCRIPTOR)
-    return value
-
-
-def model_config_to_json(spec: ModelSpec) -> dict[str, Any]:
-    """Triton's ``GET .../config``: the ModelConfig message the gRPC answer carries, as JSON."""
-    return proto_to_json(model_config_to_proto(spec))
-
-
-def statistics_to_json(versions: list[VersionStatistics]) -> dict[str, Any]:
-    """Triton's ``GET .../stats``: the ModelStatistics answer, as JSON."""
-    return proto_to_json(statistics_to_proto(versions))
-
-
-def repository_index_to_json(index: list[VersionState]) -> list[dict[str, str]]:
-    """Triton's ``POST /v2/repository/index``: a JSON array, one entry per model version."""
-    return [
-        {"name": e.model, "version": e.version, "state": e.state, "reason": e.reason} for e in index
-    ]
-
-
-def repository_index_ready_only(body: bytes) -> bool:
-    """The optional ``{"ready": bool}`` of a repository index request (empty: false)."""
-    if not body.strip():
-        return False
-    ready = parse_json(body).get("ready", False)
-    return bool(_expect(ready, bool, "ready"))
-
-
-def classify_request_from_http(
-    images: list[bytes],
-    query: Mapping[str, str],
-    model_name: str,
-    model_version: str,
-    is_load_test: bool = False,
-) -> ClassifyRequest:
-    """Images from the body and ``top_k``, ``abstention_threshold``, ``id`` from the query."""
-    unknown = sorted(set(query) - set(CLASSIFY_QUERY))
-    if unknown:
-        raise InvalidInput(
-            f"unknown query parameter {unknown[0]!r}; known: {', '.join(CLASSIFY_QUERY)}"
-        )
-    if not images:
-        raise InvalidInput("images: at least one image is required")
-    top_k = 1
-    if "top_k" in query:
-        text = query["top_k"].strip()
-        if not text.isascii() or not text.isdigit():
-            raise InvalidInput(f"top_k: {query['top_k']!r} is not a positive integer")
-        top_k = int(text)
-    threshold = None
-    if "abstention_threshold" in query:
-        try:
-            threshold = float(query["abstention_threshold"])
-        except ValueError:
-            threshold = math.nan
-        if not 0.0 <= threshold <= 1.0:
-            raise InvalidInput(
-                f"abstention_threshold {query['abstention_threshold']!r} is not in [0, 1]"
-            )
-    return ClassifyRequest(
-        images=images,
-        top_k=top_k,
-        model_name=model_name,
-        model_version=model_version,
-        id=query.get("id", ""),
-        abstention_threshold=threshold,
-        is_load_test=is_load_test,
-    )
-
-
-def classify_response_to_json(response: ClassifyResponse) -> dict[str, Any]:
-    """The fields of finetune.v1.ClassifyResponse, as JSON."""
-    return {
-        "model_name": response.model_name,
-        "model_version": response.model_version,
-        "id": response.id,
-        "results": [
-            {
-                "predictions": [
-                    {"label": p.label, "index": p.index, "score": p.score}
-                    for p in result.predictions
-                ],
-                "abstained": result.abstained,
-                "abstention_threshold": result.abstention_threshold,
-            }
-            for result in response.results
-        ],
-    }

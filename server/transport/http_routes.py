@@ -19,6 +19,7 @@ from contracts.load_test import is_load_test
 from server.handlers.classification import ClassificationHandler
 from server.handlers.inference import InferenceHandler
 from server.transport import http_converters as convert
+from server.transport import http_metadata as metadata
 from server.transport.http_bodies import (
     IMAGE_TYPES,
     MULTIPART,
@@ -27,6 +28,7 @@ from server.transport.http_bodies import (
     read_images,
     require_content_type,
 )
+from server.transport.http_classify import classify_request_from_http, classify_response_to_json
 
 INFER_TYPES = ("application/json", "application/octet-stream")
 JSON_TYPES = ("application/json",)
@@ -107,11 +109,11 @@ class OipRoutes:
         return _json({"ready": ready}, 200 if ready else 503)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return _json(convert.server_metadata_to_json(*self.inference.server_metadata()))
+        return _json(metadata.server_metadata_to_json(*self.inference.server_metadata()))
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         return _json(
-            convert.model_metadata_to_json(self.inference.model_metadata(*_model(request)))
+            metadata.model_metadata_to_json(self.inference.model_metadata(*_model(request)))
         )
 
     async def model_ready(self, request: web.Request) -> web.Response:
@@ -119,17 +121,17 @@ class OipRoutes:
         return _json({"ready": ready}, 200 if ready else 503)
 
     async def model_config(self, request: web.Request) -> web.Response:
-        return _json(convert.model_config_to_json(self.inference.model_config(*_model(request))))
+        return _json(metadata.model_config_to_json(self.inference.model_config(*_model(request))))
 
     async def statistics(self, request: web.Request) -> web.Response:
         name, version = request.match_info.get("model", ""), request.match_info.get("version", "")
-        return _json(convert.statistics_to_json(self.inference.statistics(name, version)))
+        return _json(metadata.statistics_to_json(self.inference.statistics(name, version)))
 
     async def repository_index(self, request: web.Request) -> web.Response:
         require_content_type(request, JSON_TYPES, optional=True)
         body = await read_body(request, SMALL_BODY_BYTES, "repository index requests")
-        ready_only = convert.repository_index_ready_only(body)
-        return _json(convert.repository_index_to_json(self.inference.repository_index(ready_only)))
+        ready_only = metadata.repository_index_ready_only(body)
+        return _json(metadata.repository_index_to_json(self.inference.repository_index(ready_only)))
 
     async def infer(self, request: web.Request) -> web.Response:
         received = time.monotonic()
@@ -162,8 +164,8 @@ class OipRoutes:
         else:
             images = [await read_body(request, limit, PAYLOAD_SETTING)]
         name, version = _model(request)
-        plain = convert.classify_request_from_http(
+        plain = classify_request_from_http(
             images, request.query, name, version, is_load_test(request.headers.items())
         )
         response = await self.classification.classify(plain)
-        return _json(convert.classify_response_to_json(response))
+        return _json(classify_response_to_json(response))
