@@ -108,6 +108,13 @@ def test_protobuf_stays_at_the_servers_edge() -> None:
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
+def test_aiohttp_stays_at_the_servers_edge() -> None:
+    # The HTTP/REST listener is a transport like gRPC: handlers never see aiohttp's types.
+    users = sorted(n for n in source_modules() if "aiohttp" in _top_levels(n))
+    assert users, "no module imports aiohttp"
+    assert [n for n in users if not _in(n, "server.transport")] == []
+
+
 def _grpc_users(name: str) -> list[str]:
     return sorted(
         m
