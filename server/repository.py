@@ -10,6 +10,11 @@ exporter that writes the repository. Non-numeric directories, dot-directories an
 starting with ``0`` are not versions. A version directory appears by an atomic rename, so a
 version without ``model.onnx`` is skipped as incomplete. ``config.pbtxt`` becomes a plain
 ``ModelSpec``; nothing past this module sees its protobuf.
+
+The repository may also be one model's directory itself (``REPO/config.pbtxt``,
+``REPO/<version>/``): KServe puts the directory a storageUri names at /mnt/models. It then holds
+one model, named by the server's ``--model-name``, which takes the place of the directory's name
+in Triton's name rule.
 """
 
 from __future__ import annotations
@@ -100,10 +105,27 @@ def is_version_dir(path: Path) -> bool:
     return is_version_name(path.name) and path.is_dir()
 
 
-def list_models(repository: Path) -> list[str]:
-    """Model names in the repository: directories holding a config.pbtxt, sorted."""
+def is_single_model(repository: Path) -> bool:
+    """Whether ``repository`` is itself one model's directory (it holds config.pbtxt)."""
+    return (repository / CONFIG_FILENAME).is_file()
+
+
+def list_models(repository: Path, single_model_name: str = "") -> list[str]:
+    """Model names in the repository: directories holding a config.pbtxt, sorted; or
+    ``[single_model_name]`` (``--model-name``) when the repository is one model's directory.
+
+    Raises:
+        ModelLoadError: not a readable directory, or one model's directory with no name given.
+    """
     if not repository.is_dir():
         raise ModelLoadError(f"model repository {repository} is not a directory")
+    if is_single_model(repository):
+        if not single_model_name:
+            raise ModelLoadError(
+                f"model repository {repository} is one model's directory (it holds "
+                f"{CONFIG_FILENAME}): name the model with --model-name"
+            )
+        return [single_model_name]
     try:
         entries = list(repository.iterdir())
     except OSError as error:
@@ -115,8 +137,9 @@ def list_models(repository: Path) -> list[str]:
     )
 
 
-def read_config(model_dir: Path, parse: ConfigParser) -> ModelSpec:
-    """Parse config.pbtxt; the model name defaults to the directory's name, as in Triton."""
+def read_config(model_dir: Path, parse: ConfigParser, served_as: str = "") -> ModelSpec:
+    """Parse config.pbtxt; the model name defaults to the directory's name, as in Triton, or
+    to ``served_as`` (``--model-name``) for a repository that is one model's directory."""
     path = model_dir / CONFIG_FILENAME
     try:
         text = path.read_text()
@@ -133,12 +156,12 @@ def read_config(model_dir: Path, parse: ConfigParser) -> ModelSpec:
         spec = parse(text)
     except ValueError as error:
         raise ModelLoadError(f"{path}: {error}") from None
+    expected = served_as or model_dir.name
     if not spec.name:
-        spec = dataclasses.replace(spec, name=model_dir.name)
-    elif spec.name != model_dir.name:
-        raise ModelLoadError(
-            f"{path}: name {spec.name!r} differs from its directory {model_dir.name!r}"
-        )
+        spec = dataclasses.replace(spec, name=expected)
+    elif spec.name != expected:
+        where = f"--model-name {expected!r}" if served_as else f"its directory {expected!r}"
+        raise ModelLoadError(f"{path}: name {spec.name!r} differs from {where}")
     if spec.platform and spec.platform != PLATFORM:
         raise ModelLoadError(f"{path}: platform {spec.platform!r} is not {PLATFORM}")
     if spec.backend and spec.backend != BACKEND:
@@ -215,9 +238,10 @@ def version_fingerprint(source: VersionSource) -> tuple:
 
 def read_model(repository: Path, name: str, parse: ConfigParser) -> ModelSource:
     """Read one model directory and the versions its policy selects."""
-    model_dir = repository / name
+    single = is_single_model(repository)
+    model_dir = repository if single else repository / name
     fingerprint = model_fingerprint(model_dir, None)
-    spec = read_config(model_dir, parse)
+    spec = read_config(model_dir, parse, name if single else "")
     available = [
         int(p.name)
         for p in model_dir.iterdir()
