@@ -347,23 +347,25 @@ class ModelManager:
         crashed = self.records.crashed_load(source, files)
         if crashed is not None:
             raise RefusedVersion(crashed.describe())
-        on_file = self.records.read_verdict(source, files)
-        verdict = on_file[0] if on_file is not None else None
         max_drop = self.settings.rollout_max_accuracy_drop
-        if on_file is not None and on_file[0].refuses_under(max_drop):
-            raise RefusedVersion(
-                f"{on_file[0].describe()} (verdict in {on_file[1]}; delete it to judge again)"
-            )
-        if verdict is not None and not verdict.accepted:
-            log.info(
-                "model %s version %d: refused with an allowed drop of %.3f, judged again with "
-                "rollout_max_accuracy_drop %.3f",
-                source.model_name,
-                source.version,
-                verdict.max_drop,
-                max_drop,
-            )
-            verdict = None
+        verdict = None
+        on_file = self.records.read_verdict(source, files)
+        if on_file is not None:
+            verdict, path = on_file
+            if verdict.refuses_under(max_drop):
+                raise RefusedVersion(
+                    f"{verdict.describe()} (verdict in {path}; delete it to judge again)"
+                )
+            if not verdict.accepted:
+                log.info(
+                    "model %s version %d: refused with an allowed drop of %.3f, judged again "
+                    "with rollout_max_accuracy_drop %.3f",
+                    source.model_name,
+                    source.version,
+                    verdict.max_drop,
+                    max_drop,
+                )
+                verdict = None
         return LoadPlan(self._rollout_baseline(model_source, source), verdict, files)
 
     def _rollout_baseline(

@@ -25,6 +25,7 @@ from server.config import load_config
 
 REFUSALS = "model_rollout_refusals_total"
 MODEL = {"model": "classifier"}
+LENIENT = {"rollout_max_accuracy_drop": 1.0}  # the gate lets anything through
 
 
 def _golden_path(version_dir: Path) -> Path:
@@ -211,3 +212,20 @@ def test_the_new_settings_come_from_flags_environment_and_file(tmp_path: Path) -
     assert from_file.allow_versions_without_golden_set is True
     assert from_file.state_dir == Path("/var/lib/server")
     assert load_config([], environ={}).allow_versions_without_golden_set is False
+
+
+def test_a_larger_allowed_drop_judges_a_refused_version_again(tmp_path: Path) -> None:
+    repo = make_model_repository(tmp_path / "models", versions=(1,))
+    model_dir = repo / "classifier"
+    truth = _label_golden_set_with_its_own_answers(model_dir / "1")
+    _worse_version(model_dir, 2, truth)
+    config = server_config(repo, state_dir=tmp_path / "state")
+    with RunningServer(config) as server:
+        assert _served(server) == ["1"]
+    with RunningServer(server_config(repo, state_dir=tmp_path / "state", **LENIENT)) as server:
+        assert _served(server) == ["2"]
+        assert server.sample(REFUSALS, MODEL) == 0
+    verdict = _verdict(model_dir / "2.verdict.json")
+    assert verdict["accepted"] is True and verdict["max_drop"] == 1.0
+    with RunningServer(config) as server:  # accepted stays accepted
+        assert _served(server) == ["2"]
