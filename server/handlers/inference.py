@@ -4,8 +4,10 @@ repository index, inference."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -164,9 +166,14 @@ class InferenceHandler:
         for name in request.class_counts:
             if outputs[name].datatype == "BYTES":
                 raise InvalidInput(f"output {name!r} is BYTES; classification needs numbers")
-        check_staged_inputs(model.inputs, model.max_batch_size, request.inputs)
-        with self.budget.reserve(sum(tensor.cost_bytes for tensor in request.inputs)):
-            inputs = [Tensor(t.name, t.datatype, await convert(t)) for t in request.inputs]
+        with contextlib.ExitStack() as held:
+            try:
+                check_staged_inputs(model.inputs, model.max_batch_size, request.inputs)
+                held.enter_context(self.budget.reserve(sum(t.cost_bytes for t in request.inputs)))
+                inputs = [Tensor(t.name, t.datatype, await convert(t)) for t in request.inputs]
+            except BaseException:  # the version's statistics count it, as infer() would
+                model.stats.record_failure(time.monotonic() - record.started)
+                raise
             values = await model.infer(inputs, request.deadline, record.started)
         names = request.requested_outputs or list(outputs)
         tensors = []
