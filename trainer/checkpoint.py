@@ -256,6 +256,13 @@ class Checkpoint:
     # The softmax temperature fitted on val after training (``Calibration.to_dict``); the
     # export divides the logits by it. Written into ``best.pt`` only.
     calibration: dict[str, Any] | None = None
+    # What adapted the model to unlabelled target images (``trainer.adaptation_step``):
+    # counts, methods, weights and the AdaBN decision, never the images. ``best.pt`` only;
+    # the export copies it into ``model.json``.
+    adaptation: dict[str, Any] | None = None
+    # The diagonal Fisher information of the best model (``forgetting.FisherInformation``:
+    # tensors by parameter name and counts), for EWC in a retrain from it. ``best.pt`` only.
+    fisher: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The dict ``torch.save`` writes (flat keys; docs/architecture.md)."""
@@ -273,6 +280,8 @@ class Checkpoint:
             "scaler_state": self.training.scaler,
             "rng_state": self.training.rng,
             "calibration": self.calibration,
+            "adaptation": self.adaptation,
+            "fisher": self.fisher,
             **self.progress.to_dict(),
         }
 
@@ -316,6 +325,9 @@ class Checkpoint:
                 rng=document.get("rng_state"),
             ),
             calibration=document.get("calibration"),
+            # Absent from checkpoints written before they existed.
+            adaptation=document.get("adaptation"),
+            fisher=document.get("fisher"),
         )
 
     @property

@@ -98,6 +98,31 @@ class TrainConfig:
         "on",
         ("on", "off"),
     )
+    unlabeled_data: Path | None = _doc(  # noqa: RUF009
+        "Folder of unlabelled images from where the model is used (searched recursively, "
+        "names ignored: the server's capture directory works as it is). Phase 2 aligns the "
+        "pooled features of labelled and unlabelled batches (MMD), and BatchNorm statistics "
+        "re-estimated on them (AdaBN) are kept when val accuracy does not drop.",
+        None,
+    )
+    alignment_weight: float = _doc(
+        "Largest weight of phase 2's MMD alignment term (--unlabeled-data), reached by "
+        "DANN's ramp 2/(1+exp(-10p))-1 over the phase (0: no alignment term).",
+        1.0,
+    )
+    forgetting_guard: str = _doc(
+        "Hold phase 2 near the --weights it starts from: ewc (the source checkpoint's "
+        "Fisher information), l2sp (plain distance to the source weights), off, or auto: "
+        "ewc when the source checkpoint stores a Fisher, l2sp for another weights file, off "
+        "for torchvision weights and none.",
+        "auto",
+        ("auto", "ewc", "l2sp", "off"),
+    )
+    forgetting_weight: float = _doc(
+        "Scale of the forgetting guard's penalty: 1 is EWC's Laplace weight (source train "
+        "images / (2 x this run's)) or L2-SP's alpha/2 with alpha 0.1.",
+        1.0,
+    )
     unfreeze: str = _doc(
         "Phase-2 policy: top:K (the top K layer groups), all, gradual:N (one more group "
         "every N epochs), or auto: short trials of top:1, top:2 and all from the fitted head "
@@ -383,6 +408,8 @@ def validate(config: TrainConfig) -> None:
             "must be in (0, 1]",
         ),
         ("feature_views", config.feature_views >= 1, "must be at least 1"),
+        ("alignment_weight", config.alignment_weight >= 0, "must be >= 0"),
+        ("forgetting_weight", config.forgetting_weight >= 0, "must be >= 0"),
         ("feature_cache_mb", config.feature_cache_mb >= 0, "must be >= 0"),
         ("rotation", config.rotation >= 0, "must be >= 0"),
         ("color_jitter", config.color_jitter >= 0, "must be >= 0"),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from trainer.classifier import unwrap
 from trainer.progress import progress
+from trainer.step_penalty import StepPenalty
 
 # Reading the loss back is a host-device sync; do it every few steps, not every step.
 SYNC_EVERY = 10
@@ -32,6 +34,8 @@ class EpochResult:
     images: int
     seconds: float
     interrupted: bool
+    # Each extra loss term's record over the epoch (``StepPenalty.end_epoch``).
+    penalties: dict[str, Any] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -75,10 +79,13 @@ def train_one_epoch(  # noqa: PLR0913  explicit arguments, never the whole confi
     should_stop: Callable[[], bool],
     distributed: bool = False,
     on_step: Callable[[int, float], None] | None = None,
+    penalty: StepPenalty | None = None,
 ) -> EpochResult:
     """Train over ``batches`` (the model is already in train mode with frozen BN in eval).
 
     Stops early, after finishing the current step, when ``should_stop()`` turns true.
+    ``penalty`` adds its term to each step's loss; the logged loss is the classification
+    loss alone, the term's record is in the result.
     """
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     loss_sum = torch.zeros((), device=device)
@@ -94,7 +101,8 @@ def train_one_epoch(  # noqa: PLR0913  explicit arguments, never the whole confi
         with autocast(device, amp_dtype):
             logits = model(inputs)
             loss = loss_fn(logits.float(), targets)
-        _backward_and_step(loss, optimizer, scaler, trainable, grad_clip)
+        objective = loss if penalty is None else loss + penalty(model)
+        _backward_and_step(objective, optimizer, scaler, trainable, grad_clip)
         scheduler.step()
         if ema is not None:
             ema.update_parameters(unwrap(model))
@@ -121,7 +129,8 @@ def train_one_epoch(  # noqa: PLR0913  explicit arguments, never the whole confi
     else:
         seen = images
     mean_loss = float(loss_sum) / seen if seen else float("nan")
-    return EpochResult(mean_loss, steps, images, seconds, interrupted)
+    penalties = penalty.end_epoch() if penalty is not None else {}
+    return EpochResult(mean_loss, steps, images, seconds, interrupted, penalties)
 
 
 def _backward_and_step(

@@ -31,6 +31,7 @@ from trainer.layer_groups import HEAD, LayerGroup
 from trainer.loop import EpochResult, EvalResult, Mixer, evaluate, train_one_epoch
 from trainer.metrics_log import MetricsLog
 from trainer.phases import (
+    FINETUNE_PHASE,
     Phase,
     build_optimizer,
     build_scheduler,
@@ -41,6 +42,7 @@ from trainer.phases import (
 )
 from trainer.progress import log_event
 from trainer.run_context import RunContext
+from trainer.step_penalty import StepPenalty
 from trainer.stopping import StopRequest
 from trainer.telemetry import TrainingTelemetry
 from trainer.trainjob_progress import TrainJobProgress
@@ -76,6 +78,8 @@ class StepSetup:
     amp_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler | None
     loss_fn: nn.Module
+    # Phase 2's extra loss terms (feature alignment, forgetting guard), or None.
+    penalty: StepPenalty | None = None
 
 
 def evaluate_on_val(
@@ -355,6 +359,10 @@ class PhaseRunner:
         sampler.set_start(cursor.step * self.config.batch_size)
         telemetry = self.observers.telemetry
         telemetry.update(epoch=epoch)
+        penalty = self.step.penalty if phase.name == FINETUNE_PHASE else None
+        if penalty is not None:
+            spe = self.pipeline.steps_per_epoch
+            penalty.begin_epoch((epoch - 1) * spe + cursor.step, phase.epochs * spe)
         result = train_one_epoch(
             cursor.wrapped,
             self.pipeline.train_loader,
@@ -376,6 +384,7 @@ class PhaseRunner:
             on_step=(lambda step, loss: telemetry.update(step=step, loss=loss))
             if telemetry.enabled
             else None,
+            penalty=penalty,
         )
         cursor.stats.images += result.images * self.context.dist.world_size
         cursor.stats.train_seconds += result.seconds
@@ -448,6 +457,8 @@ class PhaseRunner:
         }
         if step_lrs:
             record |= {"steps_per_epoch": spe, "lr_steps": lr_steps, "step_lrs": step_lrs}
+        if result.penalties:
+            record["penalties"] = result.penalties
         if self.observers.metrics is not None:
             self.observers.metrics.append(record)
         unlogged = ("lrs", "lr_steps", "step_lrs")

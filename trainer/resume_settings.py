@@ -73,6 +73,10 @@ MEANING_CHANGING = frozenset(
         "cutmix_alpha",
         "ema",
         "ema_decay",
+        "unlabeled_data",
+        "alignment_weight",
+        "forgetting_guard",
+        "forgetting_weight",
     }
 )
 # Settings a resumed run may change: where things are and go, speed and memory, logging,

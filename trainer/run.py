@@ -9,6 +9,7 @@ below this module imports it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from contracts.preprocessing import Preprocessing
 from trainer import checkpoint as ckpt
+from trainer.adaptation_step import adapt_best
 from trainer.augment import BatchPreparer, augment_settings, batch_mixer
 from trainer.before_phases import before_phases, keep_augment_decisions, run_facts
 from trainer.calibrate_step import calibrate_best
@@ -35,7 +37,8 @@ from trainer.config import TrainConfig, resolve_defaults, save_config, trains_fr
 from trainer.data import DatasetSplit, scan_dataset
 from trainer.errors import CheckpointError, ConfigError
 from trainer.finetune_choice import FALLBACK_POLICY
-from trainer.input_pipeline import build_pipeline, dataset_fits_cache
+from trainer.fisher_step import store_fisher
+from trainer.input_pipeline import Pipeline, build_pipeline, dataset_fits_cache
 from trainer.layer_groups import LayerGroup, family, layer_groups
 from trainer.lr_finder import FALLBACK_LR
 from trainer.metrics_log import MetricsLog, write_summary
@@ -46,6 +49,7 @@ from trainer.phase_runner import (
     StepSetup,
     TrainedModel,
 )
+from trainer.phase_two_terms import PhaseTwoTerms, phase_two_terms
 from trainer.phases import Phase, build_phases
 from trainer.process_setup import (
     DistInfo,
@@ -63,6 +67,7 @@ from trainer.run_context import RunContext
 from trainer.stopping import RunStopped, StopRequest
 from trainer.telemetry import TrainingTelemetry
 from trainer.trainjob_progress import trainjob_progress_from_env
+from trainer.unlabeled_data import UnlabeledImages, load_unlabeled_images
 from trainer.weights import load_starting_weights, preprocessing_for, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -126,6 +131,11 @@ def _train(
     stop.enter_stage("the data scan and set-up")
     config, resume, split = settings_and_data(config, given, output / "checkpoints")
     model, pre, weights_source = build_model(config, len(split.classes), resume)
+    unlabeled = (
+        load_unlabeled_images(config.unlabeled_data, shorter_side=pre.resize_size, seed=config.seed)
+        if config.unlabeled_data is not None
+        else None
+    )
     config = resolve_defaults(
         config,
         device_type=device.type,
@@ -179,6 +189,10 @@ def _train(
         # The plan again, with phase 2's policy and LR as the stage chose them.
         context, phases = stage.context, plan_phases(stage.context.config, [g.name for g in groups])
         config = context.config
+    terms = phase_two_terms(
+        context, trained, step, pre, pipeline.train_images, unlabeled, fresh=resume is None
+    )
+    step = dataclasses.replace(step, penalty=terms.penalty)
     if context.is_main:
         context.checkpoints.mkdir(parents=True, exist_ok=True)
         save_config(config, output / "config.yaml")
@@ -211,9 +225,10 @@ def _train(
         return {"status": INTERRUPTED, "checkpoint": str(context.last_checkpoint)}
     # ---- report, export, summary -----------------------------------------------------------
     # Until summary.json is written a re-run with --resume auto completes the run's end.
+    adapted = adapt_and_store_fisher(context, pipeline, step, pre, unlabeled, terms, stop)
     stop.enter_stage("calibration")
     calibration = calibrate_best(context, pipeline, step)
-    extra = run_facts(context, stage, balance, calibration)
+    extra = run_facts(context, stage, balance, calibration) | terms.summary() | adapted
     stop.enter_stage("the report and export")
     return finish_run(context, outcome.progress, time.perf_counter() - started, extra)
 
@@ -233,6 +248,33 @@ def run_observers(
         telemetry.close()
         if trainjob is not None:
             trainjob.close()
+
+
+def adapt_and_store_fisher(  # noqa: PLR0913  the run's parts both steps read
+    context: RunContext,
+    pipeline: Pipeline,
+    step: StepSetup,
+    pre: Preprocessing,
+    unlabeled: UnlabeledImages | None,
+    terms: PhaseTwoTerms,
+    stop: StopRequest,
+) -> dict[str, Any]:
+    """AdaBN as a candidate for ``best.pt`` (with ``--unlabeled-data``), then the Fisher
+    information of ``best.pt`` for a later retrain's EWC; the summary's entries of both."""
+    adaptation = None
+    if unlabeled is not None:
+        stop.enter_stage("domain adaptation")
+        adaptation = adapt_best(
+            context,
+            pipeline,
+            step,
+            pre,
+            unlabeled,
+            alignment=terms.alignment_facts(),
+            entropy_before=terms.entropy_before,
+        )
+    stop.enter_stage("the Fisher information")
+    return {"adaptation": adaptation, "fisher_information": store_fisher(context, pipeline, step)}
 
 
 # ---- set-up steps ----------------------------------------------------------------------------

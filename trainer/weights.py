@@ -35,6 +35,7 @@ __all__ = [
     "Preprocessing",
     "StartingWeights",
     "load_starting_weights",
+    "names_a_file",
     "preprocessing_for",
     "resolve_weights",
 ]
@@ -51,6 +52,8 @@ class StartingWeights:
     source: str
     state_dict: dict[str, torch.Tensor] | None
     preprocessing: Preprocessing | None
+    # A trainer checkpoint's stored Fisher information (``forgetting.FisherInformation``).
+    fisher: dict[str, Any] | None = None
 
 
 def resolve_weights(arch: str, spec: str) -> StartingWeights:
@@ -64,11 +67,19 @@ def resolve_weights(arch: str, spec: str) -> StartingWeights:
     if spec.lower() == "none":
         return StartingWeights("none", None, None)
     path = Path(spec).expanduser()
-    if path.exists() or _looks_like_path(spec):
+    if names_a_file(spec):
         return _from_file(arch, path)
     weights = _torchvision_enum(arch, spec)
     state = _load_torchvision_state(arch, weights)
     return StartingWeights(spec, state, _from_transforms(weights))
+
+
+def names_a_file(spec: str) -> bool:
+    """Whether ``--weights spec`` is a PATH (an existing file, or spelled like one) rather
+    than ``none`` or a torchvision weights name."""
+    if spec.lower() == "none":
+        return False
+    return Path(spec).expanduser().exists() or _looks_like_path(spec)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -173,7 +184,10 @@ def _from_file(arch: str, path: Path) -> StartingWeights:
         # EMA weights are the ones the run kept as its best model (and exported).
         state, _ = checkpoint.best_state
         return StartingWeights(
-            str(path), _plain_state(state, path), checkpoint.header.preprocessing
+            str(path),
+            _plain_state(state, path),
+            checkpoint.header.preprocessing,
+            checkpoint.fisher,
         )
     for key in ("state_dict", "model_state", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):

@@ -68,6 +68,28 @@ def test_schema_round_trips_through_the_file(tmp_path: Path) -> None:
     assert torch.equal(read.model_state["w"], torch.ones(2))
 
 
+def test_adaptation_and_fisher_round_trip_and_older_files_without_them_load(tmp_path: Path):
+    written = ckpt.Checkpoint(
+        _header(),
+        ckpt.Position(ckpt.PHASE_ORDER["finetune"], 1, ckpt.EPOCH_DONE),
+        ckpt.Progress(),
+        model_state={"w": torch.ones(2)},
+        adaptation={"adabn": {"kept": True}},
+        fisher={"diagonal": {"w": torch.full((2,), 0.5)}, "images": 4},
+    )
+    ckpt.save(tmp_path, ckpt.serialize(written), best=False)
+    read = ckpt.load_checkpoint(tmp_path / ckpt.LAST)
+    assert read.adaptation == {"adabn": {"kept": True}}
+    assert read.fisher is not None and torch.equal(
+        read.fisher["diagonal"]["w"], torch.full((2,), 0.5)
+    )
+    older = written.to_dict()
+    del older["adaptation"], older["fisher"]
+    torch.save(older, tmp_path / "older.pt")
+    read = ckpt.load_checkpoint(tmp_path / "older.pt")
+    assert read.adaptation is None and read.fisher is None
+
+
 def test_unsafe_file_is_refused_naming_file_and_global(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     path = _crafted(tmp_path / "crafted.pt", marker)

@@ -85,6 +85,10 @@ def build_metadata(  # noqa: PLR0913  keyword-only facts of model.json, each fro
         "git_commit": git_commit(),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+    if checkpoint.adaptation is not None:
+        # How the model was adapted to unlabelled images from where it is used (counts,
+        # methods, weights, the AdaBN decision): the checkpoint's record as it is.
+        document["adaptation"] = checkpoint.adaptation
     document.update(extra or {})
     # Fail here, not in the server: every value must survive a JSON round trip.
     return json.loads(json.dumps(document, allow_nan=False, default=_to_builtin))
