@@ -152,7 +152,8 @@ def _typed_conversion(
 
     def numbers() -> np.ndarray:
         values = _typed_values(contents, field, count, where, datatype)
-        wide = np.array(values, dtype=wide_dtype)
+        # fromiter: one element at a time; np.array would hold a Python object per element.
+        wide = np.fromiter(values, dtype=wide_dtype, count=count)
         if dtype.kind in "iu" and dtype.itemsize < wide.dtype.itemsize and count:
             info = np.iinfo(dtype)
             if wide.min() < info.min or wide.max() > info.max:
