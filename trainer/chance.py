@@ -8,6 +8,8 @@ fine-tune from. The rule is a quarter of the way from chance to perfect: 0.40 on
 
 from __future__ import annotations
 
+import logging
+
 #: Share of the distance from chance to perfect accuracy below which a model is near chance.
 NEAR_CHANCE_SHARE = 0.25
 
@@ -28,3 +30,13 @@ def near_chance_warning(what: str, accuracy: float, num_classes: int) -> str | N
         "its predictions are barely better than guessing; train it longer (more epochs, see "
         "README 'Your first model, offline') before relying on it or fine-tuning from it"
     )
+
+
+def warn_if_near_chance(
+    logger: logging.Logger, what: str, accuracy: float, num_classes: int
+) -> bool:
+    """Log ``near_chance_warning`` as a warning when it applies; returns whether it did."""
+    warning = near_chance_warning(what, accuracy, num_classes)
+    if warning:
+        logger.warning(warning)
+    return warning is not None

@@ -29,7 +29,7 @@ from trainer.adaptation_step import adapt_best
 from trainer.augment import BatchPreparer, augment_settings, batch_mixer
 from trainer.before_phases import before_phases, keep_augment_decisions, run_facts
 from trainer.calibrate_step import calibrate_best
-from trainer.chance import near_chance_warning
+from trainer.chance import warn_if_near_chance
 from trainer.checkpoint import Checkpoint, CheckpointHeader, HeadSpec, Progress
 from trainer.class_balance import class_balance
 from trainer.classifier import create_model
@@ -500,12 +500,11 @@ def finish_run(
         "model_name": None,
         "model_version": None,
     } | (extra or {})
-    warning = near_chance_warning("this run", progress.best_val_accuracy, len(classes))
-    summary["near_chance"] = warning is not None
     if not context.is_main:
         return summary
-    if warning:
-        log.warning(warning)
+    summary["near_chance"] = warn_if_near_chance(
+        log, "this run", progress.best_val_accuracy, len(classes)
+    )
     _write_report(context, progress)
     if config.export:
         summary |= _export(context)

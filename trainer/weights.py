@@ -21,7 +21,7 @@ from torch import nn
 from torchvision import models as tv_models
 
 from contracts.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from trainer.chance import near_chance_warning
+from trainer.chance import warn_if_near_chance
 from trainer.checkpoint import Checkpoint, UnsafeCheckpoint, is_checkpoint_dict, read_torch_file
 from trainer.classifier import classifier_path, plain_state_dict
 from trainer.config import MIN_IMAGE_SIZE
@@ -174,13 +174,12 @@ def _from_file(arch: str, path: Path) -> StartingWeights:
             raise ConfigError(
                 f"weights: {path} is a {checkpoint.header.arch} checkpoint but --arch is {arch}"
             )
-        warning = near_chance_warning(
+        warn_if_near_chance(
+            log,
             f"weights: the source checkpoint {path}",
             checkpoint.progress.best_val_accuracy,
             checkpoint.header.num_classes,
         )
-        if warning:
-            log.warning(warning)
         # EMA weights are the ones the run kept as its best model (and exported).
         state, _ = checkpoint.best_state
         return StartingWeights(

@@ -16,7 +16,7 @@ from torch import nn
 from contracts.preprocessing import Preprocessing
 from contracts.repository_layout import METADATA_FILENAME, MODEL_FILENAME
 from trainer.abstention import DEFAULT_TARGET_PRECISION, choose_threshold
-from trainer.chance import near_chance_warning
+from trainer.chance import warn_if_near_chance
 from trainer.checkpoint import Checkpoint, load_checkpoint
 from trainer.classifier import restore_classifier
 from trainer.config import TrainConfig
@@ -241,13 +241,12 @@ def _load_source(checkpoint_path: Path, input_format: str, options: _Options) ->
     images."""
     with export_step("load") as facts:
         checkpoint = load_checkpoint(checkpoint_path)
-        warning = near_chance_warning(
+        warn_if_near_chance(
+            log,
             f"the checkpoint {checkpoint_path}",
             checkpoint.progress.best_val_accuracy,
             checkpoint.header.num_classes,
         )
-        if warning:
-            log.warning(warning)
         classifier, state_source = restore_classifier(checkpoint)
         graph = _Graph(
             input_format=input_format,
