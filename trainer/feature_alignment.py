@@ -8,6 +8,11 @@ with DANN's schedule (``dann_ramp``). The labelled batch's features are captured
 pre-hook on the head module while the step's own forward runs; the hook lives only during an
 epoch.
 
+BatchNorm layers in train mode (``--freeze-bn`` off, e.g. from scratch) normalise the
+unlabelled batch with its own statistics, but their running statistics are not updated from
+it: they stay the labelled data's, and re-estimating them on the target is AdaBN's separate,
+checked decision (``trainer.adaptation_step``).
+
 What it costs: one more forward and backward per step, on a batch of the same size, and the
 activations of both batches held at once. Under DDP the unlabelled batch runs through the
 wrapped module without DDP's forward (the gradients of both batches reach each parameter
@@ -25,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
 from trainer.classifier import head_module_name
-from trainer.domain_adaptation import MMD_BANDWIDTH_FACTORS, dann_ramp, mmd
+from trainer.domain_adaptation import MMD_BANDWIDTH_FACTORS, batchnorm_layers, dann_ramp, mmd
 from trainer.loop import autocast
 from trainer.step_penalty import TermRecord
 from trainer.unlabeled_data import UnlabeledStream
@@ -47,6 +52,7 @@ class FeatureAlignment:
         max_weight: float,
     ) -> None:
         self.head = model.get_submodule(head_module_name(model))
+        self.norms = batchnorm_layers(model)
         self.stream = stream
         self.prepare = prepare
         self.device = device
@@ -75,8 +81,17 @@ class FeatureAlignment:
         source = self._take_features()
         target_batch = self.prepare(self.stream.batch_at(self._step))
         runner = model.module if isinstance(model, DistributedDataParallel) else model
-        with autocast(self.device, self.amp_dtype):
-            runner(target_batch)
+        # Momentum 0: a BatchNorm in train mode keeps its running statistics as they are.
+        training = [layer for layer in self.norms if layer.training]
+        momenta = [layer.momentum for layer in training]
+        for layer in training:
+            layer.momentum = 0.0
+        try:
+            with autocast(self.device, self.amp_dtype):
+                runner(target_batch)
+        finally:
+            for layer, momentum in zip(training, momenta, strict=True):
+                layer.momentum = momentum
         target = self._take_features()
         value = mmd(source.flatten(1).float(), target.flatten(1).float())
         weight = self.weight_at(self._step)
