@@ -58,3 +58,9 @@ def test_client_runs_on_the_base_install(base_install: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "classify" in result.stdout
+
+
+def test_test_files_have_unique_names() -> None:
+    # The test folders are not packages: two files of one name stop pytest at collection.
+    names = [path.name for path in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({name for name in names if names.count(name) > 1}) == []
