@@ -36,12 +36,8 @@ from server.model_manager import ModelManager
 from server.prediction_monitor import PredictionMonitors
 from server.preprocess import ImageLimits
 from server.thread_plan import plan_from_settings
-from server.transport.grpc_server import (
-    GrpcEndpoint,
-    format_address,
-    read_token,
-    start_grpc_server,
-)
+from server.transport.access import Access
+from server.transport.grpc_server import GrpcEndpoint, format_address, start_grpc_server
 from server.transport.http_server import HttpEndpoint, start_http_server
 from server.transport.model_config import parse_model_config
 
@@ -199,6 +195,7 @@ async def build_server(
     registry = registry if registry is not None else CollectorRegistry()
     metrics = ServerMetrics(registry)
     state = ServerState()
+    access = Access.of(config)  # reads the token file: a bad one stops the start here
     threads = plan_from_settings(config)
     log.info("%s", threads.describe())
     metrics.cpu_budget.set(threads.budget.cpus)
@@ -218,12 +215,12 @@ async def build_server(
         monitors,
         capture,
     )
-    endpoint = await start_grpc_server(config, inference, classification, metrics, state)
+    endpoint = await start_grpc_server(config, inference, classification, metrics, state, access)
     rest = None
     try:
         if config.http_port >= 0:
             rest = await start_http_server(
-                config, inference, classification, metrics, state, read_token(config)
+                config, inference, classification, metrics, state, access
             )
         http = start_metrics_http(config, registry)
     except ConfigError:

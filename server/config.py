@@ -130,9 +130,21 @@ class ServerConfig:
     tls_client_ca: Path | None = field(
         default=None, metadata=_doc("PEM CA bundle; when set, clients must present a cert (mTLS).")
     )
+    tls_client_allowed_names: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            "Comma-separated names: with mTLS, a client certificate is accepted only when one "
+            "of its subject alternative names of type DNS or URI (its common name when it has "
+            "none) is listed; others get UNAUTHENTICATED, health excepted (default: empty, any "
+            "certificate tls_client_ca signed)."
+        ),
+    )
     auth_token_file: Path | None = field(
         default=None,
-        metadata=_doc("File holding the bearer token every RPC but health must carry."),
+        metadata=_doc(
+            "File of the bearer tokens every RPC but health must carry one of: one per line, "
+            "blank lines and # comments ignored; read again within a second of a change."
+        ),
     )
     max_message_bytes: int = field(
         default=64 * MIB,
@@ -418,6 +430,8 @@ def _validate_tls(config: ServerConfig) -> None:
         raise ConfigError("tls_cert and tls_key must be given together")
     if config.tls_client_ca is not None and config.tls_cert is None:
         raise ConfigError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+    if config.tls_client_allowed_names and config.tls_client_ca is None:
+        raise ConfigError("tls_client_allowed_names needs tls_client_ca (mTLS)")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
@@ -451,6 +465,8 @@ def coerce(name: str, value: Any, source: str | None = None) -> Any:
     try:
         if typing.get_origin(base) is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
+            if typing.get_args(base)[0] is str:
+                return tuple(str(item).strip() for item in items if str(item).strip())
             return tuple(int(item) for item in items if str(item).strip())
         if base is bool:
             return parse_bool(value)

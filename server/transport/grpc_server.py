@@ -27,10 +27,12 @@ from server.handlers.inference import InferenceHandler
 from server.lifecycle import ServerState
 from server.metrics import ServerMetrics
 from server.transport import wire
+from server.transport.access import Access
 from server.transport.classifier import ClassifierServicer
 from server.transport.health import HealthServicer
 from server.transport.inference import InferenceServicer
 from server.transport.interceptors import GateInterceptor, ObservingInterceptor, StreamLimits
+from server.transport.tls_files import TlsFiles, TlsMaterial, watch_material
 
 log = logging.getLogger(__name__)
 
@@ -49,31 +51,34 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def read_token(config: ServerConfig) -> str | None:
-    """The bearer token from ``auth_token_file`` (None: no authentication)."""
-    if config.auth_token_file is None:
-        return None
-    try:
-        token = config.auth_token_file.read_text().strip()
-    except OSError as error:
-        raise ConfigError(f"auth_token_file {config.auth_token_file}: {error.strerror}") from None
-    if not token:
-        raise ConfigError(f"auth_token_file {config.auth_token_file} is empty")
-    return token
+def _certificate_configuration(material: TlsMaterial) -> Any:
+    return grpc.ssl_server_certificate_configuration(
+        [(material.key, material.cert)], root_certificates=material.client_ca
+    )
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    """TLS (and mTLS with ``tls_client_ca``) credentials, or None for plaintext."""
-    if config.tls_cert is None or config.tls_key is None:
+    """TLS (and mTLS with ``tls_client_ca``) credentials whose certificate, key and client CA
+    are read again when the files change, or None for plaintext.
+
+    grpc asks the fetcher at every new handshake, on its own threads; the files are looked at
+    at most once a second, and a pair that does not load keeps the last good one.
+
+    Raises:
+        ConfigError: an unreadable or invalid certificate, key or CA file.
+    """
+    files = TlsFiles.of(config)
+    if files is None:
         return None
-    try:
-        cert = config.tls_cert.read_bytes()
-        key = config.tls_key.read_bytes()
-        ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
-    except OSError as error:
-        raise ConfigError(f"TLS file {error.filename}: {error.strerror}") from None
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    material = watch_material(files)
+
+    def fetch() -> Any:
+        return _certificate_configuration(material.value) if material.refresh() else None
+
+    return grpc.dynamic_ssl_server_credentials(
+        _certificate_configuration(material.value),
+        fetch,
+        require_client_authentication=files.client_ca is not None,
     )
 
 
@@ -201,14 +206,14 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
 
 
 def _create_server(
-    config: ServerConfig, metrics: ServerMetrics, state: ServerState
+    config: ServerConfig, metrics: ServerMetrics, state: ServerState, access: Access | None
 ) -> grpc.aio.Server:
     return grpc.aio.server(
         interceptors=[
             ObservingInterceptor(metrics, state),
             GateInterceptor(
                 state,
-                read_token(config),
+                access,
                 config.max_message_bytes,
                 StreamLimits(config.stream_idle_timeout_s, config.stream_max_duration_s),
                 # Not grpc's maximum_concurrent_rpcs: that one counts health watches too, so
@@ -227,19 +232,23 @@ def _create_server(
     )
 
 
-async def start_grpc_server(
+async def start_grpc_server(  # noqa: PLR0913  the composition root hands each collaborator in
     config: ServerConfig,
     inference: InferenceHandler,
     classification: ClassificationHandler,
     metrics: ServerMetrics,
     state: ServerState,
+    access: Access | None,
 ) -> GrpcEndpoint:
     """Register every service, bind ``host:grpc_port`` and start, with health NOT_SERVING.
 
+    Args:
+        access: the bearer tokens and client names every RPC but health must match.
+
     Raises:
-        ConfigError: unreadable TLS or token files, or a port that cannot be bound.
+        ConfigError: unreadable TLS files, or a port that cannot be bound.
     """
-    server = _create_server(config, metrics, state)
+    server = _create_server(config, metrics, state, access)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(inference), server
     )

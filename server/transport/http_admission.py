@@ -1,16 +1,16 @@
 """Admission and error answers of the HTTP/REST listener: the HTTP twin of ``interceptors``.
 
 One aiohttp middleware, outermost, does for every request what the two gRPC interceptors do
-for every RPC: the bearer token and the draining gate, from the headers, before the body is
-read; the limit on requests in flight; the drain's count of running requests; the HTTP
-metrics; and the one mapping from domain exceptions to HTTP statuses, with ``{"error": ...}``
-bodies. Health (``/v2/health/...``) is exempt from the token, the gate and the limit, so
-probes keep working, as ``grpc.health.v1`` is on the gRPC port.
+for every RPC: the bearer token, the client certificate's names and the draining gate, from
+the headers and the connection, before the body is read; the limit on requests in flight; the
+drain's count of running requests; the HTTP metrics; and the one mapping from domain
+exceptions to HTTP statuses, with ``{"error": ...}`` bodies. Health (``/v2/health/...``) is
+exempt from the token, the names, the gate and the limit, so probes keep working, as
+``grpc.health.v1`` is on the gRPC port.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import math
 import time
@@ -33,6 +33,7 @@ from server.errors import (
 )
 from server.lifecycle import ServerState
 from server.metrics import ServerMetrics
+from server.transport.access import Access, names_from_peercert
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +92,18 @@ class Admission:
     def __init__(
         self,
         state: ServerState,
-        token: str | None,
+        access: Access | None,
         max_in_flight: int,
         metrics: ServerMetrics,
     ) -> None:
         """
         Args:
-            token: the bearer token every request but health must carry (None: no auth).
+            access: the bearer tokens and client names every request but health must match
+                (None: anyone).
             max_in_flight: requests handled at once; beyond it 429 (``max_concurrent_rpcs``).
         """
         self.state = state
-        self._expected = f"Bearer {token}".encode() if token else None
+        self.access = access or Access()
         self.max_in_flight = max_in_flight
         self.metrics = metrics
         self.in_flight = 0
@@ -116,10 +118,16 @@ class Admission:
         return response
 
     def _refusal(self, request: web.Request, matched: bool) -> ServerError | None:
-        if self._expected is not None:
-            given = request.headers.get(hdrs.AUTHORIZATION, "").encode("latin-1", "replace")
-            if not hmac.compare_digest(given, self._expected):
-                return Unauthenticated("missing or invalid bearer token")
+        if self.access.checks_names:
+            transport = request.transport
+            peercert = transport.get_extra_info("peercert") if transport is not None else None
+            refusal = self.access.name_refusal(names_from_peercert(peercert))
+            if refusal is not None:
+                return refusal
+        given = request.headers.get(hdrs.AUTHORIZATION, "").encode("latin-1", "replace")
+        refusal = self.access.token_refusal(given)
+        if refusal is not None:
+            return refusal
         if matched and self.state.rejecting:
             return ShuttingDown("server is shutting down; retry on another replica")
         if self.in_flight >= self.max_in_flight:

@@ -7,8 +7,9 @@ back a started ``HttpEndpoint``; it never touches aiohttp.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import ssl
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -19,8 +20,10 @@ from server.handlers.classification import ClassificationHandler
 from server.handlers.inference import InferenceHandler
 from server.lifecycle import ServerState
 from server.metrics import ServerMetrics
+from server.transport.access import Access
 from server.transport.http_admission import Admission
 from server.transport.http_routes import HttpLimits, OipRoutes
+from server.transport.tls_files import ReloadingSslContext, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -31,27 +34,16 @@ KEEPALIVE_S = 75.0
 SHUTDOWN_TIMEOUT_S = 0.5
 
 
-def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+def tls_context(config: ServerConfig) -> ReloadingSslContext | None:
     """The TLS context of ``tls_cert``/``tls_key`` (client certificates required with
-    ``tls_client_ca``, mTLS), or None for plaintext: the gRPC port's settings.
+    ``tls_client_ca``, mTLS), reloaded when the files change, or None for plaintext: the gRPC
+    port's settings.
 
     Raises:
         ConfigError: an unreadable or invalid certificate, key or CA file.
     """
-    if config.tls_cert is None or config.tls_key is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.set_alpn_protocols(["http/1.1"])
-    try:
-        context.load_cert_chain(config.tls_cert, config.tls_key)
-        if config.tls_client_ca is not None:
-            context.load_verify_locations(cafile=config.tls_client_ca)
-            context.verify_mode = ssl.CERT_REQUIRED
-    except OSError as error:
-        if isinstance(error, ssl.SSLError):
-            raise ConfigError(f"TLS files: {error}") from None
-        raise ConfigError(f"TLS file {error.filename}: {error.strerror}") from None
-    return context
+    files = TlsFiles.of(config)
+    return ReloadingSslContext(files) if files is not None else None
 
 
 def create_http_app(  # noqa: PLR0913  the composition root hands each collaborator in
@@ -59,11 +51,11 @@ def create_http_app(  # noqa: PLR0913  the composition root hands each collabora
     classification: ClassificationHandler,
     metrics: ServerMetrics,
     state: ServerState,
-    token: str | None,
+    access: Access | None,
     config: ServerConfig,
 ) -> web.Application:
     """The aiohttp application: admission middleware and the OIP and classify routes."""
-    admission = Admission(state, token, config.max_concurrent_rpcs, metrics)
+    admission = Admission(state, access, config.max_concurrent_rpcs, metrics)
     # client_max_size bounds aiohttp's own readers; ours (http_bodies) apply the same limit.
     app = web.Application(
         middlewares=[admission.middleware], client_max_size=config.max_message_bytes
@@ -80,9 +72,14 @@ class HttpEndpoint:
     runner: web.AppRunner
     port: int
     uses_tls: bool
+    tls_watch: asyncio.Task[None] | None = None  # reloads the certificate when it changes
 
     async def stop(self) -> None:
         """Stop listening, close idle connections, give running requests a moment."""
+        if self.tls_watch is not None:
+            self.tls_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.tls_watch
         await self.runner.cleanup()
 
 
@@ -92,15 +89,15 @@ async def start_http_server(  # noqa: PLR0913  the composition root hands each c
     classification: ClassificationHandler,
     metrics: ServerMetrics,
     state: ServerState,
-    token: str | None,
+    access: Access | None,
 ) -> HttpEndpoint:
     """Bind ``host:http_port`` and start serving.
 
     Raises:
         ConfigError: unreadable TLS files, or a port that cannot be bound.
     """
-    context = tls_context(config)
-    app = create_http_app(inference, classification, metrics, state, token, config)
+    tls = tls_context(config)
+    app = create_http_app(inference, classification, metrics, state, access, config)
     runner = web.AppRunner(
         app,
         access_log=None,  # as gRPC calls, requests are counted in metrics, not logged
@@ -109,7 +106,9 @@ async def start_http_server(  # noqa: PLR0913  the composition root hands each c
         handle_signals=False,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.http_port, ssl_context=context)
+    site = web.TCPSite(
+        runner, config.host, config.http_port, ssl_context=tls.context if tls else None
+    )
     try:
         await site.start()
     except OSError as error:
@@ -118,4 +117,7 @@ async def start_http_server(  # noqa: PLR0913  the composition root hands each c
         raise ConfigError(
             f"http_port: cannot listen on {host}:{config.http_port}: {error.strerror}"
         ) from None
-    return HttpEndpoint(runner, site.port, uses_tls=context is not None)
+    if tls is None:
+        return HttpEndpoint(runner, site.port, uses_tls=False)
+    watch = asyncio.get_running_loop().create_task(tls.watch(), name="http-tls-watch")
+    return HttpEndpoint(runner, site.port, uses_tls=True, tls_watch=watch)

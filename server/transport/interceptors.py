@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import inspect
 import logging
 import time
@@ -38,6 +37,7 @@ from server.errors import (
 )
 from server.lifecycle import ServerState
 from server.metrics import ServerMetrics
+from server.transport.access import Access, names_from_auth_context
 
 log = logging.getLogger(__name__)
 
@@ -358,18 +358,19 @@ class StreamLimits:
 
 class GateInterceptor(grpc.aio.ServerInterceptor):
     """Admission at the door: the bearer token and the draining gate (from metadata), the
-    concurrency limits (each decided before the request message is read), per-method
-    message limits and parsers, and limits on request streams.
+    client certificate's names (from the call's auth context), the concurrency limits (each
+    decided before the request message is read), per-method message limits and parsers, and
+    limits on request streams.
 
-    Health is exempt from the token, the drain and the concurrency limits, so Kubernetes
-    probes keep working however many other calls are open; its Watch streams are capped by
-    the health servicer itself (server.transport.health).
+    Health is exempt from the token, the names, the drain and the concurrency limits, so
+    Kubernetes probes keep working however many other calls are open; its Watch streams are
+    capped by the health servicer itself (server.transport.health).
     """
 
     def __init__(  # noqa: PLR0913  each limit is handed in explicitly
         self,
         state: ServerState,
-        token: str | None,
+        access: Access | None,
         max_message_bytes: int,
         streams: StreamLimits,
         *,
@@ -378,12 +379,14 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         """
         Args:
+            access: the bearer tokens and client names every call but health must match
+                (None: anyone).
             max_concurrent_rpcs: inference and classification RPCs at once.
             parsers: method -> what parses its request bytes in place of the generated
                 deserializer (bounded walks before parsing; server.transport.wire).
         """
         self.state = state
-        self._expected = f"Bearer {token}".encode() if token else None
+        self.access = access or Access()
         self.max_message_bytes = max_message_bytes
         self.streams = streams
         self.parsers = dict(parsers or {})
@@ -397,12 +400,13 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
         service, _ = _split_method(details.method)
         if service == HEALTH_SERVICE:
             return None
-        if self._expected is not None:
+        if self.access.tokens is not None:
             metadata = dict(details.invocation_metadata or ())
             given = metadata.get("authorization", "")
             given_bytes = given.encode() if isinstance(given, str) else bytes(given)
-            if not hmac.compare_digest(given_bytes, self._expected):
-                return Unauthenticated("missing or invalid bearer token")
+            refusal = self.access.token_refusal(given_bytes)
+            if refusal is not None:
+                return refusal
         if self.state.rejecting and service in TRACKED_SERVICES:
             return ShuttingDown("server is shutting down; retry on another replica")
         return None
@@ -442,8 +446,9 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
         deserializer: Callable[[bytes], Any],
         drains: bool,
     ) -> grpc.RpcMethodHandler:
-        """``handler`` as a request-streaming one that takes a slot before it reads."""
-        streams, state = self.streams, self.state
+        """``handler`` as a request-streaming one that checks the client's names and takes a
+        slot before it reads."""
+        streams, state, access = self.streams, self.state, self.access
 
         def stopping() -> bool:
             return drains and state.rejecting
@@ -453,7 +458,14 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
                 return _ready(streams.guard(requests, stopping))
             return _first_request(requests)
 
-        return _reading_after(handler, slots.held, requests_of, deserializer)
+        def admit(context: grpc.aio.ServicerContext) -> contextlib.AbstractContextManager[None]:
+            if access.checks_names:
+                refusal = access.name_refusal(names_from_auth_context(context.auth_context()))
+                if refusal is not None:
+                    raise refusal
+            return slots.held()
+
+        return _reading_after(handler, admit, requests_of, deserializer)
 
 
 def _checked(request: Any) -> Any:
@@ -475,18 +487,18 @@ async def _first_request(requests: AsyncIterator[Any]) -> Any:
 
 def _reading_after(
     handler: grpc.RpcMethodHandler,
-    admit: Callable[[], contextlib.AbstractContextManager[None]],
+    admit: Callable[[Any], contextlib.AbstractContextManager[None]],
     requests_of: Callable[[AsyncIterator[Any]], Awaitable[Any]],
     deserializer: Callable[[bytes], Any],
 ) -> grpc.RpcMethodHandler:
-    """``handler`` with request streaming on: ``admit`` runs before anything is read, then
-    ``requests_of`` gives the behaviour its request (unary) or request iterator."""
+    """``handler`` with request streaming on: ``admit(context)`` runs before anything is read,
+    then ``requests_of`` gives the behaviour its request (unary) or request iterator."""
     behavior = _behavior(handler)
     rpc_type = _rpc_type(handler)
     if handler.response_streaming:
 
         async def stream(requests: AsyncIterator[Any], context: Any) -> Any:
-            with admit():
+            with admit(context):
                 request = await requests_of(requests)
                 if inspect.isasyncgenfunction(behavior):
                     async for item in behavior(request, context):
@@ -502,7 +514,7 @@ def _reading_after(
         )
 
     async def call(requests: AsyncIterator[Any], context: Any) -> Any:
-        with admit():
+        with admit(context):
             return await behavior(await requests_of(requests), context)
 
     call.rpc_type = rpc_type  # type: ignore[attr-defined]
@@ -540,7 +552,7 @@ def _raising(refusal: ServerError) -> Iterator[None]:
 def _refusing(handler: grpc.RpcMethodHandler, refusal: ServerError) -> grpc.RpcMethodHandler:
     """A handler that refuses before reading: the request message is never received."""
     refusing = _reading_after(
-        handler, lambda: _raising(refusal), _first_request, _limited_deserializer(None, 0)
+        handler, lambda _: _raising(refusal), _first_request, _limited_deserializer(None, 0)
     )
     _behavior(refusing).is_refusal = True  # type: ignore[attr-defined]
     return refusing

@@ -24,6 +24,8 @@ from server.errors import (
 )
 from server.lifecycle import ServerState
 from server.metrics import ServerMetrics
+from server.transport.access import Access
+from server.transport.bearer_tokens import BearerTokens
 from server.transport.interceptors import (
     GateInterceptor,
     ObservingInterceptor,
@@ -69,7 +71,12 @@ async def _serve_and_call(
     server = grpc.aio.server(
         interceptors=[
             ObservingInterceptor(ServerMetrics(registry), state),
-            GateInterceptor(state, token, 1 << 20, StreamLimits(0, 0)),
+            GateInterceptor(
+                state,
+                Access(BearerTokens.fixed(token)) if token else None,
+                1 << 20,
+                StreamLimits(0, 0),
+            ),
         ]
     )
     handler = grpc.unary_unary_rpc_method_handler(
