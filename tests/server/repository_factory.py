@@ -32,6 +32,7 @@ def build_classifier_onnx(  # noqa: PLR0913  each keyword is one property of the
     slow_layers: int = 0,
     labels: Sequence[str] | None = None,
     input_format: str = "uint8-nhwc",
+    weight_mib: float = 0.0,
 ) -> onnx.ModelProto:
     """A tiny classifier graph following the export contract.
 
@@ -39,6 +40,9 @@ def build_classifier_onnx(  # noqa: PLR0913  each keyword is one property of the
         slow_layers: 3x3 128-channel convolutions added before pooling, to make compute take
             measurable time (deadline, queue and drain tests). Their output is scaled to
             almost nothing, so the predictions stay the same.
+        weight_mib: a square FP32 matrix of about this size multiplied into the pooled
+            features, so that a loaded version holds that much memory (a leaked version shows
+            in the server's RSS). Its output, too, is scaled to almost nothing.
     """
     rng = np.random.default_rng(seed)
     height, width = input_size
@@ -84,6 +88,8 @@ def build_classifier_onnx(  # noqa: PLR0913  each keyword is one property of the
             helper.make_node("Add", ["features_main", "slow_column"], ["features"]),
         ]
         initializers.append(numpy_helper.from_array(np.array([1], np.int64), "one_axis"))
+    if weight_mib:
+        _add_weight_ballast(nodes, initializers, rng, weight_mib)
     nodes += [
         helper.make_node("Gemm", ["features", "fc_weight", "fc_bias"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
@@ -104,6 +110,29 @@ def build_classifier_onnx(  # noqa: PLR0913  each keyword is one property of the
         helper.set_model_props(model, {"labels": json.dumps(list(labels))})
     onnx.checker.check_model(model)
     return model
+
+
+def _add_weight_ballast(
+    nodes: list[onnx.NodeProto],
+    initializers: list[onnx.TensorProto],
+    rng: np.random.Generator,
+    mib: float,
+) -> None:
+    """features [N, 3] -> [N, side] -> x [side, side] matrix -> mean * 1e-12, added back."""
+    side = max(1, int((mib * 1024 * 1024 / 4) ** 0.5))
+    nodes[-1].output[0] = "features_before_ballast"
+    initializers += [
+        numpy_helper.from_array(rng.normal(0, 0.1, (3, side)).astype(np.float32), "ballast_in"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (side, side)).astype(np.float32), "ballast"),
+        numpy_helper.from_array(np.array(1e-12, np.float32), "ballast_scale"),
+    ]
+    nodes += [
+        helper.make_node("MatMul", ["features_before_ballast", "ballast_in"], ["ballast_wide"]),
+        helper.make_node("MatMul", ["ballast_wide", "ballast"], ["ballast_out"]),
+        helper.make_node("ReduceMean", ["ballast_out"], ["ballast_mean"], axes=[1], keepdims=1),
+        helper.make_node("Mul", ["ballast_mean", "ballast_scale"], ["ballast_scaled"]),
+        helper.make_node("Add", ["features_before_ballast", "ballast_scaled"], ["features"]),
+    ]
 
 
 def _float_classifier(
@@ -202,6 +231,7 @@ def write_version(  # noqa: PLR0913  each keyword is one property of the generat
     corrupt: bool = False,
     golden: bool = True,
     input_format: str = "uint8-nhwc",
+    weight_mib: float = 0.0,
 ) -> Path:
     """Stage one version directory and rename it into place, as the exporter does.
 
@@ -224,6 +254,7 @@ def write_version(  # noqa: PLR0913  each keyword is one property of the generat
             seed=version,
             slow_layers=slow_layers,
             input_format=input_format,
+            weight_mib=weight_mib,
         )
         onnx.save(model, str(staging / "model.onnx"))
         if golden:
