@@ -291,14 +291,22 @@ def test_metrics_bind_address_and_timeout_are_set(overlay: str) -> None:
     assert 0 < config.metrics_timeout_s <= 30
 
 
-def test_tls_overlay_serves_tls_and_probes_the_plaintext_health_port() -> None:
-    docs = render("gpu-tls")
+# Overlays that serve without TLS: each says so in its name (components/insecure-plaintext).
+INSECURE_OVERLAYS = [name for name in DEPLOYMENT_OVERLAYS if "insecure" in name]
+TLS_OVERLAYS = [name for name in DEPLOYMENT_OVERLAYS if name not in INSECURE_OVERLAYS]
+
+
+@pytest.mark.parametrize("overlay", TLS_OVERLAYS)
+def test_server_serves_tls_and_probes_the_plaintext_health_port(overlay: str) -> None:
+    docs = render(overlay)
     spec = one(docs, "Deployment", "finetune-server")["spec"]["template"]["spec"]
     server = spec["containers"][0]
     config = server_config_or_skip(docs)
     assert config.tls_cert is not None and config.tls_key is not None
     cert_secret = _secret_mount(spec, server, config.tls_cert)
     assert _secret_mount(spec, server, config.tls_key) == cert_secret
+    assert cert_secret["secretName"] == "finetune-server-tls"
+    assert cert_secret["defaultMode"] == 0o440
     assert (config.tls_cert.name, config.tls_key.name) == ("tls.crt", "tls.key")
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
     assert config.health_port == ports["health"] != config.grpc_port
@@ -308,9 +316,37 @@ def test_tls_overlay_serves_tls_and_probes_the_plaintext_health_port() -> None:
     service = one(docs, "Service", "finetune-server")
     assert config.health_port not in {p["port"] for p in service["spec"]["ports"]}
 
+
+@pytest.mark.parametrize("overlay", INSECURE_OVERLAYS)
+def test_insecure_overlay_serves_plaintext_without_the_tls_secret(overlay: str) -> None:
+    docs = render(overlay)
+    spec = one(docs, "Deployment", "finetune-server")["spec"]["template"]["spec"]
+    server = spec["containers"][0]
+    config = server_config_or_skip(docs)
+    assert (config.tls_cert, config.tls_key, config.health_port) == (None, None, -1)
+    assert "health" not in {p["name"] for p in server["ports"]}
+    secrets = {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    assert secrets == {"finetune-server-token"}, "the token stays required"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["grpc"]["port"] == config.grpc_port, probe
+
+
+def test_insecure_overlays_are_named_so() -> None:
+    assert INSECURE_OVERLAYS == ["insecure-plaintext"]
+    for overlay in TLS_OVERLAYS:
+        assert server_config_or_skip(render(overlay)).tls_cert is not None, overlay
+
+
+def test_cert_manager_keeps_the_servers_secret_issued() -> None:
+    docs = render("gpu-cert-manager")
+    spec = one(docs, "Deployment", "finetune-server")["spec"]["template"]["spec"]
+    config = server_config_or_skip(docs)
+    assert config.tls_cert is not None
+    cert_secret = _secret_mount(spec, spec["containers"][0], config.tls_cert)
     certificate = one(docs, "Certificate")
     assert certificate["apiVersion"] == "cert-manager.io/v1"
     assert certificate["spec"]["secretName"] == cert_secret["secretName"]
+    service = one(docs, "Service", "finetune-server")
     namespace = certificate["metadata"]["namespace"]
     assert f"{service['metadata']['name']}.{namespace}.svc" in certificate["spec"]["dnsNames"]
     assert certificate["spec"]["issuerRef"]["name"]
