@@ -104,7 +104,7 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
         "--token-file",
         type=Path,
         default=env("CLIENT_TOKEN_FILE"),
-        help="file holding a bearer token sent on every call",
+        help="file of the bearer token sent on every call (its last token, # comments skipped)",
     )
     group.add_argument(
         "--allow-insecure-token",

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import grpc
 
+from contracts.token_file import TokenFileError, parse_tokens
+
 # The server's default receive limit is 64 MiB; a client limited to gRPC's 4 MiB default would
 # reject ordinary batched responses, so the client matches the server.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -156,14 +158,16 @@ def is_loopback(host: str) -> bool:
 
 
 def read_token_file(path: Path) -> str:
-    """Reads a bearer token from a file, stripping the trailing newline editors add."""
+    """The bearer token to send from a token file: its last token (``contracts.token_file``:
+    one per line, ``#`` comments; the server's file lists the newest last while it rotates)."""
     try:
-        token = path.read_text(encoding="utf-8").strip()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ClientConfigError(f"cannot read token file {path}: {exc.strerror}") from exc
-    if not token:
-        raise ClientConfigError(f"token file {path} is empty")
-    return token
+    try:
+        return parse_tokens(text)[-1]
+    except TokenFileError as exc:
+        raise ClientConfigError(f"token file {path}: {exc}") from None
 
 
 def _read_pem(path: Path | None, name: str) -> bytes | None:

@@ -1,9 +1,9 @@
 """The bearer tokens a caller may present, from ``auth_token_file``, re-read when it changes.
 
-The file holds a set of tokens, one per line (blank lines and ``#`` comments ignored), so a
-token is rotated without downtime: add the new one, move the clients to it, remove the old
-one. Both transports (the gRPC gate and the HTTP admission) ask the same object, which looks
-at the file at most once a second (``file_reload``).
+The file holds a set of tokens (``contracts.token_file``: one per line, blank lines and ``#``
+comments ignored), so a token is rotated without downtime: add the new one, move the clients
+to it, remove the old one. Both transports (the gRPC gate and the HTTP admission) ask the
+same object, which looks at the file at most once a second (``file_reload``).
 """
 
 from __future__ import annotations
@@ -11,30 +11,11 @@ from __future__ import annotations
 import hmac
 from pathlib import Path
 
+from contracts.token_file import parse_tokens
 from server.errors import ConfigError
 from server.transport.file_reload import ReloadingFiles
 
 SCHEME = b"Bearer "
-
-
-def parse_tokens(text: str) -> frozenset[str]:
-    """The tokens of a token file's text.
-
-    Raises:
-        ValueError: no token at all, or a line holding whitespace inside (two tokens on a line
-            would otherwise be one token nobody can send).
-    """
-    tokens = set()
-    for number, line in enumerate(text.splitlines(), start=1):
-        token = line.strip()
-        if not token or token.startswith("#"):
-            continue
-        if any(character.isspace() for character in token):
-            raise ValueError(f"line {number} holds whitespace; write one token per line")
-        tokens.add(token)
-    if not tokens:
-        raise ValueError("no token in it (blank lines and # comments are ignored)")
-    return frozenset(tokens)
 
 
 def _read_expected(path: Path) -> frozenset[bytes]:

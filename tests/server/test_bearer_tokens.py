@@ -15,10 +15,12 @@ from http_helpers import request
 from repository_factory import make_model_repository
 from server_harness import RunningServer, server_config
 
+from contracts.token_file import parse_tokens
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from server.client.connection import ClientConfigError, read_token_file
 from server.errors import ConfigError
-from server.transport.bearer_tokens import BearerTokens, parse_tokens
+from server.transport.bearer_tokens import BearerTokens
 
 # A change is looked for at most once a second (file_reload.CHECK_INTERVAL_S); this is the
 # bound the tests allow for it to be seen.
@@ -31,9 +33,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_parse_tokens() -> None:
-    text = "# rotated 2026-01-01\n\n  old-token  \nnew-token\n# retired: older\n"
-    assert parse_tokens(text) == {"old-token", "new-token"}
-    assert parse_tokens("single\n") == {"single"}  # the one-token file of before
+    text = "# rotated 2026-01-01\n\n  old-token  \nnew-token\n# retired: older\nold-token\n"
+    assert parse_tokens(text) == ("old-token", "new-token")
+    assert parse_tokens("single\n") == ("single",)  # the one-token file of before
     with pytest.raises(ValueError, match="no token"):
         parse_tokens("# only a comment\n\n")
     with pytest.raises(ValueError, match="line 2 holds whitespace"):
@@ -47,6 +49,15 @@ def test_an_unusable_file_stops_the_start(tmp_path: Path) -> None:
     empty.write_text("# nothing yet\n")
     with pytest.raises(ConfigError, match="no token"):
         BearerTokens.from_file(empty)
+
+
+def test_a_client_sends_the_last_token_of_the_servers_file(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("# rotating\nold\nnew\n")
+    assert read_token_file(path) == "new"
+    path.write_text("\n# nothing\n")
+    with pytest.raises(ClientConfigError, match="no token"):
+        read_token_file(path)
 
 
 def test_bearer_tokens_accept_only_their_own() -> None:
