@@ -24,7 +24,9 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 
 from server.capture import CapturePolicy, CaptureWriter
 from server.config import ServerConfig, config_as_dict
+from server.decode_budget import DecodeMemoryBudget
 from server.decode_pool import DecodePool
+from server.decode_processes import DecodeProcesses
 from server.errors import ConfigError, ModelLoadError
 from server.handlers.byte_budget import ByteBudget
 from server.handlers.classification import ClassificationHandler
@@ -35,7 +37,7 @@ from server.metrics_http import start_metrics_server
 from server.model_manager import ModelManager
 from server.prediction_monitor import PredictionMonitors
 from server.preprocess import ImageLimits
-from server.thread_plan import plan_from_settings
+from server.thread_plan import ThreadPlan, plan_from_settings
 from server.transport.access import Access
 from server.transport.grpc_server import GrpcEndpoint, format_address, start_grpc_server
 from server.transport.http_server import HttpEndpoint, start_http_server
@@ -56,7 +58,7 @@ class ServerHandle(DrainTarget):
     manager: ModelManager
     state: ServerState
     inference: InferenceHandler
-    decode_executor: ThreadPoolExecutor
+    decoder: DecodePool
     capture: CaptureWriter | None = None
     rest: HttpEndpoint | None = None  # the HTTP/REST listener (None: http_port -1)
     _http: Any = None
@@ -96,7 +98,7 @@ class ServerHandle(DrainTarget):
 
     async def unload_models(self) -> None:
         await self.manager.close()
-        self.decode_executor.shutdown(wait=False)
+        self.decoder.shutdown()
         if self.capture is not None:
             await asyncio.to_thread(self.capture.close)
         if self._http is not None:
@@ -119,6 +121,21 @@ class ServerHandle(DrainTarget):
             return
         await self.stop_transport(grace or 0)
         await self.unload_models()
+
+
+def create_decode_pool(config: ServerConfig, threads: ThreadPlan) -> DecodePool:
+    """The decode threads, the decode memory budget, and the worker processes if asked for."""
+    executor = ThreadPoolExecutor(max_workers=threads.decode_workers, thread_name_prefix="decode")
+    processes = None
+    if config.decode_isolation == "process":
+        processes = DecodeProcesses(config.decode_timeout_s)
+    return DecodePool(
+        executor,
+        config.max_pending_images,
+        DecodeMemoryBudget(config.max_decode_memory_mb * 1024 * 1024),
+        processes,
+        memory_wait_s=config.decode_timeout_s,
+    )
 
 
 def create_capture_writer(config: ServerConfig, metrics: ServerMetrics) -> CaptureWriter | None:
@@ -201,15 +218,13 @@ async def build_server(
     metrics.cpu_budget.set(threads.budget.cpus)
     monitors = PredictionMonitors(metrics.prediction_metrics)
     manager = ModelManager(config, metrics, parse_model_config, threads, monitors.forget)
-    decode_executor = ThreadPoolExecutor(
-        max_workers=threads.decode_workers, thread_name_prefix="decode"
-    )
+    decoder = create_decode_pool(config, threads)
     inference = InferenceHandler(manager, metrics, ByteBudget(config.max_inflight_input_bytes))
     capture = create_capture_writer(config, metrics)
     classification = ClassificationHandler(
         manager,
         metrics,
-        DecodePool(decode_executor, config.max_pending_images),
+        decoder,
         ImageLimits(config.max_image_bytes, config.max_image_pixels, config.max_image_aspect),
         config.max_images_per_request,
         monitors,
@@ -243,7 +258,7 @@ async def build_server(
         manager=manager,
         state=state,
         inference=inference,
-        decode_executor=decode_executor,
+        decoder=decoder,
         capture=capture,
         rest=rest,
         _http=http,

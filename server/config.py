@@ -28,6 +28,9 @@ GRAPH_OPTIMIZATION_CHOICES = ("disable", "basic", "extended", "all")
 # "auto": spin only when the budget is the whole host; "on"/"off" force onnxruntime's intra-
 # and inter-op spinning either way.
 SPINNING_CHOICES = ("auto", "on", "off")
+# "thread": decode in the server's threads; "process": in worker processes that are killed at
+# decode_timeout_s (server.decode_processes).
+DECODE_ISOLATION_CHOICES = ("thread", "process")
 MIB = 1024 * 1024
 
 
@@ -263,6 +266,30 @@ class ServerConfig:
     preprocess_workers: int = field(
         default=0, metadata=_doc("Threads decoding and resizing images (0: the CPU budget).")
     )
+    max_decode_memory_mb: int = field(
+        default=1024,
+        metadata=_doc(
+            "Memory all image decodes may hold at once (each image: its pixels in the file's "
+            "mode plus the RGB image, read from its header); an image waits for its share up "
+            "to decode_timeout_s, then RESOURCE_EXHAUSTED; one over the whole budget: "
+            "INVALID_ARGUMENT."
+        ),
+    )
+    decode_timeout_s: float = field(
+        default=5.0,
+        metadata=_doc(
+            "Longest decode of one image: with decode_isolation process its worker is killed "
+            "and the request gets DEADLINE_EXCEEDED (threads cannot be stopped). Also the "
+            "longest wait for decode memory."
+        ),
+    )
+    decode_isolation: str = field(
+        default="thread",
+        metadata=_doc(
+            "Where images are decoded: thread (the server's decode threads) or process "
+            "(one worker process per decode thread, killed and replaced at decode_timeout_s)."
+        ),
+    )
     rollout_max_accuracy_drop: float = field(
         default=0.05,
         metadata=_doc(
@@ -354,6 +381,11 @@ def _validate_choices(config: ServerConfig) -> None:
             f"graph_optimization must be one of {GRAPH_OPTIMIZATION_CHOICES}, "
             f"got {config.graph_optimization!r}"
         )
+    if config.decode_isolation not in DECODE_ISOLATION_CHOICES:
+        raise ConfigError(
+            f"decode_isolation must be one of {DECODE_ISOLATION_CHOICES}, "
+            f"got {config.decode_isolation!r}"
+        )
     if config.ort_spinning not in SPINNING_CHOICES:
         raise ConfigError(
             f"ort_spinning must be one of {SPINNING_CHOICES}, got {config.ort_spinning!r}"
@@ -379,6 +411,7 @@ def _validate_ranges(config: ServerConfig) -> None:
         "max_message_bytes",
         "max_image_bytes",
         "max_image_pixels",
+        "max_decode_memory_mb",
     )
     for name in positive:
         if getattr(config, name) < 1:
@@ -408,6 +441,8 @@ def _validate_limits(config: ServerConfig) -> None:
     for name in counts:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if not config.decode_timeout_s > 0:
+        raise ConfigError(f"decode_timeout_s must be > 0, got {config.decode_timeout_s}")
     if config.max_image_aspect < 1:
         raise ConfigError(f"max_image_aspect must be >= 1, got {config.max_image_aspect}")
     for name in ("stream_idle_timeout_s", "stream_max_duration_s", "load_retry_s"):
@@ -563,6 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = GRAPH_OPTIMIZATION_CHOICES
         if name == "ort_spinning":
             kwargs["choices"] = SPINNING_CHOICES
+        if name == "decode_isolation":
+            kwargs["choices"] = DECODE_ISOLATION_CHOICES
         parser.add_argument(flag, dest=name, metavar=name.upper(), **kwargs)
     return parser
 

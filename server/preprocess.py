@@ -17,10 +17,12 @@ reduced DCT scale (``Image.draft``) when the image is far larger than the resize
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageMode, UnidentifiedImageError
 
 from contracts.image_formats import SUPPORTED_FORMATS, to_rgb8
 from contracts.image_header import UnsafeImage, open_image
@@ -46,6 +48,8 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"P5", "PPM"),
     (b"P6", "PPM"),
 )
+# Pillow stores every mode of more than one band at 4 bytes a pixel (RGB included).
+_MULTIBAND_PIXEL_BYTES = 4
 # EXIF orientations that swap width and height.
 _TRANSPOSED = (5, 6, 7, 8)
 # A JPEG is decoded at 1/2, 1/4 or 1/8 scale only while it stays this many times the resize
@@ -178,6 +182,54 @@ def _decode_rgb(data: bytes, spec: Preprocessing, limits: ImageLimits, where: st
     return image.resize(plan.crop, Image.Resampling.BILINEAR, box=plan.box)
 
 
+def _pixel_bytes(mode: str) -> int:
+    """Bytes Pillow allocates per pixel of ``mode``."""
+    described = ImageMode.getmode(mode)
+    if len(described.bands) > 1:
+        return _MULTIBAND_PIXEL_BYTES
+    return max(1, np.dtype(described.typestr).itemsize)
+
+
+@contextmanager
+def _decode_errors(where: str, limits: ImageLimits) -> Iterator[None]:
+    """Pillow's many ways of refusing a file, as one InvalidInput naming the image."""
+    try:
+        yield
+    except InvalidInput:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidInput(
+            f"{where} has more pixels than the limit (max_image_pixels) of {limits.max_pixels}"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError, KeyError):
+        # Pillow reports truncated and malformed files with any of these.
+        raise InvalidInput(f"{where} could not be decoded (corrupt or truncated)") from None
+    except (OverflowError, MemoryError, ZeroDivisionError):
+        raise InvalidInput(f"{where} has dimensions the decoder cannot handle") from None
+
+
+def decode_memory(data: bytes, index: int, spec: Preprocessing, limits: ImageLimits) -> int:
+    """Bytes the decode of one image will hold, read from its header: nothing is decoded.
+
+    The decoded pixels (at the JPEG draft scale the decode will use) in the mode of the file,
+    plus the RGB image made of them, at Pillow's bytes per pixel. The same checks as
+    ``decode_image`` run first, so an image it would refuse is refused here, before any
+    memory is reserved for it.
+
+    Raises:
+        InvalidInput: as ``decode_image``.
+    """
+    where = f"images[{index}]"
+    with _decode_errors(where, limits), warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        opened = _open(data, where, limits)
+        upright = _upright_size(opened)
+        plan = plan_resize(upright, spec, limits, where)
+        _draft_jpeg(opened, plan, transposed=upright != opened.size)
+        width, height = opened.size  # the draft's, when it shrank the decode
+        return width * height * (_pixel_bytes(opened.mode) + _MULTIBAND_PIXEL_BYTES)
+
+
 def decode_image(
     data: bytes, index: int, spec: Preprocessing, input_format: str, limits: ImageLimits
 ) -> np.ndarray:
@@ -191,19 +243,8 @@ def decode_image(
             too thin, unsupported or undecodable images.
     """
     where = f"images[{index}]"
-    try:
+    with _decode_errors(where, limits):
         cropped = _decode_rgb(data, spec, limits, where)
-    except InvalidInput:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InvalidInput(
-            f"{where} has more pixels than the limit (max_image_pixels) of {limits.max_pixels}"
-        ) from None
-    except (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError, KeyError):
-        # Pillow reports truncated and malformed files with any of these.
-        raise InvalidInput(f"{where} could not be decoded (corrupt or truncated)") from None
-    except (OverflowError, MemoryError, ZeroDivisionError):
-        raise InvalidInput(f"{where} has dimensions the decoder cannot handle") from None
     pixels = np.asarray(cropped, dtype=np.uint8)
     if input_format == "float32-nchw":
         scaled = pixels.astype(np.float32) / 255.0
