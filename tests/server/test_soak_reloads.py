@@ -18,11 +18,11 @@ The server runs with glibc's mmap threshold fixed at its 128 KiB default
 threshold left dynamic, freed matrices stay in the heap and the RSS saw-tooths by up to 50 MiB
 over 50 reloads before the heap is trimmed, which would hide a leak of that size.
 
-Measured on a loaded 2-core machine, six runs: RSS 121 to 126 MiB after reload 10 and 124 to
-128 MiB after reload 100 (-3 to +5 MiB; at most +17 MiB in between), where keeping every
+Measured on a loaded 2-core machine, eleven runs: RSS 121 to 126 MiB after reload 10 and 124
+to 130 MiB after reload 100 (-3 to +8 MiB; at most +17 MiB in between), where keeping every
 version loaded (``version_policy: all``) grows it by 1.25 MiB per version, 112 MiB over those
-90 reloads; a reload (rename to listed) took 75 to 98 ms at the median and 0.7 s at most, with
-polls every 50 ms; 2,800 to 4,700 requests per run, none failed; 18 to 28 s per run.
+90 reloads; a reload (rename to listed) took 69 to 98 ms at the median and 0.7 s at most, with
+polls every 50 ms; 2,800 to 4,700 requests per run, none failed; 12 to 28 s per run.
 """
 
 from __future__ import annotations
