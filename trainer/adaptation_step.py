@@ -39,7 +39,7 @@ from trainer.loop import autocast
 from trainer.phase_runner import StepSetup, evaluate_on_val
 from trainer.progress import log_event
 from trainer.run_context import RunContext
-from trainer.unlabeled_data import UnlabeledImages, eval_batches
+from trainer.unlabeled_data import UnlabeledImages
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def unlabeled_eval_batches(
     unlabeled: UnlabeledImages, pre: Preprocessing, batch_size: int
 ) -> list[torch.Tensor]:
     """The unlabelled images through the eval crop, as the deployed model sees them."""
-    return eval_batches(unlabeled.images, eval_transform(pre), batch_size)
+    return unlabeled.eval_crops(eval_transform(pre), batch_size)
 
 
 def adapt_best(  # noqa: PLR0913  the run's parts, and what phase 2 recorded

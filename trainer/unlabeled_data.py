@@ -50,6 +50,13 @@ class UnlabeledImages:
             "skipped_unreadable": self.skipped,
         }
 
+    def eval_crops(self, transform: Transform, batch_size: int) -> list[torch.Tensor]:
+        """The images through ``transform`` (the eval crop), in uint8 ``[B, 3, H, W]`` batches."""
+        return [
+            torch.stack([transform(image) for image in self.images[start : start + batch_size]])
+            for start in range(0, len(self.images), batch_size)
+        ]
+
 
 def image_files(folder: Path) -> list[Path]:
     """Every file under ``folder`` (recursively) with an image extension, sorted; hidden
@@ -117,16 +124,6 @@ def load_unlabeled_images(
         f" (at most {limit}: a seeded sample)" if len(files) - skipped > limit else "",
     )
     return found
-
-
-def eval_batches(
-    images: list[torch.Tensor], transform: Transform, batch_size: int
-) -> list[torch.Tensor]:
-    """The images through the eval crop, in batches (uint8 ``[B, 3, H, W]``)."""
-    return [
-        torch.stack([transform(image) for image in images[start : start + batch_size]])
-        for start in range(0, len(images), batch_size)
-    ]
 
 
 class UnlabeledStream:

@@ -49,6 +49,8 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path: Path) -> None:
     loaded = load_unlabeled_images(root, shorter_side=20, seed=0)
     assert loaded.facts() == {"files_found": 6, "images_used": 4, "skipped_unreadable": 2}
     assert all(img.dtype == torch.uint8 and min(img.shape[-2:]) == 20 for img in loaded.images)
+    crops = loaded.eval_crops(lambda image: image[:, :16, :16], batch_size=3)
+    assert [tuple(batch.shape) for batch in crops] == [(3, 3, 16, 16), (1, 3, 16, 16)]
 
 
 def test_at_most_limit_images_are_decoded(tmp_path: Path) -> None:
