@@ -65,12 +65,13 @@ def pool() -> Iterator[DecodePool]:
 
 
 def test_a_decode_past_its_deadline_is_stopped_and_its_worker_replaced(pool: DecodePool) -> None:
-    assert pool.processes is not None
+    processes = pool.processes
+    assert processes is not None
     slow = _png(7000)
 
     async def scenario() -> None:
         await pool.decode([_png(9)], SPEC, "uint8-nhwc", LIMITS)  # a worker is up
-        (before,) = pool.processes.worker_pids()
+        (before,) = processes.worker_pids()
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded, match=r"images\[0\] .*decode_timeout_s.* 0.25 s"):
             await pool.decode([slow], SPEC, "uint8-nhwc", LIMITS)
@@ -79,37 +80,39 @@ def test_a_decode_past_its_deadline_is_stopped_and_its_worker_replaced(pool: Dec
         assert pool.pending == 0 and pool.budget is not None and pool.budget.reserved == 0
         batch = await pool.decode([_png(9), _png(9)], SPEC, "uint8-nhwc", LIMITS)
         assert batch.shape == (2, 8, 8, 3)
-        assert before not in pool.processes.worker_pids()
+        assert before not in processes.worker_pids()
 
     asyncio.run(scenario())
 
 
 def test_a_bad_image_is_invalid_from_the_worker_and_the_worker_is_kept(pool: DecodePool) -> None:
-    assert pool.processes is not None
+    processes = pool.processes
+    assert processes is not None
 
     async def scenario() -> None:
         await pool.decode([_png(9)], SPEC, "uint8-nhwc", LIMITS)
-        pids = pool.processes.worker_pids()
+        pids = processes.worker_pids()
         with pytest.raises(InvalidInput, match=r"images\[1\] could not be decoded"):
             await pool.decode([_png(9), _truncated_png()], SPEC, "uint8-nhwc", LIMITS)
-        assert set(pids) <= set(pool.processes.worker_pids())
+        assert set(pids) <= set(processes.worker_pids())
         assert pool.pending == 0
 
     asyncio.run(scenario())
 
 
 def test_shutdown_leaves_no_worker_process(pool: DecodePool) -> None:
-    assert pool.processes is not None
+    processes = pool.processes
+    assert processes is not None
 
     async def scenario() -> list[int]:
         await asyncio.gather(
             *(pool.decode([_png(64)] * 2, SPEC, "float32-nchw", LIMITS) for _ in range(3))
         )
-        return pool.processes.worker_pids()
+        return processes.worker_pids()
 
     pids = asyncio.run(scenario())
     assert 1 <= len(pids) <= 2  # one per decode thread at most
     pool.shutdown()
-    assert pool.processes.worker_pids() == []
+    assert processes.worker_pids() == []
     assert multiprocessing.active_children() == []
     assert not any(_is_running(pid) for pid in pids)
