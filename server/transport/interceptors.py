@@ -311,13 +311,13 @@ class StreamLimits:
         self.idle_s = idle_s
         self.max_s = max_s
 
-    def _expiry(self, started: float, last: float) -> StreamExpired | None:
+    def _expiry(self, started: float, waiting_since: float | None) -> StreamExpired | None:
         now = time.monotonic()
         if self.max_s > 0 and now - started >= self.max_s:
             return StreamExpired(
                 f"stream open longer than {self.max_s:g} s (stream_max_duration_s)"
             )
-        if self.idle_s > 0 and now - last >= self.idle_s:
+        if self.idle_s > 0 and waiting_since is not None and now - waiting_since >= self.idle_s:
             return StreamExpired(f"stream idle for {self.idle_s:g} s (stream_idle_timeout_s)")
         return None
 
@@ -327,29 +327,32 @@ class StreamLimits:
         """The requests, each checked against its method's size limit, within the limits.
 
         The next read is never cancelled while the stream lives (a cancelled read could lose
-        a message); the wait for it wakes up every ``CHECK_S`` to look at the limits.
+        a message); the wait for it wakes up every ``CHECK_S`` to look at the limits. Idle is
+        the time a read has waited: the handler's work on the previous request is not the
+        client's silence (its next requests may be queued meanwhile).
         """
-        started = last = time.monotonic()
+        started = time.monotonic()
+        waiting_since: float | None = None
         iterator = aiter(requests)
         reading: asyncio.Future[Any] | None = None
         try:
             while True:
                 if stopping():
                     raise ShuttingDown("server is shutting down; reconnect to another replica")
-                expired = self._expiry(started, last)
+                expired = self._expiry(started, waiting_since)
                 if expired is not None:
                     raise expired
                 if reading is None:
                     reading = asyncio.ensure_future(anext(iterator))
+                    waiting_since = time.monotonic()
                 done, _ = await asyncio.wait({reading}, timeout=self.CHECK_S)
                 if not done:
                     continue
-                finished, reading = reading, None
+                finished, reading, waiting_since = reading, None, None
                 try:
                     request = finished.result()
                 except StopAsyncIteration:
                     return
-                last = time.monotonic()
                 yield _checked(request)
         finally:
             if reading is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -126,3 +127,37 @@ def test_interceptor_maps_errors_and_hides_unknown_detail(caplog: pytest.LogCapt
 def test_gate_checks_the_bearer_token(metadata: tuple, code: grpc.StatusCode) -> None:
     results, _ = asyncio.run(_serve_and_call([InvalidInput("reached")], "s3cret", metadata))
     assert results[0][0] is code
+
+
+def test_a_handler_slower_than_the_idle_limit_leaves_a_busy_stream_open() -> None:
+    limits = StreamLimits(idle_s=0.05, max_s=0)
+
+    async def requests() -> AsyncIterator[int]:
+        for index in range(3):
+            yield index  # each one there as soon as it is asked for
+
+    async def handle() -> list[int]:
+        handled = []
+        async for request in limits.guard(requests()):
+            await asyncio.sleep(0.1)  # the work on one request: twice the idle limit
+            handled.append(request)
+        return handled
+
+    assert asyncio.run(handle()) == [0, 1, 2]
+
+
+def test_a_silent_client_ends_the_stream_as_idle() -> None:
+    limits = StreamLimits(idle_s=0.05, max_s=0)
+
+    async def requests() -> AsyncIterator[int]:
+        yield 0
+        await asyncio.Event().wait()  # then nothing more
+
+    async def handle() -> list[int]:
+        handled = []
+        with pytest.raises(StreamExpired, match="stream_idle_timeout_s"):
+            async for request in limits.guard(requests()):
+                handled.append(request)
+        return handled
+
+    assert asyncio.run(handle()) == [0]
