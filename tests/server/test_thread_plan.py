@@ -131,7 +131,7 @@ def test_every_batch_size_is_warm_before_serving(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     repo = make_model_repository(tmp_path / "models", max_batch_size=6)
-    caplog.set_level(logging.INFO, logger="server.model_manager")
+    caplog.set_level(logging.INFO, logger="server.version_loader")
     with RunningServer(server_config(repo)) as server:
         assert server.sample("server_cpu_budget") >= 1
     assert "warmed up at batch sizes 1-6" in caplog.text
@@ -141,7 +141,7 @@ def test_warm_up_timeout_zero_turns_it_off(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     repo = make_model_repository(tmp_path / "models", max_batch_size=6)
-    caplog.set_level(logging.INFO, logger="server.model_manager")
+    caplog.set_level(logging.INFO, logger="server.version_loader")
     with RunningServer(server_config(repo, warmup_timeout_s=0)):
         pass
     assert "warmed up at batch sizes none" in caplog.text
