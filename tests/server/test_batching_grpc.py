@@ -15,6 +15,7 @@ from busy_server import (
     LABELS,
     WAIT_S,
     arrived,
+    busy_done,
     make_slow_repository,
     occupy,
     one_image,
@@ -35,8 +36,8 @@ def test_concurrent_distinct_inputs_get_their_own_answers(model_repository: Path
         providers=["CPUExecutionProvider"],
     )
     expected = [session.run(["probabilities"], {"image": x})[0] for x in inputs]
-    # A generous delay, so requests share batches even when a loaded machine spreads their
-    # arrival; the batcher stops waiting once nothing more is on its way.
+    # How many of them share a batch depends on how their arrivals spread; that requests do
+    # share one is the next test's, where they queue while the model is busy.
     config = server_config(model_repository, max_queue_delay_us=500_000)
 
     async def scenario(target: str) -> list:
@@ -49,16 +50,45 @@ def test_concurrent_distinct_inputs_get_their_own_answers(model_repository: Path
         for response, want in zip(responses, expected, strict=True):
             assert not isinstance(response, grpc.StatusCode), response
             np.testing.assert_allclose(probabilities(response), want, atol=1e-6)
-        batches = server.sample("inference_batch_size_count", LABELS)
-        rows = server.sample("inference_batch_size_sum", LABELS)
-        assert rows == sum(x.shape[0] for x in inputs)
-        assert batches < len(inputs), "no batch held more than one request"
-        assert server.sample("inference_batch_size_bucket", {**LABELS, "le": "1.0"}) < batches
+        assert server.sample("inference_rows_total", LABELS) == sum(x.shape[0] for x in inputs)
 
 
 @pytest.fixture
 def slow_repository(tmp_path: Path) -> Path:
     return make_slow_repository(tmp_path / "slow")
+
+
+def test_requests_queued_during_a_compute_share_one_batch(slow_repository: Path) -> None:
+    rng = np.random.default_rng(1)
+    inputs = [rng.integers(0, 256, (1 + i % 2, 64, 64, 3), dtype=np.uint8) for i in range(4)]
+    session = ort.InferenceSession(
+        str(slow_repository / "classifier" / "1" / "model.onnx"),
+        providers=["CPUExecutionProvider"],
+    )
+    expected = [session.run(["probabilities"], {"image": x})[0] for x in inputs]
+    with (
+        RunningServer(_busy_config(slow_repository)) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        busy = occupy(server, stub, 2, max_done=0)
+        futures = [stub.ModelInfer.future(infer_request(x), timeout=WAIT_S) for x in inputs]
+
+        def queued_behind_a_busy_one() -> bool:
+            done = busy_done(server)
+            depth = server.registry.get_sample_value("inference_queue_depth", LABELS)
+            return busy_done(server) == done <= 1 and depth == 2 - done - 1 + len(inputs)
+
+        # Every small request is in the queue, none taken yet, while a busy one (a full batch
+        # of its own) is ahead of them: they leave together, however their arrivals spread.
+        wait_for(queued_behind_a_busy_one)
+        for future in busy:
+            future.result()
+        for future, want in zip(futures, expected, strict=True):
+            np.testing.assert_allclose(probabilities(future.result()), want, atol=1e-6)
+        rows = sum(x.shape[0] for x in inputs)
+        assert server.sample("inference_batch_size_count", LABELS) == 2 + 1
+        assert server.sample("inference_batch_size_sum", LABELS) == 2 * BUSY_ROWS + rows
 
 
 def _busy_config(repository: Path, **overrides: object) -> ServerConfig:
