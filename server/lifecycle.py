@@ -19,7 +19,9 @@ import time
 
 log = logging.getLogger(__name__)
 
-# How long no inference RPC must arrive before the transport is stopped.
+# How long after the last inference RPC arrived or was answered the transport is stopped: a
+# client that has just had its answer gets this long to send its next request, which the gate
+# refuses with UNAVAILABLE rather than the stop cancelling it.
 QUIET_S = 0.2
 
 
@@ -30,7 +32,7 @@ class ServerState:
         self.draining = False
         self.rejecting = False
         self.active = 0
-        self.last_arrival = 0.0
+        self.last_change = 0.0  # when a tracked RPC last arrived or finished
         self._idle: asyncio.Event | None = None
 
     def _event(self) -> asyncio.Event:
@@ -42,21 +44,26 @@ class ServerState:
 
     def enter(self) -> None:
         self.active += 1
-        self.last_arrival = time.monotonic()
+        self.last_change = time.monotonic()
         self._event().clear()
 
     def exit(self) -> None:
         self.active -= 1
+        self.last_change = time.monotonic()
         if self.active == 0:
             self._event().set()
 
     async def wait_quiet(self, quiet_s: float, timeout: float) -> bool:
-        """Wait until nothing is running and nothing arrived for quiet_s seconds."""
+        """Wait until nothing is running and nothing arrived or finished for quiet_s seconds.
+
+        Timed from the last answer too: when a long request finishes after the quiet time since
+        it arrived, its client's next request is on its way now.
+        """
         deadline = time.monotonic() + timeout
         while True:
             if not await self.wait_idle(deadline - time.monotonic()):
                 return False
-            since = time.monotonic() - self.last_arrival
+            since = time.monotonic() - self.last_change
             if since >= quiet_s:
                 return True
             if time.monotonic() + (quiet_s - since) > deadline:

@@ -19,6 +19,7 @@ from repository_factory import make_model_repository, write_version
 from server_harness import RunningServer, server_config
 
 from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from server.lifecycle import ServerState
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,6 +103,21 @@ def test_sigterm_under_load_completes_accepted_requests(tmp_path: Path) -> None:
     assert any(not isinstance(r, grpc.StatusCode) for r in after)
     codes = {r for r in after if isinstance(r, grpc.StatusCode)}
     assert codes <= {grpc.StatusCode.UNAVAILABLE}, codes
+
+
+def test_the_quiet_time_before_the_stop_runs_from_the_last_answer() -> None:
+    # A request computing longer than the quiet time: timed from its arrival, the transport
+    # would stop as its answer leaves, and its client's next request would be cancelled.
+    async def quiet_after_the_answer() -> float:
+        state = ServerState()
+        state.enter()
+        await asyncio.sleep(0.3)
+        answered = time.monotonic()
+        state.exit()
+        assert await state.wait_quiet(0.2, timeout=10)
+        return time.monotonic() - answered
+
+    assert asyncio.run(quiet_after_the_answer()) >= 0.2
 
 
 def _version_of(result: object) -> str:
