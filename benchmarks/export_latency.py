@@ -44,10 +44,10 @@ import onnxruntime as ort
 import torch
 
 from trainer.checkpoint import load_checkpoint
-from trainer.classifier import create_model, restore_classifier
 from trainer.export.graph import ServingModel
 from trainer.export.onnx_export import export_onnx
 from trainer.export.quantize import quantize_int8
+from trainer.model.classifier import create_model, restore_classifier
 
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.229, 0.224, 0.225]

@@ -9,7 +9,7 @@ same batch size, image size and thread count:
   ``requires_grad`` only on the head (phase 1) or on the top layer group and the head
   (phase 2), AdamW, ``loss.backward()``, ``optimizer.step()``.
 - trainer, phase 1 (``head``): the whole head phase as ``trainer train`` runs it by default,
-  ``trainer.head_stage.run_head_stage``: the frozen backbone's features of ``--feature-views``
+  ``trainer.head.stage.run_head_stage``: the frozen backbone's features of ``--feature-views``
   views of every training image and of the val images (plain and under the three candidate
   transforms), written to the feature cache, then the linear probe, the augmentation decisions
   and the head fitted on the cache. Against it: the tutorial loop running as many epochs of
@@ -19,7 +19,7 @@ same batch size, image size and thread count:
   (``build_pipeline``: decoded once into a uint8 cache, transforms.v2 on uint8, per-batch
   normalisation), its phase setup (``set_trainable``, ``train_mode``, ``build_optimizer``,
   ``build_scheduler``), the training view the phase runner trains through
-  (``trainer.frozen_prefix.training_view``: the frozen prefix folded, without autograd,
+  (``trainer.finetune.frozen_prefix.training_view``: the frozen prefix folded, without autograd,
   channels_last on CPU), its ``select_amp`` choice and its ``train_one_epoch`` step code. Beside
   it, for the evidence: the same with ``--amp off``, with the plain model (no view: the path
   before the view existed) and with ``--channels-last`` (the whole model). The sides alternate
@@ -60,23 +60,23 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
 
-from trainer import feature_cache as fc
-from trainer import phases
-from trainer.augment import AugmentSettings, BatchPreparer, augment_settings
-from trainer.augment_policy import CANDIDATES
-from trainer.classifier import create_model, head_module_name
+from trainer.augment_defaults import CANDIDATES
+from trainer.commands.demo_data import DemoDataSpec, make_demo_data
 from trainer.config import TrainConfig, resolve_defaults
-from trainer.data import DatasetSplit, scan_dataset
-from trainer.demo_data import DemoDataSpec, make_demo_data
-from trainer.frozen_prefix import FrozenPrefixView, forward_stages, training_view
-from trainer.head_fit import fit_head, fit_probe
-from trainer.head_stage import FeatureSettings, run_head_stage
-from trainer.input_pipeline import Pipeline, build_pipeline
-from trainer.layer_groups import LayerGroup, layer_groups
-from trainer.linear_probe import LabelledFeatures
-from trainer.loop import autocast, train_one_epoch
-from trainer.process_setup import DistInfo, configure_threads, select_amp
-from trainer.weights import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from trainer.data.augment import AugmentSettings, BatchPreparer, augment_settings
+from trainer.data.folders import DatasetSplit, scan_dataset
+from trainer.data.input_pipeline import Pipeline, build_pipeline
+from trainer.finetune import phases
+from trainer.finetune.frozen_prefix import FrozenPrefixView, forward_stages, training_view
+from trainer.finetune.loop import autocast, train_one_epoch
+from trainer.head import feature_cache as fc
+from trainer.head.fit import fit_head, fit_probe
+from trainer.head.linear_probe import LabelledFeatures
+from trainer.head.stage import FeatureSettings, run_head_stage
+from trainer.job.process_setup import DistInfo, configure_threads, select_amp
+from trainer.model.classifier import create_model, head_module_name
+from trainer.model.layer_groups import LayerGroup, layer_groups
+from trainer.model.weights import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 TARGETS = {"head phase": 5.0, phases.FINETUNE_PHASE: 2.0}
 STREAMED = "head (streamed fallback)"
@@ -348,8 +348,8 @@ def run_steps(
 
 
 def head_stage_once(setup: Setup, output: Path) -> tuple[float, dict[str, Any]]:
-    """``run_head_stage`` as ``trainer.before_phases`` calls it with the defaults (a fresh cache
-    in ``output``): its wall seconds and what it reported."""
+    """``run_head_stage`` as ``trainer.stages.before_phases`` calls it with the defaults (a
+    fresh cache in ``output``): its wall seconds and what it reported."""
     config = setup.config
     model = copy.deepcopy(setup.model)
     pipeline = trainer_pipeline(setup, config.seed)  # decoded once, shared by both phases

@@ -51,11 +51,11 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from trainer.calibration import expected_calibration_error
 from trainer.checkpoint import load_checkpoint
-from trainer.classifier import create_model, plain_state_dict
+from trainer.commands.demo_data import make_demo_data
 from trainer.config import resolve_config
-from trainer.demo_data import make_demo_data
+from trainer.evaluation.calibration import expected_calibration_error
+from trainer.model.classifier import create_model, plain_state_dict
 from trainer.run import train
 
 SIZE = 32

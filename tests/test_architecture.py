@@ -189,3 +189,49 @@ def test_the_servers_domain_does_not_import_its_transport() -> None:
         if _in(name, "server") and not _in(name, *edge)
     }
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+# The trainer's rooms, lowest first (docs/architecture.md draws them). A module imports from
+# its own room and the rooms below it, never above: the head phase cannot reach into the
+# stages that call it, and nothing but the commands' layer sees the run.
+TRAINER_ROOMS = (
+    ("trainer.errors", "trainer.progress", "trainer.augment_defaults"),
+    ("trainer.config", "trainer.checkpoint"),
+    ("trainer.job",),
+    ("trainer.data",),
+    ("trainer.evaluation",),
+    ("trainer.model",),
+    ("trainer.head",),
+    ("trainer.finetune",),
+    ("trainer.export",),
+    ("trainer.stages",),
+    ("trainer.run", "trainer.commands"),
+    ("trainer.cli", "trainer.entrypoint", "trainer.__main__"),
+)
+
+
+def _trainer_room(name: str) -> int:
+    rooms = [i for i, room in enumerate(TRAINER_ROOMS) if _in(name, *room)]
+    assert rooms, f"{name} is in none of the trainer's rooms: add it to TRAINER_ROOMS"
+    return rooms[0]
+
+
+def test_every_trainer_module_has_a_room_and_imports_only_downward() -> None:
+    modules = [n for n in source_modules() if _in(n, "trainer") and n != "trainer"]
+    assert len(modules) > 50
+    upward = {
+        name: sorted(
+            i
+            for i in internal_edges(name)
+            if _in(i, "trainer") and i != "trainer" and _trainer_room(i) > _trainer_room(name)
+        )
+        for name in modules
+    }
+    assert {k: v for k, v in upward.items() if v} == {}
+
+
+def test_the_trainer_folder_holds_rooms_not_loose_modules() -> None:
+    # A newcomer finds a concept by its folder: only the base and the entry points stay loose.
+    loose = sorted(n for n in source_modules() if n.count(".") == 1 and _in(n, "trainer"))
+    allowed = {name for room in (*TRAINER_ROOMS[:2], *TRAINER_ROOMS[-2:]) for name in room}
+    assert [n for n in loose if n not in allowed and not _is_package(n)] == []

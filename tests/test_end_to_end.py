@@ -21,11 +21,11 @@ from server_harness import RunningServer, server_config
 from contracts.golden_set import read_golden_set
 from server.client import ConnectionOptions, InferenceClient
 from server.client.cli import main as client_main
-from trainer.augment import eval_transform
 from trainer.checkpoint import load_checkpoint
-from trainer.classifier import restore_classifier
-from trainer.data import decode_image
-from trainer.demo_data import DemoDataSpec, make_demo_data
+from trainer.commands.demo_data import DemoDataSpec, make_demo_data
+from trainer.data.augment import eval_transform
+from trainer.data.folders import decode_image
+from trainer.model.classifier import restore_classifier
 
 pytestmark = pytest.mark.slow
 

@@ -256,7 +256,7 @@ class Checkpoint:
     # The softmax temperature fitted on val after training (``Calibration.to_dict``); the
     # export divides the logits by it. Written into ``best.pt`` only.
     calibration: dict[str, Any] | None = None
-    # What adapted the model to unlabelled target images (``trainer.adaptation_step``):
+    # What adapted the model to unlabelled target images (``trainer.stages.adaptation``):
     # counts, methods, weights and the AdaBN decision, never the images. ``best.pt`` only;
     # the export copies it into ``model.json``.
     adaptation: dict[str, Any] | None = None

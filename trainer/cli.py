@@ -32,12 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_export_parser(subparsers)
     try:
-        from trainer.demo_data import add_parser as add_demo_parser
+        from trainer.commands.demo_data import add_parser as add_demo_parser
     except ImportError as exc:
         log.debug("make-demo-data subcommand unavailable: %s", exc)
     else:
         add_demo_parser(subparsers)
-    from trainer.ingest import add_parser as add_ingest_parser
+    from trainer.commands.ingest import add_parser as add_ingest_parser
 
     add_ingest_parser(subparsers)
     _add_evaluate_parser(subparsers)
@@ -167,7 +167,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         raise DataError(f"data: {args.data} does not exist or is not a directory")
     if args.output is not None:
         check_output_directory(args.output, "--output")
-    from trainer.evaluate import (
+    from trainer.commands.evaluate import (
         DEFAULT_MODEL_NAME,
         evaluate_folder,
         format_report,

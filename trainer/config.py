@@ -24,7 +24,8 @@ from contracts.repository_layout import InvalidModelName, validate_model_name
 from trainer.errors import ConfigError
 
 ENV_PREFIX = "TRAINER_"
-# The smallest training crop in pixels (``trainer.weights.preprocessing_for`` keeps to it too).
+# The smallest training crop in pixels (``trainer.model.weights.preprocessing_for`` keeps to
+# it too).
 MIN_IMAGE_SIZE = 16
 
 
@@ -210,7 +211,7 @@ RESOLVED_AT_START = frozenset(
     }
 )
 # ``--augment auto`` leaves these None in ``resolve_defaults``; the run's probe decides them
-# before the phases (``trainer.augment_policy``) and the decided values are what is recorded.
+# before the phases (``trainer.data.augment_policy``) and the decided values are what is recorded.
 DECIDED_BY_PROBE = frozenset({"hflip", "vflip", "rotate90"})
 # ``auto`` is how a user spells "decide from the data" for these; it is stored as unset.
 AUTO = "auto"
@@ -499,7 +500,7 @@ def resolve_defaults(
         config,
         image_size=config.image_size if config.image_size is not None else input_size,
         head_epochs=config.head_epochs if config.head_epochs is not None else (0 if scratch else 2),
-        # Left unset (auto) for a pretrained start: trainer.finetune_choice decides them from
+        # Left unset (auto) for a pretrained start: trainer.finetune.choice decides them from
         # the fitted head before phase 2, and the decided values are what is recorded.
         unfreeze=config.unfreeze or ("all" if scratch else ""),
         lr=config.lr if config.lr is not None else (config.head_lr if scratch else None),
@@ -517,7 +518,7 @@ def resolve_defaults(
 
 
 def _resolve_augment(config: TrainConfig, input_size: int | None) -> TrainConfig:
-    from trainer.augment_policy import CANDIDATES, FIXED, FIXED_CROP_SCALE, crop_scale_for
+    from trainer.augment_defaults import CANDIDATES, FIXED, FIXED_CROP_SCALE, crop_scale_for
 
     fixed: dict[str, Any]
     if config.augment == FIXED:

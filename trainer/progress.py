@@ -232,7 +232,8 @@ class JsonFormatter(logging.Formatter):
 
 
 class PlainFormatter(logging.Formatter):
-    """``2026-01-31T12:00:00.123Z INFO trainer.loop event=epoch_end ...``: UTC, one line."""
+    """``2026-01-31T12:00:00.123Z INFO trainer.finetune.loop event=epoch_end ...``: UTC, one
+    line."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = f"{_utc_iso(record.created)} {record.levelname} {record.name} {record.getMessage()}"

@@ -25,33 +25,28 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from contracts.preprocessing import Preprocessing
 from trainer import checkpoint as ckpt
-from trainer.adaptation_step import adapt_best
-from trainer.augment import BatchPreparer, augment_settings, batch_mixer
-from trainer.before_phases import before_phases, keep_augment_decisions, run_facts
-from trainer.calibrate_step import calibrate_best
-from trainer.chance import warn_if_near_chance
 from trainer.checkpoint import Checkpoint, CheckpointHeader, HeadSpec, Progress
-from trainer.class_balance import class_balance
-from trainer.classifier import create_model
 from trainer.config import TrainConfig, resolve_defaults, save_config, trains_from_scratch
-from trainer.data import DatasetSplit, scan_dataset
+from trainer.data.augment import BatchPreparer, augment_settings, batch_mixer
+from trainer.data.class_balance import class_balance
+from trainer.data.folders import DatasetSplit, scan_dataset
+from trainer.data.input_pipeline import Pipeline, build_pipeline, dataset_fits_cache
+from trainer.data.unlabeled import UnlabeledImages, load_unlabeled_images
 from trainer.errors import CheckpointError, ConfigError
-from trainer.finetune_choice import FALLBACK_POLICY
-from trainer.fisher_step import store_fisher
-from trainer.input_pipeline import Pipeline, build_pipeline, dataset_fits_cache
-from trainer.layer_groups import LayerGroup, family, layer_groups
-from trainer.lr_finder import FALLBACK_LR
-from trainer.metrics_log import MetricsLog, write_summary
-from trainer.phase_runner import (
+from trainer.evaluation.chance import warn_if_near_chance
+from trainer.finetune.choice import FALLBACK_POLICY
+from trainer.finetune.lr_finder import FALLBACK_LR
+from trainer.finetune.phase_runner import (
     INTERRUPTED,
     PhaseRunner,
     RunObservers,
     StepSetup,
     TrainedModel,
 )
-from trainer.phase_two_terms import PhaseTwoTerms, phase_two_terms
-from trainer.phases import Phase, build_phases
-from trainer.process_setup import (
+from trainer.finetune.phases import Phase, build_phases
+from trainer.job.context import RunContext
+from trainer.job.metrics_log import MetricsLog, write_summary
+from trainer.job.process_setup import (
     DistInfo,
     configure_threads,
     dist_info_from_env,
@@ -61,14 +56,19 @@ from trainer.process_setup import (
     select_device,
     shutdown_distributed,
 )
+from trainer.job.stopping import RunStopped, StopRequest
+from trainer.job.telemetry import TrainingTelemetry
+from trainer.job.trainjob_progress import trainjob_progress_from_env
+from trainer.model.classifier import create_model
+from trainer.model.layer_groups import LayerGroup, family, layer_groups
+from trainer.model.weights import load_starting_weights, preprocessing_for, resolve_weights
 from trainer.progress import log_event
-from trainer.resume_settings import settings_for_resume, training_is_finished
-from trainer.run_context import RunContext
-from trainer.stopping import RunStopped, StopRequest
-from trainer.telemetry import TrainingTelemetry
-from trainer.trainjob_progress import trainjob_progress_from_env
-from trainer.unlabeled_data import UnlabeledImages, load_unlabeled_images
-from trainer.weights import load_starting_weights, preprocessing_for, resolve_weights
+from trainer.stages.adaptation import adapt_best
+from trainer.stages.before_phases import before_phases, keep_augment_decisions, run_facts
+from trainer.stages.calibrate import calibrate_best
+from trainer.stages.fisher import store_fisher
+from trainer.stages.phase_two_terms import PhaseTwoTerms, phase_two_terms
+from trainer.stages.resume import settings_for_resume, training_is_finished
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +367,7 @@ def build_model(
 def plan_phases(config: TrainConfig, group_names: list[str]) -> list[Phase]:
     """The phases of a resolved config (``resolve_defaults`` filled every default).
 
-    Before phase 2's policy and LR are chosen from the data (``trainer.finetune_choice``),
+    Before phase 2's policy and LR are chosen from the data (``trainer.finetune.choice``),
     their classic values stand in: the plan is then only read for which phases run.
 
     Raises:
@@ -515,9 +515,9 @@ def finish_run(
 
 def _write_report(context: RunContext, progress: Progress) -> None:
     try:
-        from trainer.report import write_report
+        from trainer.evaluation.report import write_report
     except ImportError:
-        log.warning("trainer.report is not installed: no report/ written")
+        log.warning("trainer.evaluation.report is not installed: no report/ written")
         return
     size = context.header.num_classes
     confusion = np.asarray(progress.best_confusion or np.zeros((size, size)), dtype=np.int64)

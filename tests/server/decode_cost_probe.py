@@ -3,7 +3,7 @@
     python decode_cost_probe.py server DIR [NAME...]  # server.preprocess.decode_image, then
                                                       # Classify through a real server: each
                                                       # file, then each NAME twice in a request
-    python decode_cost_probe.py trainer DIR           # trainer.image_decode's open_rgb and
+    python decode_cost_probe.py trainer DIR           # trainer.data.image_decode's open_rgb and
                                                       # decode_image
 
 Run by the decode-bomb tests: a fresh process is the only place where the peak memory of one
@@ -175,7 +175,7 @@ def probe_server(files: list[Path], pairs: list[str]) -> None:
 
 
 def probe_trainer(files: list[Path]) -> None:
-    from trainer.image_decode import CorruptImage, decode_image, open_rgb
+    from trainer.data.image_decode import CorruptImage, decode_image, open_rgb
 
     for path in files:
         measure(f"open_rgb/{path.name}", CorruptImage, lambda p: open_rgb(p).size, path)

@@ -95,9 +95,11 @@ def test_logfmt_quotes_and_types():
 def test_log_event_plain(root_logging):
     stream = io.StringIO()
     configure_logging("INFO", "plain", stream=stream)
-    log_event(logging.getLogger("trainer.loop"), "epoch_end", phase="head", val_accuracy=0.5)
+    log_event(
+        logging.getLogger("trainer.finetune.loop"), "epoch_end", phase="head", val_accuracy=0.5
+    )
     (line,) = stream.getvalue().splitlines()
-    assert line.endswith(" INFO trainer.loop event=epoch_end phase=head val_accuracy=0.5")
+    assert line.endswith(" INFO trainer.finetune.loop event=epoch_end phase=head val_accuracy=0.5")
     assert line[:4].isdigit() and "T" in line.split()[0] and line.split()[0].endswith("Z")
 
 
@@ -105,7 +107,7 @@ def test_log_event_json_from_environment(root_logging, monkeypatch):
     monkeypatch.setenv("TRAINER_LOG_FORMAT", "json")
     stream = io.StringIO()
     configure_logging(logging.INFO, None, stream=stream)
-    logger = logging.getLogger("trainer.loop")
+    logger = logging.getLogger("trainer.finetune.loop")
     log_event(logger, "epoch_end", phase="finetune", loss=np.float64(0.5), lrs=[1e-4, 1e-3])
     logger.warning("skipped %d corrupt files", 2)
     first, second = (json.loads(line) for line in stream.getvalue().splitlines())
@@ -113,7 +115,7 @@ def test_log_event_json_from_environment(root_logging, monkeypatch):
     assert first["phase"] == "finetune"
     assert first["loss"] == 0.5
     assert first["lrs"] == [1e-4, 1e-3]
-    assert first["level"] == "INFO" and first["logger"] == "trainer.loop"
+    assert first["level"] == "INFO" and first["logger"] == "trainer.finetune.loop"
     assert second["message"] == "skipped 2 corrupt files"
     assert second["level"] == "WARNING"
 

@@ -63,7 +63,7 @@ def test_sigterm_mid_finetune_then_resume_matches_uninterrupted(tmp_path: Path) 
 
     resumed = tmp_path / "resumed"
     trigger = _SigtermAtEvent("phase_start", "finetune")
-    logger = logging.getLogger("trainer.phase_runner")
+    logger = logging.getLogger("trainer.finetune.phase_runner")
     level = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(trigger)

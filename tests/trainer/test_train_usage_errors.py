@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from trainer.errors import ConfigError
-from trainer.weights import resolve_weights
+from trainer.model.weights import resolve_weights
 
 # CPU seconds of the command, which a loaded machine does not change (its wall time it does):
 # about 0.5 s when it fails before torch is imported; importing torch and torchvision alone

@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from trainer.abstention import DEFAULT_TARGET_PRECISION
 from trainer.config import check_output_directory
 from trainer.errors import ConfigError
+from trainer.evaluation.abstention import DEFAULT_TARGET_PRECISION
 from trainer.export.errors import CheckpointError
 from trainer.export.signature import INPUT_FORMATS, INT8_MODES, PRECISIONS
 

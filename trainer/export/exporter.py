@@ -15,12 +15,11 @@ from torch import nn
 
 from contracts.preprocessing import Preprocessing
 from contracts.repository_layout import METADATA_FILENAME, MODEL_FILENAME
-from trainer.abstention import DEFAULT_TARGET_PRECISION, choose_threshold
-from trainer.chance import warn_if_near_chance
 from trainer.checkpoint import Checkpoint, load_checkpoint
-from trainer.classifier import restore_classifier
 from trainer.config import TrainConfig
 from trainer.errors import ConfigError, DataError
+from trainer.evaluation.abstention import DEFAULT_TARGET_PRECISION, choose_threshold
+from trainer.evaluation.chance import warn_if_near_chance
 from trainer.export import metadata as meta
 from trainer.export.errors import ExportError
 from trainer.export.golden import build_golden_set
@@ -55,6 +54,7 @@ from trainer.export.verify import (
     random_images,
     torch_parity,
 )
+from trainer.model.classifier import restore_classifier
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A few dozen val images, byte-for-byte as on disk, plus one stored sideways with an EXIF
 rotation (found among the val images, or generated from one of them), each with the
-probabilities the trainer's eval path computes: ``trainer.image_decode`` -> torchvision's
+probabilities the trainer's eval path computes: ``trainer.data.image_decode`` -> torchvision's
 eval resize and centre crop -> the serving module in PyTorch. The same files are then run
 through a Pillow decode and resize into the exported ONNX graph, as the server will; the
 largest difference is recorded, and the tolerance is derived from it.
@@ -25,12 +25,12 @@ from PIL import Image
 
 from contracts.golden_set import GOLDEN_DIRNAME, GOLDEN_FILENAME, GoldenImage, GoldenSet
 from contracts.preprocessing import Preprocessing
-from trainer.augment import eval_transform
+from trainer.data.augment import eval_transform
+from trainer.data.image_decode import CorruptImage, decode_image, open_rgb
 from trainer.export.graph import ServingModel
 from trainer.export.images import preprocess
 from trainer.export.ort_checks import cpu_session, to_feed
 from trainer.export.signature import INPUT_NAME, UINT8_NHWC
-from trainer.image_decode import CorruptImage, decode_image, open_rgb
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from torchvision.transforms.v2 import functional as tvf
 
-from trainer.data import scan_dataset
+from trainer.data.folders import scan_dataset
+from trainer.data.image_decode import CorruptImage, open_rgb
 from trainer.errors import DataError
-from trainer.image_decode import CorruptImage, open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def list_split(
 ) -> list[tuple[Path, int]]:
     """The run's own ``split`` (``train`` or ``val``) of ``data_dir``, with class indices.
 
-    The split is the one training used (``trainer.data.scan_dataset``): ``DATA/val`` when it
+    The split is the one training used (``trainer.data.folders.scan_dataset``): ``DATA/val`` when it
     exists, else the seeded share ``rule`` holds out of ``DATA/train``, so a train-only folder
     exports with real val images. Files are interleaved across classes (one of each class in
     turn), so any prefix of the list covers the classes evenly.
@@ -109,7 +109,7 @@ def load_split(
 def preprocess(path: Path, *, input_size: Sequence[int], resize_size: int) -> np.ndarray:
     """One image as the serving graph takes it: ``[H, W, 3]`` uint8 RGB.
 
-    Decoded as training decodes (``trainer.image_decode``: upright, the one RGB conversion,
+    Decoded as training decodes (``trainer.data.image_decode``: upright, the one RGB conversion,
     within the pixel budget) and resized with Pillow, as the server resizes.
 
     Raises:

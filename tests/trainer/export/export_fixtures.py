@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.classifier import create_model
+from trainer.model.classifier import create_model
 
 CLASSES = ["circle", "square", "triangle"]
 SIZE = 32

@@ -151,7 +151,7 @@ def test_verification_rejects_a_wrong_graph(mobilenet_export, tmp_path):
     tampered = tmp_path / "tampered.onnx"
     onnx.save(model, str(tampered))
     from trainer.checkpoint import load_checkpoint
-    from trainer.classifier import restore_classifier
+    from trainer.model.classifier import restore_classifier
 
     classifier, _ = restore_classifier(load_checkpoint(checkpoint))
     with pytest.raises(ExportError, match="parity check failed"):

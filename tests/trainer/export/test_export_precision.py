@@ -12,11 +12,11 @@ import torch
 from export_fixtures import CLASSES, MEAN, SIZE, STD, make_checkpoint
 from PIL import Image
 
-from trainer.classifier import create_model
 from trainer.export import ExportError, export_checkpoint
 from trainer.export.graph import normalize_uint8_nhwc
 from trainer.export.images import preprocess
 from trainer.export.quantize import PrecisionComparison, check_accuracy_budget, quantize_int8
+from trainer.model.classifier import create_model
 
 
 @pytest.mark.slow

@@ -13,10 +13,10 @@ import torch
 from export_fixtures import CLASSES, MEAN, SIZE, STD
 from google.protobuf import text_format
 
-from trainer.classifier import create_model
 from trainer.export.graph import normalize_uint8_nhwc
 from trainer.export.images import SplitRule, list_split, load_split
 from trainer.export.metadata import read_embedded
+from trainer.model.classifier import create_model
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,168 @@
+"""Phase 2's depth and LR from the data: the LR range test and the policy trials."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from trainer_helpers import make_image_folder, tiny_config
+
+from trainer.config import resolve_config
+from trainer.errors import ConfigError
+from trainer.finetune.lr_finder import FALLBACK_LR, suggest_lr, sweep_lrs
+from trainer.run import train
+
+# ---- the LR range test's suggestion --------------------------------------------------------
+
+
+def test_sweep_is_geometric_from_start_to_end() -> None:
+    lrs = sweep_lrs(5, 1e-6, 1e-2)
+    assert lrs[0] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(1e-2)
+    assert all(b / a == pytest.approx(10.0) for a, b in itertools.pairwise(lrs))
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        sweep_lrs(1)
+
+
+def test_suggestion_is_a_tenth_of_the_smoothed_minimum() -> None:
+    lrs = sweep_lrs(41, 1e-6, 1e-1)
+    # A loss bowl in log-LR with its floor at 1e-3, blowing up beyond.
+    losses = [1.0 + 0.05 * (math.log10(lr) + 3.0) ** 2 for lr in lrs]
+    finding = suggest_lr(lrs, losses)
+    lowest = lrs[min(range(len(lrs)), key=lambda i: finding.smoothed[i])]
+    assert finding.suggestion == pytest.approx(lowest / 10)
+    # The smoothing lags the raw curve (its floor at 1e-3) by a few steps, never by a decade.
+    assert 1e-3 <= lowest < 1e-2 and "a tenth" in finding.reason
+
+
+def test_flat_then_climbing_curve_takes_a_tenth_of_the_blow_up() -> None:
+    lrs = sweep_lrs(16)  # 1e-6 .. 1e-1, 1/3 decade a step
+    # A converged head: noise around 0.9, then the loss climbs from 1e-3 on.
+    losses = [0.92, 0.89, 0.9, 0.95, 0.93, 0.91, 0.9, 0.92, 0.95, 1.1, 1.5, 2.5, 5, 12, 23, 37]
+    finding = suggest_lr(lrs, losses)
+    climbed = next(
+        i for i, v in enumerate(finding.smoothed) if v > 1.5 * min(finding.smoothed[: i + 1])
+    )
+    assert finding.suggestion == pytest.approx(lrs[climbed] / 10)
+    assert 1e-4 <= finding.suggestion <= 1e-3 and "flat" in finding.reason
+
+
+def test_a_dip_among_the_first_tiny_rates_is_noise_not_a_fall() -> None:
+    lrs = sweep_lrs(16)
+    # One heavy first batch, lighter ones next (rates 1e-6..1e-5 move nothing), then the climb.
+    losses = [1.07, 0.9, 0.92, 0.93, 0.95, 0.94, 0.96, 0.95, 1.0, 1.1, 1.5, 2.5, 5, 12, 23, 37]
+    finding = suggest_lr(lrs, losses)
+    assert "flat" in finding.reason and 1e-4 <= finding.suggestion <= 1e-3
+
+
+def test_flat_or_broken_curves_fall_back() -> None:
+    lrs = sweep_lrs(20)
+    flat = suggest_lr(lrs, [1.0] * 20)
+    assert flat.suggestion == FALLBACK_LR and "neither fell" in flat.reason
+    broken = suggest_lr(lrs, [math.nan] * 20)
+    assert broken.suggestion == FALLBACK_LR and "no finite loss" in broken.reason
+    with pytest.raises(ValueError, match="one loss per learning rate"):
+        suggest_lr(lrs, [1.0])
+
+
+def test_suggestion_is_clamped_to_a_trustworthy_range() -> None:
+    lrs = sweep_lrs(20)
+    falling = [10.0 - i * 0.4 for i in range(20)]  # lowest at the very end (1e-1)
+    assert suggest_lr(lrs, falling).suggestion == pytest.approx(1e-3)
+
+
+# ---- the flags ---------------------------------------------------------------------------
+
+
+def test_auto_is_a_value_and_nonsense_names_the_choices(tmp_path: Path) -> None:
+    base = {"data": tmp_path, "output": tmp_path / "out"}
+    config = resolve_config(environ={}, flags=base | {"lr": "auto", "unfreeze": "auto"})
+    assert config.lr is None and config.unfreeze == ""
+    with pytest.raises(ConfigError, match=r"--lr: expected a positive number or auto, got 'fast'"):
+        resolve_config(environ={}, flags=base | {"lr": "fast"})
+    with pytest.raises(ConfigError, match="unfreeze: must be top:K, all, gradual:N or auto"):
+        resolve_config(environ={}, flags=base | {"unfreeze": "deep"})
+
+
+# ---- a real run: choice from the fitted head, recorded, and undone ---------------------------
+
+
+@pytest.fixture(scope="module")
+def source_and_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("choice")
+    source_data = make_image_folder(root / "source", train_per_class=12, val_per_class=4)
+    train(tiny_config(source_data, root / "source-run", finetune_epochs=2, batch_size=8))
+    target = make_image_folder(
+        root / "target", classes=("a", "b", "c", "d"), train_per_class=10, val_per_class=6, seed=3
+    )
+    return root / "source-run" / "checkpoints" / "best.pt", target
+
+
+def _fine_tune(source: Path, data: Path, output: Path, **flags) -> dict:
+    settings = {
+        "weights": str(source),
+        "head_epochs": 1,
+        "finetune_epochs": 2,
+        "batch_size": 8,
+        "calibrate": "off",
+    } | flags
+    return train(tiny_config(data, output, **settings))
+
+
+def test_defaults_test_the_lr_and_the_policies_and_record_them(
+    source_and_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    source, data = source_and_data
+    summary = _fine_tune(source, data, tmp_path / "auto")
+    choice = summary["finetune_choice"]
+    assert choice["lr_source"] == "range test" and choice["unfreeze_source"] == "trials"
+    assert [t["policy"] for t in choice["trials"]] == ["top:1", "top:2", "all"]
+    assert all(t["lr"] == choice["lr"] and t["steps"] >= 8 for t in choice["trials"])
+    best = max(choice["trials"], key=lambda t: (t["val_accuracy"], -t["val_loss"]))
+    assert choice["unfreeze"] == best["policy"]
+    curve = json.loads((tmp_path / "auto" / "report" / "lr_find.json").read_text())
+    assert curve["suggestion"] == choice["lr"] and len(curve["lrs"]) == len(curve["losses"]) >= 16
+    assert (tmp_path / "auto" / "report" / "lr_find.png").stat().st_size > 1000
+    recorded = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
+    assert recorded["unfreeze"] == choice["unfreeze"] and recorded["lr"] == choice["lr"]
+
+    # The trials leave no trace: the same run with the chosen values given as flags (nothing
+    # tested) trains to exactly the same result.
+    given = _fine_tune(
+        source, data, tmp_path / "given", unfreeze=choice["unfreeze"], lr=choice["lr"]
+    )
+    assert given["finetune_choice"]["unfreeze_source"] == "flag"
+    assert given["finetune_choice"]["trials"] == []
+    assert given["best_val_accuracy"] == summary["best_val_accuracy"]
+    assert _final_val_loss(tmp_path / "given") == _final_val_loss(tmp_path / "auto")
+
+
+def test_a_given_policy_only_tests_the_lr(source_and_data: tuple[Path, Path], tmp_path: Path):
+    source, data = source_and_data
+    choice = _fine_tune(source, data, tmp_path / "run", unfreeze="top:2")["finetune_choice"]
+    assert choice["unfreeze"] == "top:2" and choice["unfreeze_source"] == "flag"
+    assert choice["lr_source"] == "range test" and choice["trials"] == []
+
+
+def _final_val_loss(output: Path) -> float:
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return records[-1]["val_loss"]
+
+
+def test_report_refuses_a_malformed_range_test_record(tmp_path: Path) -> None:
+    from trainer.evaluation.report import _read_lr_find
+
+    path = tmp_path / "lr_find.json"
+    path.write_text(
+        json.dumps(
+            {"lrs": [1e-5, 1e-4], "losses": [1.0], "smoothed": [1.0, 0.9], "suggestion": 1e-5}
+        )
+    )
+    with pytest.raises(ValueError, match=r"lr_find\.json: lrs, losses and smoothed differ"):
+        _read_lr_find(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"lr_find\.json: not an LR range test record"):
+        _read_lr_find(path)

@@ -1,0 +1,2 @@
+"""The trainer's subcommands other than ``train`` and ``export``: ``evaluate``,
+``ingest`` and ``make-demo-data``."""
