@@ -121,7 +121,6 @@ class DynamicBatcher:
         self._queue: collections.deque[_Pending] = collections.deque()
         self._arrival: asyncio.Future[None] | None = None
         self._workers: list[asyncio.Task[None]] = []
-        self._computing = 0
         self._closed = True
         self._admitted_bytes = 0
 
@@ -275,11 +274,7 @@ class DynamicBatcher:
                     live.append(item)
             if not live:
                 continue
-            self._computing += 1
-            try:
-                await self._execute(loop, live)
-            finally:
-                self._computing -= 1
+            await self._execute(loop, live)
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
         started = time.monotonic()

@@ -78,12 +78,6 @@ class StreamExpired(DeadlineExceeded):
     """A bidirectional stream was idle, or open, longer than the server allows."""
 
 
-class Cancelled(ServerError):  # noqa: N818 (names of the domain)
-    """The client cancelled the request."""
-
-    reason = "cancelled"
-
-
 class Unauthenticated(ServerError):  # noqa: N818 (names of the domain)
     """Missing or wrong bearer token."""
 

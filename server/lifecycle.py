@@ -29,7 +29,6 @@ class ServerState:
     """Shared between the interceptors and the drain sequence."""
 
     def __init__(self) -> None:
-        self.draining = False
         self.rejecting = False
         self.active = 0
         self.last_change = 0.0  # when a tracked RPC last arrived or finished
@@ -83,7 +82,6 @@ async def drain(handle: DrainTarget, *, drain_delay_s: float, grace_period_s: fl
     """Run the shutdown sequence described in the module docstring."""
     started = time.monotonic()
     state = handle.state
-    state.draining = True
     await handle.set_not_serving()
     log.info("draining: health NOT_SERVING, still serving for %.1fs", drain_delay_s)
     await asyncio.sleep(drain_delay_s)

@@ -38,7 +38,8 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
-# inference_requests_total's outcome values: "success" and each ServerError.reason.
+# inference_requests_total's outcome values (server.handlers.common.recorded): "success",
+# each ServerError.reason, "cancelled" (the caller left) and "internal".
 OUTCOMES = (
     "success",
     "invalid",

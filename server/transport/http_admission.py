@@ -20,7 +20,6 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from server.errors import (
-    Cancelled,
     DeadlineExceeded,
     InvalidInput,
     MessageTooLarge,
@@ -45,7 +44,6 @@ STATUS_BY_ERROR: dict[type[ServerError], int] = {
     ModelNotFound: 404,
     MessageTooLarge: 413,
     Overloaded: 429,
-    Cancelled: 499,
     ModelNotReady: 503,
     DeadlineExceeded: 504,
 }

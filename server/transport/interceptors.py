@@ -23,7 +23,6 @@ from typing import Any
 import grpc
 
 from server.errors import (
-    Cancelled,
     DeadlineExceeded,
     InvalidInput,
     MessageTooLarge,
@@ -48,7 +47,6 @@ STATUS_BY_ERROR: dict[type[ServerError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     MessageTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Cancelled: grpc.StatusCode.CANCELLED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 HEALTH_SERVICE = "grpc.health.v1.Health"

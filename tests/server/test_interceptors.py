@@ -11,7 +11,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from server.errors import (
-    Cancelled,
     DeadlineExceeded,
     InvalidInput,
     MessageTooLarge,
@@ -43,7 +42,6 @@ CASES = [
     (DeadlineExceeded("late"), grpc.StatusCode.DEADLINE_EXCEEDED, "late"),
     (MessageTooLarge("too big"), grpc.StatusCode.RESOURCE_EXHAUSTED, "too big"),
     (StreamExpired("idle"), grpc.StatusCode.DEADLINE_EXCEEDED, "idle"),
-    (Cancelled("gone"), grpc.StatusCode.CANCELLED, "gone"),
     (Unauthenticated("no token"), grpc.StatusCode.UNAUTHENTICATED, "no token"),
     (ServerError("secret detail"), grpc.StatusCode.INTERNAL, "internal server error"),
     (RuntimeError("secret detail"), grpc.StatusCode.INTERNAL, "internal server error"),
