@@ -60,6 +60,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
 
+from contracts.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from trainer.augment_defaults import CANDIDATES
 from trainer.commands.demo_data import DemoDataSpec, make_demo_data
 from trainer.config import TrainConfig, resolve_defaults
@@ -76,7 +77,6 @@ from trainer.head.stage import FeatureSettings, run_head_stage
 from trainer.job.process_setup import DistInfo, configure_threads, select_amp
 from trainer.model.classifier import create_model, head_module_name
 from trainer.model.layer_groups import LayerGroup, layer_groups
-from trainer.model.weights import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 TARGETS = {"head phase": 5.0, phases.FINETUNE_PHASE: 2.0}
 STREAMED = "head (streamed fallback)"

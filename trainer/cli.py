@@ -13,32 +13,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from contracts.settings import positive_int_argument
+from trainer.commands.demo_data import add_parser as add_demo_parser
+from trainer.commands.ingest import add_parser as add_ingest_parser
 from trainer.errors import RUNTIME_EXIT_CODE, USAGE_EXIT_CODE, UsageError
+from trainer.export.cli import add_parser as add_export_parser
 
 log = logging.getLogger("trainer")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``trainer`` parser with its subcommands (export and demo data when installed)."""
+    """The ``trainer`` parser with its subcommands."""
     parser = argparse.ArgumentParser(
         prog="trainer", description="Two-phase fine-tuning of torchvision classifiers."
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(subparsers)
-    try:
-        from trainer.export.cli import add_parser as add_export_parser
-    except ImportError as exc:
-        log.debug("export subcommand unavailable: %s", exc)
-    else:
-        add_export_parser(subparsers)
-    try:
-        from trainer.commands.demo_data import add_parser as add_demo_parser
-    except ImportError as exc:
-        log.debug("make-demo-data subcommand unavailable: %s", exc)
-    else:
-        add_demo_parser(subparsers)
-    from trainer.commands.ingest import add_parser as add_ingest_parser
-
+    add_export_parser(subparsers)
+    add_demo_parser(subparsers)
     add_ingest_parser(subparsers)
     _add_evaluate_parser(subparsers)
     return parser

@@ -9,13 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from trainer.export.errors import CheckpointError, ExportError
+    from trainer.export.errors import ExportError
     from trainer.export.exporter import ExportResult, export_checkpoint
 
-__all__ = ["CheckpointError", "ExportError", "ExportResult", "export_checkpoint"]
+__all__ = ["ExportError", "ExportResult", "export_checkpoint"]
 
 _HOMES = {
-    "CheckpointError": "trainer.export.errors",
     "ExportError": "trainer.export.errors",
     "ExportResult": "trainer.export.exporter",
     "export_checkpoint": "trainer.export.exporter",

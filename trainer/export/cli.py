@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 from trainer.config import check_output_directory
-from trainer.errors import ConfigError
+from trainer.errors import CheckpointError, ConfigError
 from trainer.evaluation.abstention import DEFAULT_TARGET_PRECISION
-from trainer.export.errors import CheckpointError
 from trainer.export.signature import INPUT_FORMATS, INT8_MODES, PRECISIONS
 
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from trainer.errors import CheckpointError
-
-__all__ = ["CheckpointError", "ExportError"]
-
 
 class ExportError(RuntimeError):
     """The export or its verification failed; nothing was published."""

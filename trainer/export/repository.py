@@ -34,27 +34,9 @@ from contracts.atomic_files import (
     fsync_directory,
     write_synced,
 )
-from contracts.repository_layout import (
-    CONFIG_FILENAME,
-    LABELS_FILENAME,
-    METADATA_FILENAME,
-    MODEL_FILENAME,
-    STAGING_PREFIX,
-)
+from contracts.repository_layout import CONFIG_FILENAME, LABELS_FILENAME, STAGING_PREFIX
 from trainer.errors import ConfigError
 from trainer.export.signature import INPUT_NAME, UINT8_NHWC
-
-__all__ = [
-    "CONFIG_FILENAME",
-    "LABELS_FILENAME",
-    "METADATA_FILENAME",
-    "MODEL_FILENAME",
-    "existing_versions",
-    "publish",
-    "render_config",
-    "render_labels",
-    "validate_model_name",
-]
 
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_QUEUE_DELAY_US = 2000
@@ -69,11 +51,6 @@ def validate_model_name(name: str) -> str:
         return layout.validate_model_name(name)
     except layout.InvalidModelName as exc:
         raise ConfigError(str(exc)) from None
-
-
-def existing_versions(model_root: Path) -> list[int]:
-    """Published versions: directories named by an integer without a leading zero."""
-    return layout.version_numbers(model_root)
 
 
 def render_config(  # noqa: PLR0913  keyword-only fields of config.pbtxt
@@ -188,7 +165,7 @@ def _rename_to_next_version(staging: Path, model_root: Path) -> tuple[int, Path]
     # Two exports may race for the same number: rename() onto a non-empty directory fails,
     # and the loser takes the next one.
     for _ in range(100):
-        versions = existing_versions(model_root)
+        versions = layout.version_numbers(model_root)
         version = (versions[-1] if versions else 0) + 1
         target = model_root / str(version)
         try:

@@ -15,8 +15,6 @@ from torchvision import models as tv_models
 from trainer.checkpoint import Checkpoint
 from trainer.errors import CheckpointError, ConfigError
 
-IMAGENET_CLASSES = 1000
-
 
 def available_architectures() -> list[str]:
     """Names accepted by ``create_model``: torchvision's classification models."""
@@ -130,11 +128,6 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, attr, module)
-
-
-def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
-    """Number of parameter elements, optionally only those with ``requires_grad``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

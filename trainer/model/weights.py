@@ -29,17 +29,6 @@ from trainer.model.classifier import classifier_path, plain_state_dict
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "Preprocessing",
-    "StartingWeights",
-    "load_starting_weights",
-    "names_a_file",
-    "preprocessing_for",
-    "resolve_weights",
-]
-
 DEFAULT_IMAGE_SIZE = 224
 CROP_FRACTION = 0.875
 DOWNLOAD_TIMEOUT_SECONDS = 30.0

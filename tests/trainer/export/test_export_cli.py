@@ -15,8 +15,8 @@ import pytest
 import torch
 from export_fixtures import make_checkpoint
 
-from trainer.errors import ConfigError, UsageError
-from trainer.export import CheckpointError, export_checkpoint
+from trainer.errors import CheckpointError, ConfigError, UsageError
+from trainer.export import export_checkpoint
 from trainer.export.cli import add_parser
 
 

@@ -14,14 +14,9 @@ import onnx
 import pytest
 from export_fixtures import CLASSES
 
+from contracts.repository_layout import STAGING_PREFIX, version_numbers
 from trainer.errors import ConfigError
-from trainer.export.repository import (
-    STAGING_PREFIX,
-    existing_versions,
-    publish,
-    render_config,
-    validate_model_name,
-)
+from trainer.export.repository import publish, render_config, validate_model_name
 
 CONFIG = render_config("classifier", input_format="uint8-nhwc", input_size=[32, 32], num_classes=3)
 LIMIT = 1 << 20  # file size limit of the child process: model.onnx is larger
@@ -85,7 +80,7 @@ def test_export_killed_mid_write_leaves_no_version(model_file, tmp_path):
 
     assert child.returncode == -signal.SIGXFSZ, child.stderr
     model_root = repository / "classifier"
-    assert existing_versions(model_root) == [1]
+    assert version_numbers(model_root) == [1]
     (staging,) = [p for p in model_root.iterdir() if p.name.startswith(STAGING_PREFIX)]
     partial = staging / "model.onnx"
     assert partial.stat().st_size == LIMIT < len(model_bytes)  # it really died mid-write
@@ -96,7 +91,7 @@ def test_export_killed_mid_write_leaves_no_version(model_file, tmp_path):
     version, model_dir = _publish(repository, model_bytes)
     assert version == 2
     assert (model_dir / "model.onnx").read_bytes() == model_bytes
-    assert existing_versions(model_root) == [1, 2]
+    assert version_numbers(model_root) == [1, 2]
 
 
 @pytest.mark.slow
@@ -114,7 +109,7 @@ def test_only_integer_directories_are_versions(tmp_path):
     for name in ("1", "7", "01", "0", "abc", ".staging-x", ".3"):
         (tmp_path / name).mkdir()
     (tmp_path / "9").write_text("a file, not a version")
-    assert existing_versions(tmp_path) == [1, 7]
+    assert version_numbers(tmp_path) == [1, 7]
 
 
 def test_next_version_follows_the_highest(tmp_path):

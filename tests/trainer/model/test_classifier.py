@@ -9,13 +9,12 @@ import torch
 from torch import nn
 from torchvision.models import get_model
 
-from contracts.preprocessing import Preprocessing
+from contracts.preprocessing import IMAGENET_MEAN, Preprocessing
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError, WeightsUnavailable
 from trainer.model.classifier import classifier_path, create_model, head_module_name, logits_dim
 from trainer.model.layer_groups import HEAD, family, group_parameters, layer_groups
 from trainer.model.weights import (
-    IMAGENET_MEAN,
     StartingWeights,
     load_starting_weights,
     preprocessing_for,
