@@ -38,7 +38,7 @@ test: $(STAMP)
 lint: $(STAMP) lint-deploy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy contracts trainer server
+	$(VENV)/bin/mypy contracts trainer server client
 	$(PY) protos/generate.py --check
 
 # Containers and Kubernetes (deploy/README.md). The static-check tools live in their own venv,
@@ -69,7 +69,7 @@ images:
 CLIENT_VENV := .venv-client
 CLIENT_STAMP := $(CLIENT_VENV)/.installed
 
-$(CLIENT_STAMP): pyproject.toml $(wildcard contracts/*.py server/*.py server/client/*.py)
+$(CLIENT_STAMP): pyproject.toml $(wildcard contracts/*.py client/*.py protocol/*.py protocol/*/*.py protocol/*/*/*.py)
 	@test -x $(CLIENT_VENV)/bin/python || python3 -m venv $(CLIENT_VENV)
 	@echo '*' > $(CLIENT_VENV)/.gitignore
 	$(CLIENT_VENV)/bin/pip install --quiet --disable-pip-version-check .

@@ -23,8 +23,8 @@ import numpy as np
 import onnxruntime as ort
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from server._proto.inference import grpc_service_pb2 as pb
-from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from protocol.inference import grpc_service_pb2 as pb
+from protocol.inference import grpc_service_pb2_grpc as pb_grpc
 
 _ORT_TO_DATATYPE = {
     "tensor(uint8)": "UINT8",

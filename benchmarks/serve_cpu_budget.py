@@ -61,7 +61,7 @@ from serve_throughput import (
     write_json,
 )
 
-from server.client.loadgen import LoadSpec
+from client.loadgen import LoadSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = CASES["resnet18_128"]

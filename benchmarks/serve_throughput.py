@@ -58,11 +58,11 @@ import numpy as np
 import onnxruntime as ort
 from perf_analyzer_cell import WINDOWS, run_perf_analyzer
 
-from server.client.api import AsyncInferenceClient, ModelInfo, RequestError, TensorSpec
-from server.client.bench import MODEL_INFER_METHOD, infer_payload, raw_call
-from server.client.connection import ConnectionOptions
-from server.client.loadgen import LoadSpec, collect_load
-from server.client.stats import LatencySummary
+from client.api import AsyncInferenceClient, ModelInfo, RequestError, TensorSpec
+from client.bench import MODEL_INFER_METHOD, infer_payload, raw_call
+from client.connection import ConnectionOptions
+from client.loadgen import LoadSpec, collect_load
+from client.stats import LatencySummary
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = {

@@ -1,11 +1,12 @@
-"""Generate the Python gRPC stubs (with mypy .pyi files) from protos/ into server/_proto/.
+"""Generate the Python gRPC stubs (with mypy .pyi files) from protos/ into protocol/.
 
 protoc writes absolute imports (``from inference import model_config_pb2``); they are rewritten
-into package imports (``from server._proto.inference import ...``) so the stubs live inside the
-server package without touching ``sys.path``.
+into package imports (``from protocol.inference import ...``) so the stubs live in a top-level
+package of their own, which the server and the client both import, without touching
+``sys.path``.
 
 Usage:
-    python protos/generate.py           # regenerate server/_proto/
+    python protos/generate.py           # regenerate protocol/
     python protos/generate.py --check   # exit 1, naming the stale files, if the stubs differ
 """
 
@@ -22,8 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-OUT_DIR = ROOT / "server" / "_proto"
-PACKAGE = "server._proto"
+PACKAGE = "protocol"
+OUT_DIR = ROOT / PACKAGE
 # Top-level proto packages whose imports are rewritten.
 PROTO_PACKAGES = ("inference", "finetune")
 _IMPORT_RE = re.compile(
@@ -106,7 +107,7 @@ def _generated_files(directory: Path) -> set[str]:
 def check() -> list[str]:
     """Return the stub paths that are missing, extra or different from a fresh generation."""
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = Path(tmp) / "_proto"
+        fresh = Path(tmp) / PACKAGE
         generate(fresh)
         expected = _generated_files(fresh)
         actual = _generated_files(OUT_DIR) if OUT_DIR.exists() else set()
@@ -120,19 +121,19 @@ def check() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--check", action="store_true", help="exit 1 if server/_proto/ is stale; write nothing"
+        "--check", action="store_true", help="exit 1 if protocol/ is stale; write nothing"
     )
     args = parser.parse_args(argv)
     if args.check:
         stale = check()
         if stale:
-            names = "\n  ".join(f"server/_proto/{n}" for n in stale)
+            names = "\n  ".join(f"{PACKAGE}/{n}" for n in stale)
             print(f"stale generated stubs (run `make protos`):\n  {names}", file=sys.stderr)
             return 1
         print("generated stubs are up to date")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = Path(tmp) / "_proto"
+        fresh = Path(tmp) / PACKAGE
         generate(fresh)
         if OUT_DIR.exists():
             shutil.rmtree(OUT_DIR)

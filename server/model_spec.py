@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from server.datatypes import DATATYPE_TO_CONFIG_TYPE
+from contracts.oip_datatypes import DATATYPE_TO_CONFIG_TYPE
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from server.datatypes import ONNX_TYPES, numpy_dtype
+from contracts.oip_datatypes import ONNX_TYPES, numpy_dtype
 from server.errors import ModelLoadError
 
 log = logging.getLogger(__name__)

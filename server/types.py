@@ -14,7 +14,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Tensor:
-    """A named array and its OIP datatype (``server.datatypes``)."""
+    """A named array and its OIP datatype (``contracts.oip_datatypes``)."""
 
     name: str
     datatype: str

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from server_harness import RunningServer, server_config
 
+from client import ConnectionOptions, InferenceClient
+from client.cli import main as client_main
 from contracts.golden_set import read_golden_set
-from server.client import ConnectionOptions, InferenceClient
-from server.client.cli import main as client_main
 from trainer.checkpoint import load_checkpoint
 from trainer.commands.demo_data import DemoDataSpec, make_demo_data
 from trainer.data.augment import eval_transform

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.client.cli import build_parser as client_parser
+from client.cli import build_parser as client_parser
 from server.config import load_config as load_server_config
 from trainer.cli import build_parser as trainer_parser
 from trainer.config import FIELDS, build_config, given_settings

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from contracts.load_test import is_load_test
-from server._proto.finetune.v1 import classifier_pb2 as pb
-from server._proto.finetune.v1 import classifier_pb2_grpc as pb_grpc
+from protocol.finetune.v1 import classifier_pb2 as pb
+from protocol.finetune.v1 import classifier_pb2_grpc as pb_grpc
 from server.handlers.classification import ClassificationHandler
 from server.transport import converters
 from server.transport.deadlines import deadline_of

@@ -14,15 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from server._proto.finetune.v1 import classifier_pb2
-from server._proto.inference import grpc_service_pb2 as pb
-from server.datatypes import (
+from contracts.oip_datatypes import (
     CONTENTS_FIELD,
     DATATYPES,
     BytesFramingError,
     serialize_bytes,
 )
-from server.datatypes import deserialize_bytes as _deserialize_bytes
+from contracts.oip_datatypes import deserialize_bytes as _deserialize_bytes
+from protocol.finetune.v1 import classifier_pb2
+from protocol.inference import grpc_service_pb2 as pb
 from server.errors import InvalidInput, shown
 from server.handlers.staged_request import StagedInferRequest, StagedTensor
 from server.statistics import VersionStatistics

@@ -17,9 +17,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from server._proto import POOL
-from server._proto.finetune.v1 import classifier_pb2, classifier_pb2_grpc
-from server._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from protocol import POOL
+from protocol.finetune.v1 import classifier_pb2, classifier_pb2_grpc
+from protocol.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from server.config import ServerConfig
 from server.errors import ConfigError
 from server.handlers.classification import ClassificationHandler

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from server.datatypes import DATATYPES, serialize_bytes
+from contracts.oip_datatypes import DATATYPES, serialize_bytes
 from server.errors import InvalidInput, MessageTooLarge, shown
 from server.handlers.staged_request import StagedInferRequest, StagedTensor
 from server.transport.converters import element_count, raw_conversion

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from server._proto.inference import grpc_service_pb2 as pb
-from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from protocol.inference import grpc_service_pb2 as pb
+from protocol.inference import grpc_service_pb2_grpc as pb_grpc
 from server.errors import InvalidInput, ServerError
 from server.handlers.inference import InferenceHandler
 from server.transport import converters, wire

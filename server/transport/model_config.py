@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from google.protobuf import text_format
 
-from server._proto.inference import model_config_pb2 as mc
-from server.datatypes import CONFIG_TYPES, DATATYPE_TO_CONFIG_TYPE
+from contracts.oip_datatypes import CONFIG_TYPES, DATATYPE_TO_CONFIG_TYPE
+from protocol.inference import model_config_pb2 as mc
 from server.model_spec import (
     DynamicBatchingConfig,
     ModelSpec,

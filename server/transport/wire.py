@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from server._proto.finetune.v1 import classifier_pb2
-from server._proto.inference import grpc_service_pb2 as pb
-from server._proto.inference import model_config_pb2
+from protocol.finetune.v1 import classifier_pb2
+from protocol.inference import grpc_service_pb2 as pb
+from protocol.inference import model_config_pb2
 from server.errors import InvalidInput, shown
 
 # A tensor's rank: numpy refuses more than 64, ONNX image models use 4.

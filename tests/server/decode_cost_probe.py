@@ -137,7 +137,7 @@ def probe_server(files: list[Path], pairs: list[str]) -> None:
     from server_harness import RunningServer, server_config
 
     from contracts.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-    from server._proto.finetune.v1 import classifier_pb2, classifier_pb2_grpc
+    from protocol.finetune.v1 import classifier_pb2, classifier_pb2_grpc
     from server.errors import InvalidInput
     from server.preprocess import ImageLimits, decode_image
 

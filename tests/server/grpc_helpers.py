@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from server._proto.inference import grpc_service_pb2 as pb
-from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from protocol.inference import grpc_service_pb2 as pb
+from protocol.inference import grpc_service_pb2_grpc as pb_grpc
 
 
 def infer_request(

@@ -15,9 +15,9 @@ from PIL import Image
 from repository_factory import make_model_repository
 from server_harness import RunningServer, server_config
 
-from server._proto.finetune.v1 import classifier_pb2 as pb
-from server._proto.finetune.v1 import classifier_pb2_grpc as pb_grpc
-from server.client.api import InferenceClient
+from client.api import InferenceClient
+from protocol.finetune.v1 import classifier_pb2 as pb
+from protocol.finetune.v1 import classifier_pb2_grpc as pb_grpc
 from server.errors import ConfigError
 
 RESIZE, CROP = 36, 32  # the fixture model's preprocessing

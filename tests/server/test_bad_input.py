@@ -16,9 +16,9 @@ from PIL import Image
 from repository_factory import make_model_repository
 from server_harness import RunningServer, server_config
 
-from server._proto.finetune.v1 import classifier_pb2, classifier_pb2_grpc
-from server._proto.inference import grpc_service_pb2 as pb
-from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from protocol.finetune.v1 import classifier_pb2, classifier_pb2_grpc
+from protocol.inference import grpc_service_pb2 as pb
+from protocol.inference import grpc_service_pb2_grpc as pb_grpc
 
 ALLOWED = {
     grpc.StatusCode.OK,

@@ -24,7 +24,7 @@ from busy_server import (
 from grpc_helpers import infer_async, infer_request, probabilities
 from server_harness import RunningServer, server_config
 
-from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from protocol.inference import grpc_service_pb2_grpc as pb_grpc
 from server.config import ServerConfig
 
 

@@ -15,10 +15,10 @@ from http_helpers import request
 from repository_factory import make_model_repository
 from server_harness import RunningServer, server_config
 
+from client.connection import ClientConfigError, read_token_file
 from contracts.token_file import parse_tokens
-from server._proto.inference import grpc_service_pb2 as pb
-from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from server.client.connection import ClientConfigError, read_token_file
+from protocol.inference import grpc_service_pb2 as pb
+from protocol.inference import grpc_service_pb2_grpc as pb_grpc
 from server.errors import ConfigError
 from server.transport.bearer_tokens import BearerTokens
 

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from server_harness import RunningServer, server_config
 
-from server._proto.finetune.v1 import classifier_pb2 as pb
-from server._proto.finetune.v1 import classifier_pb2_grpc as pb_grpc
+from protocol.finetune.v1 import classifier_pb2 as pb
+from protocol.finetune.v1 import classifier_pb2_grpc as pb_grpc
 
 # The fixture model: 32x32 crop after resizing the shorter side to int(32 * 8 / 7) = 36.
 RESIZE, CROP = 36, 32

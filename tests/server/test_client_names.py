@@ -16,8 +16,8 @@ from repository_factory import make_model_repository
 from server_harness import RunningServer, server_config
 from tls_certs import make_certs, make_leaf
 
-from server._proto.inference import grpc_service_pb2 as pb
-from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from protocol.inference import grpc_service_pb2 as pb
+from protocol.inference import grpc_service_pb2_grpc as pb_grpc
 from server.config import load_config
 from server.errors import ConfigError
 from server.transport.access import NAME_REFUSAL, names_from_auth_context, names_from_peercert

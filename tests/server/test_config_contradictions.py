@@ -18,7 +18,7 @@ import tritonclient.grpc as triton
 from repository_factory import build_classifier_onnx, make_model_repository
 from server_harness import RunningServer, server_config
 
-from server._proto.inference import model_config_pb2 as mc
+from protocol.inference import model_config_pb2 as mc
 
 
 def _edit_config(repo: Path, old: str, new: str) -> None:

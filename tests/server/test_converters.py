@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server._proto.inference import grpc_service_pb2 as pb
+from protocol.inference import grpc_service_pb2 as pb
 from server.errors import InvalidInput
 from server.handlers.staged_request import StagedInferRequest
 from server.transport.converters import (

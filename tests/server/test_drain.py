@@ -20,8 +20,8 @@ from grpc_helpers import infer_request
 from repository_factory import make_model_repository
 from server_harness import RunningServer, server_config
 
-from server._proto.inference import grpc_service_pb2 as pb
-from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from protocol.inference import grpc_service_pb2 as pb
+from protocol.inference import grpc_service_pb2_grpc as pb_grpc
 
 IMAGES = np.zeros((1, 32, 32, 3), np.uint8)
 

@@ -22,8 +22,8 @@ from PIL import Image
 from repository_factory import make_model_repository
 from server_harness import RunningServer, server_config
 
-from server._proto.finetune.v1 import classifier_pb2 as classifier_pb
-from server._proto.finetune.v1 import classifier_pb2_grpc as classifier_grpc
+from protocol.finetune.v1 import classifier_pb2 as classifier_pb
+from protocol.finetune.v1 import classifier_pb2_grpc as classifier_grpc
 
 OUTPUTS = ("logits", "probabilities")
 

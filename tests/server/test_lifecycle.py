@@ -18,7 +18,7 @@ from grpc_helpers import infer_async
 from repository_factory import make_model_repository, write_version
 from server_harness import RunningServer, server_config
 
-from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from protocol.inference import grpc_service_pb2_grpc as pb_grpc
 from server.lifecycle import ServerState
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,11 +20,11 @@ import pytest
 from repository_factory import make_model_repository
 from server_harness import RunningServer, server_config
 
+from client.api import AsyncInferenceClient, InferenceClient
+from client.bench import bench_classify, synthetic_jpeg
+from client.loadgen import LoadSpec, run_load
+from client.stats import BenchReport
 from contracts.load_test import LOAD_TEST_KEY, is_load_test
-from server.client.api import AsyncInferenceClient, InferenceClient
-from server.client.bench import bench_classify, synthetic_jpeg
-from server.client.loadgen import LoadSpec, run_load
-from server.client.stats import BenchReport
 
 LABELS = {"model": "classifier", "version": "1"}
 BATCH = 16  # the fixture's max_batch_size: images per Classify request
@@ -160,7 +160,7 @@ def test_bench_against_a_server_that_stops_ends_with_one_summary_line(tmp_path: 
     repo = make_model_repository(tmp_path / "models")
     server = RunningServer(server_config(repo))
     command = [
-        sys.executable, "-m", "server.client.cli", "bench", "--target", server.target,
+        sys.executable, "-m", "client.cli", "bench", "--target", server.target,
         "--duration-s", "60", "--warmup-s", "0", "--concurrency", "4",
     ]  # fmt: skip
     bench = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

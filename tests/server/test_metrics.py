@@ -16,8 +16,8 @@ from grpc_helpers import infer_request
 from prometheus_client.parser import text_string_to_metric_families
 from server_harness import RunningServer, server_config
 
-from server._proto.inference import grpc_service_pb2 as pb
-from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from protocol.inference import grpc_service_pb2 as pb
+from protocol.inference import grpc_service_pb2_grpc as pb_grpc
 
 
 def _scrape(server: RunningServer) -> dict[tuple[str, tuple], float]:

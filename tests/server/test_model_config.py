@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from google.protobuf import text_format
 
-from server._proto.inference import model_config_pb2
+from protocol.inference import model_config_pb2
 from server.model_spec import DynamicBatchingConfig, TensorConfig, VersionPolicy
 from server.transport.model_config import (
     ModelConfigError,

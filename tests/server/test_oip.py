@@ -11,8 +11,8 @@ import pytest
 import tritonclient.grpc as triton
 from server_harness import RunningServer
 
-from server._proto.inference import grpc_service_pb2 as pb
-from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from protocol.inference import grpc_service_pb2 as pb
+from protocol.inference import grpc_service_pb2_grpc as pb_grpc
 
 
 def _reference(model_repository: Path, images: np.ndarray) -> list[np.ndarray]:

@@ -22,7 +22,7 @@ def test_generated_stubs_are_fresh() -> None:
 def test_stubs_coexist_with_tritonclient_in_one_process() -> None:
     code = (
         "import tritonclient.grpc.service_pb2 as t\n"
-        "from server._proto.inference import grpc_service_pb2 as g\n"
+        "from protocol.inference import grpc_service_pb2 as g\n"
         "m = g.ModelConfigResponse(config={'name': 'm', 'max_batch_size': 8})\n"
         "print(t.ModelConfigResponse.FromString(m.SerializeToString()).config.max_batch_size)\n"
     )

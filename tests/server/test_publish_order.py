@@ -19,7 +19,7 @@ from golden_set_factory import write_golden_set
 from repository_factory import build_classifier_onnx, model_json
 from server_harness import RunningServer, server_config
 
-from server.client.api import InferenceClient
+from client.api import InferenceClient
 from server.repository import read_model
 from server.transport.model_config import parse_model_config
 from trainer.export.repository import publish, render_config

@@ -10,8 +10,8 @@ import tritonclient.grpc as triton
 from repository_factory import make_model_repository, write_version
 from server_harness import RunningServer, server_config
 
-from server._proto.inference import grpc_service_pb2 as pb
-from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from protocol.inference import grpc_service_pb2 as pb
+from protocol.inference import grpc_service_pb2_grpc as pb_grpc
 
 
 def _index(target: str) -> list[tuple[str, str, str, str]]:

@@ -29,7 +29,7 @@ from wire_messages import (
     unlimited_channel,
 )
 
-from server.datatypes import DATATYPES
+from contracts.oip_datatypes import DATATYPES
 from server.errors import MessageTooLarge, Overloaded, ServerError
 from server.handlers.byte_budget import ByteBudget
 from server.handlers.inference import check_staged_inputs

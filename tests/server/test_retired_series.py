@@ -16,7 +16,7 @@ from PIL import Image
 from repository_factory import make_model_repository, write_version
 from server_harness import RunningServer, server_config
 
-from server.client.api import InferenceClient
+from client.api import InferenceClient
 
 WAIT_S = 30.0
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from repository_factory import make_model_repository, write_version
 from server_harness import RunningServer, server_config
 
+from client.api import InferenceClient
 from contracts.golden_set import GOLDEN_DIRNAME, GOLDEN_FILENAME
-from server.client.api import InferenceClient
 
 
 def _label_golden_set_with_its_own_answers(version_dir: Path) -> list[int]:

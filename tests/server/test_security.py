@@ -12,8 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_harness import RunningServer, server_config
 from tls_certs import make_certs
 
-from server._proto.inference import grpc_service_pb2 as pb
-from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from protocol.inference import grpc_service_pb2 as pb
+from protocol.inference import grpc_service_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="module")

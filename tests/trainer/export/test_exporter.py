@@ -60,7 +60,7 @@ def _reference_model(checkpoint_path: Path) -> torch.nn.Module:
 
 
 def _model_config():
-    from server._proto.inference import model_config_pb2
+    from protocol.inference import model_config_pb2
 
     return model_config_pb2
 

@@ -6,15 +6,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from server._proto.inference import grpc_service_pb2 as pb
-from server.datatypes import (
+from contracts.oip_datatypes import (
     CONTENTS_FIELD,
     BytesFramingError,
     deserialize_bytes,
     serialize_bytes,
 )
-from server.datatypes import datatype_of as _datatype_of
-from server.datatypes import numpy_dtype as _numpy_dtype
+from contracts.oip_datatypes import datatype_of as _datatype_of
+from contracts.oip_datatypes import numpy_dtype as _numpy_dtype
+from protocol.inference import grpc_service_pb2 as pb
 
 
 class TensorError(ValueError):

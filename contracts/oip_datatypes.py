@@ -1,6 +1,6 @@
 """The Open Inference Protocol's datatype vocabulary and BYTES framing, written once.
 
-The converters, the onnxruntime sessions, the model configuration and the client all use
+The server's converters, onnxruntime sessions and model configuration and the client all use
 these tables. Only numpy is imported, so the client can use this module without onnxruntime.
 
 Tensors travel row-major, little-endian, without padding. A BYTES tensor is a sequence of

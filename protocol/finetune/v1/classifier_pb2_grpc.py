@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from server._proto.finetune.v1 import classifier_pb2 as finetune_dot_v1_dot_classifier__pb2
+from protocol.finetune.v1 import classifier_pb2 as finetune_dot_v1_dot_classifier__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import grpc
 
+from client.api import AsyncInferenceClient, ImageResult, InferenceClient, RequestError
+from client.bench import BenchSetupError, bench_classify, bench_infer, synthetic_jpeg
+from client.connection import ClientConfigError, ConnectionOptions, read_token_file
+from client.loadgen import LoadSpec
+from client.stats import BenchReport
+from client.tensors import TensorError
+from client.verify import VerifySetupError, verify
 from contracts.image_formats import IMAGE_EXTENSIONS
 from contracts.settings import positive_int_argument
-from server.client.api import AsyncInferenceClient, ImageResult, InferenceClient, RequestError
-from server.client.bench import BenchSetupError, bench_classify, bench_infer, synthetic_jpeg
-from server.client.connection import ClientConfigError, ConnectionOptions, read_token_file
-from server.client.loadgen import LoadSpec
-from server.client.stats import BenchReport
-from server.client.tensors import TensorError
-from server.client.verify import VerifySetupError, verify
 
 # The formats the server decodes; other files in a directory are skipped.
 IMAGE_SUFFIXES = IMAGE_EXTENSIONS

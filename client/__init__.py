@@ -1,10 +1,13 @@
-"""Client library of the inference server: no onnxruntime, no torch.
+"""Client library and program of the inference server: no onnxruntime, no torch, no server code.
+
+A program of its own on the base install (grpc, protobuf, numpy, pillow): it speaks to the
+server only through the generated stubs (``protocol``) and the shared ``contracts``.
 
 ``InferenceClient`` (blocking) and ``AsyncInferenceClient`` (asyncio) classify encoded images,
 run raw Open Inference Protocol inference on numpy arrays and check ``grpc.health.v1``.
 """
 
-from server.client.api import (
+from client.api import (
     AsyncInferenceClient,
     InferenceClient,
     ModelInfo,
@@ -12,7 +15,7 @@ from server.client.api import (
     RequestError,
     TensorSpec,
 )
-from server.client.connection import ClientConfigError, ConnectionOptions
+from client.connection import ClientConfigError, ConnectionOptions
 
 __all__ = [
     "AsyncInferenceClient",

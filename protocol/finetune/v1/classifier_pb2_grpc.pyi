@@ -7,7 +7,7 @@ the top-k labels. Versioned package: breaking changes go to finetune.v2.
 """
 
 from collections import abc as _abc
-from server._proto.finetune.v1 import classifier_pb2 as _classifier_pb2
+from protocol.finetune.v1 import classifier_pb2 as _classifier_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc

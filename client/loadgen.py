@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from server.client.stats import BenchReport, LatencySummary
+from client.stats import BenchReport, LatencySummary
 
 Call = Callable[[], Awaitable[object]]
 

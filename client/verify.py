@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.api import InferenceClient, RequestError
 from contracts.golden_set import (
     GoldenSet,
     GoldenVerdict,
@@ -19,7 +20,6 @@ from contracts.golden_set import (
     read_golden_set,
 )
 from contracts.repository_layout import is_version_name
-from server.client.api import InferenceClient, RequestError
 
 
 class VerifySetupError(Exception):

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from server_harness import RunningServer, server_config
 
-from server.client import (
+from client import (
     AsyncInferenceClient,
     ClientConfigError,
     ConnectionOptions,

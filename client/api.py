@@ -16,16 +16,16 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server._proto.finetune.v1 import classifier_pb2, classifier_pb2_grpc
-from server._proto.inference import grpc_service_pb2 as oip_pb2
-from server._proto.inference import grpc_service_pb2_grpc as oip_grpc
-from server.client.connection import (
+from client.connection import (
     ConnectionOptions,
     create_aio_channel,
     create_channel,
     resolve_options,
 )
-from server.client.tensors import build_infer_request, parse_infer_response
+from client.tensors import build_infer_request, parse_infer_response
+from protocol.finetune.v1 import classifier_pb2, classifier_pb2_grpc
+from protocol.inference import grpc_service_pb2 as oip_pb2
+from protocol.inference import grpc_service_pb2_grpc as oip_grpc
 
 
 class RequestError(Exception):

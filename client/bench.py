@@ -10,12 +10,12 @@ import io
 
 import numpy as np
 
+from client.api import AsyncInferenceClient, ModelInfo
+from client.loadgen import Call, LoadSpec, run_load
+from client.stats import BenchReport
+from client.tensors import TensorError, build_infer_request, numpy_dtype
 from contracts.load_test import LOAD_TEST_METADATA
-from server._proto.finetune.v1 import classifier_pb2
-from server.client.api import AsyncInferenceClient, ModelInfo
-from server.client.loadgen import Call, LoadSpec, run_load
-from server.client.stats import BenchReport
-from server.client.tensors import TensorError, build_infer_request, numpy_dtype
+from protocol.finetune.v1 import classifier_pb2
 
 CLASSIFY_METHOD = "/finetune.v1.Classifier/Classify"
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"

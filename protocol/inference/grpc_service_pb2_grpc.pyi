@@ -8,7 +8,7 @@ names and numbers match the public definitions exactly; real clients depend on t
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from server._proto.inference import grpc_service_pb2 as _grpc_service_pb2
+from protocol.inference import grpc_service_pb2 as _grpc_service_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

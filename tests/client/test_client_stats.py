@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.client.loadgen import LoadSpec, run_load, status_name
-from server.client.stats import BenchReport, LatencySummary, percentile
-from server.client.tensors import TensorError, decode, encode
+from client.loadgen import LoadSpec, run_load, status_name
+from client.stats import BenchReport, LatencySummary, percentile
+from client.tensors import TensorError, decode, encode
 
 
 @settings(max_examples=50, deadline=None)

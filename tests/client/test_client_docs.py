@@ -10,8 +10,8 @@ import pytest
 from server_harness import RunningServer
 from test_client_library import solid_png
 
+from client.cli import main
 from contracts.image_formats import IMAGE_EXTENSIONS
-from server.client.cli import main
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "client.md").read_text()
 

@@ -13,14 +13,15 @@ import pytest
 from server_harness import RunningServer, server_config
 from test_client_library import solid_png
 
-from server.client.cli import main
+from client.cli import main
 
 
-def test_cli_imports_neither_torch_nor_onnxruntime() -> None:
+def test_cli_imports_neither_torch_nor_onnxruntime_nor_the_server() -> None:
     code = (
         "import sys\n"
-        "import server.client, server.client.cli, server.client.bench\n"
-        "heavy = [m for m in ('torch', 'onnxruntime') if m in sys.modules]\n"
+        "import client, client.cli, client.bench, client.verify\n"
+        "banned = ('torch', 'onnxruntime', 'prometheus_client', 'server', 'trainer')\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in banned)\n"
         "print(heavy)\n"
         "sys.exit(1 if heavy else 0)\n"
     )
@@ -30,7 +31,7 @@ def test_cli_imports_neither_torch_nor_onnxruntime() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
     usage = subprocess.run(
-        [sys.executable, "-m", "server.client.cli", "--help"],
+        [sys.executable, "-m", "client.cli", "--help"],
         check=False,
         capture_output=True,
         text=True,
@@ -188,6 +189,6 @@ def test_target_defaults_to_the_environment_then_localhost(
     assert main(["health"]) == 0
     assert capsys.readouterr().out.strip() == "SERVING"
     monkeypatch.delenv("CLIENT_TARGET")
-    from server.client.cli import build_parser
+    from client.cli import build_parser
 
     assert build_parser().parse_args(["health"]).target == "localhost:8001"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from server_harness import RunningServer
 
+from client.cli import main
 from contracts.golden_set import GOLDEN_DIRNAME, GOLDEN_FILENAME
-from server.client.cli import main
 from server.golden_set import check_golden_set
 from server.onnx_sessions import OnnxSessions, SessionSettings
 from server.repository import VersionSource, read_metadata
