@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -54,199 +55,283 @@ OUTCOMES = (
 )
 
 
+MODEL_LABELS = ("model", "version")
+GRPC_LABELS = ("grpc_service", "grpc_method", "grpc_type")
+# The HTTP/REST listener's twins of the grpc_server_* metrics; route is the matched pattern
+# (/v2/models/{model}/infer), never the client's path.
+HTTP_LABELS = ("method", "route")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: the ``ServerMetrics`` attribute that holds it, its type, name, help text,
+    label names and (histograms) buckets."""
+
+    attribute: str
+    kind: type[Counter] | type[Gauge] | type[Histogram]
+    name: str
+    documentation: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] | None = None
+
+    def create(self, registry: CollectorRegistry) -> Counter | Gauge | Histogram:
+        """The metric, registered on ``registry``."""
+        if self.kind is Histogram:
+            assert self.buckets is not None, f"{self.name}: a histogram needs its buckets"
+            return Histogram(
+                self.name, self.documentation, self.labels, buckets=self.buckets, registry=registry
+            )
+        return self.kind(self.name, self.documentation, self.labels, registry=registry)
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "requests",
+        Counter,
+        "inference_requests_total",
+        "Inference requests (ModelInfer and Classify) by outcome.",
+        (*MODEL_LABELS, "outcome"),
+    ),
+    MetricSpec(
+        "request_seconds",
+        Histogram,
+        "inference_request_duration_seconds",
+        "End-to-end handler latency of successful inference requests.",
+        MODEL_LABELS,
+        LATENCY_BUCKETS,
+    ),
+    MetricSpec(
+        "queue_seconds",
+        Histogram,
+        "inference_queue_duration_seconds",
+        "Time a request waited in the batcher's queue.",
+        MODEL_LABELS,
+        LATENCY_BUCKETS,
+    ),
+    MetricSpec(
+        "preprocess_seconds",
+        Histogram,
+        "inference_preprocess_duration_seconds",
+        "Image decoding and resizing per Classify request.",
+        MODEL_LABELS,
+        LATENCY_BUCKETS,
+    ),
+    MetricSpec(
+        "compute_seconds",
+        Histogram,
+        "inference_compute_duration_seconds",
+        "onnxruntime time per executed batch.",
+        MODEL_LABELS,
+        LATENCY_BUCKETS,
+    ),
+    MetricSpec(
+        "batch_size",
+        Histogram,
+        "inference_batch_size",
+        "Rows per executed batch.",
+        MODEL_LABELS,
+        BATCH_BUCKETS,
+    ),
+    MetricSpec(
+        "inferences",
+        Counter,
+        "inference_rows_total",
+        "Rows (images) computed; a batch of n counts n.",
+        MODEL_LABELS,
+    ),
+    MetricSpec(
+        "expired",
+        Counter,
+        "inference_expired_in_queue_total",
+        "Requests dropped before compute because their deadline had passed.",
+        MODEL_LABELS,
+    ),
+    MetricSpec(
+        "queue_depth",
+        Gauge,
+        "inference_queue_depth",
+        "Requests waiting in the batcher's queue.",
+        MODEL_LABELS,
+    ),
+    MetricSpec(
+        "inflight", Gauge, "inference_inflight_requests", "Inference RPCs being handled now."
+    ),
+    MetricSpec(
+        "cpu_budget",
+        Gauge,
+        "server_cpu_budget",
+        "CPUs the server sizes its threads by: min(CPU affinity, cgroup CPU quota).",
+    ),
+    MetricSpec(
+        "model_loads",
+        Counter,
+        "model_loads_total",
+        "Model versions loaded and warmed up.",
+        ("model",),
+    ),
+    MetricSpec(
+        "model_load_failures",
+        Counter,
+        "model_load_failures_total",
+        "Model versions rejected because they failed to load or warm up.",
+        ("model",),
+    ),
+    MetricSpec(
+        "rollout_refusals",
+        Counter,
+        "model_rollout_refusals_total",
+        "New model versions refused because they lost more than rollout_max_accuracy_drop "
+        "of accuracy on the golden set of the version they would replace.",
+        ("model",),
+    ),
+    MetricSpec(
+        "golden_set_failures",
+        Counter,
+        "model_golden_set_failures_total",
+        "Model versions refused because the server's decode, resize and graph did not "
+        "reproduce their golden set (contracts.golden_set).",
+        ("model",),
+    ),
+    MetricSpec(
+        "model_info",
+        Gauge,
+        "model_info",
+        "1 for each loaded model version, labelled with its execution provider.",
+        ("model", "version", "provider", "precision"),
+    ),
+    MetricSpec(
+        "grpc_started",
+        Counter,
+        "grpc_server_started_total",
+        "RPCs started on the server.",
+        GRPC_LABELS,
+    ),
+    MetricSpec(
+        "grpc_handled",
+        Counter,
+        "grpc_server_handled_total",
+        "RPCs completed on the server, by status code.",
+        (*GRPC_LABELS, "grpc_code"),
+    ),
+    MetricSpec(
+        "grpc_seconds",
+        Histogram,
+        "grpc_server_handling_seconds",
+        "RPC handling time on the server.",
+        GRPC_LABELS,
+        LATENCY_BUCKETS,
+    ),
+    MetricSpec(
+        "http_handled",
+        Counter,
+        "http_server_requests_total",
+        "HTTP/REST requests answered, by status code.",
+        (*HTTP_LABELS, "code"),
+    ),
+    MetricSpec(
+        "http_seconds",
+        Histogram,
+        "http_server_request_duration_seconds",
+        "HTTP/REST request handling time on the server.",
+        HTTP_LABELS,
+        LATENCY_BUCKETS,
+    ),
+    # What the model predicts in production (server.prediction_monitor feeds these).
+    MetricSpec(
+        "predictions",
+        Counter,
+        "classification_predictions_total",
+        "Classify answers by predicted class (class names beyond the cap count as other).",
+        (*MODEL_LABELS, "label"),
+    ),
+    MetricSpec(
+        "top_probability",
+        Histogram,
+        "classification_top_probability",
+        "Top probability of each Classify answer.",
+        MODEL_LABELS,
+        PROBABILITY_BUCKETS,
+    ),
+    MetricSpec(
+        "abstentions",
+        Counter,
+        "classification_abstentions_total",
+        "Classify answers marked abstained (top probability under the threshold).",
+        MODEL_LABELS,
+    ),
+    MetricSpec(
+        "drift",
+        Gauge,
+        "classification_class_drift_psi",
+        "Population stability index of the recent predicted-class distribution against "
+        "the val split's at export (NaN until the window fills or without a reference).",
+        MODEL_LABELS,
+    ),
+    MetricSpec(
+        "load_test_predictions",
+        Counter,
+        "classification_load_test_predictions_total",
+        "Classify answers to requests marked as a load test (x-load-test metadata), kept "
+        "out of the prediction, abstention and drift metrics and the capture.",
+        MODEL_LABELS,
+    ),
+    MetricSpec(
+        "captures",
+        Counter,
+        "classification_captures_total",
+        "Images captured for review, by reason (abstained, low_margin, random).",
+        ("reason",),
+    ),
+    MetricSpec(
+        "captures_dropped",
+        Counter,
+        "classification_captures_dropped_total",
+        "Captures dropped, by cause (rate_limited, queue_full, write_error).",
+        ("cause",),
+    ),
+)
+
+
 class ServerMetrics:
-    """Every metric the server exports."""
+    """Every metric the server exports: one attribute per entry of ``METRICS``, registered
+    in that order, and the GPU collector when NVML sees a GPU."""
+
+    requests: Counter
+    request_seconds: Histogram
+    queue_seconds: Histogram
+    preprocess_seconds: Histogram
+    compute_seconds: Histogram
+    batch_size: Histogram
+    inferences: Counter
+    expired: Counter
+    queue_depth: Gauge
+    inflight: Gauge
+    cpu_budget: Gauge
+    model_loads: Counter
+    model_load_failures: Counter
+    rollout_refusals: Counter
+    golden_set_failures: Counter
+    model_info: Gauge
+    grpc_started: Counter
+    grpc_handled: Counter
+    grpc_seconds: Histogram
+    http_handled: Counter
+    http_seconds: Histogram
+    predictions: Counter
+    top_probability: Histogram
+    abstentions: Counter
+    drift: Gauge
+    load_test_predictions: Counter
+    captures: Counter
+    captures_dropped: Counter
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        model = ["model", "version"]
-        self.requests = Counter(
-            "inference_requests_total",
-            "Inference requests (ModelInfer and Classify) by outcome.",
-            [*model, "outcome"],
-            registry=registry,
-        )
-        self.request_seconds = Histogram(
-            "inference_request_duration_seconds",
-            "End-to-end handler latency of successful inference requests.",
-            model,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.queue_seconds = Histogram(
-            "inference_queue_duration_seconds",
-            "Time a request waited in the batcher's queue.",
-            model,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.preprocess_seconds = Histogram(
-            "inference_preprocess_duration_seconds",
-            "Image decoding and resizing per Classify request.",
-            model,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.compute_seconds = Histogram(
-            "inference_compute_duration_seconds",
-            "onnxruntime time per executed batch.",
-            model,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.batch_size = Histogram(
-            "inference_batch_size",
-            "Rows per executed batch.",
-            model,
-            buckets=BATCH_BUCKETS,
-            registry=registry,
-        )
-        self.inferences = Counter(
-            "inference_rows_total",
-            "Rows (images) computed; a batch of n counts n.",
-            model,
-            registry=registry,
-        )
-        self.expired = Counter(
-            "inference_expired_in_queue_total",
-            "Requests dropped before compute because their deadline had passed.",
-            model,
-            registry=registry,
-        )
-        self.queue_depth = Gauge(
-            "inference_queue_depth",
-            "Requests waiting in the batcher's queue.",
-            model,
-            registry=registry,
-        )
-        self.inflight = Gauge(
-            "inference_inflight_requests", "Inference RPCs being handled now.", registry=registry
-        )
-        self.cpu_budget = Gauge(
-            "server_cpu_budget",
-            "CPUs the server sizes its threads by: min(CPU affinity, cgroup CPU quota).",
-            registry=registry,
-        )
-        self.model_loads = Counter(
-            "model_loads_total",
-            "Model versions loaded and warmed up.",
-            ["model"],
-            registry=registry,
-        )
-        self.model_load_failures = Counter(
-            "model_load_failures_total",
-            "Model versions rejected because they failed to load or warm up.",
-            ["model"],
-            registry=registry,
-        )
-        self.rollout_refusals = Counter(
-            "model_rollout_refusals_total",
-            "New model versions refused because they lost more than rollout_max_accuracy_drop "
-            "of accuracy on the golden set of the version they would replace.",
-            ["model"],
-            registry=registry,
-        )
-        self.golden_set_failures = Counter(
-            "model_golden_set_failures_total",
-            "Model versions refused because the server's decode, resize and graph did not "
-            "reproduce their golden set (contracts.golden_set).",
-            ["model"],
-            registry=registry,
-        )
-        self.model_info = Gauge(
-            "model_info",
-            "1 for each loaded model version, labelled with its execution provider.",
-            ["model", "version", "provider", "precision"],
-            registry=registry,
-        )
-        grpc_labels = ["grpc_service", "grpc_method", "grpc_type"]
-        self.grpc_started = Counter(
-            "grpc_server_started_total",
-            "RPCs started on the server.",
-            grpc_labels,
-            registry=registry,
-        )
-        self.grpc_handled = Counter(
-            "grpc_server_handled_total",
-            "RPCs completed on the server, by status code.",
-            [*grpc_labels, "grpc_code"],
-            registry=registry,
-        )
-        self.grpc_seconds = Histogram(
-            "grpc_server_handling_seconds",
-            "RPC handling time on the server.",
-            grpc_labels,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        # The HTTP/REST listener's twins of the grpc_server_* metrics; route is the matched
-        # pattern (/v2/models/{model}/infer), never the client's path.
-        http_labels = ["method", "route"]
-        self.http_handled = Counter(
-            "http_server_requests_total",
-            "HTTP/REST requests answered, by status code.",
-            [*http_labels, "code"],
-            registry=registry,
-        )
-        self.http_seconds = Histogram(
-            "http_server_request_duration_seconds",
-            "HTTP/REST request handling time on the server.",
-            http_labels,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self._declare_prediction_metrics(registry, model)
+        for spec in METRICS:
+            setattr(self, spec.attribute, spec.create(registry))
         gpu = GpuCollector()
         if gpu.available:
             registry.register(gpu)
-
-    def _declare_prediction_metrics(self, registry: CollectorRegistry, model: list[str]) -> None:
-        """What the model predicts in production (server.prediction_monitor feeds them)."""
-        self.predictions = Counter(
-            "classification_predictions_total",
-            "Classify answers by predicted class (class names beyond the cap count as other).",
-            [*model, "label"],
-            registry=registry,
-        )
-        self.top_probability = Histogram(
-            "classification_top_probability",
-            "Top probability of each Classify answer.",
-            model,
-            buckets=PROBABILITY_BUCKETS,
-            registry=registry,
-        )
-        self.abstentions = Counter(
-            "classification_abstentions_total",
-            "Classify answers marked abstained (top probability under the threshold).",
-            model,
-            registry=registry,
-        )
-        self.drift = Gauge(
-            "classification_class_drift_psi",
-            "Population stability index of the recent predicted-class distribution against "
-            "the val split's at export (NaN until the window fills or without a reference).",
-            model,
-            registry=registry,
-        )
-        self.load_test_predictions = Counter(
-            "classification_load_test_predictions_total",
-            "Classify answers to requests marked as a load test (x-load-test metadata), kept "
-            "out of the prediction, abstention and drift metrics and the capture.",
-            model,
-            registry=registry,
-        )
-        self.captures = Counter(
-            "classification_captures_total",
-            "Images captured for review, by reason (abstained, low_margin, random).",
-            ["reason"],
-            registry=registry,
-        )
-        self.captures_dropped = Counter(
-            "classification_captures_dropped_total",
-            "Captures dropped, by cause (rate_limited, queue_full, write_error).",
-            ["cause"],
-            registry=registry,
-        )
 
     def forget_version(self, model: str, version: str, class_labels: Iterable[str]) -> None:
         """Drop every series of a retired version (``remove()``), so that neither /metrics

@@ -13,11 +13,13 @@ import grpc
 import numpy as np
 import pytest
 from grpc_helpers import infer_request
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from server_harness import RunningServer, server_config
 
 from protocol.inference import grpc_service_pb2 as pb
 from protocol.inference import grpc_service_pb2_grpc as pb_grpc
+from server.metrics import METRICS, ServerMetrics
 
 
 def _scrape(server: RunningServer) -> dict[tuple[str, tuple], float]:
@@ -183,3 +185,15 @@ def test_connections_beyond_the_cap_are_closed_and_scrapes_resume(
             except (urllib.error.URLError, ConnectionError):
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
+
+
+def test_every_metric_of_the_table_has_its_typed_attribute() -> None:
+    registry = CollectorRegistry()
+    metrics = ServerMetrics(registry)
+    declared = set(ServerMetrics.__annotations__)
+    assert declared == {spec.attribute for spec in METRICS}
+    assert len({spec.name for spec in METRICS}) == len(METRICS)
+    for spec in METRICS:
+        metric = getattr(metrics, spec.attribute)
+        assert isinstance(metric, spec.kind)
+        assert spec.kind.__name__ == ServerMetrics.__annotations__[spec.attribute]
