@@ -137,7 +137,9 @@ class TrainConfig:
     )
     head_lr: float = _doc("Learning rate of the head (phase 1, and phase 2).", 1e-3)
     lr_decay: float | None = _doc(
-        "Group at depth d below the top gets lr * lr_decay**d; default 0.3, or 1 from scratch.",
+        "Group at depth d below the top gets lr * lr_decay**d, in (0, 1]; or auto: the "
+        "phase-2 search tries 0.3 and 1 (flat) with --unfreeze auto; 0.3 with a given "
+        "--unfreeze; from scratch: 1.",
         None,
     )
     warmup_fraction: float = _doc("Share of each phase's steps with linear LR warmup.", 0.1)
@@ -215,7 +217,9 @@ RESOLVED_AT_START = frozenset(
 DECIDED_BY_PROBE = frozenset({"hflip", "vflip", "rotate90"})
 # ``auto`` is how a user spells "decide from the data" for these; it is stored as unset.
 AUTO = "auto"
-AUTO_MEANS_UNSET: dict[str, Any] = {"unfreeze": "", "lr": None}
+AUTO_MEANS_UNSET: dict[str, Any] = {"unfreeze": "", "lr": None, "lr_decay": None}
+# What a number-or-auto setting expects, for the error that names it.
+AUTO_NUMBERS = {"lr": "a positive number", "lr_decay": "a number in (0, 1]"}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
@@ -369,9 +373,9 @@ def convert(name: str, value: Any, source: str) -> Any:
             raise ValueError(f"expected a string, got {value!r}")
         return str(value)
     except ValueError as exc:
-        if name == "lr":
+        if name in AUTO_NUMBERS:
             raise ConfigError(
-                f"{where}: expected a positive number or auto, got {value!r}"
+                f"{where}: expected {AUTO_NUMBERS[name]} or auto, got {value!r}"
             ) from None
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -504,7 +508,7 @@ def resolve_defaults(
         # the fitted head before phase 2, and the decided values are what is recorded.
         unfreeze=config.unfreeze or ("all" if scratch else ""),
         lr=config.lr if config.lr is not None else (config.head_lr if scratch else None),
-        lr_decay=config.lr_decay if config.lr_decay is not None else (1.0 if scratch else 0.3),
+        lr_decay=_resolve_lr_decay(config, scratch),
         freeze_bn=config.freeze_bn if config.freeze_bn is not None else not scratch,
         channels_last=(
             config.channels_last if config.channels_last is not None else device_type == "cuda"
@@ -515,6 +519,15 @@ def resolve_defaults(
             else (0 if dataset_cached else min(8, cpu_count))
         ),
     )
+
+
+def _resolve_lr_decay(config: TrainConfig, scratch: bool) -> float | None:
+    """Unset (searched with the policy, ``trainer.finetune.choice``) only where the policy is."""
+    if config.lr_decay is not None:
+        return config.lr_decay
+    if scratch:
+        return 1.0
+    return None if not config.unfreeze else 0.3
 
 
 def _resolve_augment(config: TrainConfig, input_size: int | None) -> TrainConfig:

@@ -34,7 +34,8 @@ from trainer.data.input_pipeline import Pipeline, build_pipeline, dataset_fits_c
 from trainer.data.unlabeled import UnlabeledImages, load_unlabeled_images
 from trainer.errors import CheckpointError, ConfigError
 from trainer.evaluation.chance import warn_if_near_chance
-from trainer.finetune.choice import FALLBACK_POLICY
+from trainer.evaluation.strategies import write_strategies
+from trainer.finetune.choice import FALLBACK_LR_DECAY, FALLBACK_POLICY
 from trainer.finetune.lr_finder import FALLBACK_LR
 from trainer.finetune.phase_runner import (
     INTERRUPTED,
@@ -367,13 +368,13 @@ def build_model(
 def plan_phases(config: TrainConfig, group_names: list[str]) -> list[Phase]:
     """The phases of a resolved config (``resolve_defaults`` filled every default).
 
-    Before phase 2's policy and LR are chosen from the data (``trainer.finetune.choice``),
+    Before phase 2's policy, LR and decay are chosen from the data (``trainer.finetune.choice``),
     their classic values stand in: the plan is then only read for which phases run.
 
     Raises:
         ConfigError: both phases have zero epochs.
     """
-    assert config.head_epochs is not None and config.lr_decay is not None
+    assert config.head_epochs is not None
     if trains_from_scratch(config):
         log.info(
             "weights none: training from scratch, so phase 2 trains %s layer groups and the "
@@ -388,7 +389,7 @@ def plan_phases(config: TrainConfig, group_names: list[str]) -> list[Phase]:
         policy=config.unfreeze or FALLBACK_POLICY,
         lr=config.lr if config.lr is not None else FALLBACK_LR,
         head_lr=config.head_lr,
-        lr_decay=config.lr_decay,
+        lr_decay=config.lr_decay if config.lr_decay is not None else FALLBACK_LR_DECAY,
         freeze_bn=bool(config.freeze_bn),
     )
     if not phases:
@@ -506,6 +507,7 @@ def finish_run(
         log, "this run", progress.best_val_accuracy, len(classes)
     )
     _write_report(context, progress)
+    write_strategies(context.output / "report" / "strategies.md", summary)
     if config.export:
         summary |= _export(context)
     write_summary(context.output / "summary.json", summary)

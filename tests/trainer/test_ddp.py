@@ -82,5 +82,5 @@ def test_torchrun_ranks_reach_one_phase_2_choice(tmp_path: Path) -> None:
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
     choice = json.loads((output / "summary.json").read_text())["finetune_choice"]
-    assert choice["lr_source"] == "range test" and choice["unfreeze_source"] == "trials"
+    assert choice["lr_source"] == "range test" and choice["unfreeze_source"] == "search"
     assert log.count("event=finetune_choice") == 1  # rank 0 alone logs; every rank chose

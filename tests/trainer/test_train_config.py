@@ -77,9 +77,14 @@ def test_resolve_defaults_fills_every_derived_field() -> None:
 
     pretrained = resolve_config(environ={}, flags={**REQUIRED, "lr": "0.01"})
     resolved = resolve_defaults(pretrained, device_type="cuda", dataset_cached=False, cpu_count=16)
-    # The policy stays auto (unset) for a pretrained start: the run's trials choose it.
+    # The policy and its decay stay auto (unset) for a pretrained start: the run's search
+    # chooses them; a given policy gets the classic decay.
     assert (resolved.head_epochs, resolved.unfreeze, resolved.lr) == (2, "", 0.01)
-    assert (resolved.lr_decay, resolved.channels_last, resolved.num_workers) == (0.3, True, 8)
+    assert (resolved.lr_decay, resolved.channels_last, resolved.num_workers) == (None, True, 8)
+    given = resolve_config(environ={}, flags={**REQUIRED, "unfreeze": "top:2"})
+    assert (
+        resolve_defaults(given, device_type="cpu", dataset_cached=True, cpu_count=1).lr_decay == 0.3
+    )
     assert resolved.freeze_bn  # phase 2 keeps the statistics the head was fitted with
     # Resolving a resolved config changes nothing; what the user gave is kept.
     assert resolve_defaults(resolved, device_type="cpu", dataset_cached=True, cpu_count=1) == (

@@ -1,24 +1,32 @@
 """How deep and how fast phase 2 goes, chosen from the data before it starts.
 
-After the head is fitted on the frozen features, two settings are still open by default:
+After the head is fitted on the frozen features, three settings are still open by default:
 
 * ``--lr auto``: an LR range test (``trainer.finetune.lr_finder``) on the shallowest policy
   picks the top unfrozen group's learning rate.
-* ``--unfreeze auto``: short trials of the candidate policies (``CANDIDATES``: the top group,
-  the top two, every group with discriminative rates) at that rate, each from the fitted head
-  and restored afterwards; the policy with the best val accuracy (then the lower val loss; the
-  shallower one on a tie) is what phase 2 runs. Features that already separate the classes
-  well favour a shallow policy; features that transfer poorly need the deeper ones, and the
-  trials show which from the data rather than from a rule.
+* ``--unfreeze auto`` and ``--lr-decay auto``: a budgeted search over the candidate policies
+  (``CANDIDATES``): the top group, the top two, every group with discriminative rates (the
+  group d below the top at ``lr * 0.3**d``), and every group at one flat rate (the "retrain
+  everything" policy that wins when the source features transfer poorly). Each trains from
+  the fitted head, warmup then cosine, and is undone afterwards.
 
-What the choice may cost: ``RANGE_SHARE`` + ``TRIAL_SHARE`` of the planned phase-2 steps
-(15%), but never fewer than ``MIN_RANGE_STEPS`` + ``MIN_TRIAL_STEPS`` per candidate, so on a
-tiny dataset (a few steps per epoch) the floor dominates. Each trial's cost is logged, and the
-whole choice's seconds are in ``summary.json``.
+The search is successive halving (Jamieson & Talwalkar, 2016; Hyperband's inner loop): every
+candidate gets a short first rung; the best third (at least one) go on to a rung three times
+as long, trained again from the head; the best of the last rung wins. Ranking is by val
+accuracy, then the lower val loss, then the cheaper (shallower) policy. A policy that starts
+slowly and wins later is still seen, where one short trial each would drop it. The probe
+itself stays the floor: ``best.pt`` keeps the head phase's weights when no phase-2 epoch
+beats them on val.
 
-A value the user gave is kept: ``--unfreeze`` skips the trials, ``--lr`` the range test. When
-the head was not fitted on the cache (the streamed head phase), from scratch, or without a
-phase 2, nothing is tested and the classic values (``top:1``, ``1e-4``) are used, logged.
+What the search may cost: ``SEARCH_SHARE`` of the planned phase-2 steps for the rungs,
+``RANGE_SHARE`` for the range test, each rung never shorter than ``MIN_RUNG_STEPS`` (on a tiny
+dataset, a few steps per epoch, the floor dominates). Every trial's cost is logged, and the
+whole choice's seconds are in ``summary.json`` and ``report/strategies.md``.
+
+A value the user gave is kept: ``--unfreeze`` skips the search (and ``--lr-decay`` keeps only
+the candidates at that decay), ``--lr`` the range test. When the head was not fitted on the
+cache (the streamed head phase), from scratch, or without a phase 2, nothing is tested and the
+classic values (``top:1``, ``1e-4``, decay 0.3) are used, logged.
 
 Under DDP every rank runs the same test and trials on its shard of the training batches; the
 range test's losses and the trials' val confusions are summed over the ranks, so each rank
@@ -32,7 +40,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +51,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from trainer import checkpoint as ckpt
 from trainer.data.input_pipeline import Pipeline
 from trainer.finetune.frozen_prefix import training_view
-from trainer.finetune.loop import train_one_epoch
+from trainer.finetune.loop import EpochResult, train_one_epoch
 from trainer.finetune.lr_finder import FALLBACK_LR, LRFinding, suggest_lr, sweep_lrs
 from trainer.finetune.phase_runner import StepSetup, TrainedModel, evaluate_on_val
 from trainer.finetune.phases import (
@@ -60,44 +68,76 @@ from trainer.progress import log_event
 log = logging.getLogger(__name__)
 
 FALLBACK_POLICY = "top:1"
-CANDIDATES = ("top:1", "top:2", "all")
-RANGE_SHARE, TRIAL_SHARE = 0.05, 0.10
+FALLBACK_LR_DECAY = 0.3
+FLAT = 1.0
+RANGE_SHARE, SEARCH_SHARE = 0.05, 0.25
 MIN_RANGE_STEPS, MAX_RANGE_STEPS = 16, 60
-MIN_TRIAL_STEPS, MAX_TRIAL_STEPS = 8, 120
+MIN_RUNG_STEPS, MAX_RUNG_STEPS = 8, 120
+# Each rung is this many times as long as the one before; this share of a rung goes on.
+RUNG_GROWTH, KEEP_SHARE = 3, 1 / 3
 # Sampler epochs of the trials never collide with the phases' (trainer.finetune.phase_runner).
 _TRIAL_EPOCH_BASE = 900_000
 
 
 @dataclass(frozen=True)
-class Trial:
-    """One candidate policy trained briefly from the fitted head, and how it did on val."""
+class Candidate:
+    """A phase-2 policy: which groups train, and how their rates fall with depth."""
 
     policy: str
+    lr_decay: float
+
+    @property
+    def name(self) -> str:
+        flat = self.policy != "top:1" and self.lr_decay == FLAT
+        return f"{self.policy} flat" if flat else self.policy
+
+
+# Shallow (cheap) to deep (dear): a tie goes to the earlier one.
+CANDIDATES = (
+    Candidate("top:1", FALLBACK_LR_DECAY),
+    Candidate("top:2", FALLBACK_LR_DECAY),
+    Candidate("all", FALLBACK_LR_DECAY),
+    Candidate("all", FLAT),
+)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One candidate trained from the fitted head for one rung, and how it did on val."""
+
+    candidate: Candidate
     lr: float
+    rung: int
     steps: int
     val_accuracy: float
     val_loss: float
+    train_loss: float
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "policy": self.policy,
+            "policy": self.candidate.policy,
+            "lr_decay": self.candidate.lr_decay,
+            "name": self.candidate.name,
             "lr": self.lr,
+            "rung": self.rung,
             "steps": self.steps,
             "val_accuracy": round(self.val_accuracy, 4),
             "val_loss": round(self.val_loss, 4),
+            "train_loss": round(self.train_loss, 4),
             "seconds": round(self.seconds, 2),
         }
 
 
 @dataclass(frozen=True)
 class FinetuneChoice:
-    """Phase 2's policy and top LR, where each came from, and the evidence."""
+    """Phase 2's policy, rates, where each came from, and the evidence."""
 
     unfreeze: str
     lr: float
     unfreeze_source: str
     lr_source: str
+    lr_decay: float = FALLBACK_LR_DECAY
     reason: str = ""
     lr_finding: LRFinding | None = None
     trials: tuple[Trial, ...] = ()
@@ -113,6 +153,7 @@ class FinetuneChoice:
             "unfreeze_source": self.unfreeze_source,
             "lr": self.lr,
             "lr_source": self.lr_source,
+            "lr_decay": self.lr_decay,
             "reason": self.reason,
             "lr_range_test": (
                 {"suggestion": self.lr_finding.suggestion, "reason": self.lr_finding.reason}
@@ -133,6 +174,7 @@ def untested(config: Any, reason: str) -> FinetuneChoice:
         lr=config.lr if config.lr is not None else FALLBACK_LR,
         unfreeze_source="flag" if config.unfreeze else "fallback",
         lr_source="flag" if config.lr is not None else "fallback",
+        lr_decay=config.lr_decay if config.lr_decay is not None else FALLBACK_LR_DECAY,
         reason=reason,
     )
 
@@ -146,7 +188,7 @@ def choose_finetune(
     started = time.perf_counter()
     planned = config.finetune_epochs * pipeline.steps_per_epoch
     bench = _TrialBench(context, trained, pipeline, step)
-    candidates = [config.unfreeze] if config.unfreeze else _candidates(trained)
+    candidates = _candidates(trained, config.unfreeze, config.lr_decay)
     finding = None
     lr, lr_source = config.lr, "flag"
     if lr is None:
@@ -155,20 +197,23 @@ def choose_finetune(
         lr, lr_source = finding.suggestion, "range test"
         log_event(log, "lr_range_test", suggestion=lr, steps=steps, reason=finding.reason)
     trials: list[Trial] = []
-    policy, policy_source, reason = candidates[0], "flag", ""
-    if not config.unfreeze:
-        steps = _clamp(TRIAL_SHARE * planned / len(candidates), MIN_TRIAL_STEPS, MAX_TRIAL_STEPS)
-        trials = [bench.trial(candidate, lr, steps) for candidate in candidates]
-        best = max(trials, key=lambda t: (t.val_accuracy, -t.val_loss))
-        policy, policy_source = best.policy, "trials"
-        reason = f"best val accuracy after {steps} steps of each: " + ", ".join(
-            f"{t.policy} {t.val_accuracy:.3f}" for t in trials
+    chosen, source, reason = candidates[0], "flag", ""
+    if len(candidates) > 1:
+        first = _clamp(
+            SEARCH_SHARE * planned / _rung_units(len(candidates)), MIN_RUNG_STEPS, MAX_RUNG_STEPS
         )
+        rungs = [first * RUNG_GROWTH**i for i in range(_rung_count(len(candidates)))]
+        chosen, trials = successive_halving(
+            candidates, rungs, lambda c, rung, steps: bench.trial(c, lr, rung, steps)
+        )
+        source = "search"
+        reason = _reason(chosen, trials)
     choice = FinetuneChoice(
-        unfreeze=policy,
+        unfreeze=chosen.policy,
         lr=lr,
-        unfreeze_source=policy_source,
+        unfreeze_source=source,
         lr_source=lr_source,
+        lr_decay=chosen.lr_decay,
         reason=reason,
         lr_finding=finding,
         trials=tuple(trials),
@@ -179,7 +224,7 @@ def choose_finetune(
     log_event(
         log,
         "finetune_choice",
-        unfreeze=f"{policy} ({policy_source})",
+        unfreeze=f"{chosen.name} ({source})",
         lr=f"{lr:.2e} ({lr_source})",
         seconds=round(choice.seconds, 1),
         share_of_phase2_steps=round(bench.steps_spent / planned, 3) if planned else None,
@@ -188,10 +233,74 @@ def choose_finetune(
     return choice
 
 
-def _candidates(trained: TrainedModel) -> list[str]:
-    """The candidate policies this model has groups for (shallow to deep)."""
+def successive_halving(
+    candidates: Sequence[Candidate],
+    rungs: Sequence[int],
+    run: Callable[[Candidate, int, int], Trial],
+) -> tuple[Candidate, list[Trial]]:
+    """The winner of ``rungs`` (steps per rung, growing) and every trial on the way.
+
+    ``run(candidate, rung, steps)`` trains a candidate from the same start for ``steps``
+    steps and scores it. After each rung but the last, the best ``KEEP_SHARE`` (at least one)
+    go on; a single survivor wins without another rung.
+    """
+    alive = list(candidates)
+    trials: list[Trial] = []
+    for rung, steps in enumerate(rungs):
+        scored = [run(candidate, rung, steps) for candidate in alive]
+        trials.extend(scored)
+        keep = 1 if rung == len(rungs) - 1 else max(1, math.ceil(len(alive) * KEEP_SHARE))
+        ranked = sorted(range(len(scored)), key=lambda i: (_rank_key(scored[i]), -i), reverse=True)
+        alive = [alive[i] for i in sorted(ranked[:keep])]
+        if len(alive) == 1:
+            break
+    return alive[0], trials
+
+
+def _rank_key(trial: Trial) -> tuple[float, float]:
+    return (trial.val_accuracy, -trial.val_loss)
+
+
+def _rung_count(candidates: int) -> int:
+    """Rungs until one survivor is left."""
+    count, alive = 1, candidates
+    while alive > 1:
+        alive = max(1, math.ceil(alive * KEEP_SHARE))
+        count += 1 if alive > 1 else 0
+    return count
+
+
+def _rung_units(candidates: int) -> int:
+    """The search's steps in units of the first rung's length."""
+    units, alive = 0, candidates
+    for rung in range(_rung_count(candidates)):
+        units += alive * RUNG_GROWTH**rung
+        alive = max(1, math.ceil(alive * KEEP_SHARE))
+    return units
+
+
+def _reason(chosen: Candidate, trials: list[Trial]) -> str:
+    last = max(t.rung for t in trials)
+    finals = ", ".join(
+        f"{t.candidate.name} {t.val_accuracy:.3f}/{t.val_loss:.3f}"
+        for t in trials
+        if t.rung == last
+    )
+    return (
+        f"{chosen.name}: best val accuracy/loss after rung {last + 1} of successive halving "
+        f"({finals})"
+    )
+
+
+def _candidates(trained: TrainedModel, policy: str, lr_decay: float | None) -> list[Candidate]:
+    """The candidates this model has groups for (shallow to deep), within what was given."""
+    if policy:
+        return [Candidate(policy, lr_decay if lr_decay is not None else FALLBACK_LR_DECAY)]
     body = [g for g in trained.groups if g.name != HEAD]
-    return [c for c in CANDIDATES if c == "all" or int(c.split(":")[1]) < len(body)]
+    fits = [c for c in CANDIDATES if c.policy == "all" or int(c.policy.split(":")[1]) < len(body)]
+    if lr_decay is None:
+        return fits
+    return list(dict.fromkeys(Candidate(c.policy, lr_decay) for c in fits))
 
 
 def _clamp(value: float, low: int, high: int) -> int:
@@ -211,13 +320,13 @@ class _TrialBench:
         self.steps_spent = 0
         self._epochs = itertools.count(_TRIAL_EPOCH_BASE)
 
-    def range_test(self, policy: str, steps: int) -> LRFinding:
-        """Train ``steps`` steps of ``policy`` with the body's LR swept and the head held still:
+    def range_test(self, candidate: Candidate, steps: int) -> LRFinding:
+        """Train ``steps`` steps of ``candidate`` with the body's LR swept and the head held still:
         with the head learning too, an early fall of the loss is the head's, not the body's."""
         lrs = sweep_lrs(steps)
         losses: list[float] = []
         with self._undone():
-            optimizer = self._optimizer(policy, lr=1.0)
+            optimizer = self._optimizer(candidate, lr=1.0)
             factors = [
                 (lambda i: 0.0) if group["group"] == HEAD else (lambda i: lrs[min(i, steps - 1)])
                 for group in optimizer.param_groups
@@ -225,34 +334,41 @@ class _TrialBench:
             self._train(optimizer, LambdaLR(optimizer, factors), steps, losses.append)
         return suggest_lr(lrs, self._mean_over_ranks(losses))
 
-    def trial(self, policy: str, lr: float, steps: int) -> Trial:
-        """Train ``policy`` at ``lr`` for ``steps`` steps (warmup + cosine) and evaluate."""
+    def trial(self, candidate: Candidate, lr: float, rung: int, steps: int) -> Trial:
+        """Train ``candidate`` at ``lr`` for ``steps`` steps (warmup + cosine) from the fitted
+        head and evaluate."""
         started = time.perf_counter()
         with self._undone():
-            optimizer = self._optimizer(policy, lr=lr)
+            optimizer = self._optimizer(candidate, lr=lr)
             schedule = warmup_cosine(steps, self.context.config.warmup_fraction)
-            self._train(optimizer, LambdaLR(optimizer, schedule), steps, None)
+            trained = self._train(optimizer, LambdaLR(optimizer, schedule), steps, None)
             scored = evaluate_on_val(self.trained.module, self.pipeline, self.step, self.context)
         trial = Trial(
-            policy, lr, steps, scored.accuracy, scored.loss, time.perf_counter() - started
+            candidate,
+            lr,
+            rung,
+            steps,
+            scored.accuracy,
+            scored.loss,
+            trained.loss,
+            time.perf_counter() - started,
         )
         log_event(log, "finetune_trial", **trial.to_dict())
         return trial
 
     # ---- the parts ---------------------------------------------------------------------
 
-    def _optimizer(self, policy: str, *, lr: float) -> torch.optim.Optimizer:
-        """The policy's trainable groups and per-group LRs (the phase it would run)."""
+    def _optimizer(self, candidate: Candidate, *, lr: float) -> torch.optim.Optimizer:
+        """The candidate's trainable groups and per-group LRs (the phase it would run)."""
         config = self.context.config
-        assert config.lr_decay is not None
         (phase,) = build_phases(
             [g.name for g in self.trained.groups],
             head_epochs=0,
             finetune_epochs=1,
-            policy=policy,
+            policy=candidate.policy,
             lr=lr,
             head_lr=config.head_lr,
-            lr_decay=config.lr_decay,
+            lr_decay=candidate.lr_decay,
             freeze_bn=bool(config.freeze_bn),
         )
         trainable = phase.groups_at(1)
@@ -267,7 +383,7 @@ class _TrialBench:
         scheduler: LambdaLR,
         steps: int,
         on_loss: Callable[[float], None] | None,
-    ) -> None:
+    ) -> EpochResult:
         config = self.context.config
         # The phase's own fast path: the frozen prefix folded, without autograd.
         view = training_view(
@@ -276,7 +392,7 @@ class _TrialBench:
             self.trained.groups,
             channels_last=bool(config.channels_last),
         )
-        train_one_epoch(
+        result = train_one_epoch(
             view,
             itertools.islice(self._batches(), steps),
             optimizer=optimizer,
@@ -296,6 +412,7 @@ class _TrialBench:
             on_step=(lambda _, loss: on_loss(loss)) if on_loss is not None else None,
         )
         self.steps_spent += steps
+        return result
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches for as many steps as asked, epoch after epoch."""

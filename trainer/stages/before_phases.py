@@ -6,9 +6,9 @@ config (so ``config.yaml`` and every checkpoint record them) and switches the tr
 pipeline to the decided augmentation. A resumed run keeps the decisions its checkpoint
 recorded (``keep_augment_decisions``) instead of testing again.
 
-Then, from the fitted head, what phase 2 left to the data (``--unfreeze auto``, ``--lr auto``)
-is chosen by ``trainer.finetune.choice``; the choice goes into the config the same way, and the
-LR range test's curve into ``report/lr_find.json``.
+Then, from the fitted head, what phase 2 left to the data (``--unfreeze``, ``--lr`` and
+``--lr-decay`` auto) is chosen by ``trainer.finetune.choice``; the choice goes into the config
+the same way, and the LR range test's curve into ``report/lr_find.json``.
 """
 
 from __future__ import annotations
@@ -106,7 +106,10 @@ def before_phases(  # noqa: PLR0913  the run's parts, each built by trainer.run
     context = _with_config(context, config)
     finetune = _choose_finetune(context, trained, pipeline, step, result, phases)
     context = _with_config(
-        context, dataclasses.replace(config, unfreeze=finetune.unfreeze, lr=finetune.lr)
+        context,
+        dataclasses.replace(
+            config, unfreeze=finetune.unfreeze, lr=finetune.lr, lr_decay=finetune.lr_decay
+        ),
     )
     return BeforePhases(context, result, finetune)
 

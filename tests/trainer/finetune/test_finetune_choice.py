@@ -13,6 +13,14 @@ from trainer_helpers import make_image_folder, tiny_config
 
 from trainer.config import resolve_config
 from trainer.errors import ConfigError
+from trainer.finetune.choice import (
+    CANDIDATES,
+    Candidate,
+    Trial,
+    _rung_count,
+    _rung_units,
+    successive_halving,
+)
 from trainer.finetune.lr_finder import FALLBACK_LR, suggest_lr, sweep_lrs
 from trainer.run import train
 
@@ -74,6 +82,69 @@ def test_suggestion_is_clamped_to_a_trustworthy_range() -> None:
     assert suggest_lr(lrs, falling).suggestion == pytest.approx(1e-3)
 
 
+# ---- the search: successive halving on planted curves ---------------------------------------
+
+
+def _planted(curves: dict[str, list[float]]):
+    """A ``run`` whose candidates score ``curves[name][rung]`` (accuracy; loss = 1 - it)."""
+    calls: list[tuple[str, int, int]] = []
+
+    def run(candidate: Candidate, rung: int, steps: int) -> Trial:
+        calls.append((candidate.name, rung, steps))
+        accuracy = curves[candidate.name][rung]
+        return Trial(candidate, 1e-3, rung, steps, accuracy, 1.0 - accuracy, 0.5, 0.1)
+
+    return run, calls
+
+
+def test_a_policy_that_starts_slowly_and_wins_later_is_found() -> None:
+    # "all flat" is third after the first rung and best after the second: one short trial
+    # each would have picked top:1.
+    run, calls = _planted(
+        {
+            "top:1": [0.80, 0.81],
+            "top:2": [0.78, 0.80],
+            "all": [0.70, 0.75],
+            "all flat": [0.79, 0.90],
+        }
+    )
+    winner, trials = successive_halving(CANDIDATES, [8, 24], run)
+    assert winner.name == "all flat" and winner.lr_decay == 1.0
+    assert calls == [
+        ("top:1", 0, 8),
+        ("top:2", 0, 8),
+        ("all", 0, 8),
+        ("all flat", 0, 8),
+        ("top:1", 1, 24),
+        ("all flat", 1, 24),
+    ]
+    assert len(trials) == 6
+
+
+def test_ties_go_to_the_cheaper_policy_and_loss_breaks_accuracy_ties() -> None:
+    run, _ = _planted({c.name: [0.8, 0.8] for c in CANDIDATES})
+    assert successive_halving(CANDIDATES, [8, 24], run)[0].name == "top:1"
+
+    def by_loss(candidate: Candidate, rung: int, steps: int) -> Trial:
+        loss = {"top:1": 0.5, "top:2": 0.4, "all": 0.3, "all flat": 0.6}[candidate.name]
+        return Trial(candidate, 1e-3, rung, steps, 0.8, loss, 0.5, 0.1)
+
+    assert successive_halving(CANDIDATES, [8, 24], by_loss)[0].name == "all"
+
+
+def test_a_single_survivor_wins_without_another_rung() -> None:
+    run, calls = _planted({"top:1": [0.9, 0.0, 0.0], "top:2": [0.5, 0.0, 0.0]})
+    winner, trials = successive_halving(CANDIDATES[:2], [8, 24, 72], run)
+    assert winner.name == "top:1" and [c[1] for c in calls] == [0, 0] and len(trials) == 2
+
+
+def test_the_search_budget_counts_every_rung() -> None:
+    # Four candidates: two rungs (4 -> 2 -> the winner), 4 x 1 + 2 x 3 first-rung lengths.
+    assert (_rung_count(4), _rung_units(4)) == (2, 10)
+    assert (_rung_count(1), _rung_units(1)) == (1, 1)
+    assert (_rung_count(9), _rung_units(9)) == (2, 9 + 3 * 3)  # the best of three wins
+
+
 # ---- the flags ---------------------------------------------------------------------------
 
 
@@ -118,21 +189,35 @@ def test_defaults_test_the_lr_and_the_policies_and_record_them(
     source, data = source_and_data
     summary = _fine_tune(source, data, tmp_path / "auto")
     choice = summary["finetune_choice"]
-    assert choice["lr_source"] == "range test" and choice["unfreeze_source"] == "trials"
-    assert [t["policy"] for t in choice["trials"]] == ["top:1", "top:2", "all"]
+    assert choice["lr_source"] == "range test" and choice["unfreeze_source"] == "search"
+    first = [t for t in choice["trials"] if t["rung"] == 0]
+    assert [t["name"] for t in first] == ["top:1", "top:2", "all", "all flat"]
     assert all(t["lr"] == choice["lr"] and t["steps"] >= 8 for t in choice["trials"])
-    best = max(choice["trials"], key=lambda t: (t["val_accuracy"], -t["val_loss"]))
-    assert choice["unfreeze"] == best["policy"]
+    # The best third of the first rung (two of four) go on to a rung three times as long.
+    second = [t for t in choice["trials"] if t["rung"] == 1]
+    assert len(second) == 2 and all(t["steps"] == 3 * first[0]["steps"] for t in second)
+    ranked = sorted(first, key=lambda t: (t["val_accuracy"], -t["val_loss"]), reverse=True)
+    assert {t["name"] for t in second} == {t["name"] for t in ranked[:2]}
+    best = max(second, key=lambda t: (t["val_accuracy"], -t["val_loss"]))  # ties: shallower
+    assert (choice["unfreeze"], choice["lr_decay"]) == (best["policy"], best["lr_decay"])
     curve = json.loads((tmp_path / "auto" / "report" / "lr_find.json").read_text())
     assert curve["suggestion"] == choice["lr"] and len(curve["lrs"]) == len(curve["losses"]) >= 16
     assert (tmp_path / "auto" / "report" / "lr_find.png").stat().st_size > 1000
     recorded = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
     assert recorded["unfreeze"] == choice["unfreeze"] and recorded["lr"] == choice["lr"]
+    assert recorded["lr_decay"] == choice["lr_decay"]
+    strategies = (tmp_path / "auto" / "report" / "strategies.md").read_text()
+    assert all(t["name"] in strategies for t in choice["trials"]) and "probe" in strategies
 
     # The trials leave no trace: the same run with the chosen values given as flags (nothing
     # tested) trains to exactly the same result.
     given = _fine_tune(
-        source, data, tmp_path / "given", unfreeze=choice["unfreeze"], lr=choice["lr"]
+        source,
+        data,
+        tmp_path / "given",
+        unfreeze=choice["unfreeze"],
+        lr=choice["lr"],
+        lr_decay=choice["lr_decay"],
     )
     assert given["finetune_choice"]["unfreeze_source"] == "flag"
     assert given["finetune_choice"]["trials"] == []
