@@ -1,8 +1,8 @@
 """The server's settings: one frozen, typed object.
 
 Precedence, lowest first: defaults < ``--config`` YAML file < ``SERVER_*`` environment
-variables < command-line flags. Unknown keys and values of the wrong type are errors that name
-the setting.
+variables < command-line flags, read by ``contracts.settings.SettingsLoader``. Unknown keys and
+values of the wrong type are errors that name the setting and where it came from.
 """
 
 from __future__ import annotations
@@ -10,16 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from contracts.settings import is_unset, parse_bool, parse_float, parse_int
+from contracts.settings import SettingError, SettingsLoader
 from server.errors import ConfigError
 
 ENV_PREFIX = "SERVER_"
@@ -470,93 +466,14 @@ def _validate_tls(config: ServerConfig) -> None:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
-_TYPE_HINTS = typing.get_type_hints(ServerConfig)
-
-
-def _base_type(name: str) -> tuple[type, bool]:
-    """(the non-None type of a field, whether None is allowed)."""
-    hint = _TYPE_HINTS[name]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0], True
-    return hint, False
-
-
-def coerce(name: str, value: Any, source: str | None = None) -> Any:
-    """Convert a YAML, environment or flag value to the field's type, or raise ConfigError.
-
-    Args:
-        source: where the value came from (``SERVER_GRPC_PORT``, a file's key), named in
-            the error; default: the field's name.
-    """
-    if name not in FIELDS:
-        raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(FIELDS))}")
-    source = source or name
-    base, optional = _base_type(name)
-    if value is None or (optional and is_unset(value)):
-        if optional:
-            return None
-        raise ConfigError(f"{source} must not be empty")
-    try:
-        if typing.get_origin(base) is tuple:
-            items = value.split(",") if isinstance(value, str) else list(value)
-            if typing.get_args(base)[0] is str:
-                return tuple(str(item).strip() for item in items if str(item).strip())
-            return tuple(int(item) for item in items if str(item).strip())
-        if base is bool:
-            return parse_bool(value)
-        if base is int:
-            return parse_int(value)
-        if base is float:
-            return parse_float(value)
-        if base is Path:
-            return Path(str(value))
-        if not isinstance(value, str):
-            raise ValueError(value)
-        return value
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: cannot read {value!r} as {_kind(base)}") from None
-
-
-def _kind(base: type) -> str:
-    if typing.get_origin(base) is tuple:
-        return "a comma-separated list of integers"
-    return {bool: "true or false", int: "an integer", float: "a number"}.get(base, "text")
-
-
-# Settings the user gave: field name -> (value, where it came from: coerce's ``source``).
-Given = dict[str, tuple[Any, str]]
-
-
-def _from_yaml(path: Path) -> Given:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise ConfigError(f"config file {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path}: invalid YAML: {error}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of settings")
-    given = {}
-    for key, raw in data.items():
-        name = str(key).replace("-", "_")
-        source = f"config file {path}: {name}"
-        given[name] = (coerce(name, raw, source), source)
-    return given
-
-
-def _from_env(environ: Mapping[str, str]) -> Given:
-    given = {}
-    for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == f"{ENV_PREFIX}CONFIG":
-            continue
-        name = key[len(ENV_PREFIX) :].lower()
-        if name not in FIELDS:
-            raise ConfigError(f"unknown environment setting {key}")
-        given[name] = (coerce(name, raw, key), key)
-    return given
+# Errors name a flag's value by its field (``--grpc-port`` reads as ``grpc_port``), as the
+# checks in ``_validate`` do; a file's by the file and the key.
+LOADER = SettingsLoader(
+    ServerConfig,
+    env_prefix=ENV_PREFIX,
+    ignored_environment=frozenset({f"{ENV_PREFIX}CONFIG"}),
+    flag_source="{name}",
+)
 
 
 def _help(spec: dataclasses.Field[Any]) -> str:
@@ -607,25 +524,29 @@ def build_parser() -> argparse.ArgumentParser:
 def load_config(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> ServerConfig:
-    """Resolve the settings from flags, environment and an optional YAML file."""
+    """Resolve the settings from flags, environment and an optional YAML file.
+
+    Raises:
+        ConfigError: the first problem, naming the setting and where it came from.
+    """
     environ = os.environ if environ is None else environ
-    args = vars(build_parser().parse_args(argv))
-    config_path = args.pop("config", None) or environ.get(f"{ENV_PREFIX}CONFIG")
-    given: Given = {}
-    if config_path:
-        given.update(_from_yaml(Path(config_path)))
-    given.update(_from_env(environ))
-    # A flag's errors name the field, as the checks do: --grpc-port reads as grpc_port.
-    given.update({name: (coerce(name, raw), name) for name, raw in args.items()})
+    flags = vars(build_parser().parse_args(argv))
+    config_path = flags.pop("config", None) or environ.get(f"{ENV_PREFIX}CONFIG")
     try:
-        return ServerConfig(**{name: value for name, (value, _) in given.items()})
+        given = LOADER.read(
+            file=Path(config_path) if config_path else None, environ=environ, flags=flags
+        )
+    except SettingError as error:
+        raise ConfigError(str(error)) from None
+    try:
+        return ServerConfig(**{name: setting.value for name, setting in given.items()})
     except ConfigError as error:
         # The checks name the field first ("grpc_port must be ..."); the user may have set it
         # as SERVER_GRPC_PORT or in a file, so say where the value came from.
         field_name = str(error).split(" ", 1)[0]
-        if field_name not in given or given[field_name][1] == field_name:
+        if field_name not in given or given[field_name].source == field_name:
             raise
-        raise ConfigError(f"{given[field_name][1]}: {error}") from None
+        raise ConfigError(f"{given[field_name].source}: {error}") from None
 
 
 def config_as_dict(config: ServerConfig) -> dict[str, Any]:

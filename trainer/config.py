@@ -1,16 +1,15 @@
 """The trainer's one typed config and how it is resolved.
 
 Precedence: field defaults < YAML file (``--config``) < environment (``TRAINER_<FIELD>``) <
-command-line flags. Every field is a flag (``head_lr`` -> ``--head-lr``) and an environment
-variable (``TRAINER_HEAD_LR``). Unknown keys and bad values are ``ConfigError``s naming the key.
+command-line flags, read by ``contracts.settings.SettingsLoader``. Every field is a flag
+(``head_lr`` -> ``--head-lr``) and an environment variable (``TRAINER_HEAD_LR``). Unknown keys
+and bad values are ``ConfigError``s naming the key and where it came from.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,15 @@ from typing import Any
 
 import yaml
 
-from contracts import settings
 from contracts.atomic_files import atomic_write_bytes
 from contracts.repository_layout import InvalidModelName, validate_model_name
+from contracts.settings import (
+    SettingError,
+    SettingsFileError,
+    SettingsLoader,
+    SettingValueError,
+    UnknownSettingError,
+)
 from trainer.errors import ConfigError
 
 ENV_PREFIX = "TRAINER_"
@@ -220,7 +225,16 @@ AUTO = "auto"
 AUTO_MEANS_UNSET: dict[str, Any] = {"unfreeze": "", "lr": None, "lr_decay": None}
 # What a number-or-auto setting expects, for the error that names it.
 AUTO_NUMBERS = {"lr": "a positive number", "lr_decay": "a number in (0, 1]"}
-_HINTS = typing.get_type_hints(TrainConfig)
+# Errors name a flag by its flag (``--batch-size``) and a file's value by the file and the key.
+LOADER = SettingsLoader(
+    TrainConfig,
+    env_prefix=ENV_PREFIX,
+    file_source="{path}: {name}",
+    flag_source="{flag}",
+    words={name: {AUTO: unset} for name, unset in AUTO_MEANS_UNSET.items()},
+    expand_home=True,
+    text_from_scalars=True,
+)
 
 
 def field_help(name: str) -> str:
@@ -265,12 +279,8 @@ def field_choices(name: str) -> tuple[str, ...] | None:
 
 def field_type(name: str) -> tuple[type, bool]:
     """The field's base type and whether it may be None."""
-    hint = _HINTS[name]
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        base = next(a for a in args if a is not type(None))
-        return base, True
-    return hint, False
+    kind = LOADER.types[name]
+    return kind.base, kind.is_optional
 
 
 def resolve_config(
@@ -311,73 +321,54 @@ def given_settings(
     Raises:
         ConfigError: unreadable file, unknown key, or bad value (the message names the key).
     """
-    values: dict[str, Any] = {}
-    if file is not None:
-        values.update({k: convert(k, v, f"{file}") for k, v in _read_yaml(file).items()})
-    env = os.environ if environ is None else environ
-    for key, raw in env.items():
-        if not key.startswith(ENV_PREFIX):
-            continue
-        name = key[len(ENV_PREFIX) :].lower()
-        if name not in FIELDS:
-            raise ConfigError(f"{key}: unknown setting (no config field {name!r})")
-        values[name] = convert(name, raw, key)
-    for name, value in (flags or {}).items():
-        if name not in FIELDS:
-            raise ConfigError(f"--{name.replace('_', '-')}: unknown setting")
-        values[name] = convert(name, value, f"--{name.replace('_', '-')}")
-    return values
-
-
-def _read_yaml(file: Path) -> dict[str, Any]:
     try:
-        loaded = yaml.safe_load(Path(file).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {file}: {exc}") from exc
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {file}: expected a mapping of settings at the top level")
-    unknown = sorted(
-        str(k).replace("-", "_") for k in loaded if str(k).replace("-", "_") not in FIELDS
-    )
-    if unknown:
-        raise ConfigError(f"config file {file}: unknown key(s) {', '.join(unknown)}")
-    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+        given = LOADER.read(
+            file=file, environ=os.environ if environ is None else environ, flags=flags
+        )
+    except SettingError as error:
+        raise _config_error(error) from None
+    return {name: setting.value for name, setting in given.items()}
 
 
 def convert(name: str, value: Any, source: str) -> Any:
-    """Coerce ``value`` (a YAML scalar, an environment string or a flag) to the field's type."""
-    if name in AUTO_MEANS_UNSET and isinstance(value, str) and value.strip().lower() == AUTO:
-        return AUTO_MEANS_UNSET[name]
-    base, optional = field_type(name)
-    where = (
-        f"{source}"
-        if source.startswith("--") or source.startswith(ENV_PREFIX)
-        else (f"{source}: {name}")
-    )
-    if value is None or (optional and settings.is_unset(value)):
-        if optional:
-            return None
-        raise ConfigError(f"{where}: a value is required")
+    """Coerce ``value`` (a YAML value, an environment string or a flag) to the field's type.
+
+    Args:
+        source: where the value came from, as errors name it (``the checkpoint's config: lr``).
+
+    Raises:
+        ConfigError: naming ``source``.
+    """
     try:
-        if base is bool:
-            return settings.parse_bool(value)
-        if base is int:
-            return settings.parse_int(value)
-        if base is float:
-            return settings.parse_float(value)
-        if base is Path:
-            return Path(str(value)).expanduser()
-        if isinstance(value, (dict, list)):
-            raise ValueError(f"expected a string, got {value!r}")
-        return str(value)
-    except ValueError as exc:
-        if name in AUTO_NUMBERS:
-            raise ConfigError(
-                f"{where}: expected {AUTO_NUMBERS[name]} or auto, got {value!r}"
-            ) from None
-        raise ConfigError(f"{where}: {exc}") from None
+        return LOADER.convert(name, value, source)
+    except SettingError as error:
+        raise _config_error(error) from None
+
+
+def _config_error(error: SettingError) -> ConfigError:
+    """The trainer's wording of a settings error, naming the key and where it came from."""
+    if isinstance(error, SettingsFileError):
+        if error.problem == "not a mapping":
+            reason = "expected a mapping of settings at the top level"
+            return ConfigError(f"config file {error.path}: {reason}")
+        if error.cause is not None:
+            return ConfigError(f"config file {error.path}: {error.cause}")
+    elif isinstance(error, UnknownSettingError):
+        if error.origin == "file":
+            unknown = ", ".join(sorted(error.names))
+            return ConfigError(f"config file {error.path}: unknown key(s) {unknown}")
+        if error.origin == "environment":
+            field_name = error.names[0]
+            return ConfigError(f"{error.keys[0]}: unknown setting (no config field {field_name!r})")
+        return ConfigError(f"{error.keys[0]}: unknown setting")
+    elif isinstance(error, SettingValueError):
+        if error.is_missing:
+            return ConfigError(f"{error.source}: a value is required")
+        if error.name in AUTO_NUMBERS:
+            expected = AUTO_NUMBERS[error.name]
+            return ConfigError(f"{error.source}: expected {expected} or auto, got {error.value!r}")
+        return ConfigError(f"{error.source}: {error.reason}")
+    return ConfigError(str(error))
 
 
 def validate(config: TrainConfig) -> None:

@@ -118,7 +118,7 @@ def recorded_settings(resume: Checkpoint) -> dict[str, Any]:
     """
     record = resume.header.config or {}
     values = {
-        name: convert(name, value, "the checkpoint's config")
+        name: convert(name, value, f"the checkpoint's config: {name}")
         for name, value in record.items()
         if name in FIELDS and name not in THIS_RUN_ONLY
     }
