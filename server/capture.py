@@ -3,16 +3,16 @@
 Opt-in (``--capture-dir``). Each captured image is written as it arrived (the encoded bytes)
 with a JSON sidecar (model, version, probabilities, time, request id, why it was captured)
 under ``CAPTURE_DIR/unlabeled/<predicted label>/``, a layout any labelling tool can browse and
-``trainer ingest`` reads back. A capture never blocks or fails a request: requests only
-offer images to a bounded queue, one background thread writes them, and a full queue, a
-full disk or a slow volume drop captures and count them. The directory is kept under a size
+``trainer ingest`` reads back (``contracts.capture_files`` owns the sidecar's name and keys).
+A capture never blocks or fails a request: requests only offer images to a bounded queue, one
+background thread writes them, and a full queue, a full disk or a slow volume drop captures
+and count them. The directory is kept under a size
 cap by deleting the oldest captures first. Captured images are user data: see README.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import queue
@@ -28,13 +28,12 @@ from pathlib import Path
 from PIL import Image
 
 from contracts.atomic_files import atomic_write_bytes
+from contracts.capture_files import UNLABELED_DIRNAME, CaptureRecord, sidecar_path
 from contracts.image_formats import to_rgb8
 from server.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-UNLABELED = "unlabeled"
-SIDECAR_SUFFIX = ".json"
 _MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b"BM", ".bmp"))
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 # Clients whose capture rate is tracked; the least recently seen is forgotten first.
@@ -110,7 +109,7 @@ class CaptureWriter:
         Raises:
             ConfigError: the directory cannot be created or written (a start-up error).
         """
-        self.root = directory / UNLABELED
+        self.root = directory / UNLABELED_DIRNAME
         self.policy = policy
         self._on_captured = on_captured
         self._on_dropped = on_dropped
@@ -196,32 +195,29 @@ class CaptureWriter:
         stem = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(capture.received_at))}-" + (
             f"{os.getpid()}-{random.getrandbits(48):012x}"
         )
-        image, facts = capture.image, {}
+        image, original_bytes = capture.image, None
         if len(image) > self.policy.max_image_bytes:
             image = reencoded(image, self.policy.reencode_side)
-            facts = {"reencoded_from_bytes": len(capture.image)}
+            original_bytes = len(capture.image)
         image_path = folder / f"{stem}{_extension(image)}"
-        sidecar = json.dumps(
-            {
-                "model": capture.model,
-                "version": capture.version,
-                "probabilities": capture.probabilities,
-                "request_id": capture.request_id,
-                "reason": capture.reason,
-                "received_at": capture.received_at,
-                **facts,
-            },
-            sort_keys=True,
-        ).encode()
+        sidecar = CaptureRecord(
+            model=capture.model,
+            version=capture.version,
+            probabilities=capture.probabilities,
+            request_id=capture.request_id,
+            reason=capture.reason,
+            received_at=capture.received_at,
+            reencoded_from_bytes=original_bytes,
+        ).to_json_bytes()
         incoming = len(image) + len(sidecar)
         if incoming > self.policy.max_bytes:
             raise OSError(f"one capture ({incoming} bytes) exceeds capture_max_bytes")
         self._evict(incoming)
         mode = self.policy.file_mode
         atomic_write_bytes(image_path, image, mode=mode)
-        sidecar_path = image_path.with_suffix(image_path.suffix + SIDECAR_SUFFIX)
-        atomic_write_bytes(sidecar_path, sidecar, mode=mode)
-        self._files.extend(((image_path, len(image)), (sidecar_path, len(sidecar))))
+        sidecar_file = sidecar_path(image_path)
+        atomic_write_bytes(sidecar_file, sidecar, mode=mode)
+        self._files.extend(((image_path, len(image)), (sidecar_file, len(sidecar))))
         self._bytes += incoming
 
     def _evict(self, incoming: int) -> None:

@@ -24,11 +24,11 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from contracts.atomic_files import atomic_write_bytes, fsync_directory
+from contracts.capture_files import InvalidCaptureSidecar, read_sidecar, sidecar_path
 from contracts.image_formats import SUPPORTED_FORMATS, has_image_extension
 from trainer.errors import DataError
 
 LEDGER = "ingested.jsonl"
-SIDECAR_SUFFIX = ".json"
 # A labels file is written by a person's tool; anything larger is not a review of captures.
 MAX_LABEL_ROWS = 1_000_000
 
@@ -173,16 +173,16 @@ def _add(data: Path, split_dir: Path, row: LabelledCapture, payload: bytes, dige
 
 
 def _sidecar(source: Path) -> dict | None:
-    path = source.with_suffix(source.suffix + SIDECAR_SUFFIX)
+    """The capture's sidecar for the ledger; None when it has none or it cannot be read (the
+    image is still the reviewed one: provenance is a record, not a condition)."""
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_sidecar(source).to_dict()
+    except InvalidCaptureSidecar:
         return None
-    return document if isinstance(document, dict) else None
 
 
 def _remove_capture(source: Path) -> None:
-    source.with_suffix(source.suffix + SIDECAR_SUFFIX).unlink(missing_ok=True)
+    sidecar_path(source).unlink(missing_ok=True)
     source.unlink(missing_ok=True)
 
 
