@@ -10,7 +10,7 @@ before it serves.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +24,11 @@ from contracts.golden_set import (
     labelled_accuracy,
     read_golden_set,
 )
+from contracts.model_metadata import ModelMetadata
+from server.class_scores import class_probabilities
 from server.errors import InvalidInput
 from server.onnx_sessions import OnnxSessions
 from server.preprocess import ImageLimits, decode_image
-from server.repository import ExportMetadata
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +45,9 @@ def _never_stop() -> None:
 GOLDEN_LIMITS = ImageLimits(max_bytes=64 * 2**20, max_pixels=100_000_000, max_aspect=64.0)
 
 
-def probabilities_from_outputs(outputs: Mapping[str, np.ndarray], first_output: str) -> np.ndarray:
-    """The graph's ``probabilities`` output, else the softmax of its first output."""
-    if "probabilities" in outputs:
-        return np.asarray(outputs["probabilities"], dtype=np.float64)
-    logits = np.asarray(outputs[first_output], dtype=np.float64)
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
 def check_golden_set(
     version_dir: Path,
-    metadata: ExportMetadata | None,
+    metadata: ModelMetadata | None,
     sessions: OnnxSessions,
     limits: ImageLimits = GOLDEN_LIMITS,
     checkpoint: Checkpoint = _never_stop,
@@ -102,7 +94,7 @@ class RolloutVerdict:
 
 def check_rollout(  # noqa: PLR0913  the check's inputs, and where it may be stopped
     baseline_dir: Path,
-    metadata: ExportMetadata | None,
+    metadata: ModelMetadata | None,
     sessions: OnnxSessions,
     labels: tuple[str, ...],
     max_drop: float,
@@ -141,7 +133,7 @@ def _label(labels: tuple[str, ...], index: int) -> str:
 def _served_probabilities(  # noqa: PLR0913  the set, the version, and where to stop
     golden: GoldenSet,
     images: list[bytes],
-    metadata: ExportMetadata | None,
+    metadata: ModelMetadata | None,
     sessions: OnnxSessions,
     limits: ImageLimits,
     checkpoint: Checkpoint,
@@ -165,6 +157,6 @@ def _served_probabilities(  # noqa: PLR0913  the set, the version, and where to 
             continue
         batch = pixels[np.newaxis] if batched else pixels
         outputs = sessions.run({image_input.name: batch.astype(image_input.dtype, copy=False)})
-        probabilities = probabilities_from_outputs(outputs, sessions.outputs[0].name)
+        probabilities = class_probabilities(outputs, sessions.outputs[0].name)
         rows.append(probabilities.reshape(-1))
     return rows, problems

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from contracts.golden_set import GOLDEN_FILENAME, golden_dir
+from contracts.model_metadata import ModelMetadata
 from server.config import ServerConfig
 from server.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServerError
 from server.metrics import ServerMetrics
@@ -37,7 +38,6 @@ from server.model_version import ModelVersion
 from server.prediction_monitor import prediction_label_values
 from server.repository import (
     ConfigParser,
-    ExportMetadata,
     ModelSource,
     VersionSource,
     list_models,
@@ -548,5 +548,5 @@ class _Rejection:
         return math.isinf(self.retry_at)
 
 
-def _precision(metadata: ExportMetadata | None) -> str:
+def _precision(metadata: ModelMetadata | None) -> str:
     return (metadata.precision if metadata else None) or "unknown"

@@ -15,10 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from contracts.model_metadata import ModelMetadata
 from server.batching import BatchingSettings, BatchObserver, BatchResult, DynamicBatcher
 from server.errors import InvalidInput, ModelNotReady
 from server.onnx_sessions import OnnxSessions, TensorSpec
-from server.repository import ExportMetadata, ModelSource, VersionSource
+from server.repository import ModelSource, VersionSource
 from server.statistics import CountingObserver, ModelStatistics
 from server.types import Tensor
 
@@ -55,7 +56,7 @@ class ModelVersion:
         model: ModelSource,
         source: VersionSource,
         sessions: OnnxSessions,
-        metadata: ExportMetadata | None,
+        metadata: ModelMetadata | None,
         observe_queue: Callable[[float], None],
     ) -> None:
         """

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageMode, UnidentifiedImageError
 
+from contracts.graph_signature import FLOAT32_NCHW
 from contracts.image_formats import SUPPORTED_FORMATS, to_rgb8
 from contracts.image_header import UnsafeImage, open_image
 from contracts.preprocessing import Preprocessing
@@ -246,7 +247,7 @@ def decode_image(
     with _decode_errors(where, limits):
         cropped = _decode_rgb(data, spec, limits, where)
     pixels = np.asarray(cropped, dtype=np.uint8)
-    if input_format == "float32-nchw":
+    if input_format == FLOAT32_NCHW:
         scaled = pixels.astype(np.float32) / 255.0
         normalised = (scaled - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
         return np.ascontiguousarray(normalised.transpose(2, 0, 1))

@@ -3,7 +3,7 @@
     REPO/<name>/config.pbtxt          Triton model configuration (text format)
     REPO/<name>/labels.txt            class names, output order
     REPO/<name>/<version>/model.onnx  numeric versions 1, 2, ...
-    REPO/<name>/<version>/model.json  export metadata (labels, preprocessing, provenance)
+    REPO/<name>/<version>/model.json  export metadata (``contracts.model_metadata``)
 
 The file names and the version rule are ``contracts.repository_layout``'s, shared with the
 exporter that writes the repository. Non-numeric directories, dot-directories and names
@@ -20,14 +20,17 @@ in Triton's name rule.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from contracts.preprocessing import InvalidPreprocessing, Preprocessing
+from contracts.model_metadata import (
+    InvalidModelMetadata,
+    ModelMetadata,
+    metadata_from_props,
+    read_model_metadata,
+)
 from contracts.repository_layout import (
     CONFIG_FILENAME,
     LABELS_FILENAME,
@@ -44,30 +47,8 @@ log = logging.getLogger(__name__)
 # it in, so this module stays free of *_pb2. It raises ValueError for text it cannot read.
 ConfigParser = Callable[[str], ModelSpec]
 
-# How the classification service lays out a decoded image for the model.
-INPUT_FORMATS = ("uint8-nhwc", "float32-nchw")
-DEFAULT_INPUT_FORMAT = "uint8-nhwc"
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
-
-
-@dataclass(frozen=True)
-class ExportMetadata:
-    """The parts of model.json the server uses, plus the whole document for reporting.
-
-    ``input_format`` says how decoded pixels are laid out for the graph; it belongs to the
-    exported graph, not to the preprocessing description the trainer records.
-    """
-
-    labels: tuple[str, ...]
-    preprocessing: Preprocessing | None
-    input_format: str = DEFAULT_INPUT_FORMAT
-    precision: str | None = None
-    # Classify abstains below this top probability (0: never); chosen at export.
-    abstention_threshold: float = 0.0
-    # The val split's images per class at export: the reference for drift.
-    val_class_counts: tuple[int, ...] | None = None
-    raw: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -259,71 +240,19 @@ def read_model(repository: Path, name: str, parse: ConfigParser) -> ModelSource:
     )
 
 
-def parse_metadata(document: dict[str, Any], source: str) -> ExportMetadata:
-    """Validate the export metadata document (model.json or the ONNX metadata_props)."""
-    labels = document.get("labels") or []
-    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-        raise ModelLoadError(f"{source}: labels must be a list of strings")
-    preprocessing = None
-    input_format = document.get("input_format", DEFAULT_INPUT_FORMAT)
-    if "input_size" in document:
-        if input_format not in INPUT_FORMATS:
-            raise ModelLoadError(f"{source}: input_format {input_format!r} not in {INPUT_FORMATS}")
-        try:
-            preprocessing = Preprocessing.from_dict(document)
-        except InvalidPreprocessing as error:
-            raise ModelLoadError(f"{source}: {error}") from None
-    return ExportMetadata(
-        labels=tuple(labels),
-        preprocessing=preprocessing,
-        input_format=input_format if preprocessing is not None else DEFAULT_INPUT_FORMAT,
-        precision=document.get("precision"),
-        abstention_threshold=_abstention_threshold(document.get("abstention"), source),
-        val_class_counts=_class_counts(document.get("val_class_counts"), len(labels), source),
-        raw=document,
-    )
+def read_metadata(version: VersionSource, onnx_metadata: dict[str, str]) -> ModelMetadata | None:
+    """model.json if present, else the same keys from the ONNX metadata_props, else None.
 
-
-def _abstention_threshold(entry: Any, source: str) -> float:
-    if entry is None:
-        return 0.0
-    threshold = entry.get("threshold") if isinstance(entry, dict) else None
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise ModelLoadError(f"{source}: abstention.threshold must be a number")
-    if not 0.0 <= threshold <= 1.0 + 1e-6:
-        raise ModelLoadError(f"{source}: abstention.threshold {threshold} is not in [0, 1]")
-    return float(threshold)
-
-
-def _class_counts(entry: Any, classes: int, source: str) -> tuple[int, ...] | None:
-    if entry is None:
-        return None
-    if (
-        not isinstance(entry, list)
-        or len(entry) != classes
-        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in entry)
-    ):
-        raise ModelLoadError(f"{source}: val_class_counts must be {classes} counts, one a label")
-    return tuple(entry)
-
-
-def read_metadata(version: VersionSource, onnx_metadata: dict[str, str]) -> ExportMetadata | None:
-    """model.json if present, else the same keys from the ONNX metadata_props, else None."""
+    Raises:
+        ModelLoadError: the document cannot be read or a key is malformed (named).
+    """
     path = version.directory / METADATA_FILENAME
     if path.is_file():
         try:
-            document = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ModelLoadError(f"{path}: {error}") from None
-        if not isinstance(document, dict):
-            raise ModelLoadError(f"{path}: expected a JSON object")
-        return parse_metadata(document, str(path))
-    if "input_size" in onnx_metadata or "labels" in onnx_metadata:
-        document = {}
-        for key, value in onnx_metadata.items():
-            try:
-                document[key] = json.loads(value)
-            except json.JSONDecodeError:
-                document[key] = value
-        return parse_metadata(document, f"{version.onnx_path} metadata_props")
-    return None
+            return read_model_metadata(path)
+        except InvalidModelMetadata as error:  # it names the file
+            raise ModelLoadError(str(error)) from None
+    try:
+        return metadata_from_props(onnx_metadata)
+    except InvalidModelMetadata as error:
+        raise ModelLoadError(f"{version.onnx_path} metadata_props: {error}") from None

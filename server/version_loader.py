@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from contracts.golden_set import InvalidGoldenSet
+from contracts.model_metadata import ModelMetadata
 from contracts.repository_layout import CONFIG_FILENAME
 from server.batching import BatchingSettings
 from server.config import ServerConfig
@@ -33,7 +34,7 @@ from server.golden_set import GoldenVerdict, check_golden_set, check_rollout
 from server.metrics import ServerMetrics
 from server.model_spec import ModelSpec, complete_from_graph, graph_contradictions
 from server.onnx_sessions import OnnxSessions, SessionSettings
-from server.repository import ExportMetadata, ModelSource, VersionSource, read_metadata
+from server.repository import ModelSource, VersionSource, read_metadata
 from server.thread_plan import ThreadPlan
 from server.version_records import Files, RefusedVersion, RolloutRecord, VersionRecords, utc_now
 
@@ -163,7 +164,7 @@ class LoadPlan:
 @dataclass(frozen=True)
 class LoadedVersion:
     sessions: OnnxSessions
-    metadata: ExportMetadata | None
+    metadata: ModelMetadata | None
     spec: ModelSpec
 
 
@@ -244,7 +245,7 @@ class VersionLoader:
         self,
         model_source: ModelSource,
         source: VersionSource,
-        metadata: ExportMetadata | None,
+        metadata: ModelMetadata | None,
         sessions: OnnxSessions,
         plan: LoadPlan,
         checkpoint: Callable[[], None],
@@ -308,7 +309,7 @@ class VersionLoader:
     def _check_golden_set(
         self,
         source: VersionSource,
-        metadata: ExportMetadata | None,
+        metadata: ModelMetadata | None,
         sessions: OnnxSessions,
         checkpoint: Callable[[], None],
     ) -> None:

@@ -62,7 +62,7 @@ def _torch_probabilities(run: Path, images: list[Path]) -> np.ndarray:
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
     std = torch.tensor(pre.std).view(1, 3, 1, 1)
     batch = torch.stack([transform(decode_image(p)) for p in images])
-    temperature = (checkpoint.calibration or {}).get("temperature", 1.0)
+    temperature = checkpoint.temperature
     with torch.no_grad():
         logits = model((batch.float() / 255 - mean) / std)
     return torch.softmax(logits / temperature, dim=1).numpy()

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from contracts.atomic_files import atomic_write_bytes
+from contracts.model_metadata import InvalidModelMetadata, TemperatureCalibration
 from contracts.preprocessing import InvalidPreprocessing, Preprocessing
 from trainer.errors import CheckpointError
 
@@ -253,9 +254,10 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     ema_state: dict[str, torch.Tensor] | None = None
     training: TrainingState = TrainingState()
-    # The softmax temperature fitted on val after training (``Calibration.to_dict``); the
-    # export divides the logits by it. Written into ``best.pt`` only.
-    calibration: dict[str, Any] | None = None
+    # The softmax temperature fitted on val after training (``trainer.stages.calibrate``); the
+    # export divides the logits by it and copies the record into ``model.json``, whose
+    # contract owns its type. Written into ``best.pt`` only.
+    calibration: TemperatureCalibration | None = None
     # What adapted the model to unlabelled target images (``trainer.stages.adaptation``):
     # counts, methods, weights and the AdaBN decision, never the images. ``best.pt`` only;
     # the export copies it into ``model.json``.
@@ -279,7 +281,7 @@ class Checkpoint:
             "scheduler_state": self.training.scheduler,
             "scaler_state": self.training.scaler,
             "rng_state": self.training.rng,
-            "calibration": self.calibration,
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "adaptation": self.adaptation,
             "fisher": self.fisher,
             **self.progress.to_dict(),
@@ -310,6 +312,12 @@ class Checkpoint:
             raise CheckpointError(f"{path}: missing keys {missing}")
         if document["phase"] not in PHASE_ORDER:
             raise CheckpointError(f"{path}: unknown phase {document['phase']!r}")
+        calibration = document.get("calibration")
+        try:
+            if calibration is not None:
+                calibration = TemperatureCalibration.from_dict(calibration)
+        except InvalidModelMetadata as error:
+            raise CheckpointError(f"{path}: {error}") from None
         return cls(
             header=header,
             position=Position(
@@ -324,11 +332,16 @@ class Checkpoint:
                 scaler=document.get("scaler_state"),
                 rng=document.get("rng_state"),
             ),
-            calibration=document.get("calibration"),
+            calibration=calibration,
             # Absent from checkpoints written before they existed.
             adaptation=document.get("adaptation"),
             fisher=document.get("fisher"),
         )
+
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature the export bakes into ``probabilities`` (1.0: none fitted)."""
+        return 1.0 if self.calibration is None else self.calibration.temperature
 
     @property
     def best_state(self) -> tuple[dict[str, torch.Tensor], str]:

@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from server.capture import Capture, CaptureWriter, capture_reason
+from server.class_scores import class_probabilities, top_k_indices
 from server.decode_pool import DecodePool
 from server.errors import InvalidInput
 from server.handlers.common import RequestRecord, check_model_reference, recorded
@@ -25,27 +26,15 @@ from server.types import (
 )
 
 
-def _probabilities(model: ModelVersion, outputs: dict[str, np.ndarray]) -> np.ndarray:
-    if "probabilities" in outputs:
-        return np.asarray(outputs["probabilities"], dtype=np.float64)
-    logits = np.asarray(outputs[model.outputs[0].name], dtype=np.float64)
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
 def top_k(probabilities: np.ndarray, labels: tuple[str, ...], k: int) -> list[list[Prediction]]:
     """The k best classes per row, highest first; labels fall back to the class index."""
-    k = min(k, probabilities.shape[1])
-    results = []
-    for row in probabilities:
-        best = np.argsort(-row, kind="stable")[:k]
-        results.append(
-            [
-                Prediction(labels[i] if i < len(labels) else str(i), int(i), float(row[i]))
-                for i in best
-            ]
-        )
-    return results
+    return [
+        [
+            Prediction(labels[i] if i < len(labels) else str(i), int(i), float(row[i]))
+            for i in top_k_indices(row, k)
+        ]
+        for row in probabilities
+    ]
 
 
 class ClassificationHandler:
@@ -121,7 +110,7 @@ class ClassificationHandler:
         outputs = await model.infer(
             [Tensor(image_input.name, image_input.datatype, batch)], request.deadline, received
         )
-        probabilities = _probabilities(model, outputs)
+        probabilities = class_probabilities(outputs, model.outputs[0].name)
         if limit == 0:
             probabilities = probabilities.reshape(1, -1)
         return ClassifyResponse(

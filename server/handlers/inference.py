@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from server.class_scores import top_k_indices
 from server.errors import InvalidInput, shown
 from server.handlers.byte_budget import ByteBudget
 from server.handlers.common import RequestRecord, check_model_reference, recorded
@@ -203,7 +204,7 @@ def classification(
     k = min(k, rows.shape[1])
     result = np.empty((rows.shape[0], k), dtype=np.object_)
     for r, row in enumerate(rows):
-        for j, index in enumerate(np.argsort(-row, kind="stable")[:k]):
+        for j, index in enumerate(top_k_indices(row, k)):
             label = f":{labels[index]}" if index < len(labels) else ""
             result[r, j] = f"{float(row[index]):f}:{index}{label}".encode()
     return result if batched else result[0]

@@ -142,8 +142,7 @@ def test_an_unwritable_capture_directory_fails_start_up(tmp_path: Path) -> None:
 
 
 def test_a_malformed_abstention_entry_rejects_the_version(tmp_path: Path) -> None:
-    from server.errors import ModelLoadError
-    from server.repository import parse_metadata
+    from contracts.model_metadata import InvalidModelMetadata, ModelMetadata
 
     base = {"labels": ["a", "b"], "input_size": [32, 32], "resize_size": 36}
     for bad, message in (
@@ -151,8 +150,8 @@ def test_a_malformed_abstention_entry_rejects_the_version(tmp_path: Path) -> Non
         ({"abstention": {"threshold": 2.0}}, "not in"),
         ({"val_class_counts": [1]}, "val_class_counts"),
     ):
-        with pytest.raises(ModelLoadError, match=message):
-            parse_metadata({**base, **bad}, "model.json")
-    parsed = parse_metadata({**base, "val_class_counts": [3, 4]}, "model.json")
+        with pytest.raises(InvalidModelMetadata, match=message):
+            ModelMetadata.from_dict({**base, **bad})
+    parsed = ModelMetadata.from_dict({**base, "val_class_counts": [3, 4]})
     assert parsed.abstention_threshold == 0.0
     assert parsed.val_class_counts == (3, 4)

@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 from contracts.atomic_files import atomic_write_bytes
-from contracts.preprocessing import InvalidPreprocessing, Preprocessing
+from contracts.graph_signature import INPUT_NAME, OUTPUT_NAMES, UINT8_NHWC
+from contracts.model_metadata import InvalidModelMetadata, ModelMetadata, read_model_metadata
+from contracts.preprocessing import Preprocessing
 from contracts.repository_layout import (
     METADATA_FILENAME,
     MODEL_FILENAME,
@@ -40,7 +42,7 @@ from contracts.repository_layout import (
     validate_model_name,
     version_numbers,
 )
-from trainer.checkpoint import Checkpoint, load_checkpoint
+from trainer.checkpoint import load_checkpoint
 from trainer.data.augment import eval_transform
 from trainer.data.folders import Sample, report_corrupt, scan_class_folders
 from trainer.data.image_decode import CorruptImage, decode_image
@@ -54,7 +56,6 @@ from trainer.evaluation.report import per_class_scores, write_confusion_figure
 from trainer.export.graph import ServingModel
 from trainer.export.images import preprocess
 from trainer.export.ort_checks import cpu_session, to_feed
-from trainer.export.signature import INPUT_FORMATS, INPUT_NAME, OUTPUT_NAMES, UINT8_NHWC
 from trainer.model.classifier import restore_classifier
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def load_checkpoint_model(path: Path) -> ModelUnderTest:
     except CheckpointError as error:  # load_state_dict lists every key, one a line
         raise CheckpointError(_one_line(str(error))) from error
     pre = checkpoint.header.preprocessing
-    temperature = _checkpoint_temperature(checkpoint, Path(path))
+    temperature = checkpoint.temperature
     serving = ServingModel(
         classifier, input_format=UINT8_NHWC, mean=pre.mean, std=pre.std, temperature=temperature
     ).eval()
@@ -189,16 +190,6 @@ def _one_line(message: str, limit: int = 400) -> str:
     """A message for the one ``trainer: error:`` line: whitespace collapsed, long ones cut."""
     text = " ".join(message.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _checkpoint_temperature(checkpoint: Checkpoint, path: Path) -> float:
-    """The temperature the export bakes into ``probabilities`` (1.0 when not calibrated)."""
-    if checkpoint.calibration is None:
-        return 1.0
-    value = checkpoint.calibration.get("temperature", 1.0)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise CheckpointError(f"{path}: calibration temperature {value!r} is not positive")
-    return float(value)
 
 
 def load_repository_model(
@@ -235,9 +226,8 @@ def load_repository_model(
             f"(complete versions: {complete or 'none'})"
         )
     directory = model_root / str(version)
-    labels, input_format, pre, temperature, precision = _read_model_json(
-        directory / METADATA_FILENAME
-    )
+    metadata, pre = _read_model_json(directory / METADATA_FILENAME)
+    input_format = metadata.input_format
     try:
         session = cpu_session(directory / MODEL_FILENAME)
     except Exception as error:  # onnxruntime raises its own types for a file it cannot load
@@ -263,41 +253,25 @@ def load_repository_model(
         "repository": str(repository),
         "name": name,
         "version": version,
-        "precision": precision,
+        "precision": metadata.precision,
         "input_format": input_format,
     }
-    return ModelUnderTest("onnxruntime", source, labels, temperature, load_image, score)
+    return ModelUnderTest(
+        "onnxruntime", source, metadata.labels, metadata.temperature, load_image, score
+    )
 
 
-def _read_model_json(
-    path: Path,
-) -> tuple[tuple[str, ...], str, Preprocessing, float, str | None]:
-    """Labels, input format, preprocessing, temperature and precision of an exported version."""
+def _read_model_json(path: Path) -> tuple[ModelMetadata, Preprocessing]:
+    """An exported version's metadata, with the labels and preprocessing evaluation needs."""
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(f"{path}: cannot read the export metadata ({error})") from None
-    if not isinstance(document, dict):
-        raise UsageError(f"{path}: expected a JSON object")
-    labels = document.get("labels")
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        metadata = read_model_metadata(path)
+    except InvalidModelMetadata as error:
+        raise UsageError(f"cannot read the export metadata: {error}") from None
+    if not metadata.labels:
         raise UsageError(f"{path}: labels must be a non-empty list of class names")
-    input_format = document.get("input_format", UINT8_NHWC)
-    if input_format not in INPUT_FORMATS:
-        raise UsageError(f"{path}: input_format {input_format!r} is not one of {INPUT_FORMATS}")
-    try:
-        pre = Preprocessing.from_dict(document)
-    except InvalidPreprocessing as error:
-        raise UsageError(f"{path}: {error}") from None
-    calibration = document.get("calibration") or {}
-    temperature = calibration.get("temperature", 1.0) if isinstance(calibration, dict) else 1.0
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, int | float)
-        or temperature <= 0
-    ):
-        raise UsageError(f"{path}: calibration.temperature {temperature!r} is not positive")
-    return tuple(labels), input_format, pre, float(temperature), document.get("precision")
+    if metadata.preprocessing is None:
+        raise UsageError(f"{path}: input_size is missing (the graph's preprocessing)")
+    return metadata, metadata.preprocessing
 
 
 # ---- the folder, the pass, the measures -----------------------------------------------------

@@ -10,8 +10,11 @@ allows. What share of val images it answers (the coverage) is recorded with it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from contracts.model_metadata import Abstention
 
 DEFAULT_TARGET_PRECISION = 0.95
 
@@ -26,15 +29,19 @@ class AbstentionPolicy:
     coverage: float
     count: int
 
-    def to_dict(self) -> dict[str, float | int]:
-        """The ``abstention`` entry of ``model.json``."""
-        return {
-            "threshold": round(self.threshold, 6),
-            "target_precision": self.target_precision,
-            "precision": round(self.precision, 6),
-            "coverage": round(self.coverage, 6),
-            "count": self.count,
-        }
+    def record(self) -> Abstention:
+        """The ``abstention`` entry of ``model.json`` (rounded to 6 digits)."""
+        return Abstention(
+            threshold=round(self.threshold, 6),
+            target_precision=self.target_precision,
+            precision=round(self.precision, 6),
+            coverage=round(self.coverage, 6),
+            count=self.count,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record's keys, for logs and reports."""
+        return self.record().to_dict()
 
 
 def choose_threshold(

@@ -11,9 +11,12 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812 (torch's own convention)
+
+from contracts.model_metadata import TemperatureCalibration
 
 ECE_BINS = 15
 # T outside this range means the logits carry no usable confidence; clamp rather than export
@@ -32,17 +35,21 @@ class Calibration:
     nll_after: float
     count: int
 
-    def to_dict(self) -> dict[str, float | int]:
-        """For ``model.json``, ``summary.json`` and the report."""
-        return {
-            "temperature": round(self.temperature, 6),
-            "ece_before": round(self.ece_before, 6),
-            "ece_after": round(self.ece_after, 6),
-            "nll_before": round(self.nll_before, 6),
-            "nll_after": round(self.nll_after, 6),
-            "count": self.count,
-            "ece_bins": ECE_BINS,
-        }
+    def record(self) -> TemperatureCalibration:
+        """The record the checkpoint and ``model.json`` carry (rounded to 6 digits)."""
+        return TemperatureCalibration(
+            temperature=round(self.temperature, 6),
+            ece_before=round(self.ece_before, 6),
+            ece_after=round(self.ece_after, 6),
+            nll_before=round(self.nll_before, 6),
+            nll_after=round(self.nll_after, 6),
+            count=self.count,
+            ece_bins=ECE_BINS,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """For ``summary.json`` and the report: the record's keys."""
+        return self.record().to_dict()
 
 
 def expected_calibration_error(

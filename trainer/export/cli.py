@@ -6,10 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
+from contracts.graph_signature import DEFAULT_INPUT_FORMAT, INPUT_FORMATS
 from trainer.config import check_output_directory
 from trainer.errors import CheckpointError, ConfigError
 from trainer.evaluation.abstention import DEFAULT_TARGET_PRECISION
-from trainer.export.signature import INPUT_FORMATS, INT8_MODES, PRECISIONS
+from trainer.export.precisions import INT8_MODES, PRECISIONS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--input-format",
         choices=INPUT_FORMATS,
-        default="uint8-nhwc",
+        default=DEFAULT_INPUT_FORMAT,
         help="graph input: uint8 RGB NHWC with preprocessing in the graph, or normalised NCHW "
         "(default: %(default)s)",
     )

@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 from torch import nn
 
+from contracts.graph_signature import INPUT_FORMATS, UINT8_NHWC
+from contracts.model_metadata import ModelMetadata
 from contracts.preprocessing import Preprocessing
 from contracts.repository_layout import METADATA_FILENAME, MODEL_FILENAME
 from trainer.checkpoint import Checkpoint, load_checkpoint
@@ -28,6 +30,7 @@ from trainer.export.images import ImageSet, SplitRule, list_split, load_split
 from trainer.export.onnx_export import export_onnx
 from trainer.export.optimize import optimize_offline
 from trainer.export.ort_checks import cpu_session, run_logits
+from trainer.export.precisions import INT8_MODES, PRECISIONS
 from trainer.export.quantize import (
     DEFAULT_INT8_ACCURACY_BUDGET,
     LATENCY_BATCH,
@@ -43,7 +46,6 @@ from trainer.export.repository import (
     render_config,
     validate_model_name,
 )
-from trainer.export.signature import INPUT_FORMATS, INT8_MODES, PRECISIONS, UINT8_NHWC
 from trainer.export.step_log import export_step, quiet_third_party
 from trainer.export.verify import (
     FP32_TOLERANCE,
@@ -76,7 +78,7 @@ class ExportResult:
             reference (PyTorch for fp32, the verified fp32 ONNX model for fp16 and int8).
         precision: ``fp32``, ``fp16`` or ``int8``.
         exporter: the torch exporter that produced the graph.
-        metadata: the ``model.json`` document.
+        metadata: the ``model.json`` document (``ModelMetadata.to_dict``).
     """
 
     version: int
@@ -197,7 +199,7 @@ def export_checkpoint(  # noqa: PLR0913  every export option is a keyword the CL
         max_abs_diff=built.parity.max_abs_diff_logits,
         precision=precision,
         exporter=built.exporter,
-        metadata=document,
+        metadata=document.to_dict(),
     )
 
 
@@ -232,6 +234,7 @@ class _Built:
     path: Path
     parity: ParityReport
     exporter: str
+    # ``model.json`` facts of the later steps, by their ``ModelMetadata`` field names.
     extra: dict[str, Any]
     golden_files: dict[str, bytes]
 
@@ -279,7 +282,7 @@ def _build_version(source: _Source, work: Path, options: _Options) -> _Built:
         input_format=graph.input_format,
         mean=graph.mean,
         std=graph.std,
-        temperature=_temperature(checkpoint),
+        temperature=checkpoint.temperature,
     )
     with export_step("export", arch=checkpoint.header.arch) as facts:
         exporter = export_onnx(
@@ -295,8 +298,6 @@ def _build_version(source: _Source, work: Path, options: _Options) -> _Built:
         fp32_path, optimization = _optimize(fp32_path, work, source.classifier, graph, source.val)
         facts.update(optimization)
     extra: dict[str, Any] = {"state_source": source.state_source, "optimization": optimization}
-    if checkpoint.calibration is not None:
-        extra["calibration"] = checkpoint.calibration
     final_path, parity = fp32_path, parity_fp32
     if options.precision != "fp32":
         with export_step("quantise", precision=options.precision) as facts:
@@ -317,7 +318,8 @@ def _build_version(source: _Source, work: Path, options: _Options) -> _Built:
         extra.update(
             _abstention(final_path, graph, source.val, checkpoint, options.abstention_precision)
         )
-        facts.update(extra.get("abstention") or {"threshold": None})
+        abstention = extra.get("abstention")
+        facts.update(abstention.to_dict() if abstention is not None else {"threshold": None})
     with export_step("golden_set") as facts:
         golden_files = _golden_set(
             options.data_dir, source.val_files, checkpoint, serving, final_path, graph, extra
@@ -336,7 +338,7 @@ def _parity_facts(parity: ParityReport) -> dict[str, Any]:
 
 def _publish(  # noqa: PLR0913  the publish step's inputs, each from export_checkpoint
     built: _Built,
-    document: dict[str, Any],
+    document: ModelMetadata,
     repository: Path,
     model_name: str,
     graph: _Graph,
@@ -363,11 +365,11 @@ def _publish(  # noqa: PLR0913  the publish step's inputs, each from export_chec
         model_name,
         version_files={
             MODEL_FILENAME: model_bytes,
-            METADATA_FILENAME: meta.to_json_bytes(document),
+            METADATA_FILENAME: document.to_json_bytes(),
             **built.golden_files,
         },
         config_text=config_text,
-        labels=document["labels"],
+        labels=list(document.labels),
     )
 
 
@@ -385,9 +387,12 @@ def _abstention(
     """
     if val is None or len(val) == 0:
         return {}
-    logits = run_logits(
-        cpu_session(model_path), val.images, graph.input_format, graph.mean, graph.std
-    ).astype(np.float64) / _temperature(checkpoint)
+    logits = (
+        run_logits(
+            cpu_session(model_path), val.images, graph.input_format, graph.mean, graph.std
+        ).astype(np.float64)
+        / checkpoint.temperature
+    )
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities = shifted / shifted.sum(axis=1, keepdims=True)
     policy = choose_threshold(probabilities, val.labels, target_precision)
@@ -400,7 +405,7 @@ def _abstention(
         100 * policy.precision,
         100 * target_precision,
     )
-    return {"abstention": policy.to_dict()}
+    return {"abstention": policy.record()}
 
 
 def _val_class_counts(val_files: list[tuple[Path, int]], checkpoint: Checkpoint) -> dict[str, Any]:
@@ -410,14 +415,7 @@ def _val_class_counts(val_files: list[tuple[Path, int]], checkpoint: Checkpoint)
     counts = [0] * checkpoint.header.num_classes
     for _, label in val_files:
         counts[label] += 1
-    return {"val_class_counts": counts}
-
-
-def _temperature(checkpoint: Checkpoint) -> float:
-    """The checkpoint's fitted softmax temperature (1.0 when it was not calibrated)."""
-    if checkpoint.calibration is None:
-        return 1.0
-    return float(checkpoint.calibration.get("temperature", 1.0))
+    return {"val_class_counts": tuple(counts)}
 
 
 def _golden_set(  # noqa: PLR0913  one step of export_checkpoint; its facts passed on

@@ -24,13 +24,13 @@ import torch
 from PIL import Image
 
 from contracts.golden_set import GOLDEN_DIRNAME, GOLDEN_FILENAME, GoldenImage, GoldenSet
+from contracts.graph_signature import INPUT_NAME, PROBABILITIES_NAME, UINT8_NHWC
 from contracts.preprocessing import Preprocessing
 from trainer.data.augment import eval_transform
 from trainer.data.image_decode import CorruptImage, decode_image, open_rgb
 from trainer.export.graph import ServingModel
 from trainer.export.images import preprocess
 from trainer.export.ort_checks import cpu_session, to_feed
-from trainer.export.signature import INPUT_NAME, UINT8_NHWC
 
 log = logging.getLogger(__name__)
 
@@ -242,5 +242,5 @@ def _graph_probabilities(
     )
     session = cpu_session(onnx_path)
     feed = to_feed(images, input_format, pre.mean, pre.std)
-    (probabilities,) = session.run(["probabilities"], {INPUT_NAME: feed})
+    (probabilities,) = session.run([PROBABILITIES_NAME], {INPUT_NAME: feed})
     return np.asarray(probabilities, dtype=np.float64)

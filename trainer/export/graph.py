@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from trainer.export.signature import INPUT_FORMATS, UINT8_NHWC
+from contracts.graph_signature import INPUT_FORMATS, UINT8_NHWC
 
 
 class ServingModel(nn.Module):

@@ -1,13 +1,13 @@
 """What a served model carries about itself: ``model.json`` and the ONNX ``metadata_props``.
 
-The server builds its preprocessing and labels from these keys (architecture contract), so
-they come from the checkpoint, never from constants here.
+The document's keys and format are ``contracts.model_metadata``'s; this module fills them in.
+The server builds its preprocessing and labels from them, so they come from the checkpoint,
+never from constants here.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import platform
 import subprocess
 from collections.abc import Mapping
@@ -17,6 +17,7 @@ from typing import Any
 
 import onnx
 
+from contracts.model_metadata import ModelMetadata, metadata_from_props
 from trainer.checkpoint import Checkpoint
 
 _LIBRARIES = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu")
@@ -59,63 +60,77 @@ def build_metadata(  # noqa: PLR0913  keyword-only facts of model.json, each fro
     parity: Mapping[str, Any],
     exporter: str,
     extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The ``model.json`` document (keys of the architecture contract, then ``extra``).
+) -> ModelMetadata:
+    """The version's ``model.json`` (``contracts.model_metadata``): the checkpoint's facts,
+    then ``extra``, the facts of the export's later steps by their field names.
 
-    The preprocessing keys are the checkpoint's ``Preprocessing.to_dict()``, top level, so the
-    server reads them back with ``Preprocessing.from_dict``.
+    The preprocessing is the checkpoint's ``Preprocessing``, so the server reads back exactly
+    what the model was trained with.
+
+    Raises:
+        TypeError: an ``extra`` name that is not a key of the document, or a value JSON
+            cannot hold.
     """
     header = checkpoint.header
     progress = checkpoint.progress.to_dict()
-    document: dict[str, Any] = {
-        "labels": list(header.classes),
-        "input_format": input_format,
-        **header.preprocessing.to_dict(),
-        "precision": precision,
-        "arch": header.arch,
-        "weights": header.weights,
-        "training": {
-            "best_val_accuracy": progress["best_val_accuracy"],
-            "epochs": progress["epochs"],
-        },
-        "dataset_fingerprint": header.dataset_fingerprint,
-        "parity": dict(parity),
-        "exporter": exporter,
-        "versions": library_versions(),
-        "git_commit": git_commit(),
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    facts = {
+        key: _plain(value) if isinstance(value, Mapping) else value
+        for key, value in (extra or {}).items()
     }
-    if checkpoint.adaptation is not None:
+    return ModelMetadata(
+        labels=tuple(header.classes),
+        preprocessing=header.preprocessing,
+        input_format=input_format,
+        precision=precision,
+        arch=header.arch,
+        weights=header.weights,
+        training=_plain(
+            {"best_val_accuracy": progress["best_val_accuracy"], "epochs": progress["epochs"]}
+        ),
+        dataset_fingerprint=_plain(header.dataset_fingerprint),
+        parity=_plain(parity),
+        exporter=exporter,
+        versions=library_versions(),
+        git_commit=git_commit(),
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         # How the model was adapted to unlabelled images from where it is used (counts,
         # methods, weights, the AdaBN decision): the checkpoint's record as it is.
-        document["adaptation"] = checkpoint.adaptation
-    document.update(extra or {})
-    # Fail here, not in the server: every value must survive a JSON round trip.
-    return json.loads(json.dumps(document, allow_nan=False, default=_to_builtin))
+        adaptation=None if checkpoint.adaptation is None else _plain(checkpoint.adaptation),
+        calibration=checkpoint.calibration,
+        **facts,
+    )
 
 
-def embed(model: onnx.ModelProto, document: Mapping[str, Any]) -> None:
+def embed(model: onnx.ModelProto, metadata: ModelMetadata) -> None:
     """Set one ``metadata_props`` entry per key, its value JSON-encoded."""
     del model.metadata_props[:]
-    for key, value in document.items():
+    for key, value in metadata.to_metadata_props().items():
         entry = model.metadata_props.add()
         entry.key = key
-        entry.value = json.dumps(value, allow_nan=False)
+        entry.value = value
 
 
 def read_embedded(model: onnx.ModelProto) -> dict[str, Any]:
-    """The inverse of ``embed``."""
-    return {entry.key: json.loads(entry.value) for entry in model.metadata_props}
+    """The document ``embed`` stored (empty when the graph holds none)."""
+    metadata = metadata_from_props({entry.key: entry.value for entry in model.metadata_props})
+    return {} if metadata is None else metadata.to_dict()
 
 
-def to_json_bytes(document: Mapping[str, Any]) -> bytes:
-    return (json.dumps(document, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
+def _plain(value: Any) -> Any:
+    """``value`` as plain JSON types: checkpoints may hold numpy or torch scalars and tensors
+    in their summary fields. Fails here, in the export, rather than in the server.
 
-
-def _to_builtin(value: Any) -> Any:
-    # Checkpoints may hold numpy or torch scalars in their summary fields.
+    Raises:
+        TypeError: a value with no JSON form.
+    """
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if hasattr(value, "tolist"):  # numpy and torch scalars and arrays
+        return _plain(value.tolist())
     if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
+        return _plain(value.item())
     raise TypeError(f"cannot store {type(value).__name__} in model.json")

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from contracts.graph_signature import INPUT_NAME, OUTPUT_NAMES, UINT8_NHWC
 from trainer.export.errors import ExportError
-from trainer.export.signature import INPUT_NAME, OUTPUT_NAMES, UINT8_NHWC
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from contracts.graph_signature import INPUT_NAME, LOGITS_NAME, UINT8_NHWC
 from trainer.export.images import ImageSet
-from trainer.export.signature import INPUT_NAME, UINT8_NHWC
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:
@@ -46,7 +46,7 @@ def run_logits(  # noqa: PLR0913  the graph input format and normalisation trave
     chunks = []
     for start in range(0, len(images), batch_size):
         feed = to_feed(images[start : start + batch_size], input_format, mean, std)
-        chunks.append(session.run(["logits"], {INPUT_NAME: feed})[0])
+        chunks.append(session.run([LOGITS_NAME], {INPUT_NAME: feed})[0])
     return np.concatenate(chunks).astype(np.float32)
 
 

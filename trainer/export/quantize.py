@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from contracts.graph_signature import INPUT_NAME
 from trainer.export.errors import ExportError
 from trainer.export.images import ImageSet
 from trainer.export.ort_checks import cpu_session, median_latency_seconds, to_feed, top1_accuracy
-from trainer.export.signature import INPUT_NAME, INT8_MODES
+from trainer.export.precisions import INT8_MODES
 
 log = logging.getLogger(__name__)
 

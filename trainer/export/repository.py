@@ -34,9 +34,9 @@ from contracts.atomic_files import (
     fsync_directory,
     write_synced,
 )
+from contracts.graph_signature import INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME, UINT8_NHWC
 from contracts.repository_layout import CONFIG_FILENAME, LABELS_FILENAME, STAGING_PREFIX
 from trainer.errors import ConfigError
-from trainer.export.signature import INPUT_NAME, UINT8_NHWC
 
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_QUEUE_DELAY_US = 2000
@@ -82,12 +82,12 @@ def render_config(  # noqa: PLR0913  keyword-only fields of config.pbtxt
         "]\n"
         "output [\n"
         "  {\n"
-        '    name: "logits"\n'
+        f'    name: "{LOGITS_NAME}"\n'
         "    data_type: TYPE_FP32\n"
         f"    dims: [ {num_classes} ]\n"
         "  },\n"
         "  {\n"
-        '    name: "probabilities"\n'
+        f'    name: "{PROBABILITIES_NAME}"\n'
         "    data_type: TYPE_FP32\n"
         f"    dims: [ {num_classes} ]\n"
         f'    label_filename: "{LABELS_FILENAME}"\n'

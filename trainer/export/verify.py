@@ -19,10 +19,10 @@ import onnx
 import torch
 from torch import nn
 
+from contracts.graph_signature import INPUT_NAME, LOGITS_NAME, OUTPUT_NAMES, UINT8_NHWC
 from trainer.export.errors import ExportError
 from trainer.export.graph import normalize_uint8_nhwc
 from trainer.export.ort_checks import cpu_session, to_feed
-from trainer.export.signature import INPUT_NAME, OUTPUT_NAMES, UINT8_NHWC
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def onnx_parity(  # noqa: PLR0913  keyword-only parity inputs and tolerances
     largest = 1.0
     for source, images in parity_batches(input_size, val_images, batch_sizes):
         feed = {INPUT_NAME: to_feed(images, input_format, mean, std)}
-        expected = reference_session.run(["logits"], feed)[0]
+        expected = reference_session.run([LOGITS_NAME], feed)[0]
         logits, probabilities = candidate_session.run(list(OUTPUT_NAMES), feed)
         _check_outputs(source, logits, probabilities, expected.shape)
         per_source[source] = float(np.max(np.abs(logits - expected)))

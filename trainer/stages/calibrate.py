@@ -55,7 +55,7 @@ def calibrate_best(context: RunContext, pipeline: Pipeline, step: StepSetup) -> 
         return None
     with single_threaded():
         calibration = fit_temperature(logits, labels)
-    recorded = dataclasses.replace(checkpoint, calibration=calibration.to_dict())
+    recorded = dataclasses.replace(checkpoint, calibration=calibration.record())
     atomic_write_bytes(context.best_checkpoint, ckpt.serialize(recorded))
     document = {"split": "val", **calibration.to_dict()}
     atomic_write_bytes(

@@ -105,5 +105,5 @@ def test_model_json_carries_the_adaptation_record(adapted_run: tuple[Path, dict,
     best = ckpt.load_checkpoint(output / "checkpoints" / "best.pt")
     document = build_metadata(
         best, input_format="uint8-nhwc", precision="fp32", parity={}, exporter="test"
-    )
+    ).to_dict()
     assert document["adaptation"] == json.loads(json.dumps(summary["adaptation"]))

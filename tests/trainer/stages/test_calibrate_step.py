@@ -20,8 +20,7 @@ def test_run_records_the_temperature_in_best_pt_summary_and_report(
     assert calibration["split"] == "val" and calibration["count"] == 9
     assert calibration["nll_after"] <= calibration["nll_before"] + 1e-9
     assert (
-        load_checkpoint(out / "checkpoints" / "best.pt").calibration["temperature"]
-        == (calibration["temperature"])
+        load_checkpoint(out / "checkpoints" / "best.pt").temperature == (calibration["temperature"])
     )
     assert json.loads((out / "report" / "calibration.json").read_text()) == calibration
 
