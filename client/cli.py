@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -23,11 +23,18 @@ from client.api import AsyncInferenceClient, ImageResult, InferenceClient, Reque
 from client.bench import BenchSetupError, bench_classify, bench_infer, synthetic_jpeg
 from client.connection import ClientConfigError, ConnectionOptions, read_token_file
 from client.loadgen import LoadSpec
+from client.settings import (
+    DEFAULT_REPOSITORY,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT_S,
+    ClientEnvironment,
+    read_environment,
+)
 from client.stats import BenchReport
 from client.tensors import TensorError
 from client.verify import VerifySetupError, verify
 from contracts.image_formats import IMAGE_EXTENSIONS
-from contracts.settings import positive_int_argument
+from contracts.settings import SettingError, positive_int_argument
 
 # The formats the server decodes; other files in a directory are skipped.
 IMAGE_SUFFIXES = IMAGE_EXTENSIONS
@@ -60,70 +67,71 @@ def _positive_float(text: str) -> float:
     return value
 
 
-DEFAULT_TARGET = "localhost:8001"
-
-
-def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
+def _add_connection_flags(parser: argparse.ArgumentParser, env: ClientEnvironment) -> None:
     group = parser.add_argument_group("connection (each flag also reads CLIENT_<FLAG>)")
     group.add_argument(
         "--target",
-        default=env("CLIENT_TARGET") or DEFAULT_TARGET,
+        default=env.target or DEFAULT_TARGET,
         help=f"server address HOST:PORT (default: $CLIENT_TARGET, else {DEFAULT_TARGET})",
     )
     group.add_argument(
         "--tls",
         action="store_true",
-        default=env("CLIENT_TLS", "").strip().lower() in ("1", "true", "yes", "on"),
+        default=bool(env.tls),
         help="use TLS with the system CA roots (implied by --ca-cert)",
     )
     group.add_argument(
         "--ca-cert",
         type=Path,
-        default=env("CLIENT_CA_CERT"),
+        default=env.ca_cert,
         help="PEM CA certificate that signed the server's certificate",
     )
     group.add_argument(
         "--client-cert",
         type=Path,
-        default=env("CLIENT_CLIENT_CERT"),
+        default=env.client_cert,
         help="PEM client certificate for mutual TLS",
     )
     group.add_argument(
         "--client-key",
         type=Path,
-        default=env("CLIENT_CLIENT_KEY"),
+        default=env.client_key,
         help="PEM private key of --client-cert",
     )
     group.add_argument(
         "--server-name",
-        default=env("CLIENT_SERVER_NAME"),
+        default=env.server_name,
         help="name to check the server certificate against",
     )
     group.add_argument(
         "--token-file",
         type=Path,
-        default=env("CLIENT_TOKEN_FILE"),
+        default=env.token_file,
         help="file of the bearer token sent on every call (its last token, # comments skipped)",
     )
     group.add_argument(
         "--allow-insecure-token",
         action="store_true",
-        default=env("CLIENT_ALLOW_INSECURE_TOKEN", "").strip().lower()
-        in ("1", "true", "yes", "on"),
+        default=bool(env.allow_insecure_token),
         help="send the token without TLS to a host other than this one (a trusted network "
         "only; refused by default)",
     )
     group.add_argument(
         "--timeout-s",
         type=_positive_float,
-        # A string default goes through `type`, so a bad environment value is a usage error.
-        default=env("CLIENT_TIMEOUT_S", "30"),
+        default=env.timeout_s if env.timeout_s is not None else DEFAULT_TIMEOUT_S,
         help="deadline of each call in seconds (default %(default)s)",
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The ``client`` parser; ``CLIENT_<FLAG>`` in ``environ`` (default: os.environ) are the
+    connection flags' defaults.
+
+    Raises:
+        SettingError: a ``CLIENT_*`` value of the wrong type, naming the variable.
+    """
+    env = read_environment(os.environ if environ is None else environ)
     parser = argparse.ArgumentParser(
         prog="client", description="Client of the finetune inference server."
     )
@@ -137,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the model was unsure (top score under the version's abstention threshold). Exit 0 "
         "only if every image was classified.",
     )
-    _add_connection_flags(classify)
+    _add_connection_flags(classify, env)
     classify.add_argument(
         "paths",
         nargs="+",
@@ -168,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check grpc.health.v1 status",
         description="Prints the health status; exit 0 only when SERVING.",
     )
-    _add_connection_flags(health)
+    _add_connection_flags(health, env)
     health.add_argument("--service", default="", help="service name (default: whole server)")
     health.add_argument(
         "--wait-s",
@@ -187,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         "requests with --image (a generated JPEG when absent), or raw ModelInfer requests "
         "with random inputs when --model is given.",
     )
-    _add_connection_flags(bench)
+    _add_connection_flags(bench, env)
     bench.add_argument(
         "--concurrency",
         type=positive_int_argument,
@@ -228,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the server does when it loads the version. Exit 0 when it passes, 1 when any top-1 "
         "or probability differs beyond the set's tolerance.",
     )
-    _add_connection_flags(verify)
+    _add_connection_flags(verify, env)
     verify.add_argument("--model", required=True, help="model name")
     verify.add_argument(
         "--model-version", default="", help="version (default: the newest one the server loaded)"
@@ -236,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--repository",
         type=Path,
-        default=os.environ.get("CLIENT_REPOSITORY", "models"),
+        default=env.repository or DEFAULT_REPOSITORY,
         help="the model repository the server serves, readable here "
         "(default $CLIENT_REPOSITORY, else ./models)",
     )
@@ -419,7 +427,12 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except SettingError as exc:
+        print(f"client: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
     handlers = {
         "classify": run_classify,
         "health": run_health,

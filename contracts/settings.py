@@ -206,6 +206,8 @@ class SettingsLoader:
         settings_class: the program's frozen settings dataclass.
         env_prefix: ``SERVER_``, ``TRAINER_``, ...
         ignored_environment: prefixed variables that are not settings (``SERVER_CONFIG``).
+        is_environment_shared: the prefix is not the program's alone (``CLIENT_``), so a
+            variable that names no setting is left alone instead of refused.
         file_source: how a file's value is named in errors, from ``{path}`` and ``{name}``.
         flag_source: how a flag's value is named in errors: ``{name}`` (``grpc_port``) or
             ``{flag}`` (``--grpc-port``).
@@ -218,6 +220,7 @@ class SettingsLoader:
     settings_class: type
     env_prefix: str
     ignored_environment: frozenset[str] = frozenset()
+    is_environment_shared: bool = False
     file_source: str = "config file {path}: {name}"
     flag_source: str = "{name}"
     words: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
@@ -303,20 +306,26 @@ class SettingsLoader:
         """The settings of every ``PREFIX*`` variable not in ``ignored_environment``.
 
         Raises:
-            UnknownSettingError: every variable that names no setting.
+            UnknownSettingError: every variable that names no setting (none when
+                ``is_environment_shared``).
             SettingValueError: the first value of the wrong type.
         """
         keys = [
             key
             for key in environ
-            if key.startswith(self.env_prefix) and key not in self.ignored_environment
+            if key.startswith(self.env_prefix)
+            and key not in self.ignored_environment
+            and not (self.is_environment_shared and self._name_of(key) not in self.types)
         ]
-        names = [key[len(self.env_prefix) :].lower() for key in keys]
+        names = [self._name_of(key) for key in keys]
         self._check_known("environment", keys, names)
         return {
             name: Given(self.convert(name, environ[key], key), key)
             for key, name in zip(keys, names, strict=True)
         }
+
+    def _name_of(self, variable: str) -> str:
+        return variable[len(self.env_prefix) :].lower()
 
     def read_flags(self, flags: Mapping[str, Any]) -> dict[str, Given]:
         """The settings given as flags, by setting name (``grpc_port``).

@@ -192,3 +192,41 @@ def test_target_defaults_to_the_environment_then_localhost(
     from client.cli import build_parser
 
     assert build_parser().parse_args(["health"]).target == "localhost:8001"
+
+
+def test_connection_flags_default_to_the_environment_read_as_the_server_reads_its_own() -> None:
+    from client.cli import build_parser
+
+    environ = {
+        "CLIENT_TLS": "yes",
+        "CLIENT_ALLOW_INSECURE_TOKEN": "off",
+        "CLIENT_TIMEOUT_S": "2.5",
+        "CLIENT_CA_CERT": "",  # empty: not set
+        "CLIENT_REPOSITORY": "repo",
+        "CLIENT_ID": "another program's",  # CLIENT_ is a common prefix: left alone
+    }
+    args = build_parser(environ).parse_args(["verify", "--model", "m", "--timeout-s", "4"])
+    assert (args.tls, args.allow_insecure_token, args.ca_cert) == (True, False, None)
+    assert (args.timeout_s, args.repository) == (4.0, Path("repo"))
+    assert build_parser(environ).parse_args(["health"]).timeout_s == 2.5
+    assert build_parser({}).parse_args(["health"]).timeout_s == 30
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("CLIENT_TLS", "maybe", "CLIENT_TLS: cannot read 'maybe' as true or false"),
+        ("CLIENT_TIMEOUT_S", "soon", "CLIENT_TIMEOUT_S: cannot read 'soon' as a number"),
+        ("CLIENT_TIMEOUT_S", "-1", "CLIENT_TIMEOUT_S: cannot read '-1' as a positive number"),
+    ],
+)
+def test_a_mistyped_environment_value_is_a_usage_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
+    value: str,
+    message: str,
+) -> None:
+    monkeypatch.setenv(variable, value)
+    assert main(["health"]) == 2
+    assert capsys.readouterr().err.strip() == f"client: error: {message}"
