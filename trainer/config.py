@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from contracts.atomic_files import atomic_write_bytes
+from contracts.graph_signature import DEFAULT_INPUT_FORMAT, INPUT_FORMATS
 from contracts.repository_layout import InvalidModelName, validate_model_name
 from contracts.settings import (
     SettingError,
@@ -67,7 +68,7 @@ class TrainConfig:
     model_name: str = _doc("Model name in the exported model repository.", "classifier")
     repository: Path | None = _doc("Export target; default OUTPUT/model_repository.", None)  # noqa: RUF009
     export: bool = _doc("Export best.pt to ONNX at the end of the run.", True)
-    input_format: str = _doc("Exported graph input.", "uint8-nhwc", ("uint8-nhwc", "float32-nchw"))
+    input_format: str = _doc("Exported graph input.", DEFAULT_INPUT_FORMAT, INPUT_FORMATS)
     precision: str = _doc("Exported model precision.", "fp32", ("fp32", "fp16", "int8"))
     val_fraction: float = _doc(
         "Share of each class held out for validation when there is no val/ folder.", 0.2
