@@ -56,6 +56,31 @@ def test_metadata_from_onnx_props_when_no_model_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"labels": "class_0"}, "labels must be a list of strings"),
+        ({"abstention": {"threshold": 2.0}}, r"abstention\.threshold 2\.0 is not in"),
+        ({"calibration": {"temperature": 0}}, r"calibration\.temperature 0\.0 is not a positive"),
+    ],
+)
+def test_a_malformed_model_json_names_the_file_and_the_key(
+    tmp_path: Path, change: dict, message: str
+) -> None:
+    repo = make_model_repository(tmp_path)
+    source = read_model(repo, "classifier", parse_model_config).versions[0]
+    path = source.directory / "model.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | change))
+    with pytest.raises(ModelLoadError, match=message) as raised:
+        read_metadata(source, {})
+    assert str(raised.value).startswith(f"{path}: ")
+    path.unlink()  # the same document in the graph's metadata_props is read by the same rule
+    props = {key: json.dumps(value) for key, value in change.items()}
+    props["input_size"] = "[32, 32]"
+    with pytest.raises(ModelLoadError, match="metadata_props: .*" + message):
+        read_metadata(source, props)
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ('name: "other"\n', "differs from its directory"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from trainer_helpers import tiny_train_args
 
+from contracts.model_metadata import TemperatureCalibration
 from contracts.preprocessing import Preprocessing
 from trainer import checkpoint as ckpt
 from trainer.cli import main
@@ -88,6 +89,39 @@ def test_adaptation_and_fisher_round_trip_and_older_files_without_them_load(tmp_
     torch.save(older, tmp_path / "older.pt")
     read = ckpt.load_checkpoint(tmp_path / "older.pt")
     assert read.adaptation is None and read.fisher is None
+
+
+def test_calibration_is_typed_and_older_records_load(tmp_path: Path) -> None:
+    written = ckpt.Checkpoint(
+        _header(),
+        ckpt.Position(ckpt.PHASE_ORDER["finetune"], 1, ckpt.EPOCH_DONE),
+        ckpt.Progress(),
+        model_state={"w": torch.ones(2)},
+        calibration=TemperatureCalibration(1.5, 0.08, 0.02, 0.31, 0.24, 9, 15),
+    )
+    # The file holds a plain dict, so the weights-only loader needs no allow-listed type.
+    assert written.to_dict()["calibration"] == {
+        "temperature": 1.5,
+        "ece_before": 0.08,
+        "ece_after": 0.02,
+        "nll_before": 0.31,
+        "nll_after": 0.24,
+        "count": 9,
+        "ece_bins": 15,
+    }
+    ckpt.save(tmp_path, ckpt.serialize(written), best=False)
+    read = ckpt.load_checkpoint(tmp_path / ckpt.LAST)
+    assert read.calibration == written.calibration and read.temperature == 1.5
+    for older, temperature in (({"temperature": 2.0, "ece_before": 0.1}, 2.0), ({}, 1.0)):
+        document = written.to_dict() | {"calibration": older}
+        torch.save(document, tmp_path / "older.pt")
+        assert ckpt.load_checkpoint(tmp_path / "older.pt").temperature == temperature
+    torch.save(written.to_dict() | {"calibration": None}, tmp_path / "none.pt")
+    read = ckpt.load_checkpoint(tmp_path / "none.pt")
+    assert read.calibration is None and read.temperature == 1.0
+    torch.save(written.to_dict() | {"calibration": {"temperature": -1.0}}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"bad\.pt: calibration\.temperature -1\.0"):
+        ckpt.load_checkpoint(tmp_path / "bad.pt")
 
 
 def test_unsafe_file_is_refused_naming_file_and_global(tmp_path: Path) -> None:
