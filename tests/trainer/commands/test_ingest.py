@@ -55,6 +55,20 @@ def test_labelled_captures_move_into_their_class_with_provenance(layout, tmp_pat
     assert (data / records[0]["path"]).is_file()
 
 
+def test_a_capture_with_a_missing_or_malformed_sidecar_is_ingested_without_provenance(
+    layout, tmp_path
+) -> None:
+    data, captures = layout
+    (captures / "unlabeled/cat/c0.png.json").write_text('{"model": 3}')
+    (captures / "unlabeled/dog/c1.png.json").unlink()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("unlabeled/cat/c0.png,cat\nunlabeled/dog/c1.png,dog\n")
+    assert ingest(captures, labels, data).added == {"cat": 1, "dog": 1}
+    records = [json.loads(line) for line in (data / LEDGER).read_text().splitlines()]
+    assert [r["capture"] for r in records] == [None, None]
+    assert not (captures / "unlabeled/cat/c0.png.json").exists()
+
+
 def test_rerun_after_a_crash_is_idempotent(layout, tmp_path) -> None:
     data, captures = layout
     source = captures / "unlabeled/cat/c0.png"
