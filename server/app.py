@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -34,7 +35,7 @@ from server.handlers.inference import InferenceHandler
 from server.lifecycle import DrainTarget, ServerState, drain
 from server.metrics import ServerMetrics
 from server.metrics_http import start_metrics_server
-from server.model_manager import ModelManager
+from server.model_manager import ManagerSettings, ModelManager, RetiredCallback
 from server.prediction_monitor import PredictionMonitors
 from server.preprocess import ImageLimits
 from server.thread_plan import ThreadPlan, plan_from_settings
@@ -42,8 +43,12 @@ from server.transport.access import Access
 from server.transport.grpc_server import GrpcEndpoint, format_address, start_grpc_server
 from server.transport.http_server import HttpEndpoint, start_http_server
 from server.transport.model_config import parse_model_config
+from server.version_loader import LoadSettings, VersionLoader
+from server.version_records import VersionRecords, default_state_dir
 
 log = logging.getLogger(__name__)
+
+S = TypeVar("S")
 
 
 @dataclass
@@ -121,6 +126,31 @@ class ServerHandle(DrainTarget):
             return
         await self.stop_transport(grace or 0)
         await self.unload_models()
+
+
+def settings_for(settings_class: type[S], config: ServerConfig) -> S:
+    """A part's settings: the fields of ``settings_class``, from the server settings of the same
+    names (a part sees what it uses, never the whole config)."""
+    names = [spec.name for spec in dataclasses.fields(settings_class)]  # type: ignore[arg-type]
+    return settings_class(**{name: getattr(config, name) for name in names})
+
+
+def create_model_manager(
+    config: ServerConfig,
+    metrics: ServerMetrics,
+    threads: ThreadPlan | None = None,
+    on_retired: RetiredCallback | None = None,
+) -> ModelManager:
+    """The model manager and what it loads versions with: the version loader and the records
+    (loading markers, rollout verdicts) in the state directory both share."""
+    threads = threads or plan_from_settings(config)
+    state_dir = config.state_dir or default_state_dir(config.model_repository)
+    records = VersionRecords(state_dir)
+    log.info("state directory (loading markers, verdicts off the repository): %s", state_dir)
+    loader = VersionLoader(settings_for(LoadSettings, config), threads, metrics, records)
+    return ModelManager(
+        settings_for(ManagerSettings, config), loader, metrics, parse_model_config, on_retired
+    )
 
 
 def create_decode_pool(config: ServerConfig, threads: ThreadPlan) -> DecodePool:
@@ -217,7 +247,7 @@ async def build_server(
     log.info("%s", threads.describe())
     metrics.cpu_budget.set(threads.budget.cpus)
     monitors = PredictionMonitors(metrics.prediction_metrics)
-    manager = ModelManager(config, metrics, parse_model_config, threads, monitors.forget)
+    manager = create_model_manager(config, metrics, threads, monitors.forget)
     decoder = create_decode_pool(config, threads)
     inference = InferenceHandler(manager, metrics, ByteBudget(config.max_inflight_input_bytes))
     capture = create_capture_writer(config, metrics)

@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import functools
 import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from contracts.golden_set import GOLDEN_FILENAME, golden_dir
-from contracts.model_metadata import ModelMetadata
-from server.config import ServerConfig
 from server.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServerError
+from server.load_thread import LoadCancelled
 from server.metrics import ServerMetrics
 from server.model_version import ModelVersion
 from server.prediction_monitor import prediction_label_values
@@ -44,16 +41,8 @@ from server.repository import (
     read_model,
     version_fingerprint,
 )
-from server.thread_plan import ThreadPlan, plan_from_settings
-from server.version_loader import (
-    LoadCancelled,
-    LoadControl,
-    LoadPlan,
-    VersionLoader,
-    batching_settings,
-    run_in_daemon_thread,
-)
-from server.version_records import RefusedVersion, VersionRecords, default_state_dir
+from server.version_loader import VersionLoader, precision_label
+from server.version_records import RefusedVersion
 from server.version_states import LOADING, READY, UNAVAILABLE, VersionState
 
 log = logging.getLogger(__name__)
@@ -62,38 +51,42 @@ log = logging.getLogger(__name__)
 RetiredCallback = Callable[[str, str], None]
 
 
+@dataclass(frozen=True)
+class ManagerSettings:
+    """The server settings the manager takes (``ServerConfig``'s fields of these names)."""
+
+    model_repository: Path
+    model_name: str | None
+    load_retry_s: float
+
+
 class ModelManager:
     """Owns every loaded version; looks them up for handlers; reloads on change."""
 
     def __init__(
         self,
-        settings: ServerConfig,
+        settings: ManagerSettings,
+        loader: VersionLoader,
         metrics: ServerMetrics,
         parse_config: ConfigParser,
-        threads: ThreadPlan | None = None,
         on_retired: RetiredCallback | None = None,
     ) -> None:
         """
         Args:
+            loader: loads one version (plan, sessions, checks, batcher); built with the
+                version records it and the manager share.
             on_retired: told (model, version) when a retired version is gone for good, so
                 what else keeps state per version (the prediction monitors) can drop it.
         """
         self.settings = settings
+        self.loader = loader
         self.metrics = metrics
         self.parse_config = parse_config
-        self.threads = threads or plan_from_settings(settings)
-        state_dir = settings.state_dir or default_state_dir(settings.model_repository)
-        self.records = VersionRecords(state_dir)
-        log.info("state directory (loading markers, verdicts off the repository): %s", state_dir)
-        self.loader = VersionLoader(settings, self.threads, metrics, self.records)
         self._on_retired = on_retired
         self._models: dict[str, dict[int, ModelVersion]] = {}
         self._rejected: dict[tuple[str, int], _Rejection] = {}
         # model -> why it could not be read at the last poll (its config.pbtxt, its labels).
         self._model_errors: dict[str, str] = {}
-        self._loading: set[tuple[str, int]] = set()
-        # Loads whose thread may still run: in progress, or cancelled and not yet stopped.
-        self._loads: set[LoadControl] = set()
         # model -> its config.pbtxt and label files as last loaded (a change reloads it).
         self._fingerprints: dict[str, tuple] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -256,7 +249,7 @@ class ModelManager:
         return (
             model_source.fingerprint,
             version_fingerprint(source),
-            self.records.fingerprint(source),
+            self.loader.records.fingerprint(source),
         )
 
     def _recently_rejected(self, model_source: ModelSource, source: VersionSource) -> bool:
@@ -268,33 +261,22 @@ class ModelManager:
             return False
         return time.monotonic() < rejection.retry_at
 
+    def _is_refused_here(self, source: VersionSource) -> bool:
+        """Refused by this process for good (the gate, or a crashed load on file)."""
+        rejection = self._rejected.get((source.model_name, source.version))
+        return rejection is not None and rejection.is_final
+
     async def _load(self, model_source: ModelSource, source: VersionSource) -> ModelVersion | None:
-        started = time.monotonic()
+        """The version loaded and serving, or None when it was rejected or the load stopped."""
         try:
-            plan = await asyncio.to_thread(self._plan_load, model_source, source)
+            plan = await asyncio.to_thread(
+                self.loader.plan, model_source, source, self._is_refused_here
+            )
         except RefusedVersion as error:
             self._reject(model_source, source, error, final=True)
             return None
-        key = (source.model_name, source.version)
-        self._loading.add(key)
-        control = LoadControl()
-        self._loads.add(control)
-        marker = self.records.mark_loading(source, plan.files)
         try:
-            try:
-                loaded = await run_in_daemon_thread(
-                    functools.partial(self.loader.load, model_source, source, plan, control),
-                    name=f"load-{source.model_name}-{source.version}",
-                )
-            finally:
-                # Before a rejection takes the files' fingerprint. A load that ended, failed
-                # or was cancelled by a shutdown is no crash.
-                marker.release()
-                self._loading.discard(key)
-        except asyncio.CancelledError:
-            control.cancel()  # its thread stops within a step; close() waits for that only
-            log.warning("model %s version %d: load cancelled", source.model_name, source.version)
-            raise
+            loaded = await self.loader.load(model_source, source, plan)
         except LoadCancelled:  # close() stopped it
             log.warning("model %s version %d: load cancelled", source.model_name, source.version)
             return None
@@ -308,93 +290,8 @@ class ModelManager:
             log.exception("unexpected error loading %s", source.directory)
             self._reject(model_source, source, error)
             return None
-        finally:
-            if control.finished.is_set():
-                self._loads.discard(control)
-        self._rejected.pop(key, None)
-        name, version = source.model_name, str(source.version)
-        sessions, metadata = loaded.sessions, loaded.metadata
-        model = ModelVersion(
-            dataclasses.replace(model_source, spec=loaded.spec),
-            source,
-            sessions,
-            metadata,
-            self.metrics.queue_seconds.labels(name, version).observe,
-        )
-        settings = batching_settings(self.settings, model_source.spec, sessions.instances)
-        await model.start_batching(settings, self.metrics.observer(name, version))
-        self.metrics.model_loads.labels(name).inc()
-        self.metrics.model_info.labels(
-            name, version, sessions.providers[0], _precision(metadata)
-        ).set(1)
-        log.info(
-            "model %s version %s ready in %.2fs (provider %s, batching %s)",
-            name,
-            version,
-            time.monotonic() - started,
-            sessions.providers[0],
-            settings,
-        )
-        return model
-
-    def _plan_load(self, model_source: ModelSource, source: VersionSource) -> LoadPlan:
-        """What is on file about the version, and the gate's baseline (runs in a thread).
-
-        Raises:
-            RefusedVersion: a server died loading these files, or their verdict refuses them.
-        """
-        files = version_fingerprint(source)
-        crashed = self.records.crashed_load(source, files)
-        if crashed is not None:
-            raise RefusedVersion(crashed.describe())
-        max_drop = self.settings.rollout_max_accuracy_drop
-        verdict = None
-        on_file = self.records.read_verdict(source, files)
-        if on_file is not None:
-            verdict, path = on_file
-            if verdict.refuses_under(max_drop):
-                raise RefusedVersion(
-                    f"{verdict.describe()} (verdict in {path}; delete it to judge again)"
-                )
-            if not verdict.accepted:
-                log.info(
-                    "model %s version %d: refused with an allowed drop of %.3f, judged again "
-                    "with rollout_max_accuracy_drop %.3f",
-                    source.model_name,
-                    source.version,
-                    verdict.max_drop,
-                    max_drop,
-                )
-                verdict = None
-        return LoadPlan(self._rollout_baseline(model_source, source), verdict, files)
-
-    def _rollout_baseline(
-        self, model_source: ModelSource, source: VersionSource
-    ) -> VersionSource | None:
-        """The newest older version on disk with a golden set that is not refused.
-
-        On disk, loaded or not: after a restart nothing older is loaded, and a version judged
-        only against loaded ones would go live unjudged. A version refused by its verdict, by
-        this process or skipped after a crash never served, so it is passed over: judged
-        against a version as bad, a bad version would pass.
-        """
-        max_drop = self.settings.rollout_max_accuracy_drop
-        for older in reversed(model_source.available):
-            if older.version >= source.version:
-                continue
-            if not (golden_dir(older.directory) / GOLDEN_FILENAME).is_file():
-                continue
-            rejection = self._rejected.get((older.model_name, older.version))
-            if rejection is not None and rejection.is_final:
-                continue
-            files = version_fingerprint(older)
-            on_file = self.records.read_verdict(older, files)
-            if on_file is not None and on_file[0].refuses_under(max_drop):
-                continue
-            if self.records.crashed_load(older, files) is not None:
-                continue
-            return older
-        return None
+        self._rejected.pop((source.model_name, source.version), None)
+        return await self.loader.start_serving(model_source, source, loaded, plan)
 
     def _reject(
         self,
@@ -443,7 +340,7 @@ class ModelManager:
                 model.name,
                 model.version_str,
                 model.sessions.providers[0],
-                _precision(model.metadata),
+                precision_label(model.metadata),
             )
         task = asyncio.get_running_loop().create_task(self._unload(model, forget=not reloaded))
         self._retiring.add(task)
@@ -474,7 +371,7 @@ class ModelManager:
         for name in sorted(set(self._models) | set(self._model_errors)):
             loaded = self._models.get(name, {})
             rejected = {v: r.reason for (n, v), r in self._rejected.items() if n == name}
-            loading = {v for n, v in self._loading if n == name}
+            loading = {v for n, v in self.loader.loading if n == name}
             config_error = self._model_errors.get(name)
             versions = sorted(set(loaded) | set(rejected) | loading)
             for version in versions:
@@ -500,38 +397,15 @@ class ModelManager:
             except Exception:
                 log.exception("repository poll failed; will retry")
 
-    async def _stop_loads(self) -> None:
-        """Cancel every load and wait until their threads are out of onnxruntime.
-
-        A cancelled load leaves its step within one kernel (its runs are terminated), but a
-        thread still inside onnxruntime when the process exits makes it abort in onnxruntime's
-        destructors. Waiting is bounded: a session still being created cannot be stopped.
-        """
-        for control in self._loads:
-            control.cancel()
-        deadline = time.monotonic() + STOP_LOADS_WAIT_S
-        while not all(control.finished.is_set() for control in self._loads):
-            if time.monotonic() >= deadline:
-                log.warning(
-                    "a cancelled load is still inside onnxruntime after %.0f s; exiting anyway",
-                    STOP_LOADS_WAIT_S,
-                )
-                break
-            await asyncio.sleep(0.01)
-        self._loads.clear()
-
     async def close(self) -> None:
         """Stop the loads in progress, drain and unload everything (used at shutdown)."""
-        await self._stop_loads()
+        await self.loader.stop()
         models = [m for versions in self._models.values() for m in versions.values()]
         self._models = {name: {} for name in self._models}
         await asyncio.gather(*(m.unload() for m in models), *self._retiring)
 
 
 MAX_LOAD_RETRY_S = 600.0
-# How long close() waits for cancelled loads to leave onnxruntime (one kernel, or the rest of
-# a session's creation, which cannot be interrupted).
-STOP_LOADS_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -546,7 +420,3 @@ class _Rejection:
     @property
     def is_final(self) -> bool:
         return math.isinf(self.retry_at)
-
-
-def _precision(metadata: ModelMetadata | None) -> str:
-    return (metadata.precision if metadata else None) or "unknown"

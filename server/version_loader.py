@@ -1,53 +1,71 @@
 """Loading one model version, off the event loop and cancellable between steps.
 
+``VersionLoader`` is built by the composition root (``server.app``) and used by the model
+manager, which decides *which* versions to load; the loader does everything that loading *one*
+version takes: the plan (what is on file about it: a crashed load, a verdict, the rollout
+gate's baseline), the loading marker, the steps in a thread of its own
+(``server.load_thread``), and the batcher in front of the loaded sessions.
+
 The steps: onnxruntime sessions, config.pbtxt checked against the graph, the export metadata,
 the warm-up (one batch size at a time), the version's own golden set, and the rollout gate
 (the version against the golden set of the newest older version on disk). Between steps, and
 between batch sizes and golden images, the load stops when it was cancelled: a server shutting
 down does not finish a warm-up nobody will use.
-
-The load runs in a daemon thread of its own, not in the loop's default executor: a cancelled
-load keeps its thread until the step it is in ends (onnxruntime cannot be interrupted), and
-``asyncio.run`` joins the default executor's threads at exit, so a SIGTERM during a warm-up
-would otherwise wait for the whole warm-up.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
+import functools
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
-from contracts.golden_set import InvalidGoldenSet
+from contracts.golden_set import GOLDEN_FILENAME, InvalidGoldenSet, golden_dir
 from contracts.model_metadata import ModelMetadata
 from contracts.repository_layout import CONFIG_FILENAME
 from server.batching import BatchingSettings
-from server.config import ServerConfig
 from server.errors import ModelLoadError
 from server.golden_set import GoldenVerdict, check_golden_set, check_rollout
+from server.load_thread import LoadControl, run_in_daemon_thread
 from server.metrics import ServerMetrics
 from server.model_spec import ModelSpec, complete_from_graph, graph_contradictions
+from server.model_version import ModelVersion
 from server.onnx_sessions import OnnxSessions, SessionSettings
-from server.repository import ModelSource, VersionSource, read_metadata
+from server.repository import ModelSource, VersionSource, read_metadata, version_fingerprint
 from server.thread_plan import ThreadPlan
 from server.version_records import Files, RefusedVersion, RolloutRecord, VersionRecords, utc_now
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+# Whether this process refused a version for good (the manager's rejections): such a version
+# never served, so it is no baseline for the rollout gate.
+RefusedHere = Callable[[VersionSource], bool]
+# How long stop() waits for cancelled loads to leave onnxruntime (one kernel, or the rest of
+# a session's creation, which cannot be interrupted).
+STOP_LOADS_WAIT_S = 5.0
 
 
-class LoadCancelled(Exception):  # noqa: N818 (names of the domain)
-    """The load was cancelled between two steps (the server is shutting down)."""
+@dataclass(frozen=True)
+class LoadSettings:
+    """The server settings loading a version takes (``ServerConfig``'s fields of these names)."""
+
+    providers: str
+    instances: int
+    graph_optimization: str
+    warmup_batch_sizes: tuple[int, ...]
+    warmup_timeout_s: float
+    rollout_max_accuracy_drop: float
+    allow_versions_without_golden_set: bool
+    max_batch_size: int | None
+    max_queue_delay_us: int | None
+    max_queue_size: int
+    max_queued_bytes: int
 
 
-def batching_settings(settings: ServerConfig, spec: ModelSpec, instances: int) -> BatchingSettings:
+def batching_settings(settings: LoadSettings, spec: ModelSpec, instances: int) -> BatchingSettings:
     """Server flags override the model's config.pbtxt; no dynamic_batching means batch 1."""
     dynamic = spec.dynamic_batching
     if spec.max_batch_size <= 0:
@@ -88,62 +106,6 @@ def agreed_spec(model: ModelSource, source: VersionSource, sessions: OnnxSession
     return complete_from_graph(model.spec, sessions.inputs, sessions.outputs)
 
 
-async def run_in_daemon_thread(function: Callable[[], T], name: str) -> T:
-    """``await function()`` run in a new daemon thread that nobody joins.
-
-    Cancelling the await returns at once; the thread finishes its step on its own, and a
-    process exiting meanwhile does not wait for it.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def deliver(result: T | None, error: BaseException | None) -> None:
-        if future.done():  # the awaiting task was cancelled
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def work() -> None:
-        try:
-            outcome: tuple[T | None, BaseException | None] = (function(), None)
-        except BaseException as error:  # delivered to the awaiting task, which decides
-            outcome = (None, error)
-        # The loop may be closed already (the process is exiting): nobody waits any more.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(deliver, *outcome)
-
-    threading.Thread(target=work, name=name, daemon=True).start()
-    return await future
-
-
-class LoadControl:
-    """How the event loop stops one load running in its thread, and learns that it ended."""
-
-    def __init__(self) -> None:
-        self._cancelled = threading.Event()
-        self.finished = threading.Event()
-        self._sessions: OnnxSessions | None = None
-
-    def cancel(self) -> None:
-        """Stop at the next step; a run in progress (a warm-up batch) stops within a kernel."""
-        self._cancelled.set()
-        sessions = self._sessions
-        if sessions is not None:
-            sessions.terminate()
-
-    def checkpoint(self) -> None:
-        """Raises LoadCancelled once ``cancel()`` was called (in the load's thread)."""
-        if self._cancelled.is_set():
-            raise LoadCancelled("cancelled")
-
-    def started(self, sessions: OnnxSessions) -> None:
-        """The load's sessions exist: from now on ``cancel()`` terminates their runs."""
-        self._sessions = sessions
-        self.checkpoint()  # a cancel() that came before the line above found no sessions
-
-
 @dataclass(frozen=True)
 class LoadPlan:
     """What the manager decided before the load: the gate's baseline and a verdict on file.
@@ -152,13 +114,15 @@ class LoadPlan:
         baseline: the newest older version on disk with a golden set that is not refused;
             None when there is none.
         verdict: the verdict already on file for these files (the gate is not run again);
-            never a refusal that still holds (the manager refuses those without loading).
+            never a refusal that still holds (those are refused without loading).
         files: the version's files now (``version_fingerprint``).
+        started_at: when the load began (``time.monotonic``), for its log line.
     """
 
     baseline: VersionSource | None
     verdict: RolloutRecord | None
     files: Files
+    started_at: float
 
 
 @dataclass(frozen=True)
@@ -169,11 +133,11 @@ class LoadedVersion:
 
 
 class VersionLoader:
-    """Loads, warms up and checks versions; runs in a load's own thread."""
+    """Plans, loads, warms up and checks versions, and starts their batchers."""
 
     def __init__(
         self,
-        settings: ServerConfig,
+        settings: LoadSettings,
         threads: ThreadPlan,
         metrics: ServerMetrics,
         records: VersionRecords,
@@ -182,8 +146,163 @@ class VersionLoader:
         self.threads = threads
         self.metrics = metrics
         self.records = records
+        # (model, version) of the loads in progress, for the repository index.
+        self.loading: set[tuple[str, int]] = set()
+        # Loads whose thread may still run: in progress, or cancelled and not yet stopped.
+        self._loads: set[LoadControl] = set()
 
-    def load(
+    def plan(
+        self, model_source: ModelSource, source: VersionSource, refused_here: RefusedHere
+    ) -> LoadPlan:
+        """What is on file about the version, and the gate's baseline (runs in a thread).
+
+        Raises:
+            RefusedVersion: a server died loading these files, or their verdict refuses them.
+        """
+        started_at = time.monotonic()
+        files = version_fingerprint(source)
+        crashed = self.records.crashed_load(source, files)
+        if crashed is not None:
+            raise RefusedVersion(crashed.describe())
+        max_drop = self.settings.rollout_max_accuracy_drop
+        verdict = None
+        on_file = self.records.read_verdict(source, files)
+        if on_file is not None:
+            verdict, path = on_file
+            if verdict.refuses_under(max_drop):
+                raise RefusedVersion(
+                    f"{verdict.describe()} (verdict in {path}; delete it to judge again)"
+                )
+            if not verdict.accepted:
+                log.info(
+                    "model %s version %d: refused with an allowed drop of %.3f, judged again "
+                    "with rollout_max_accuracy_drop %.3f",
+                    source.model_name,
+                    source.version,
+                    verdict.max_drop,
+                    max_drop,
+                )
+                verdict = None
+        baseline = self._rollout_baseline(model_source, source, refused_here)
+        return LoadPlan(baseline, verdict, files, started_at)
+
+    def _rollout_baseline(
+        self, model_source: ModelSource, source: VersionSource, refused_here: RefusedHere
+    ) -> VersionSource | None:
+        """The newest older version on disk with a golden set that is not refused.
+
+        On disk, loaded or not: after a restart nothing older is loaded, and a version judged
+        only against loaded ones would go live unjudged. A version refused by its verdict, by
+        this process or skipped after a crash never served, so it is passed over: judged
+        against a version as bad, a bad version would pass.
+        """
+        max_drop = self.settings.rollout_max_accuracy_drop
+        for older in reversed(model_source.available):
+            if older.version >= source.version:
+                continue
+            if not (golden_dir(older.directory) / GOLDEN_FILENAME).is_file():
+                continue
+            if refused_here(older):
+                continue
+            files = version_fingerprint(older)
+            on_file = self.records.read_verdict(older, files)
+            if on_file is not None and on_file[0].refuses_under(max_drop):
+                continue
+            if self.records.crashed_load(older, files) is not None:
+                continue
+            return older
+        return None
+
+    async def load(
+        self, model_source: ModelSource, source: VersionSource, plan: LoadPlan
+    ) -> LoadedVersion:
+        """Run the steps in a thread of their own, with the version's loading marker on file.
+
+        Raises:
+            LoadCancelled: ``stop()`` stopped it.
+            RefusedVersion: the rollout gate refused it (its verdict is written).
+            ModelLoadError: any other reason not to serve it.
+            asyncio.CancelledError: the awaiting task was cancelled; the thread is told to
+                stop within a step.
+        """
+        key = (source.model_name, source.version)
+        self.loading.add(key)
+        control = LoadControl()
+        self._loads.add(control)
+        marker = self.records.mark_loading(source, plan.files)
+        try:
+            try:
+                return await run_in_daemon_thread(
+                    functools.partial(self._run_steps, model_source, source, plan, control),
+                    name=f"load-{source.model_name}-{source.version}",
+                )
+            finally:
+                # Before a rejection takes the files' fingerprint. A load that ended, failed
+                # or was cancelled by a shutdown is no crash.
+                marker.release()
+                self.loading.discard(key)
+        except asyncio.CancelledError:
+            control.cancel()  # its thread stops within a step; stop() waits for that only
+            log.warning("model %s version %d: load cancelled", source.model_name, source.version)
+            raise
+        finally:
+            if control.finished.is_set():
+                self._loads.discard(control)
+
+    async def start_serving(
+        self,
+        model_source: ModelSource,
+        source: VersionSource,
+        loaded: LoadedVersion,
+        plan: LoadPlan,
+    ) -> ModelVersion:
+        """The loaded version with its batcher started and its metric series set."""
+        name, version = source.model_name, str(source.version)
+        sessions, metadata = loaded.sessions, loaded.metadata
+        model = ModelVersion(
+            dataclasses.replace(model_source, spec=loaded.spec),
+            source,
+            sessions,
+            metadata,
+            self.metrics.queue_seconds.labels(name, version).observe,
+        )
+        settings = batching_settings(self.settings, model_source.spec, sessions.instances)
+        await model.start_batching(settings, self.metrics.observer(name, version))
+        self.metrics.model_loads.labels(name).inc()
+        self.metrics.model_info.labels(
+            name, version, sessions.providers[0], precision_label(metadata)
+        ).set(1)
+        log.info(
+            "model %s version %s ready in %.2fs (provider %s, batching %s)",
+            name,
+            version,
+            time.monotonic() - plan.started_at,
+            sessions.providers[0],
+            settings,
+        )
+        return model
+
+    async def stop(self) -> None:
+        """Cancel every load and wait until their threads are out of onnxruntime.
+
+        A cancelled load leaves its step within one kernel (its runs are terminated), but a
+        thread still inside onnxruntime when the process exits makes it abort in onnxruntime's
+        destructors. Waiting is bounded: a session still being created cannot be stopped.
+        """
+        for control in self._loads:
+            control.cancel()
+        deadline = time.monotonic() + STOP_LOADS_WAIT_S
+        while not all(control.finished.is_set() for control in self._loads):
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "a cancelled load is still inside onnxruntime after %.0f s; exiting anyway",
+                    STOP_LOADS_WAIT_S,
+                )
+                break
+            await asyncio.sleep(0.01)
+        self._loads.clear()
+
+    def _run_steps(
         self,
         model_source: ModelSource,
         source: VersionSource,
@@ -198,14 +317,14 @@ class VersionLoader:
             ModelLoadError: any other reason not to serve it.
         """
         try:
-            return self._load(model_source, source, plan, control)
+            return self._steps(model_source, source, plan, control)
         except ModelLoadError:
             control.checkpoint()  # a run stopped by cancel() fails: that is a cancellation
             raise
         finally:
             control.finished.set()
 
-    def _load(
+    def _steps(
         self,
         model_source: ModelSource,
         source: VersionSource,
@@ -405,3 +524,8 @@ def _ranges(sizes: list[int]) -> str:
         else:
             runs.append([size])
     return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs) or "none"
+
+
+def precision_label(metadata: ModelMetadata | None) -> str:
+    """The ``precision`` label of a version's ``model_info`` series."""
+    return (metadata.precision if metadata else None) or "unknown"

@@ -262,3 +262,9 @@ def test_the_trainer_folder_holds_rooms_not_loose_modules() -> None:
     loose = sorted(n for n in source_modules() if n.count(".") == 1 and _in(n, "trainer"))
     allowed = {name for room in (*TRAINER_ROOMS[:2], *TRAINER_ROOMS[-2:]) for name in room}
     assert [n for n in loose if n not in allowed and not _is_package(n)] == []
+
+
+@pytest.mark.parametrize("name", ["server.model_manager", "server.version_loader"])
+def test_the_model_manager_and_the_loader_get_their_settings_from_the_root(name: str) -> None:
+    # server.app hands each its own settings (ManagerSettings, LoadSettings), not ServerConfig.
+    assert "server.config" not in internal_edges(name)

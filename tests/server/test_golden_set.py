@@ -15,9 +15,8 @@ from repository_factory import make_model_repository, write_version
 from server_harness import server_config
 
 from contracts.golden_set import GOLDEN_DIRNAME, GOLDEN_FILENAME, GoldenImage, GoldenSet, compare
+from server.app import create_model_manager
 from server.metrics import ServerMetrics
-from server.model_manager import ModelManager
-from server.transport.model_config import parse_model_config
 
 
 def _served_versions(
@@ -25,7 +24,7 @@ def _served_versions(
 ) -> list[int]:
     async def scenario() -> list[int]:
         config = server_config(repo, **settings)
-        manager = ModelManager(config, ServerMetrics(registry), parse_model_config)
+        manager = create_model_manager(config, ServerMetrics(registry))
         await manager.refresh()
         if tamper is not None:
             tamper()

@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry
 from repository_factory import make_model_repository, write_failing_version, write_version
 from server_harness import server_config
 
+from server.app import create_model_manager
 from server.metrics import ServerMetrics
-from server.model_manager import ModelManager
 from server.transport.model_config import parse_model_config
 from server.types import Tensor
 
@@ -27,7 +27,7 @@ def test_warm_up_failure_is_rejected_and_old_version_serves(tmp_path: Path) -> N
     registry = CollectorRegistry()
 
     async def scenario() -> tuple[str, str]:
-        manager = ModelManager(server_config(repo), ServerMetrics(registry), parse_model_config)
+        manager = create_model_manager(server_config(repo), ServerMetrics(registry))
         await manager.refresh()
         write_failing_version(repo / "classifier" / "2")
         await manager.refresh()
@@ -47,10 +47,9 @@ def test_two_instances_compute_in_parallel_with_own_answers(tmp_path: Path) -> N
     repo = make_model_repository(tmp_path / "models")
 
     async def scenario() -> None:
-        manager = ModelManager(
+        manager = create_model_manager(
             server_config(repo, instances=2, max_batch_size=1),
             ServerMetrics(CollectorRegistry()),
-            parse_model_config,
         )
         await manager.refresh()
         model = manager.resolve("classifier")
@@ -72,7 +71,7 @@ def test_start_falls_back_when_the_latest_version_is_broken(tmp_path: Path) -> N
     registry = CollectorRegistry()
 
     async def scenario() -> list[str]:
-        manager = ModelManager(server_config(repo), ServerMetrics(registry), parse_model_config)
+        manager = create_model_manager(server_config(repo), ServerMetrics(registry))
         await manager.refresh()
         await manager.refresh()
         served = [m.version_str for m in manager.versions("classifier")]
@@ -98,7 +97,7 @@ def test_rejected_version_is_retried_with_backoff_and_when_its_files_change(
 
     async def scenario(load_retry_s: float) -> list[float]:
         config = server_config(repo, load_retry_s=load_retry_s)
-        manager = ModelManager(config, ServerMetrics(registry), parse_model_config)
+        manager = create_model_manager(config, ServerMetrics(registry))
         counts = []
         await manager.refresh()
         write_failing_version(repo / "classifier" / "2")
@@ -126,7 +125,7 @@ def test_backoff_expired_retries_unchanged_version(tmp_path: Path) -> None:
 
     async def scenario() -> list[float]:
         config = server_config(repo, load_retry_s=0.0)
-        manager = ModelManager(config, ServerMetrics(registry), parse_model_config)
+        manager = create_model_manager(config, ServerMetrics(registry))
         await manager.refresh()
         write_failing_version(repo / "classifier" / "2")
         counts = []
@@ -145,7 +144,7 @@ def test_config_and_labels_changes_reload_without_failing_holders(tmp_path: Path
     registry = CollectorRegistry()
 
     async def scenario() -> tuple[int, int, str]:
-        manager = ModelManager(server_config(repo), ServerMetrics(registry), parse_model_config)
+        manager = create_model_manager(server_config(repo), ServerMetrics(registry))
         await manager.refresh()
         async with manager.lease("classifier") as old:
             text = config_path.read_text()
