@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +69,19 @@ def tiny_train_args(data: Path, output: Path, *, batch_size: int, extra: tuple[s
         "--amp", "off",
         *extra,
     ]  # fmt: skip
+
+
+def make_capture_folder(root: Path, count: int = 5, corrupt: int = 1, seed: int = 0) -> Path:
+    """The server's capture layout: ``unlabeled/<label>/*.jpg`` with ``.json`` sidecars, and
+    ``corrupt`` files that are not images under an image name."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        folder = root / "unlabeled" / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 255, (36, 44, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:04d}.jpg")
+        (folder / f"{i:04d}.json").write_text(json.dumps({"label": "a", "score": 0.4}))
+    (root / "unlabeled").mkdir(parents=True, exist_ok=True)
+    for i in range(corrupt):
+        (root / "unlabeled" / f"broken-{i}.jpg").write_bytes(b"not a jpeg at all")
+    return root

@@ -3,35 +3,17 @@ errors of a folder that cannot serve (exit 2, one line naming the folder and the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
-from trainer_helpers import make_image_folder, tiny_train_args
+from trainer_helpers import make_capture_folder, make_image_folder, tiny_train_args
 
 from trainer.cli import main
 from trainer.config import resolve_config
 from trainer.data.unlabeled import UnlabeledStream, image_files, load_unlabeled_images
 from trainer.errors import DataError
-
-
-def make_capture_folder(root: Path, count: int = 5, corrupt: int = 1, seed: int = 0) -> Path:
-    """The server's capture layout: ``unlabeled/<label>/*.jpg`` with ``.json`` sidecars, and
-    ``corrupt`` files that are not images under an image name."""
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        folder = root / "unlabeled" / ("a" if i % 2 else "b")
-        folder.mkdir(parents=True, exist_ok=True)
-        pixels = rng.integers(0, 255, (36, 44, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i:04d}.jpg")
-        (folder / f"{i:04d}.json").write_text(json.dumps({"label": "a", "score": 0.4}))
-    (root / "unlabeled").mkdir(parents=True, exist_ok=True)
-    for i in range(corrupt):
-        (root / "unlabeled" / f"broken-{i}.jpg").write_bytes(b"not a jpeg at all")
-    return root
 
 
 def test_every_image_file_is_found_recursively_sidecars_and_hidden_ignored(tmp_path: Path):

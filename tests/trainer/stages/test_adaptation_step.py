@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_unlabeled_data import make_capture_folder
-from trainer_helpers import make_image_folder, tiny_config
+from trainer_helpers import make_capture_folder, make_image_folder, tiny_config
 
 from trainer import checkpoint as ckpt
 from trainer.export.metadata import build_metadata
