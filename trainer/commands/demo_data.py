@@ -24,8 +24,19 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from trainer.errors import UsageError
 
-# A shape is drawn on a canvas centred at (cx, cy) with radius r and rotation angle (radians).
-ShapeDrawer = Callable[[Image.Image, float, float, float, float, tuple[int, ...]], None]
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a shape is drawn: centred at (cx, cy), radius r, rotated by angle (radians)."""
+
+    cx: float
+    cy: float
+    r: float
+    angle: float
+
+
+# Draws one shape on the image at a placement, in a colour.
+ShapeDrawer = Callable[[Image.Image, Placement, tuple[int, ...]], None]
 
 #: File formats cycled through so every decoder path the trainer supports gets exercised.
 FORMATS = ("jpg", "png", "webp", "bmp")
@@ -43,8 +54,9 @@ class DemoDataSpec:
     val_per_class: int = 30
 
 
-def _rotated(points: list[tuple[float, float]], cx: float, cy: float, r: float, angle: float):
-    cos, sin = math.cos(angle), math.sin(angle)
+def _rotated(points: list[tuple[float, float]], at: Placement) -> list[tuple[float, float]]:
+    cx, cy, r = at.cx, at.cy, at.r
+    cos, sin = math.cos(at.angle), math.sin(at.angle)
     return [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in points]
 
 
@@ -64,24 +76,27 @@ def _regular_polygon(sides: int, inner: float | None = None) -> list[tuple[float
 
 
 def _polygon(unit: list[tuple[float, float]]) -> ShapeDrawer:
-    def draw(image, cx, cy, r, angle, colour):  # noqa: PLR0913  the ShapeDrawer signature every shape shares
-        ImageDraw.Draw(image).polygon(_rotated(unit, cx, cy, r, angle), fill=colour)
+    def draw(image: Image.Image, at: Placement, colour: tuple[int, ...]) -> None:
+        ImageDraw.Draw(image).polygon(_rotated(unit, at), fill=colour)
 
     return draw
 
 
-def _circle(image, cx, cy, r, angle, colour):  # noqa: PLR0913  the ShapeDrawer signature every shape shares
+def _circle(image: Image.Image, at: Placement, colour: tuple[int, ...]) -> None:
+    cx, cy, r = at.cx, at.cy, at.r
     ImageDraw.Draw(image).ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
 
 
-def _ring(image, cx, cy, r, angle, colour):  # noqa: PLR0913  the ShapeDrawer signature every shape shares
+def _ring(image: Image.Image, at: Placement, colour: tuple[int, ...]) -> None:
+    cx, cy, r = at.cx, at.cy, at.r
     ImageDraw.Draw(image).ellipse(
         (cx - r, cy - r, cx + r, cy + r), outline=colour, width=max(2, int(r / 3))
     )
 
 
-def _crescent(image, cx, cy, r, angle, colour):  # noqa: PLR0913  the ShapeDrawer signature every shape shares
+def _crescent(image: Image.Image, at: Placement, colour: tuple[int, ...]) -> None:
     # Drawn as a mask so the "bite" shows the background, not a flat colour.
+    cx, cy, r, angle = at.cx, at.cy, at.r, at.angle
     size = int(4 * r) + 4
     mask = Image.new("L", (size, size), 0)
     m = ImageDraw.Draw(mask)
@@ -149,7 +164,7 @@ def render_image(rng: np.random.Generator, drawer: ShapeDrawer, size: int) -> Im
     r = rng.uniform(0.22, 0.38) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
-    drawer(image, cx, cy, r, rng.uniform(0, 2 * math.pi), colour)
+    drawer(image, Placement(cx, cy, r, rng.uniform(0, 2 * math.pi)), colour)
     noise = rng.normal(0, 4, size=(size, size, 3))
     return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8), "RGB")
 
