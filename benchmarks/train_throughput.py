@@ -66,10 +66,16 @@ from trainer.commands.demo_data import DemoDataSpec, make_demo_data
 from trainer.config import TrainConfig, resolve_defaults
 from trainer.data.augment import AugmentSettings, BatchPreparer, augment_settings
 from trainer.data.folders import DatasetSplit, scan_dataset
-from trainer.data.input_pipeline import Pipeline, build_pipeline
+from trainer.data.input_pipeline import LoaderSettings, Pipeline, build_pipeline
 from trainer.finetune import phases
 from trainer.finetune.frozen_prefix import FrozenPrefixView, forward_stages, training_view
-from trainer.finetune.loop import autocast, train_one_epoch
+from trainer.finetune.loop import (
+    EpochControl,
+    StepSetup,
+    WeightUpdate,
+    autocast,
+    train_one_epoch,
+)
 from trainer.head import feature_cache as fc
 from trainer.head.fit import fit_head, fit_probe
 from trainer.head.linear_probe import LabelledFeatures
@@ -241,25 +247,14 @@ def trainer_side(
         pipeline.sampler.set_start(0)
         return iter(pipeline.train_loader)
 
+    step = StepSetup(
+        device=CPU, prepare=prepare, mixer=None, amp_dtype=amp_dtype, scaler=None, loss_fn=loss_fn
+    )
+    update = WeightUpdate(optimizer, scheduler, setup.config.grad_clip)
+    control = EpochControl(total=1, desc=phase.name, show_progress=False)
+
     def train_step(batch: Batch) -> None:
-        train_one_epoch(
-            wrapped,
-            [batch],
-            optimizer=optimizer,
-            scheduler=scheduler,
-            prepare=prepare,
-            loss_fn=loss_fn,
-            device=CPU,
-            amp_dtype=amp_dtype,
-            scaler=None,
-            grad_clip=setup.config.grad_clip,
-            mixer=None,
-            ema=None,
-            total=1,
-            desc=phase.name,
-            show_progress=False,
-            should_stop=lambda: False,
-        )
+        train_one_epoch(wrapped, [batch], step, update, control)
 
     return Side(new_epoch, train_step)
 
@@ -271,13 +266,15 @@ def trainer_pipeline(setup: Setup, seed: int) -> Pipeline:
         setup.split,
         pre=setup.pre,
         aug=AugmentSettings(),
-        batch_size=setup.config.batch_size,
-        seed=seed,
-        strict=setup.config.strict_data,
-        cache_max_mb=setup.config.cache_max_mb,
-        num_workers=setup.config.num_workers,
+        loading=LoaderSettings(
+            batch_size=setup.config.batch_size,
+            seed=seed,
+            strict=setup.config.strict_data,
+            cache_max_mb=setup.config.cache_max_mb,
+            num_workers=setup.config.num_workers,
+            pin_memory=False,
+        ),
         info=DistInfo(0, 1, 0),
-        device=CPU,
     )
 
 

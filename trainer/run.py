@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +29,22 @@ from trainer import checkpoint as ckpt
 from trainer.checkpoint import Checkpoint, CheckpointHeader, HeadSpec, Progress
 from trainer.config import TrainConfig, resolve_defaults, save_config, trains_from_scratch
 from trainer.data.augment import BatchPreparer, augment_settings, batch_mixer
-from trainer.data.class_balance import class_balance
+from trainer.data.class_balance import ClassBalance, class_balance
 from trainer.data.folders import DatasetSplit, scan_dataset
-from trainer.data.input_pipeline import Pipeline, build_pipeline, dataset_fits_cache
+from trainer.data.input_pipeline import LoaderSettings, build_pipeline, dataset_fits_cache
 from trainer.data.unlabeled import UnlabeledImages, load_unlabeled_images
 from trainer.errors import CheckpointError, ConfigError
 from trainer.evaluation.chance import warn_if_near_chance
 from trainer.evaluation.strategies import write_strategies
 from trainer.finetune.choice import FALLBACK_LR_DECAY, FALLBACK_POLICY
+from trainer.finetune.loop import StepSetup
 from trainer.finetune.lr_finder import FALLBACK_LR
 from trainer.finetune.phase_runner import (
     INTERRUPTED,
     PhaseRunner,
     RunObservers,
-    StepSetup,
     TrainedModel,
+    TrainingParts,
 )
 from trainer.finetune.phases import Phase, build_phases
 from trainer.job.context import RunContext
@@ -127,9 +129,121 @@ def _train(
 ) -> dict[str, Any]:
     started = time.perf_counter()
     # ---- set up: data, model (new or resumed), resolved config, context ----------------------
+    stop.enter_stage("the data scan and set-up")
+    setup = set_up(config, given, info, device)
+    context, resume, phases = setup.context, setup.resume, setup.phases
+    if resume is not None and training_is_finished(resume, phases):
+        asked = _export_asked(context.config, given)
+        finished = already_finished(context, resume, export_asked=asked)
+        if finished is not None:
+            return finished
+    parts, balance = build_training_parts(setup)
+    stage = None
+    if resume is None:
+        stop.enter_stage("the head phase and phase 2's choice")
+        stage = before_phases(context, parts, phases, balance)
+        # The plan again, with phase 2's policy and LR as the stage chose them.
+        context = stage.context
+        phases = plan_phases(context.config, [g.name for g in parts.trained.groups])
+    terms = phase_two_terms(context, parts, setup.unlabeled, fresh=resume is None)
+    parts = dataclasses.replace(parts, step=dataclasses.replace(parts.step, penalty=terms.penalty))
+    record_run_start(context, parts)
+    # ---- the phases ------------------------------------------------------------------------
+    metrics = _open_metrics_log(context, resume)
+    stop.enter_stage(None)  # the phases finish their step and save a checkpoint
+    with run_observers(context, metrics, stop, phases) as observers:
+        runner = PhaseRunner(context, parts, observers)
+        if stage is not None and stage.result.head_fit is not None:
+            runner.record_fitted_head(phases[0], stage.result.head_fit)
+            phases = phases[1:]
+        outcome = runner.run_phases(phases, resume)
+    if outcome.status == INTERRUPTED:
+        log_event(log, "stopped", reason="signal", checkpoint=str(context.last_checkpoint))
+        return {"status": INTERRUPTED, "checkpoint": str(context.last_checkpoint)}
+    # ---- report, export, summary -----------------------------------------------------------
+    # Until summary.json is written a re-run with --resume auto completes the run's end.
+    adapted = adapt_and_store_fisher(context, parts, setup.unlabeled, terms, stop)
+    stop.enter_stage("calibration")
+    calibration = calibrate_best(context, parts.pipeline, parts.step)
+    extra = run_facts(context, stage, balance, calibration) | terms.summary() | adapted
+    stop.enter_stage("the report and export")
+    return finish_run(context, outcome.progress, time.perf_counter() - started, extra)
+
+
+@contextlib.contextmanager
+def run_observers(
+    context: RunContext, metrics: MetricsLog | None, stop: StopRequest, phases: list[Phase]
+) -> Iterator[RunObservers]:
+    """What the phases report to, closed when they end: the metrics log, the Prometheus gauges
+    (``--metrics-port``) and, on rank 0 inside a Kubeflow TrainJob, the TrainJob's status."""
+    telemetry = TrainingTelemetry(context.config.metrics_port if context.is_main else None)
+    plan = [(phase.name, phase.epochs) for phase in phases]
+    trainjob = trainjob_progress_from_env(os.environ, plan) if context.is_main else None
+    try:
+        yield RunObservers(metrics, telemetry, stop, trainjob)
+    finally:
+        telemetry.close()
+        if trainjob is not None:
+            trainjob.close()
+
+
+def adapt_and_store_fisher(
+    context: RunContext,
+    parts: TrainingParts,
+    unlabeled: UnlabeledImages | None,
+    terms: PhaseTwoTerms,
+    stop: StopRequest,
+) -> dict[str, Any]:
+    """AdaBN as a candidate for ``best.pt`` (with ``--unlabeled-data``), then the Fisher
+    information of ``best.pt`` for a later retrain's EWC; the summary's entries of both."""
+    adaptation = None
+    if unlabeled is not None:
+        stop.enter_stage("domain adaptation")
+        adaptation = adapt_best(
+            context,
+            parts,
+            unlabeled,
+            alignment=terms.alignment_facts(),
+            entropy_before=terms.entropy_before,
+        )
+    stop.enter_stage("the Fisher information")
+    fisher = store_fisher(context, parts.pipeline, parts.step)
+    return {"adaptation": adaptation, "fisher_information": fisher}
+
+
+# ---- set-up steps ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What the set-up resolves before any image is decoded.
+
+    Attributes:
+        context: the resolved config, the process's place in the job, the checkpoint header.
+        resume: the checkpoint the run continues from, if any.
+        split: the scanned data and its train/val split.
+        model: the network with its starting (or resumed) weights, still on the CPU.
+        groups: its layer groups, stem to head.
+        phases: the phases the resolved config plans.
+        unlabeled: the ``--unlabeled-data`` images, if given.
+    """
+
+    context: RunContext
+    resume: Checkpoint | None
+    split: DatasetSplit
+    model: nn.Module
+    groups: list[LayerGroup]
+    phases: list[Phase]
+    unlabeled: UnlabeledImages | None
+
+
+def set_up(
+    config: TrainConfig, given: Collection[str] | None, info: DistInfo, device: torch.device
+) -> RunSetup:
+    """Resume or start: the settings and the data, the model and its preprocessing, the
+    defaults that depend on them resolved (``config.resolve_defaults``), the phases."""
     assert config.output is not None
     output = Path(config.output)
-    stop.enter_stage("the data scan and set-up")
     config, resume, split = settings_and_data(config, given, output / "checkpoints")
     model, pre, weights_source = build_model(config, len(split.classes), resume)
     unlabeled = (
@@ -156,129 +270,61 @@ def _train(
     )
     groups = layer_groups(model, config.arch)
     phases = plan_phases(config, [g.name for g in groups])
-    if resume is not None and training_is_finished(resume, phases):
-        finished = already_finished(context, resume, export_asked=_export_asked(config, given))
-        if finished is not None:
-            return finished
+    return RunSetup(context, resume, split, model, groups, phases, unlabeled)
+
+
+def build_training_parts(setup: RunSetup) -> tuple[TrainingParts, ClassBalance]:
+    """The input pipeline (the images decoded or streamed), the model on its device with its
+    EMA copy, how a step computes; and the class balance the loss weights come from."""
+    context = setup.context
+    config, device = context.config, context.device
+    pre, num_classes = context.header.preprocessing, context.header.num_classes
     aug = augment_settings(config.to_dict())
-    pipeline = build_pipeline(
-        split,
-        pre=pre,
-        aug=aug,
+    loading = LoaderSettings(
         batch_size=config.batch_size,
         seed=config.seed,
         strict=config.strict_data,
         cache_max_mb=config.cache_max_mb,
         num_workers=config.num_workers,
-        info=info,
-        device=device,
+        pin_memory=device.type == "cuda",
     )
+    pipeline = build_pipeline(setup.split, pre=pre, aug=aug, loading=loading, info=context.dist)
     amp_dtype, needs_scaler = select_amp(config.amp, device)
-    balance = class_balance(pipeline.train_labels, len(split.classes), config.class_balance)
-    trained = _place_model(model, groups, context)
+    balance = class_balance(pipeline.train_labels, num_classes, config.class_balance)
+    trained = _place_model(setup.model, setup.groups, context)
     step = StepSetup(
+        device=device,
         prepare=BatchPreparer(pre, device, bool(config.channels_last)),
-        mixer=batch_mixer(aug, len(split.classes)),
+        mixer=batch_mixer(aug, num_classes),
         amp_dtype=amp_dtype,
         scaler=torch.amp.GradScaler("cuda") if needs_scaler else None,
         loss_fn=nn.CrossEntropyLoss(weight=balance.tensor, label_smoothing=config.label_smoothing),
     )
-    stage = None
-    if resume is None:
-        stop.enter_stage("the head phase and phase 2's choice")
-        stage = before_phases(context, trained, pipeline, step, split, pre, phases, balance)
-        # The plan again, with phase 2's policy and LR as the stage chose them.
-        context, phases = stage.context, plan_phases(stage.context.config, [g.name for g in groups])
-        config = context.config
-    terms = phase_two_terms(
-        context, trained, step, pre, pipeline.train_images, unlabeled, fresh=resume is None
-    )
-    step = dataclasses.replace(step, penalty=terms.penalty)
+    return TrainingParts(trained, pipeline, step), balance
+
+
+def record_run_start(context: RunContext, parts: TrainingParts) -> None:
+    """``config.yaml`` as the run resolved it (rank 0), and the ``run_start`` event."""
+    config, header, pipeline = context.config, context.header, parts.pipeline
     if context.is_main:
         context.checkpoints.mkdir(parents=True, exist_ok=True)
-        save_config(config, output / "config.yaml")
+        save_config(config, context.output / "config.yaml")
+    amp_dtype = parts.step.amp_dtype
     log_event(
         log,
         "run_start",
         arch=config.arch,
-        weights=weights_source,
-        classes=len(split.classes),
+        weights=header.weights,
+        classes=header.num_classes,
         train_images=pipeline.train_images,
         val_images=pipeline.val_images,
         cached=pipeline.cached,
-        device=str(device),
+        device=str(context.device),
         amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
         channels_last=config.channels_last,
-        world_size=info.world_size,
-        input_size=pre.input_size[0],
+        world_size=context.dist.world_size,
+        input_size=header.preprocessing.input_size[0],
     )
-    # ---- the phases ------------------------------------------------------------------------
-    metrics = _open_metrics_log(context, resume)
-    stop.enter_stage(None)  # the phases finish their step and save a checkpoint
-    with run_observers(context, metrics, stop, phases) as observers:
-        runner = PhaseRunner(context, trained, pipeline, step, observers)
-        if stage is not None and stage.result.head_fit is not None:
-            runner.record_fitted_head(phases[0], stage.result.head_fit)
-            phases = phases[1:]
-        outcome = runner.run_phases(phases, resume)
-    if outcome.status == INTERRUPTED:
-        log_event(log, "stopped", reason="signal", checkpoint=str(context.last_checkpoint))
-        return {"status": INTERRUPTED, "checkpoint": str(context.last_checkpoint)}
-    # ---- report, export, summary -----------------------------------------------------------
-    # Until summary.json is written a re-run with --resume auto completes the run's end.
-    adapted = adapt_and_store_fisher(context, pipeline, step, pre, unlabeled, terms, stop)
-    stop.enter_stage("calibration")
-    calibration = calibrate_best(context, pipeline, step)
-    extra = run_facts(context, stage, balance, calibration) | terms.summary() | adapted
-    stop.enter_stage("the report and export")
-    return finish_run(context, outcome.progress, time.perf_counter() - started, extra)
-
-
-@contextlib.contextmanager
-def run_observers(
-    context: RunContext, metrics: MetricsLog | None, stop: StopRequest, phases: list[Phase]
-) -> Iterator[RunObservers]:
-    """What the phases report to, closed when they end: the metrics log, the Prometheus gauges
-    (``--metrics-port``) and, on rank 0 inside a Kubeflow TrainJob, the TrainJob's status."""
-    telemetry = TrainingTelemetry(context.config.metrics_port if context.is_main else None)
-    plan = [(phase.name, phase.epochs) for phase in phases]
-    trainjob = trainjob_progress_from_env(os.environ, plan) if context.is_main else None
-    try:
-        yield RunObservers(metrics, telemetry, stop, trainjob)
-    finally:
-        telemetry.close()
-        if trainjob is not None:
-            trainjob.close()
-
-
-def adapt_and_store_fisher(  # noqa: PLR0913  the run's parts both steps read
-    context: RunContext,
-    pipeline: Pipeline,
-    step: StepSetup,
-    pre: Preprocessing,
-    unlabeled: UnlabeledImages | None,
-    terms: PhaseTwoTerms,
-    stop: StopRequest,
-) -> dict[str, Any]:
-    """AdaBN as a candidate for ``best.pt`` (with ``--unlabeled-data``), then the Fisher
-    information of ``best.pt`` for a later retrain's EWC; the summary's entries of both."""
-    adaptation = None
-    if unlabeled is not None:
-        stop.enter_stage("domain adaptation")
-        adaptation = adapt_best(
-            context,
-            pipeline,
-            step,
-            pre,
-            unlabeled,
-            alignment=terms.alignment_facts(),
-            entropy_before=terms.entropy_before,
-        )
-    stop.enter_stage("the Fisher information")
-    return {"adaptation": adaptation, "fisher_information": store_fisher(context, pipeline, step)}
-
-
-# ---- set-up steps ----------------------------------------------------------------------------
 
 
 def settings_and_data(

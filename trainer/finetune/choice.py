@@ -51,9 +51,15 @@ from torch.optim.lr_scheduler import LambdaLR
 from trainer import checkpoint as ckpt
 from trainer.data.input_pipeline import Pipeline
 from trainer.finetune.frozen_prefix import training_view
-from trainer.finetune.loop import EpochResult, train_one_epoch
+from trainer.finetune.loop import (
+    EpochControl,
+    EpochResult,
+    StepSetup,
+    WeightUpdate,
+    train_one_epoch,
+)
 from trainer.finetune.lr_finder import FALLBACK_LR, LRFinding, suggest_lr, sweep_lrs
-from trainer.finetune.phase_runner import StepSetup, TrainedModel, evaluate_on_val
+from trainer.finetune.phase_runner import TrainedModel, evaluate_on_val
 from trainer.finetune.phases import (
     build_optimizer,
     build_phases,
@@ -395,21 +401,14 @@ class _TrialBench:
         result = train_one_epoch(
             view,
             itertools.islice(self._batches(), steps),
-            optimizer=optimizer,
-            scheduler=scheduler,
-            prepare=self.step.prepare,
-            loss_fn=self.step.loss_fn,
-            device=self.context.device,
-            amp_dtype=self.step.amp_dtype,
-            scaler=self.step.scaler,
-            grad_clip=config.grad_clip,
-            mixer=self.step.mixer,
-            ema=None,
-            total=steps,
-            desc="finetune choice",
-            show_progress=False,
-            should_stop=lambda: False,
-            on_step=(lambda _, loss: on_loss(loss)) if on_loss is not None else None,
+            self.step.without_penalty(),
+            WeightUpdate(optimizer, scheduler, config.grad_clip),
+            EpochControl(
+                total=steps,
+                desc="finetune choice",
+                show_progress=False,
+                on_step=(lambda _, loss: on_loss(loss)) if on_loss is not None else None,
+            ),
         )
         self.steps_spent += steps
         return result

@@ -21,7 +21,6 @@ before DDP's reduction hook fires, once); every rank draws the same unlabelled b
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,7 +35,7 @@ from trainer.finetune.domain_adaptation import (
     dann_ramp,
     mmd,
 )
-from trainer.finetune.loop import autocast
+from trainer.finetune.loop import StepSetup, autocast
 from trainer.finetune.step_penalty import TermRecord
 from trainer.model.classifier import head_module_name
 
@@ -46,22 +45,20 @@ METHOD = "mmd"
 class FeatureAlignment:
     """The ``StepPenalty`` of the MMD alignment term (see the module docstring)."""
 
-    def __init__(  # noqa: PLR0913  what a step needs to run and prepare the target batch
-        self,
-        model: nn.Module,
-        stream: UnlabeledStream,
-        *,
-        prepare: Callable[[torch.Tensor], torch.Tensor],
-        device: torch.device,
-        amp_dtype: torch.dtype | None,
-        max_weight: float,
+    def __init__(
+        self, model: nn.Module, stream: UnlabeledStream, step: StepSetup, *, max_weight: float
     ) -> None:
+        """
+        Args:
+            step: the steps the term joins: the target batch is prepared and computed on the
+                same device and in the same precision as theirs.
+        """
         self.head = model.get_submodule(head_module_name(model))
         self.norms = batchnorm_layers(model)
         self.stream = stream
-        self.prepare = prepare
-        self.device = device
-        self.amp_dtype = amp_dtype
+        self.prepare = step.prepare
+        self.device = step.device
+        self.amp_dtype = step.amp_dtype
         self.max_weight = max_weight
         self.record = TermRecord()
         self.last_epoch: dict[str, Any] | None = None

@@ -1,8 +1,11 @@
-"""One epoch of training and one pass of evaluation, with explicit arguments."""
+"""One epoch of training and one pass of evaluation, with explicit arguments: how a step
+computes (``StepSetup``), what it updates (``WeightUpdate``) and how the pass is run
+(``EpochControl``), never the whole config."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -59,67 +62,108 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train_one_epoch(  # noqa: PLR0913  explicit arguments, never the whole config (the loop reads straight down)
+@dataclass(frozen=True)
+class StepSetup:
+    """How one training step computes: where, input preparation, mixing, precision, loss."""
+
+    device: torch.device
+    prepare: Callable[[torch.Tensor], torch.Tensor]
+    mixer: Mixer | None
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    loss_fn: nn.Module
+    # Phase 2's extra loss terms (feature alignment, forgetting guard), or None.
+    penalty: StepPenalty | None = None
+
+    def without_penalty(self) -> StepSetup:
+        """The same step with the classification loss alone (the head phase, the trials)."""
+        return self if self.penalty is None else dataclasses.replace(self, penalty=None)
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """What each step's gradients update: the optimizer and its per-step schedule, with the
+    gradients clipped to ``grad_clip`` (0: not clipped), then the EMA copy when one is kept."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    grad_clip: float
+    ema: AveragedModel | None = None
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class EpochControl:
+    """How one pass over the batches is shown, stopped early and totalled.
+
+    Attributes:
+        total: how many batches the pass has (the progress bar's length).
+        desc: the progress bar's label, e.g. ``"head 1/3"``.
+        show_progress: True forces the bar, False hides it (ranks other than 0), None draws
+            it only when stderr is a terminal.
+        should_stop: asked after each step; True ends the pass there.
+        on_step: given (step, loss) after each step; reading the loss is a host-device sync.
+        distributed: the logged loss is the mean over every rank's images.
+    """
+
+    total: int
+    desc: str
+    show_progress: bool | None = None
+    should_stop: Callable[[], bool] = _never
+    on_step: Callable[[int, float], None] | None = None
+    distributed: bool = False
+
+
+def train_one_epoch(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    optimizer: torch.optim.Optimizer,
-    scheduler: LRScheduler,
-    prepare: Callable[[torch.Tensor], torch.Tensor],
-    loss_fn: nn.Module,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None,
-    grad_clip: float,
-    mixer: Mixer | None,
-    ema: AveragedModel | None,
-    total: int,
-    desc: str,
-    show_progress: bool | None,
-    should_stop: Callable[[], bool],
-    distributed: bool = False,
-    on_step: Callable[[int, float], None] | None = None,
-    penalty: StepPenalty | None = None,
+    step: StepSetup,
+    update: WeightUpdate,
+    control: EpochControl,
 ) -> EpochResult:
     """Train over ``batches`` (the model is already in train mode with frozen BN in eval).
 
-    Stops early, after finishing the current step, when ``should_stop()`` turns true.
-    ``penalty`` adds its term to each step's loss; the logged loss is the classification
-    loss alone, the term's record is in the result.
+    Stops early, after finishing the current step, when ``control.should_stop()`` turns
+    true. ``step.penalty`` adds its term to each step's loss; the logged loss is the
+    classification loss alone, the term's record is in the result.
     """
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    device, penalty = step.device, step.penalty
+    trainable = [p for group in update.optimizer.param_groups for p in group["params"]]
     loss_sum = torch.zeros((), device=device)
     steps = images = 0
     started = time.perf_counter()
-    bar = progress(batches, total=total, desc=desc, enabled=show_progress)
+    bar = progress(batches, total=control.total, desc=control.desc, enabled=control.show_progress)
     interrupted = False
     for raw_images, labels in bar:
-        inputs = prepare(raw_images)
+        inputs = step.prepare(raw_images)
         targets = labels.to(device, non_blocking=True)
-        if mixer is not None:
-            inputs, targets = mixer(inputs, targets)
-        with autocast(device, amp_dtype):
+        if step.mixer is not None:
+            inputs, targets = step.mixer(inputs, targets)
+        with autocast(device, step.amp_dtype):
             logits = model(inputs)
-            loss = loss_fn(logits.float(), targets)
+            loss = step.loss_fn(logits.float(), targets)
         objective = loss if penalty is None else loss + penalty(model)
-        _backward_and_step(objective, optimizer, scaler, trainable, grad_clip)
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(unwrap(model))
+        _backward_and_step(objective, update, step.scaler, trainable)
+        update.scheduler.step()
+        if update.ema is not None:
+            update.ema.update_parameters(unwrap(model))
         loss_sum += loss.detach() * len(labels)
         steps += 1
         images += len(labels)
-        if steps % SYNC_EVERY == 0 or on_step is not None:
+        if steps % SYNC_EVERY == 0 or control.on_step is not None:
             current = float(loss.detach())
             bar.set_postfix(loss=current)
-            if on_step is not None:
-                on_step(steps, current)
-        if should_stop():
+            if control.on_step is not None:
+                control.on_step(steps, current)
+        if control.should_stop():
             interrupted = True
             break
     bar.close()
     seconds = time.perf_counter() - started
-    if distributed:
+    if control.distributed:
         # One collective per epoch: the logged loss is the mean over every rank's images.
         totals = torch.stack(
             [loss_sum.double(), torch.tensor(float(images), dtype=torch.float64, device=device)]
@@ -135,12 +179,12 @@ def train_one_epoch(  # noqa: PLR0913  explicit arguments, never the whole confi
 
 def _backward_and_step(
     loss: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
+    update: WeightUpdate,
     scaler: torch.amp.GradScaler | None,
     trainable: list[torch.Tensor],
-    grad_clip: float,
 ) -> None:
     """Backward pass, optional gradient clipping (on unscaled gradients), optimizer step."""
+    optimizer, grad_clip = update.optimizer, update.grad_clip
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -157,27 +201,27 @@ def _backward_and_step(
 
 
 @torch.inference_mode()
-def evaluate(  # noqa: PLR0913  explicit arguments, never the whole config
+def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    step: StepSetup,
     *,
-    prepare: Callable[[torch.Tensor], torch.Tensor],
     num_classes: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
     distributed: bool,
 ) -> EvalResult:
-    """Loss, accuracy and confusion matrix over ``batches`` (summed over ranks with DDP)."""
+    """Loss, accuracy and confusion matrix over ``batches`` (summed over ranks with DDP),
+    prepared and in the precision of ``step``."""
     # Left in eval mode: the caller re-applies train_mode (with frozen BN) before training.
     model.eval()
+    device = step.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     for raw_images, labels in batches:
         if len(labels) == 0:
             continue
         targets = labels.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            logits = model(prepare(raw_images)).float()
+        with autocast(device, step.amp_dtype):
+            logits = model(step.prepare(raw_images)).float()
         loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").double()
         predicted = logits.argmax(dim=1)
         confusion += torch.bincount(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,15 @@ from trainer import checkpoint as ckpt
 from trainer.checkpoint import Checkpoint, PhaseStats, Position, Progress, TrainingState
 from trainer.data.input_pipeline import Pipeline
 from trainer.finetune.frozen_prefix import training_view
-from trainer.finetune.loop import EpochResult, EvalResult, Mixer, evaluate, train_one_epoch
+from trainer.finetune.loop import (
+    EpochControl,
+    EpochResult,
+    EvalResult,
+    StepSetup,
+    WeightUpdate,
+    evaluate,
+    train_one_epoch,
+)
 from trainer.finetune.phases import (
     FINETUNE_PHASE,
     Phase,
@@ -36,7 +43,6 @@ from trainer.finetune.phases import (
     set_trainable,
     train_mode,
 )
-from trainer.finetune.step_penalty import StepPenalty
 from trainer.head.fit import HeadFit
 from trainer.job.context import RunContext
 from trainer.job.metrics_log import MetricsLog
@@ -70,16 +76,13 @@ class TrainedModel:
 
 
 @dataclass(frozen=True)
-class StepSetup:
-    """How one training step computes: input preparation, mixing, precision, loss."""
+class TrainingParts:
+    """What the phases, and each stage around them, train and evaluate with: the model, the
+    input pipeline and how a step computes (all built once by ``trainer.run``)."""
 
-    prepare: Callable[[torch.Tensor], torch.Tensor]
-    mixer: Mixer | None
-    amp_dtype: torch.dtype | None
-    scaler: torch.amp.GradScaler | None
-    loss_fn: nn.Module
-    # Phase 2's extra loss terms (feature alignment, forgetting guard), or None.
-    penalty: StepPenalty | None = None
+    trained: TrainedModel
+    pipeline: Pipeline
+    step: StepSetup
 
 
 def evaluate_on_val(
@@ -90,10 +93,8 @@ def evaluate_on_val(
     return evaluate(
         model,
         pipeline.eval_batches(),
-        prepare=step.prepare,
+        step,
         num_classes=context.header.num_classes,
-        device=context.device,
-        amp_dtype=step.amp_dtype,
         distributed=context.dist.enabled,
     )
 
@@ -150,19 +151,12 @@ class _PhaseCursor:
 class PhaseRunner:
     """Runs the phases of one rank; rank 0 alone writes checkpoints and metrics."""
 
-    def __init__(
-        self,
-        context: RunContext,
-        model: TrainedModel,
-        pipeline: Pipeline,
-        step: StepSetup,
-        observers: RunObservers,
-    ) -> None:
+    def __init__(self, context: RunContext, parts: TrainingParts, observers: RunObservers) -> None:
         self.context = context
         self.config = context.config
-        self.model = model
-        self.pipeline = pipeline
-        self.step = step
+        self.model = parts.trained
+        self.pipeline = parts.pipeline
+        self.step = parts.step
         self.observers = observers
         self.progress = Progress()
 
@@ -360,32 +354,26 @@ class PhaseRunner:
         sampler.set_start(cursor.step * self.config.batch_size)
         telemetry = self.observers.telemetry
         telemetry.update(epoch=epoch)
-        penalty = self.step.penalty if phase.name == FINETUNE_PHASE else None
-        if penalty is not None:
+        # Phase 2's extra loss terms apply to phase 2 alone.
+        step = self.step if phase.name == FINETUNE_PHASE else self.step.without_penalty()
+        if step.penalty is not None:
             spe = self.pipeline.steps_per_epoch
-            penalty.begin_epoch((epoch - 1) * spe + cursor.step, phase.epochs * spe)
+            step.penalty.begin_epoch((epoch - 1) * spe + cursor.step, phase.epochs * spe)
         result = train_one_epoch(
             cursor.wrapped,
             self.pipeline.train_loader,
-            optimizer=cursor.optimizer,
-            scheduler=cursor.scheduler,
-            prepare=self.step.prepare,
-            loss_fn=self.step.loss_fn,
-            device=self.context.device,
-            amp_dtype=self.step.amp_dtype,
-            scaler=self.step.scaler,
-            grad_clip=self.config.grad_clip,
-            mixer=self.step.mixer,
-            ema=self.model.ema,
-            total=len(self.pipeline.train_loader),
-            desc=f"{phase.name} {epoch}/{phase.epochs}",
-            show_progress=None if self.context.is_main else False,
-            should_stop=self.observers.stop.should_stop,
-            distributed=self.context.dist.enabled,
-            on_step=(lambda step, loss: telemetry.update(step=step, loss=loss))
-            if telemetry.enabled
-            else None,
-            penalty=penalty,
+            step,
+            WeightUpdate(cursor.optimizer, cursor.scheduler, self.config.grad_clip, self.model.ema),
+            EpochControl(
+                total=len(self.pipeline.train_loader),
+                desc=f"{phase.name} {epoch}/{phase.epochs}",
+                show_progress=None if self.context.is_main else False,
+                should_stop=self.observers.stop.should_stop,
+                on_step=(lambda done, loss: telemetry.update(step=done, loss=loss))
+                if telemetry.enabled
+                else None,
+                distributed=self.context.dist.enabled,
+            ),
         )
         cursor.stats.images += result.images * self.context.dist.world_size
         cursor.stats.train_seconds += result.seconds

@@ -32,11 +32,10 @@ from contracts.atomic_files import atomic_write_bytes
 from contracts.preprocessing import Preprocessing
 from trainer import checkpoint as ckpt
 from trainer.data.augment import eval_transform
-from trainer.data.input_pipeline import Pipeline
 from trainer.data.unlabeled import UnlabeledImages
 from trainer.finetune.domain_adaptation import adapt_batchnorm, batchnorm_layers, prediction_entropy
-from trainer.finetune.loop import autocast
-from trainer.finetune.phase_runner import StepSetup, evaluate_on_val
+from trainer.finetune.loop import StepSetup, autocast
+from trainer.finetune.phase_runner import TrainingParts, evaluate_on_val
 from trainer.job.context import RunContext
 from trainer.model.classifier import plain_state_dict, restore_classifier
 from trainer.progress import log_event
@@ -48,14 +47,14 @@ _BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 @torch.inference_mode()
 def mean_prediction_entropy(
-    model: nn.Module, batches: list[torch.Tensor], step: StepSetup, device: torch.device
+    model: nn.Module, batches: list[torch.Tensor], step: StepSetup
 ) -> float:
     """The mean entropy (nats) of ``model``'s predicted distribution over ``batches``."""
     model.eval()
-    total = torch.zeros((), device=device, dtype=torch.float64)
+    total = torch.zeros((), device=step.device, dtype=torch.float64)
     count = 0
     for batch in batches:
-        with autocast(device, step.amp_dtype):
+        with autocast(step.device, step.amp_dtype):
             logits = model(step.prepare(batch))
         total += prediction_entropy(logits).double().sum()
         count += len(batch)
@@ -69,11 +68,9 @@ def unlabeled_eval_batches(
     return unlabeled.eval_crops(eval_transform(pre), batch_size)
 
 
-def adapt_best(  # noqa: PLR0913  the run's parts, and what phase 2 recorded
+def adapt_best(
     context: RunContext,
-    pipeline: Pipeline,
-    step: StepSetup,
-    pre: Preprocessing,
+    parts: TrainingParts,
     unlabeled: UnlabeledImages,
     *,
     alignment: dict[str, Any] | None,
@@ -92,15 +89,15 @@ def adapt_best(  # noqa: PLR0913  the run's parts, and what phase 2 recorded
         return checkpoint.adaptation
     model, _ = restore_classifier(checkpoint)
     model.to(context.device)
+    pipeline, step = parts.pipeline, parts.step
+    pre = context.header.preprocessing
     batches = unlabeled_eval_batches(unlabeled, pre, context.config.batch_size)
     as_trained = evaluate_on_val(model, pipeline, step, context)
-    entropy_as_trained = mean_prediction_entropy(model, batches, step, context.device)
+    entropy_as_trained = mean_prediction_entropy(model, batches, step)
     adapted = copy.deepcopy(model)
     images = adapt_batchnorm(adapted, batches, step.prepare)
     with_adabn = evaluate_on_val(adapted, pipeline, step, context) if images else None
-    entropy_adabn = (
-        mean_prediction_entropy(adapted, batches, step, context.device) if images else None
-    )
+    entropy_adabn = mean_prediction_entropy(adapted, batches, step) if images else None
     kept = with_adabn is not None and with_adabn.accuracy >= as_trained.accuracy
     if not batchnorm_layers(model):
         reason = "the model has no BatchNorm layer"

@@ -20,18 +20,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from contracts.atomic_files import atomic_write_bytes
-from contracts.preprocessing import Preprocessing
 from trainer.augment_defaults import CANDIDATES
 from trainer.checkpoint import Checkpoint
 from trainer.config import trains_from_scratch
 from trainer.data.augment import augment_settings, train_transform
 from trainer.data.augment_policy import decide
 from trainer.data.class_balance import ClassBalance
-from trainer.data.folders import DatasetSplit
-from trainer.data.input_pipeline import Pipeline
 from trainer.evaluation.calibration import Calibration
 from trainer.finetune.choice import FinetuneChoice, choose_finetune, untested
-from trainer.finetune.phase_runner import StepSetup, TrainedModel
+from trainer.finetune.phase_runner import TrainingParts
 from trainer.finetune.phases import FINETUNE_PHASE, HEAD_PHASE, Phase
 from trainer.head.stage import FeatureSettings, HeadStageResult, run_head_stage
 from trainer.job.context import RunContext
@@ -49,18 +46,12 @@ class BeforePhases:
     finetune: FinetuneChoice
 
 
-def before_phases(  # noqa: PLR0913  the run's parts, each built by trainer.run
-    context: RunContext,
-    trained: TrainedModel,
-    pipeline: Pipeline,
-    step: StepSetup,
-    split: DatasetSplit,
-    pre: Preprocessing,
-    phases: list[Phase],
-    balance: ClassBalance,
+def before_phases(
+    context: RunContext, parts: TrainingParts, phases: list[Phase], balance: ClassBalance
 ) -> BeforePhases:
     """Run the head stage; the config gets the augmentation decisions."""
-    config = context.config
+    config, header = context.config, context.header
+    trained, pipeline, pre = parts.trained, parts.pipeline, header.preprocessing
     user_flags = {name: getattr(config, name) for name in CANDIDATES}
     probe_aug = augment_settings(config.to_dict())
     fit_the_head = bool(phases) and phases[0].name == HEAD_PHASE
@@ -77,7 +68,7 @@ def before_phases(  # noqa: PLR0913  the run's parts, each built by trainer.run
         output=context.output,
         fingerprint_parts={
             "arch": config.arch,
-            "dataset": split.fingerprint,
+            "dataset": header.dataset_fingerprint,
             "preprocessing": pre.to_dict(),
             "augment": dataclasses.asdict(probe_aug),
             "views": views,
@@ -89,12 +80,12 @@ def before_phases(  # noqa: PLR0913  the run's parts, each built by trainer.run
         head_module_name(trained.module),
         pipeline,
         pre=pre,
-        prepare=step.prepare,
+        prepare=parts.step.prepare,
         settings=settings,
         info=context.dist,
         fit_the_head=fit_the_head,
         user_flags=user_flags,
-        num_classes=len(split.classes),
+        num_classes=header.num_classes,
         class_weights=balance.tensor,
         label_smoothing=config.label_smoothing,
     )
@@ -104,7 +95,7 @@ def before_phases(  # noqa: PLR0913  the run's parts, each built by trainer.run
     if final_aug != probe_aug:
         pipeline.train_loader.dataset.transform = train_transform(pre, final_aug)  # type: ignore[attr-defined]
     context = _with_config(context, config)
-    finetune = _choose_finetune(context, trained, pipeline, step, result, phases)
+    finetune = _choose_finetune(context, parts, result, phases)
     context = _with_config(
         context,
         dataclasses.replace(
@@ -123,13 +114,8 @@ def _with_config(context: RunContext, config: Any) -> RunContext:
     )
 
 
-def _choose_finetune(  # noqa: PLR0913  the run's parts the trials train
-    context: RunContext,
-    trained: TrainedModel,
-    pipeline: Pipeline,
-    step: StepSetup,
-    result: HeadStageResult,
-    phases: list[Phase],
+def _choose_finetune(
+    context: RunContext, parts: TrainingParts, result: HeadStageResult, phases: list[Phase]
 ) -> FinetuneChoice:
     """Phase 2's policy and LR: tested from the fitted head where they are left to the data."""
     config = context.config
@@ -139,7 +125,7 @@ def _choose_finetune(  # noqa: PLR0913  the run's parts the trials train
         return untested(config, "given")
     if result.head_fit is None:
         return untested(config, "the head phase streams: no fitted head to test from")
-    choice = choose_finetune(context, trained, pipeline, step)
+    choice = choose_finetune(context, parts.trained, parts.pipeline, parts.step)
     if context.is_main and choice.lr_finding is not None:
         path = context.output / "report" / "lr_find.json"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,7 @@ from contracts.atomic_files import atomic_write_bytes
 from trainer import checkpoint as ckpt
 from trainer.data.input_pipeline import Pipeline
 from trainer.evaluation.calibration import Calibration, fit_temperature
-from trainer.finetune.loop import autocast
-from trainer.finetune.phase_runner import StepSetup
+from trainer.finetune.loop import StepSetup, autocast
 from trainer.head.linear_probe import single_threaded
 from trainer.job.context import RunContext
 from trainer.model.classifier import restore_classifier

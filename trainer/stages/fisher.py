@@ -20,7 +20,7 @@ from contracts.atomic_files import atomic_write_bytes
 from trainer import checkpoint as ckpt
 from trainer.data.input_pipeline import Pipeline
 from trainer.finetune.forgetting import FisherInformation, estimate_fisher
-from trainer.finetune.phase_runner import StepSetup
+from trainer.finetune.loop import StepSetup
 from trainer.job.context import RunContext
 from trainer.model.classifier import restore_classifier
 from trainer.progress import log_event

@@ -16,7 +16,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from contracts.preprocessing import Preprocessing
 from trainer.config import TrainConfig
 from trainer.data.augment import augment_settings, train_transform
 from trainer.data.unlabeled import UnlabeledImages, UnlabeledStream
@@ -30,7 +29,7 @@ from trainer.finetune.forgetting import (
     choose_guard,
     guard_weight,
 )
-from trainer.finetune.phase_runner import StepSetup, TrainedModel
+from trainer.finetune.phase_runner import TrainedModel, TrainingParts
 from trainer.finetune.step_penalty import StepPenalty, combine
 from trainer.job.context import RunContext
 from trainer.model.weights import names_a_file, resolve_weights
@@ -63,15 +62,8 @@ class PhaseTwoTerms:
         return {"forgetting_guard": {"method": OFF, "reason": self.guard_choice.reason}}
 
 
-def phase_two_terms(  # noqa: PLR0913  the run's parts the terms read
-    context: RunContext,
-    trained: TrainedModel,
-    step: StepSetup,
-    pre: Preprocessing,
-    train_images: int,
-    unlabeled: UnlabeledImages | None,
-    *,
-    fresh: bool,
+def phase_two_terms(
+    context: RunContext, parts: TrainingParts, unlabeled: UnlabeledImages | None, *, fresh: bool
 ) -> PhaseTwoTerms:
     """Build phase 2's terms; ``fresh``: the run starts phase 2 now (not resumed), so the
     entropy before phase 2 is measured.
@@ -80,28 +72,27 @@ def phase_two_terms(  # noqa: PLR0913  the run's parts the terms read
         ConfigError: a ``--forgetting-guard`` that the source weights cannot serve.
         WeightsUnavailable: the source file is gone (a resumed run).
     """
-    config = context.config
+    config, trained, step = context.config, parts.trained, parts.step
+    pre = context.header.preprocessing
     if config.finetune_epochs == 0:
         return PhaseTwoTerms(None, None, None, GuardChoice(OFF, "no phase 2"), None)
-    guard, choice = _forgetting_guard(config, trained, train_images)
+    guard, choice = _forgetting_guard(config, trained, parts.pipeline.train_images)
     alignment = None
     if unlabeled is not None and config.alignment_weight > 0:
         transform = train_transform(pre, augment_settings(config.to_dict()))
         alignment = FeatureAlignment(
             trained.module,
             UnlabeledStream(unlabeled.images, transform, config.batch_size, config.seed),
-            prepare=step.prepare,
-            device=context.device,
-            amp_dtype=step.amp_dtype,
+            step,
             max_weight=config.alignment_weight,
         )
     entropy_before = None
     if unlabeled is not None and fresh:
         batches = unlabeled_eval_batches(unlabeled, pre, config.batch_size)
-        entropy_before = mean_prediction_entropy(trained.evaluated, batches, step, context.device)
+        entropy_before = mean_prediction_entropy(trained.evaluated, batches, step)
         log_event(log, "unlabeled_entropy", stage="before_phase_2", mean_entropy=entropy_before)
-    parts: list[StepPenalty] = [p for p in (alignment, guard) if p is not None]
-    return PhaseTwoTerms(combine(parts), alignment, guard, choice, entropy_before)
+    terms: list[StepPenalty] = [p for p in (alignment, guard) if p is not None]
+    return PhaseTwoTerms(combine(terms), alignment, guard, choice, entropy_before)
 
 
 def _forgetting_guard(

@@ -12,7 +12,7 @@ from trainer_helpers import make_image_folder
 from contracts.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from trainer.data.augment import AugmentSettings
 from trainer.data.folders import EpochSampler, decode_image, scan_dataset
-from trainer.data.input_pipeline import build_pipeline
+from trainer.data.input_pipeline import LoaderSettings, build_pipeline
 from trainer.errors import DataError
 from trainer.job.process_setup import DistInfo
 
@@ -25,13 +25,15 @@ def _pipeline(root: Path, strict: bool = False, cache_max_mb: int = 64):
         split,
         pre=PRE,
         aug=AugmentSettings(),
-        batch_size=4,
-        seed=0,
-        strict=strict,
-        cache_max_mb=cache_max_mb,
-        num_workers=0,
+        loading=LoaderSettings(
+            batch_size=4,
+            seed=0,
+            strict=strict,
+            cache_max_mb=cache_max_mb,
+            num_workers=0,
+            pin_memory=False,
+        ),
         info=DistInfo(0, 1, 0),
-        device=torch.device("cpu"),
     )
 
 

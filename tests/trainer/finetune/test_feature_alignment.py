@@ -11,6 +11,7 @@ from torch import nn
 from trainer.data.unlabeled import UnlabeledStream
 from trainer.finetune.domain_adaptation import dann_ramp
 from trainer.finetune.feature_alignment import FeatureAlignment
+from trainer.finetune.loop import StepSetup
 
 
 class _Net(nn.Module):
@@ -35,9 +36,14 @@ def _alignment(model: nn.Module, max_weight: float = 2.0) -> FeatureAlignment:
     return FeatureAlignment(
         model,
         UnlabeledStream(images, lambda x: x, batch_size=4, seed=0),
-        prepare=lambda x: x.float() / 255,
-        device=torch.device("cpu"),
-        amp_dtype=None,
+        StepSetup(
+            device=torch.device("cpu"),
+            prepare=lambda x: x.float() / 255,
+            mixer=None,
+            amp_dtype=None,
+            scaler=None,
+            loss_fn=nn.CrossEntropyLoss(),
+        ),
         max_weight=max_weight,
     )
 
