@@ -46,6 +46,7 @@ import torch
 from trainer.checkpoint import load_checkpoint
 from trainer.export.graph import ServingModel
 from trainer.export.onnx_export import export_onnx
+from trainer.export.ort_checks import GraphInput
 from trainer.export.quantize import quantize_int8
 from trainer.model.classifier import create_model, restore_classifier
 
@@ -121,9 +122,7 @@ def build_engines(
         int8,
         mode="static",
         calibration_images=calibration,
-        input_format="uint8-nhwc",
-        mean=MEAN,
-        std=STD,
+        graph_input=GraphInput("uint8-nhwc", MEAN, STD),
     )
     quantized = time.perf_counter()
     fp32_session, int8_session = session(fp32, threads), session(int8, threads)

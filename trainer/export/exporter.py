@@ -29,7 +29,7 @@ from trainer.export.graph import ServingModel
 from trainer.export.images import ImageSet, SplitRule, list_split, load_split
 from trainer.export.onnx_export import export_onnx
 from trainer.export.optimize import optimize_offline
-from trainer.export.ort_checks import cpu_session, run_logits
+from trainer.export.ort_checks import GraphInput, cpu_session, run_logits
 from trainer.export.precisions import INT8_MODES, PRECISIONS
 from trainer.export.quantize import (
     DEFAULT_INT8_ACCURACY_BUDGET,
@@ -115,12 +115,8 @@ class _Graph:
         return list(self.preprocessing.std)
 
     @property
-    def io(self) -> dict[str, Any]:
-        return {
-            "input_format": self.input_format,
-            "mean": self.mean,
-            "std": self.std,
-        }
+    def input(self) -> GraphInput:
+        return GraphInput(self.input_format, self.mean, self.std)
 
 
 def export_checkpoint(  # noqa: PLR0913  every export option is a keyword the CLI and the run pass through
@@ -157,32 +153,27 @@ def export_checkpoint(  # noqa: PLR0913  every export option is a keyword the CL
         UsageError: bad options, checkpoint or data (exit code 2).
         ExportError: the export or a verification failed; nothing was published.
     """
-    _validate_options(
-        model_name, input_format, precision, data_dir, int8_mode, int8_accuracy_budget
+    options = _Options(
+        model_name=model_name,
+        input_format=input_format,
+        precision=precision,
+        data_dir=data_dir,
+        int8_mode=int8_mode,
+        int8_accuracy_budget=int8_accuracy_budget,
+        max_batch_size=max_batch_size,
+        max_queue_delay_us=max_queue_delay_us,
+        abstention_precision=abstention_precision,
     )
-    options = _Options(precision, data_dir, int8_mode, int8_accuracy_budget, abstention_precision)
+    options.validate()
     started = time.perf_counter()
     with quiet_third_party():
-        source = _load_source(Path(checkpoint_path), input_format, options)
+        source = _load_source(Path(checkpoint_path), options)
         with tempfile.TemporaryDirectory(prefix="export-") as work_dir:
             built = _build_version(source, Path(work_dir), options)
             with export_step("publish", model_name=model_name) as facts:
-                document = meta.build_metadata(
-                    source.checkpoint,
-                    input_format=input_format,
-                    precision=precision,
-                    parity=built.parity.as_metadata(),
-                    exporter=built.exporter,
-                    extra=built.extra,
-                )
+                document = _metadata(source, built, options)
                 version, model_dir = _publish(
-                    built,
-                    document,
-                    Path(repository),
-                    model_name,
-                    source.graph,
-                    max_batch_size,
-                    max_queue_delay_us,
+                    built, document, Path(repository), source.graph, options
                 )
                 facts["version"] = version
     log.info(
@@ -205,13 +196,45 @@ def export_checkpoint(  # noqa: PLR0913  every export option is a keyword the CL
 
 @dataclass(frozen=True)
 class _Options:
-    """The export's options beyond the graph's input format and where it is published."""
+    """The export's options, as ``export_checkpoint`` documents them."""
 
+    model_name: str
+    input_format: str
     precision: str
     data_dir: Path | None
     int8_mode: str
     int8_accuracy_budget: float
+    max_batch_size: int
+    max_queue_delay_us: int
     abstention_precision: float
+
+    def validate(self) -> None:
+        """Check the options together, before any work.
+
+        Raises:
+            ConfigError: an unknown word, a negative budget, int8 without data.
+            DataError: the data directory does not exist.
+        """
+        validate_model_name(self.model_name)
+        if self.input_format not in INPUT_FORMATS:
+            raise ConfigError(
+                f"input format {self.input_format!r} is unknown; choose from {INPUT_FORMATS}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r} is unknown; choose from {PRECISIONS}")
+        if self.int8_mode not in INT8_MODES:
+            raise ConfigError(f"int8 mode {self.int8_mode!r} is unknown; choose from {INT8_MODES}")
+        if not self.int8_accuracy_budget >= 0:
+            raise ConfigError(
+                f"int8 accuracy budget must be >= 0 points, got {self.int8_accuracy_budget}"
+            )
+        if self.precision == "int8" and self.data_dir is None:
+            raise ConfigError(
+                "int8 precision needs --data: val images for the accuracy check "
+                "(and train images to calibrate static quantization)"
+            )
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise DataError(f"data directory {self.data_dir} does not exist")
 
 
 @dataclass(frozen=True)
@@ -239,7 +262,7 @@ class _Built:
     golden_files: dict[str, bytes]
 
 
-def _load_source(checkpoint_path: Path, input_format: str, options: _Options) -> _Source:
+def _load_source(checkpoint_path: Path, options: _Options) -> _Source:
     """Step ``load``: the checkpoint (no code run), its classifier, the val (and calibration)
     images."""
     with export_step("load") as facts:
@@ -252,7 +275,7 @@ def _load_source(checkpoint_path: Path, input_format: str, options: _Options) ->
         )
         classifier, state_source = restore_classifier(checkpoint)
         graph = _Graph(
-            input_format=input_format,
+            input_format=options.input_format,
             preprocessing=checkpoint.header.preprocessing,
             num_classes=checkpoint.header.num_classes,
         )
@@ -301,16 +324,7 @@ def _build_version(source: _Source, work: Path, options: _Options) -> _Built:
     final_path, parity = fp32_path, parity_fp32
     if options.precision != "fp32":
         with export_step("quantise", precision=options.precision) as facts:
-            final_path, parity, variant_extra = _reduced_precision(
-                options.precision,
-                fp32_path,
-                work,
-                graph,
-                source.val,
-                source.calibration,
-                options.int8_mode,
-                options.int8_accuracy_budget,
-            )
+            final_path, parity, variant_extra = _reduced_precision(fp32_path, work, source, options)
             facts.update(_parity_facts(parity), **variant_extra["precision_comparison"])
         extra.update(variant_extra, parity_fp32=parity_fp32.as_metadata())
     with export_step("abstention") as facts:
@@ -321,9 +335,7 @@ def _build_version(source: _Source, work: Path, options: _Options) -> _Built:
         abstention = extra.get("abstention")
         facts.update(abstention.to_dict() if abstention is not None else {"threshold": None})
     with export_step("golden_set") as facts:
-        golden_files = _golden_set(
-            options.data_dir, source.val_files, checkpoint, serving, final_path, graph, extra
-        )
+        golden_files = _golden_set(options.data_dir, source, serving, final_path, extra)
         facts.update(extra.get("golden_set") or {"images": 0})
     return _Built(final_path, parity, exporter, extra, golden_files)
 
@@ -336,14 +348,20 @@ def _parity_facts(parity: ParityReport) -> dict[str, Any]:
     }
 
 
-def _publish(  # noqa: PLR0913  the publish step's inputs, each from export_checkpoint
-    built: _Built,
-    document: ModelMetadata,
-    repository: Path,
-    model_name: str,
-    graph: _Graph,
-    max_batch_size: int,
-    max_queue_delay_us: int,
+def _metadata(source: _Source, built: _Built, options: _Options) -> ModelMetadata:
+    """The version's ``model.json``: the checkpoint's facts and those of every step."""
+    return meta.build_metadata(
+        source.checkpoint,
+        input_format=options.input_format,
+        precision=options.precision,
+        parity=built.parity.as_metadata(),
+        exporter=built.exporter,
+        extra=built.extra,
+    )
+
+
+def _publish(
+    built: _Built, document: ModelMetadata, repository: Path, graph: _Graph, options: _Options
 ) -> tuple[int, Path]:
     """Embed the metadata and publish the version atomically; its number and directory."""
     model = onnx.load(str(built.path))
@@ -353,16 +371,16 @@ def _publish(  # noqa: PLR0913  the publish step's inputs, each from export_chec
     except ValueError as error:
         raise ExportError(f"the model does not fit one ONNX file (2 GB): {error}") from error
     config_text = render_config(
-        model_name,
+        options.model_name,
         input_format=graph.input_format,
         input_size=graph.input_size,
         num_classes=graph.num_classes,
-        max_batch_size=max_batch_size,
-        max_queue_delay_us=max_queue_delay_us,
+        max_batch_size=options.max_batch_size,
+        max_queue_delay_us=options.max_queue_delay_us,
     )
     return publish(
         repository,
-        model_name,
+        options.model_name,
         version_files={
             MODEL_FILENAME: model_bytes,
             METADATA_FILENAME: document.to_json_bytes(),
@@ -388,9 +406,7 @@ def _abstention(
     if val is None or len(val) == 0:
         return {}
     logits = (
-        run_logits(
-            cpu_session(model_path), val.images, graph.input_format, graph.mean, graph.std
-        ).astype(np.float64)
+        run_logits(cpu_session(model_path), val.images, graph.input).astype(np.float64)
         / checkpoint.temperature
     )
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -418,21 +434,20 @@ def _val_class_counts(val_files: list[tuple[Path, int]], checkpoint: Checkpoint)
     return {"val_class_counts": tuple(counts)}
 
 
-def _golden_set(  # noqa: PLR0913  one step of export_checkpoint; its facts passed on
+def _golden_set(
     data_dir: Path | None,
-    val_files: list[tuple[Path, int]],
-    checkpoint: Checkpoint,
+    source: _Source,
     serving: ServingModel,
     graph_path: Path,
-    graph: _Graph,
     extra: dict[str, Any],
 ) -> dict[str, bytes]:
     """The version's golden set files (none without val data); its summary goes in ``extra``."""
     if data_dir is None:
         return {}
+    checkpoint, graph = source.checkpoint, source.graph
     golden, files = build_golden_set(
         Path(data_dir),
-        val_files,
+        source.val_files,
         classes=checkpoint.header.classes,
         preprocessing=checkpoint.header.preprocessing,
         serving=serving,
@@ -445,32 +460,6 @@ def _golden_set(  # noqa: PLR0913  one step of export_checkpoint; its facts pass
         "measured_max_abs_diff": golden.measured_max_abs_diff,
     }
     return files
-
-
-def _validate_options(  # noqa: PLR0913  the export's options, checked together before any work
-    model_name: str,
-    input_format: str,
-    precision: str,
-    data_dir: Path | None,
-    int8_mode: str,
-    int8_accuracy_budget: float,
-) -> None:
-    validate_model_name(model_name)
-    if input_format not in INPUT_FORMATS:
-        raise ConfigError(f"input format {input_format!r} is unknown; choose from {INPUT_FORMATS}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r} is unknown; choose from {PRECISIONS}")
-    if int8_mode not in INT8_MODES:
-        raise ConfigError(f"int8 mode {int8_mode!r} is unknown; choose from {INT8_MODES}")
-    if not int8_accuracy_budget >= 0:
-        raise ConfigError(f"int8 accuracy budget must be >= 0 points, got {int8_accuracy_budget}")
-    if precision == "int8" and data_dir is None:
-        raise ConfigError(
-            "int8 precision needs --data: val images for the accuracy check "
-            "(and train images to calibrate static quantization)"
-        )
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise DataError(f"data directory {data_dir} does not exist")
 
 
 def _run_split(data_dir: Path | None, split: str, checkpoint: Checkpoint) -> list[tuple[Path, int]]:
@@ -520,7 +509,7 @@ def _parity(path: Path, classifier: nn.Module, graph: _Graph, val: ImageSet | No
     return torch_parity(
         path,
         classifier,
-        **graph.io,
+        graph_input=graph.input,
         input_size=graph.input_size,
         val_images=None if val is None else val.images,
         tolerance=FP32_TOLERANCE,
@@ -544,16 +533,13 @@ def _optimize(
     return optimized, report.as_metadata(applied=True)
 
 
-def _reduced_precision(  # noqa: PLR0913  one step of export_checkpoint; its options passed on
-    precision: str,
-    fp32_path: Path,
-    work: Path,
-    graph: _Graph,
-    val: ImageSet | None,
-    calibration: ImageSet | None,
-    int8_mode: str,
-    int8_accuracy_budget: float,
+def _reduced_precision(
+    fp32_path: Path, work: Path, source: _Source, options: _Options
 ) -> tuple[Path, ParityReport, dict[str, Any]]:
+    """Step ``quantise``: the fp16 or int8 graph, its parity against the verified fp32 one,
+    and its accuracy and latency beside fp32's (int8: within its accuracy budget)."""
+    graph, val, calibration = source.graph, source.val, source.calibration
+    precision, int8_mode = options.precision, options.int8_mode
     target = work / f"{precision}.onnx"
     val_images = None if val is None else val.images
     extra: dict[str, Any] = {}
@@ -566,13 +552,13 @@ def _reduced_precision(  # noqa: PLR0913  one step of export_checkpoint; its opt
             target,
             mode=int8_mode,
             calibration_images=None if calibration is None else calibration.images,
-            **graph.io,
+            graph_input=graph.input,
         )
         tolerance = None
         extra["int8"] = {
             "mode": int8_mode,
             "calibration_images": 0 if calibration is None else len(calibration),
-            "accuracy_budget_points": int8_accuracy_budget,
+            "accuracy_budget_points": options.int8_accuracy_budget,
         }
     model = check_model(target)
     check_signature(
@@ -584,7 +570,7 @@ def _reduced_precision(  # noqa: PLR0913  one step of export_checkpoint; its opt
     parity = onnx_parity(
         target,
         fp32_path,
-        **graph.io,
+        graph_input=graph.input,
         input_size=graph.input_size,
         val_images=val_images,
         tolerance=tolerance,
@@ -600,9 +586,9 @@ def _reduced_precision(  # noqa: PLR0913  one step of export_checkpoint; its opt
         fp32_path,
         val=val,
         latency_images=np.asarray(latency_images),
-        **graph.io,
+        graph_input=graph.input,
     )
     extra["precision_comparison"] = comparison.as_metadata()
     if precision == "int8":
-        check_accuracy_budget(comparison, int8_accuracy_budget)
+        check_accuracy_budget(comparison, options.int8_accuracy_budget)
     return target, parity, extra

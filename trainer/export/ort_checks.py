@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,32 +34,38 @@ def to_feed(
     return np.ascontiguousarray((x - m) / s, dtype=np.float32)
 
 
-def run_logits(  # noqa: PLR0913  the graph input format and normalisation travel together
+@dataclass(frozen=True)
+class GraphInput:
+    """What the graph's input takes: its format, and the normalisation applied before a
+    ``float32-nchw`` graph (a ``uint8-nhwc`` graph normalises inside)."""
+
+    input_format: str
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    def feed(self, images: np.ndarray) -> np.ndarray:
+        """uint8 NHWC images as this input takes them."""
+        return to_feed(images, self.input_format, self.mean, self.std)
+
+
+def run_logits(
     session: ort.InferenceSession,
     images: np.ndarray,
-    input_format: str,
-    mean: Sequence[float],
-    std: Sequence[float],
+    graph_input: GraphInput,
     *,
     batch_size: int = 32,
 ) -> np.ndarray:
     """Logits for uint8 NHWC images, in batches."""
     chunks = []
     for start in range(0, len(images), batch_size):
-        feed = to_feed(images[start : start + batch_size], input_format, mean, std)
+        feed = graph_input.feed(images[start : start + batch_size])
         chunks.append(session.run([LOGITS_NAME], {INPUT_NAME: feed})[0])
     return np.concatenate(chunks).astype(np.float32)
 
 
-def top1_accuracy(
-    session: ort.InferenceSession,
-    data: ImageSet,
-    input_format: str,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> float:
+def top1_accuracy(session: ort.InferenceSession, data: ImageSet, graph_input: GraphInput) -> float:
     """Fraction of ``data`` whose arg-max logit is the true class (0..1)."""
-    logits = run_logits(session, data.images, input_format, mean, std)
+    logits = run_logits(session, data.images, graph_input)
     return float(np.mean(np.argmax(logits, axis=1) == data.labels))
 
 

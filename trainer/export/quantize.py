@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,12 @@ import onnx
 from contracts.graph_signature import INPUT_NAME
 from trainer.export.errors import ExportError
 from trainer.export.images import ImageSet
-from trainer.export.ort_checks import cpu_session, median_latency_seconds, to_feed, top1_accuracy
+from trainer.export.ort_checks import (
+    GraphInput,
+    cpu_session,
+    median_latency_seconds,
+    top1_accuracy,
+)
 from trainer.export.precisions import INT8_MODES
 
 log = logging.getLogger(__name__)
@@ -71,15 +76,13 @@ def convert_fp16(source: Path, target: Path) -> None:
     onnx.save(converted, str(target))
 
 
-def quantize_int8(  # noqa: PLR0913  keyword-only quantisation settings
+def quantize_int8(
     source: Path,
     target: Path,
     *,
     mode: str,
     calibration_images: np.ndarray | None,
-    input_format: str,
-    mean: Sequence[float],
-    std: Sequence[float],
+    graph_input: GraphInput,
 ) -> None:
     """int8 copy of ``source``; ``calibration_images`` (uint8 NHWC) are needed for static.
 
@@ -111,7 +114,7 @@ def quantize_int8(  # noqa: PLR0913  keyword-only quantisation settings
         if calibration_images is None or not len(calibration_images):
             raise ExportError("static int8 quantization needs calibration images")
         batches = [
-            to_feed(calibration_images[i : i + CALIBRATION_BATCH], input_format, mean, std)
+            graph_input.feed(calibration_images[i : i + CALIBRATION_BATCH])
             for i in range(0, len(calibration_images), CALIBRATION_BATCH)
         ]
 
@@ -135,23 +138,21 @@ def quantize_int8(  # noqa: PLR0913  keyword-only quantisation settings
         )
 
 
-def compare_with_fp32(  # noqa: PLR0913  keyword-only comparison inputs
+def compare_with_fp32(
     candidate: Path,
     fp32: Path,
     *,
     val: ImageSet | None,
     latency_images: np.ndarray,
-    input_format: str,
-    mean: Sequence[float],
-    std: Sequence[float],
+    graph_input: GraphInput,
 ) -> PrecisionComparison:
     """Val accuracy of both models (when ``val`` is given) and the CPU latency ratio."""
     candidate_session, fp32_session = cpu_session(candidate), cpu_session(fp32)
     accuracy_fp32 = accuracy = None
     if val is not None:
-        accuracy_fp32 = top1_accuracy(fp32_session, val, input_format, mean, std)
-        accuracy = top1_accuracy(candidate_session, val, input_format, mean, std)
-    feed = to_feed(latency_images, input_format, mean, std)
+        accuracy_fp32 = top1_accuracy(fp32_session, val, graph_input)
+        accuracy = top1_accuracy(candidate_session, val, graph_input)
+    feed = graph_input.feed(latency_images)
     ratio = median_latency_seconds(candidate_session, feed) / median_latency_seconds(
         fp32_session, feed
     )

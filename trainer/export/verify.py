@@ -22,7 +22,7 @@ from torch import nn
 from contracts.graph_signature import INPUT_NAME, LOGITS_NAME, OUTPUT_NAMES, UINT8_NHWC
 from trainer.export.errors import ExportError
 from trainer.export.graph import normalize_uint8_nhwc
-from trainer.export.ort_checks import cpu_session, to_feed
+from trainer.export.ort_checks import GraphInput, cpu_session
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +116,8 @@ def torch_parity(  # noqa: PLR0913  keyword-only parity inputs and tolerances
     path: Path,
     classifier: nn.Module,
     *,
-    input_format: str,
+    graph_input: GraphInput,
     input_size: Sequence[int],
-    mean: Sequence[float],
-    std: Sequence[float],
     val_images: np.ndarray | None,
     tolerance: float = FP32_TOLERANCE,
     batch_sizes: Sequence[int] = PARITY_BATCH_SIZES,
@@ -136,10 +134,11 @@ def torch_parity(  # noqa: PLR0913  keyword-only parity inputs and tolerances
     largest = 1.0
     for source, images in parity_batches(input_size, val_images, batch_sizes):
         with torch.no_grad():
-            reference = classifier(normalize_uint8_nhwc(torch.from_numpy(images), mean, std))
+            pixels = torch.from_numpy(images)
+            reference = classifier(normalize_uint8_nhwc(pixels, graph_input.mean, graph_input.std))
         reference_np = reference.float().numpy()
         logits, probabilities = session.run(
-            list(OUTPUT_NAMES), {INPUT_NAME: to_feed(images, input_format, mean, std)}
+            list(OUTPUT_NAMES), {INPUT_NAME: graph_input.feed(images)}
         )
         _check_outputs(source, logits, probabilities, reference_np.shape)
         per_source[source] = float(np.max(np.abs(logits - reference_np)))
@@ -151,10 +150,8 @@ def onnx_parity(  # noqa: PLR0913  keyword-only parity inputs and tolerances
     candidate: Path,
     reference: Path,
     *,
-    input_format: str,
+    graph_input: GraphInput,
     input_size: Sequence[int],
-    mean: Sequence[float],
-    std: Sequence[float],
     val_images: np.ndarray | None,
     tolerance: float | None,
     relative: bool = False,
@@ -171,7 +168,7 @@ def onnx_parity(  # noqa: PLR0913  keyword-only parity inputs and tolerances
     per_source: dict[str, float] = {}
     largest = 1.0
     for source, images in parity_batches(input_size, val_images, batch_sizes):
-        feed = {INPUT_NAME: to_feed(images, input_format, mean, std)}
+        feed = {INPUT_NAME: graph_input.feed(images)}
         expected = reference_session.run([LOGITS_NAME], feed)[0]
         logits, probabilities = candidate_session.run(list(OUTPUT_NAMES), feed)
         _check_outputs(source, logits, probabilities, expected.shape)

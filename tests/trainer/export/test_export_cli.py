@@ -139,6 +139,7 @@ def test_bad_options_are_usage_errors(small_checkpoint, tmp_path, options, messa
 @pytest.mark.slow
 def test_verification_rejects_a_wrong_graph(mobilenet_export, tmp_path):
     from trainer.export.errors import ExportError
+    from trainer.export.ort_checks import GraphInput
     from trainer.export.verify import check_signature, torch_parity
 
     result, checkpoint = mobilenet_export
@@ -158,10 +159,8 @@ def test_verification_rejects_a_wrong_graph(mobilenet_export, tmp_path):
         torch_parity(
             tampered,
             classifier,
-            input_format="float32-nchw",
+            graph_input=GraphInput("float32-nchw", [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
             input_size=[32, 32],
-            mean=[0.485, 0.456, 0.406],
-            std=[0.229, 0.224, 0.225],
             val_images=np.zeros((2, 32, 32, 3), np.uint8),
         )
     # A fixed batch dimension is refused before anything runs.

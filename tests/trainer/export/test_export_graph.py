@@ -14,6 +14,7 @@ from torchvision.transforms.v2 import functional as tvf
 from trainer.export.graph import ServingModel
 from trainer.export.onnx_export import _export_legacy, example_input
 from trainer.export.optimize import optimize_offline
+from trainer.export.ort_checks import GraphInput
 from trainer.export.verify import check_model, check_signature, torch_parity
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -68,10 +69,8 @@ def test_legacy_exporter_graph_is_verified_and_optimised(tmp_path: Path):
     parity = torch_parity(
         optimized,
         classifier,
-        input_format="uint8-nhwc",
+        graph_input=GraphInput("uint8-nhwc", MEAN, STD),
         input_size=[16, 16],
-        mean=MEAN,
-        std=STD,
         val_images=np.zeros((1, 16, 16, 3), np.uint8),
     )
     assert parity.max_abs_diff_logits <= 1e-4

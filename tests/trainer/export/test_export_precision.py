@@ -15,6 +15,7 @@ from PIL import Image
 from trainer.export import ExportError, export_checkpoint
 from trainer.export.graph import normalize_uint8_nhwc
 from trainer.export.images import preprocess
+from trainer.export.ort_checks import GraphInput
 from trainer.export.quantize import PrecisionComparison, check_accuracy_budget, quantize_int8
 from trainer.model.classifier import create_model
 
@@ -118,9 +119,7 @@ def test_int8_dynamic_quantizes_weights(resnet_export, tmp_path):
         target,
         mode="dynamic",
         calibration_images=None,
-        input_format="uint8-nhwc",
-        mean=MEAN,
-        std=STD,
+        graph_input=GraphInput("uint8-nhwc", MEAN, STD),
     )
     ops = {node.op_type for node in onnx.load(str(target)).graph.node}
     assert ops & {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
