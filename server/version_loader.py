@@ -127,6 +127,8 @@ class LoadPlan:
 
 @dataclass(frozen=True)
 class LoadedVersion:
+    """What a load builds: the version's sessions, its ``model.json`` and its agreed spec."""
+
     sessions: OnnxSessions
     metadata: ModelMetadata | None
     spec: ModelSpec
@@ -346,6 +348,7 @@ class VersionLoader:
         # Before the warm-up: a batch size the graph cannot take would fail there, less clearly.
         spec = agreed_spec(model_source, source, sessions)
         metadata = read_metadata(source, sessions.custom_metadata)
+        loaded = LoadedVersion(sessions, metadata, spec)
         self._warm_up(sessions, model_source, source, checkpoint)
         self._check_golden_set(source, metadata, sessions, checkpoint)
         checkpoint()
@@ -357,20 +360,20 @@ class VersionLoader:
                 plan.verdict.describe(),
             )
         else:
-            self._judge_rollout(model_source, source, metadata, sessions, plan, checkpoint)
-        return LoadedVersion(sessions, metadata, spec)
+            self._judge_rollout(model_source, source, loaded, plan, checkpoint)
+        return loaded
 
-    def _judge_rollout(  # noqa: PLR0913  one step of load, given what the load has built
+    def _judge_rollout(
         self,
         model_source: ModelSource,
         source: VersionSource,
-        metadata: ModelMetadata | None,
-        sessions: OnnxSessions,
+        loaded: LoadedVersion,
         plan: LoadPlan,
         checkpoint: Callable[[], None],
     ) -> None:
         """The rollout gate: refuse a version that does worse than the one it would replace
         on that one's golden set; write the verdict either way."""
+        metadata = loaded.metadata
         max_drop = self.settings.rollout_max_accuracy_drop
         record = RolloutRecord(
             model=source.model_name,
@@ -386,7 +389,7 @@ class VersionLoader:
             labels = metadata.labels if metadata and metadata.labels else model_source.labels
             try:
                 verdict = check_rollout(
-                    baseline.directory, metadata, sessions, labels, max_drop, checkpoint
+                    baseline.directory, metadata, loaded.sessions, labels, max_drop, checkpoint
                 )
             except InvalidGoldenSet as error:
                 problem = f"cannot be checked on version {baseline.version}'s golden set: {error}"
