@@ -81,7 +81,8 @@ def run_head_stage(  # noqa: PLR0913  the parts of the run the stage reads, each
         streamed = "the head has layers other than Linear/activation/Dropout/LayerNorm"
         log_event(log, "head_fit_fallback", reason=streamed + ": streaming head phase")
         fit_the_head = False
-    bank, cache_state = _features(model, head, pipeline, pre, prepare, settings, info)
+    extract = fc.FeatureExtractor(model, head, prepare)
+    bank, cache_state = _features(extract, pipeline, pre, settings, info)
     if cache_state == "none":
         reason = f"features exceed feature_cache_mb={settings.cache_mb}"
         outcome = ": streaming head phase" if fit_the_head else ": augmentation untested"
@@ -128,16 +129,15 @@ def run_head_stage(  # noqa: PLR0913  the parts of the run the stage reads, each
     return HeadStageResult(result[0], result[1], fallback=streamed)
 
 
-def _features(  # noqa: PLR0913  the stage's parts, passed through
-    model: nn.Module,
-    head: nn.Module,
+def _features(
+    extract: fc.FeatureExtractor,
     pipeline: Pipeline,
     pre: Preprocessing,
-    prepare: Any,
     settings: FeatureSettings,
     info: DistInfo,
 ) -> tuple[fc.FeatureBank | None, str]:
     """The bank (reused when rank 0 holds a valid one, else computed), and which it was."""
+    model, head = extract.model, extract.head
     path = settings.output / fc.CACHE_FILE
     head_prefix = next(n for n, m in model.named_modules() if m is head)
     key = fc.fingerprint(
@@ -152,7 +152,6 @@ def _features(  # noqa: PLR0913  the stage's parts, passed through
     if loaded is not None:
         log.info("feature cache %s reused (%d train rows)", path, len(loaded.train.labels))
         return loaded, "reused"
-    extract = fc.FeatureExtractor(model, head, prepare)
     val, val_transformed = fc.val_features(extract, pipeline.eval_batches())
     dim = val.features[0].numel() if len(val.features) else 0
     views = _views_within_budget(pipeline, settings, dim)
