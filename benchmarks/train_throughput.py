@@ -345,7 +345,7 @@ def run_steps(
 
 
 def head_stage_once(setup: Setup, output: Path) -> tuple[float, dict[str, Any]]:
-    """``run_head_stage`` as ``trainer.stages.before_phases`` calls it with the defaults (a
+    """``run_head_stage`` as ``trainer.stages.head_and_choice`` calls it with the defaults (a
     fresh cache in ``output``): its wall seconds and what it reported."""
     config = setup.config
     model = copy.deepcopy(setup.model)

@@ -67,9 +67,9 @@ from trainer.model.layer_groups import LayerGroup, family, layer_groups
 from trainer.model.weights import load_starting_weights, preprocessing_for, resolve_weights
 from trainer.progress import log_event
 from trainer.stages.adaptation import adapt_best
-from trainer.stages.before_phases import before_phases, keep_augment_decisions, run_facts
 from trainer.stages.calibrate import calibrate_best
 from trainer.stages.fisher import store_fisher
+from trainer.stages.head_and_choice import fit_head_and_choose, keep_augment_decisions, run_facts
 from trainer.stages.phase_two_terms import PhaseTwoTerms, phase_two_terms
 from trainer.stages.resume import settings_for_resume, training_is_finished
 
@@ -138,12 +138,12 @@ def _train(
         if finished is not None:
             return finished
     parts, balance = build_training_parts(setup)
-    stage = None
+    decided = None
     if resume is None:
         stop.enter_stage("the head phase and phase 2's choice")
-        stage = before_phases(context, parts, phases, balance)
+        decided = fit_head_and_choose(context, parts, phases, balance)
         # The plan again, with phase 2's policy and LR as the stage chose them.
-        context = stage.context
+        context = decided.context
         phases = plan_phases(context.config, [g.name for g in parts.trained.groups])
     terms = phase_two_terms(context, parts, setup.unlabeled, fresh=resume is None)
     parts = dataclasses.replace(parts, step=dataclasses.replace(parts.step, penalty=terms.penalty))
@@ -153,8 +153,8 @@ def _train(
     stop.enter_stage(None)  # the phases finish their step and save a checkpoint
     with run_observers(context, metrics, stop, phases) as observers:
         runner = PhaseRunner(context, parts, observers)
-        if stage is not None and stage.result.head_fit is not None:
-            runner.record_fitted_head(phases[0], stage.result.head_fit)
+        if decided is not None and decided.result.head_fit is not None:
+            runner.record_fitted_head(phases[0], decided.result.head_fit)
             phases = phases[1:]
         outcome = runner.run_phases(phases, resume)
     if outcome.status == INTERRUPTED:
@@ -165,7 +165,7 @@ def _train(
     adapted = adapt_and_store_fisher(context, parts, setup.unlabeled, terms, stop)
     stop.enter_stage("calibration")
     calibration = calibrate_best(context, parts.pipeline, parts.step)
-    extra = run_facts(context, stage, balance, calibration) | terms.summary() | adapted
+    extra = run_facts(context, decided, balance, calibration) | terms.summary() | adapted
     stop.enter_stage("the report and export")
     return finish_run(context, outcome.progress, time.perf_counter() - started, extra)
 

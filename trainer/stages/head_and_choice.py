@@ -1,6 +1,7 @@
-"""The step between set-up and the phases, and the facts it leaves for the summary.
+"""Between set-up and the phases: the head stage and phase 2's choice, and the facts they
+leave for the summary.
 
-``before_phases`` runs the head stage (``trainer.head.stage``: feature cache, converged probe,
+``fit_head_and_choose`` runs the head stage (``trainer.head.stage``: feature cache, converged probe,
 augmentation decisions, the head fitted on the cache), writes the decisions into the resolved
 config (so ``config.yaml`` and every checkpoint record them) and switches the training
 pipeline to the decided augmentation. A resumed run keeps the decisions its checkpoint
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class BeforePhases:
+class HeadAndChoice:
     """The context with the decided config, what the head stage found, phase 2's choice."""
 
     context: RunContext
@@ -46,9 +47,9 @@ class BeforePhases:
     finetune: FinetuneChoice
 
 
-def before_phases(
+def fit_head_and_choose(
     context: RunContext, parts: TrainingParts, phases: list[Phase], balance: ClassBalance
-) -> BeforePhases:
+) -> HeadAndChoice:
     """Run the head stage; the config gets the augmentation decisions."""
     config, header = context.config, context.header
     trained, pipeline, pre = parts.trained, parts.pipeline, header.preprocessing
@@ -58,7 +59,7 @@ def before_phases(
     if not fit_the_head and all(value is not None for value in user_flags.values()):
         # Nothing for the features to do: no head phase, every transform already decided.
         nothing = HeadStageResult(None, decide(user_flags, None, None, {}))
-        return BeforePhases(context, nothing, untested(config, "no head fitted on features"))
+        return HeadAndChoice(context, nothing, untested(config, "no head fitted on features"))
     # Without a head phase the features only decide the augmentation: one view is enough.
     views = config.feature_views if fit_the_head else 1
     settings = FeatureSettings(
@@ -102,7 +103,7 @@ def before_phases(
             config, unfreeze=finetune.unfreeze, lr=finetune.lr, lr_decay=finetune.lr_decay
         ),
     )
-    return BeforePhases(context, result, finetune)
+    return HeadAndChoice(context, result, finetune)
 
 
 def _with_config(context: RunContext, config: Any) -> RunContext:
@@ -146,7 +147,7 @@ def keep_augment_decisions(config: Any, resume: Checkpoint) -> Any:
 
 def run_facts(
     context: RunContext,
-    stage: BeforePhases | None,
+    decided: HeadAndChoice | None,
     balance: ClassBalance,
     calibration: Calibration | None,
 ) -> dict[str, Any]:
@@ -164,15 +165,15 @@ def run_facts(
             {"split": "val", **calibration.to_dict()} if calibration is not None else None
         ),
     }
-    if stage is not None:
-        facts["finetune_choice"] = stage.finetune.to_dict()
-        fit, fallback = stage.result.head_fit, stage.result.fallback
+    if decided is not None:
+        facts["finetune_choice"] = decided.finetune.to_dict()
+        fit, fallback = decided.result.head_fit, decided.result.fallback
         if fit is not None:
             facts["head_phase"] = fit.to_dict()
         elif fallback is not None:
             facts["head_phase"] = {"method": "streamed", "fallback": fallback}
         facts["augment"]["decisions"] = {
-            name: d.to_dict() for name, d in stage.result.decisions.items()
+            name: d.to_dict() for name, d in decided.result.decisions.items()
         }
     return facts
 
