@@ -562,11 +562,9 @@ def finish_run(
 
 
 def _write_report(context: RunContext, progress: Progress) -> None:
-    try:
-        from trainer.evaluation.report import write_report
-    except ImportError:
-        log.warning("trainer.evaluation.report is not installed: no report/ written")
-        return
+    # Imported here: matplotlib (the train extra's) costs its import only at the run's end.
+    from trainer.evaluation.report import write_report
+
     size = context.header.num_classes
     confusion = np.asarray(progress.best_confusion or np.zeros((size, size)), dtype=np.int64)
     write_report(
