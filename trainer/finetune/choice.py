@@ -6,9 +6,10 @@ After the head is fitted on the frozen features, three settings are still open b
   picks the top unfrozen group's learning rate.
 * ``--unfreeze auto`` and ``--lr-decay auto``: a budgeted search over the candidate policies
   (``CANDIDATES``): the top group, the top two, every group with discriminative rates (the
-  group d below the top at ``lr * 0.3**d``), and every group at one flat rate (the "retrain
-  everything" policy that wins when the source features transfer poorly). Each trains from
-  the fitted head, warmup then cosine, and is undone afterwards.
+  group d below the top at ``lr * 0.3**d``), and every group at the head's rate
+  (``--head-lr``, flat: the "retrain everything" policy that wins when the source features
+  transfer poorly). Each trains from the fitted head, warmup then cosine, and is undone
+  afterwards.
 
 The search is successive halving (Jamieson & Talwalkar, 2016; Hyperband's inner loop): every
 candidate gets a short first rung; the best third (at least one) go on to a rung three times
@@ -85,12 +86,19 @@ RUNG_GROWTH, KEEP_SHARE = 3, 1 / 3
 _TRIAL_EPOCH_BASE = 900_000
 
 
+# Where a candidate's top learning rate comes from.
+RANGE_TESTED = "range test"
+HEAD_RATE = "head lr"
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """A phase-2 policy: which groups train, and how their rates fall with depth."""
+    """A phase-2 policy: which groups train, how their rates fall with depth, and where the
+    top rate comes from."""
 
     policy: str
     lr_decay: float
+    lr_rule: str = RANGE_TESTED
 
     @property
     def name(self) -> str:
@@ -98,12 +106,15 @@ class Candidate:
         return f"{self.policy} flat" if flat else self.policy
 
 
-# Shallow (cheap) to deep (dear): a tie goes to the earlier one.
+# Shallow (cheap) to deep (dear): a tie goes to the earlier one. The flat policy retrains every
+# group at the head's rate, the from-scratch recipe started from the source weights and the
+# fitted head: the range test's gentle rate (a tenth of where the loss climbs, at most 1e-3)
+# keeps pretrained features, which is the opposite of what this candidate is for.
 CANDIDATES = (
     Candidate("top:1", FALLBACK_LR_DECAY),
     Candidate("top:2", FALLBACK_LR_DECAY),
     Candidate("all", FALLBACK_LR_DECAY),
-    Candidate("all", FLAT),
+    Candidate("all", FLAT, HEAD_RATE),
 )
 
 
@@ -196,12 +207,20 @@ def choose_finetune(
     bench = _TrialBench(context, trained, pipeline, step)
     candidates = _candidates(trained, config.unfreeze, config.lr_decay)
     finding = None
-    lr, lr_source = config.lr, "flag"
-    if lr is None:
+    tested = config.lr
+    if tested is None and any(c.lr_rule == RANGE_TESTED for c in candidates):
         steps = _clamp(RANGE_SHARE * planned, MIN_RANGE_STEPS, MAX_RANGE_STEPS)
         finding = bench.range_test(candidates[0], steps)
-        lr, lr_source = finding.suggestion, "range test"
-        log_event(log, "lr_range_test", suggestion=lr, steps=steps, reason=finding.reason)
+        tested = finding.suggestion
+        log_event(log, "lr_range_test", suggestion=tested, steps=steps, reason=finding.reason)
+
+    def lr_of(candidate: Candidate) -> tuple[float, str]:
+        if config.lr is not None:
+            return config.lr, "flag"
+        if candidate.lr_rule == HEAD_RATE or tested is None:
+            return config.head_lr, HEAD_RATE
+        return tested, RANGE_TESTED
+
     trials: list[Trial] = []
     chosen, source, reason = candidates[0], "flag", ""
     if len(candidates) > 1:
@@ -210,10 +229,11 @@ def choose_finetune(
         )
         rungs = [first * RUNG_GROWTH**i for i in range(_rung_count(len(candidates)))]
         chosen, trials = successive_halving(
-            candidates, rungs, lambda c, rung, steps: bench.trial(c, lr, rung, steps)
+            candidates, rungs, lambda c, rung, steps: bench.trial(c, lr_of(c)[0], rung, steps)
         )
         source = "search"
         reason = _reason(chosen, trials)
+    lr, lr_source = lr_of(chosen)
     choice = FinetuneChoice(
         unfreeze=chosen.policy,
         lr=lr,

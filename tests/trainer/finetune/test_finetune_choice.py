@@ -192,7 +192,10 @@ def test_defaults_test_the_lr_and_the_policies_and_record_them(
     assert choice["lr_source"] == "range test" and choice["unfreeze_source"] == "search"
     first = [t for t in choice["trials"] if t["rung"] == 0]
     assert [t["name"] for t in first] == ["top:1", "top:2", "all", "all flat"]
-    assert all(t["lr"] == choice["lr"] and t["steps"] >= 8 for t in choice["trials"])
+    tested = choice["lr_range_test"]["suggestion"]
+    assert all(t["steps"] >= 8 for t in choice["trials"])
+    # The flat policy retrains everything at the head's rate; the others at the tested one.
+    assert all(t["lr"] == (1e-3 if t["name"] == "all flat" else tested) for t in choice["trials"])
     # The best third of the first rung (two of four) go on to a rung three times as long.
     second = [t for t in choice["trials"] if t["rung"] == 1]
     assert len(second) == 2 and all(t["steps"] == 3 * first[0]["steps"] for t in second)
