@@ -136,7 +136,15 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         prog="client", description="Client of the finetune inference server."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_classify_parser(commands, env)
+    _add_health_parser(commands, env)
+    _add_bench_parser(commands, env)
+    _add_verify_parser(commands, env)
+    return parser
 
+
+def _add_classify_parser(commands: argparse._SubParsersAction, env: ClientEnvironment) -> None:
+    """``client classify``: image files or directories, labels and scores out."""
     classify = commands.add_parser(
         "classify",
         help="classify image files",
@@ -171,6 +179,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="abstain below this top score instead of the version's own (0: never abstain)",
     )
 
+
+def _add_health_parser(commands: argparse._SubParsersAction, env: ClientEnvironment) -> None:
+    """``client health``: the server's grpc.health.v1 status."""
     health = commands.add_parser(
         "health",
         help="check grpc.health.v1 status",
@@ -187,6 +198,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "server that is still starting (default: ask once)",
     )
 
+
+def _add_bench_parser(commands: argparse._SubParsersAction, env: ClientEnvironment) -> None:
+    """``client bench``: the load generator's shape (closed or open loop) and request."""
     bench = commands.add_parser(
         "bench",
         help="load-test the server",
@@ -228,6 +242,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
 
+
+def _add_verify_parser(commands: argparse._SubParsersAction, env: ClientEnvironment) -> None:
+    """``client verify``: a version's golden set against the server."""
     verify = commands.add_parser(
         "verify",
         help="check that the server reproduces a version's golden set",
@@ -249,7 +266,6 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "(default $CLIENT_REPOSITORY, else ./models)",
     )
     verify.add_argument("--json", action="store_true", help="print the verdict as JSON")
-    return parser
 
 
 def connection_options(args: argparse.Namespace) -> ConnectionOptions:
