@@ -11,14 +11,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("contracts", "trainer", "server", "client")
 MAX_FUNCTION_LINES = 80
-# Functions still over the limit, each with the reason it is allowed for now. An entry that is
-# no longer long fails too, so the list only shrinks.
-KNOWN_LONG: dict[str, str] = {}
 
 
 def _module_name(path: Path) -> str:
@@ -63,19 +58,7 @@ def test_the_packages_are_read() -> None:
 
 
 def test_no_function_is_longer_than_a_screenful() -> None:
-    long = {
-        name: lines
-        for name, lines in function_lengths().items()
-        if lines > MAX_FUNCTION_LINES and name not in KNOWN_LONG
-    }
+    long = {name: lines for name, lines in function_lengths().items() if lines > MAX_FUNCTION_LINES}
     assert not long, f"over {MAX_FUNCTION_LINES} lines (split by concept, STYLE.md): " + ", ".join(
         f"{name} ({lines})" for name, lines in sorted(long.items())
-    )
-
-
-@pytest.mark.parametrize("name", sorted(KNOWN_LONG))
-def test_a_known_long_function_is_still_long(name: str) -> None:
-    lines = function_lengths().get(name)
-    assert lines is not None and lines > MAX_FUNCTION_LINES, (
-        f"{name} is gone or short now ({lines} lines): remove it from KNOWN_LONG"
     )
