@@ -13,7 +13,9 @@ weights, uint8-nhwc input) and each concurrency (1, 8, 32) it measures:
       Python that has kserve and onnxruntime installed;
   (g) Triton's perf_analyzer (C++ client, batch 1) against (b), when --perf-analyzer names the
       binary (benchmarks/perf_analyzer_cell.py); the issue's target is (g)/(a) >= 0.90 at
-      concurrency 8 on ResNet-18 at 128 px (--models resnet18_128 --concurrency 8).
+      concurrency 8 on ResNet-18 at 128 px (--models resnet18_128 --concurrency 8);
+  (h), (j) the same against (b)'s OIP over HTTP/REST, with Triton's binary-tensor extension
+      (h) and with JSON tensors (j).
 
 (b)-(e) run as separate processes, all started before measuring, and are loaded over
 loopback by the same asyncio load generator (``client bench``'s engine) with raw ModelInfer
@@ -26,7 +28,7 @@ logs go to bench-output/serve_throughput_logs/.
     python benchmarks/serve_throughput.py --kserve-python /tmp/kserve-venv/bin/python
     python benchmarks/serve_throughput.py --models demo --time-scale 0.2   # smoke run
     python benchmarks/serve_throughput.py --models resnet18_128 --concurrency 8 \
-        --systems a b g --perf-analyzer "$(../shared/tools/ensure-perf-analyzer)"
+        --systems a b g h j --perf-analyzer "$(../shared/tools/ensure-perf-analyzer)"
 """
 
 from __future__ import annotations
@@ -73,7 +75,11 @@ SYSTEMS = {
     "e": "KServe Python server",
     "f": "server, dynamic batching, one 1-thread session per core",
     "g": "perf_analyzer -> server, dynamic batching",
+    "h": "perf_analyzer -> server over HTTP/REST, binary tensors",
+    "j": "perf_analyzer -> server over HTTP/REST, JSON tensors",
 }
+# perf_analyzer's cells against (b): system -> (protocol, tensor format).
+PERF_ANALYZER_CELLS = {"g": ("grpc", "binary"), "h": ("http", "binary"), "j": ("http", "json")}
 # (f) is (b) tuned for a small CPU: onnxruntime's default spreads each run over every core,
 # and on two cores its intra-op synchronisation costs more than it gains.
 CPU_TUNED_FLAGS = ["--instances", str(os.cpu_count() or 1), "--intra-op-threads", "1"]
@@ -249,14 +255,31 @@ async def server_window(
         into.batch_count += after[1] - before[1]
 
 
-def perf_analyzer_window(
-    binary: Path, endpoint: Endpoint, case: ModelCase, spec: LoadSpec, into: Accumulator
+def perf_analyzer_window(  # noqa: PLR0913  one cell: the tool, the server, the load, the cell
+    binary: Path,
+    endpoint: Endpoint,
+    case: ModelCase,
+    spec: LoadSpec,
+    system: str,
+    into: Accumulator,
 ) -> None:
-    """One perf_analyzer call against ``endpoint`` (system (b)), merged into ``into``."""
+    """One perf_analyzer call of ``system`` (g, h, j) against ``endpoint`` (system (b)),
+    merged into ``into``."""
+    protocol, tensor_format = PERF_ANALYZER_CELLS[system]
+    target = endpoint.target if protocol == "grpc" else endpoint.http_target
+    assert target is not None
     before = batch_histogram(endpoint.metrics_port) if endpoint.metrics_port else None
     window_ms = max(500, int(spec.duration_s * 1000 / WINDOWS))
     try:
-        result = run_perf_analyzer(binary, endpoint.target, case.name, spec.concurrency, window_ms)
+        result = run_perf_analyzer(
+            binary,
+            target,
+            case.name,
+            spec.concurrency,
+            window_ms,
+            protocol=protocol,
+            tensor_format=tensor_format,
+        )
     except (RuntimeError, subprocess.TimeoutExpired) as error:
         print(f"  perf_analyzer failed: {str(error)[-600:]}", flush=True)
         into.errors["perf_analyzer failed"] += 1
@@ -355,8 +378,13 @@ def model_info(case: ModelCase) -> ModelInfo:
     )
 
 
-def server_command(
-    repo: Path, case: ModelCase, port: int, metrics_port: int, max_batch: int
+def server_command(  # noqa: PLR0913  the server's ports and its batching
+    repo: Path,
+    case: ModelCase,
+    port: int,
+    metrics_port: int,
+    max_batch: int,
+    http_port: int = -1,
 ) -> list[str]:
     return [
         sys.executable,
@@ -371,7 +399,7 @@ def server_command(
         "--grpc-port",
         str(port),
         "--http-port",
-        "-1",
+        str(http_port),
         "--metrics-port",
         str(metrics_port),
         "--max-batch-size",
@@ -392,6 +420,8 @@ class Endpoint:
     system: str
     target: str
     metrics_port: int | None
+    # OIP over HTTP/REST, where the system serves it (our server (b), for perf_analyzer).
+    http_target: str | None = None
 
 
 def start_servers(  # noqa: PLR0913  the systems under test need the case, its files and the run's directories
@@ -404,7 +434,7 @@ def start_servers(  # noqa: PLR0913  the systems under test need the case, its f
     workdir: Path,
 ) -> list[Endpoint]:
     """Starts every server system asked for, all at once, and waits until each is ready."""
-    commands: list[tuple[str, list[str], int, int | None]] = []
+    commands: list[tuple[str, list[str], int, int | None, int | None]] = []
     variants: tuple[tuple[str, int, list[str]], ...] = (
         ("b", case.max_batch_size, []),
         ("c", 1, []),
@@ -413,8 +443,9 @@ def start_servers(  # noqa: PLR0913  the systems under test need the case, its f
     for system, max_batch, extra in variants:
         if system in args.systems:
             port, metrics = free_port(), free_port()
-            command = server_command(repo, case, port, metrics, max_batch) + extra
-            commands.append((system, command, port, metrics))
+            http = free_port() if system == "b" else None
+            command = server_command(repo, case, port, metrics, max_batch, http or -1) + extra
+            commands.append((system, command, port, metrics, http))
     if "d" in args.systems:
         port = free_port()
         naive = [
@@ -427,7 +458,7 @@ def start_servers(  # noqa: PLR0913  the systems under test need the case, its f
             "--port",
             str(port),
         ]
-        commands.append(("d", naive, port, None))
+        commands.append(("d", naive, port, None, None))
     if "e" in args.systems and args.kserve_python:
         port = free_port()
         kserve = [
@@ -444,11 +475,12 @@ def start_servers(  # noqa: PLR0913  the systems under test need the case, its f
             "--enable_latency_logging",
             "false",
         ]
-        commands.append(("e", kserve, port, None))
+        commands.append(("e", kserve, port, None, None))
     endpoints = []
-    for system, command, grpc_port, metrics_port in commands:
+    for system, command, grpc_port, metrics_port, http_port in commands:
         stack.enter_context(running(command, logs / f"{case.name}-{system}.log"))
-        endpoints.append(Endpoint(system, f"127.0.0.1:{grpc_port}", metrics_port))
+        http_target = f"127.0.0.1:{http_port}" if http_port else None
+        endpoints.append(Endpoint(system, f"127.0.0.1:{grpc_port}", metrics_port, http_target))
     ready = []
     for endpoint in endpoints:
         log_path = logs / f"{case.name}-{endpoint.system}.log"
@@ -500,11 +532,15 @@ def bench_model(  # noqa: PLR0913  one benchmark cell: the case, its files and t
                             totals[endpoint.system],
                         )
                     )
-                    if endpoint.system == "b" and "g" in args.systems and args.perf_analyzer:
-                        perf_analyzer_window(args.perf_analyzer, endpoint, case, spec, totals["g"])
+                    if endpoint.system != "b" or not args.perf_analyzer:
+                        continue
+                    for system in PERF_ANALYZER_CELLS:
+                        if system in args.systems:
+                            perf_analyzer_window(
+                                args.perf_analyzer, endpoint, case, spec, system, totals[system]
+                            )
             measured = ["a", *(e.system for e in endpoints)]
-            if totals["g"].window_s or totals["g"].errors:
-                measured.append("g")
+            measured += [s for s in PERF_ANALYZER_CELLS if totals[s].window_s or totals[s].errors]
             for system in measured:
                 if system == "a" and "a" not in args.systems:
                     continue
@@ -562,6 +598,15 @@ def evaluate_targets(
             "(g)/(a) throughput at c=8 (perf_analyzer)",
             model,
             find(cells, model, "g", 8),
+            find(cells, model, "a", 8),
+            0.90,
+        )
+        # The same client over HTTP/REST with binary tensors should cost what gRPC does (JSON
+        # tensors are in the table, without a goal: their cost is the text encoding's).
+        ratio(
+            "(h)/(a) throughput at c=8 (perf_analyzer, HTTP binary)",
+            model,
+            find(cells, model, "h", 8),
             find(cells, model, "a", 8),
             0.90,
         )
@@ -657,7 +702,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         nargs="+",
         default=list(SYSTEMS),
         choices=list(SYSTEMS),
-        help="which of (a)-(e) to measure",
+        help="which of the systems (a)-(j) above to measure",
     )
     parser.add_argument(
         "--kserve-python",

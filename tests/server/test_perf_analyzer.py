@@ -62,3 +62,22 @@ def test_perf_analyzer_completes(
     assert done.returncode == 0, output[-3000:]
     assert "must be the same" not in output
     assert "Successful request count" in output  # it read ModelStatistics
+
+
+@pytest.mark.parametrize("tensor_format", ["binary", "json"])
+def test_perf_analyzer_completes_over_http(
+    perf_analyzer: str, model_repository: Path, tensor_format: str
+) -> None:
+    # Triton's HTTP/REST client, with its binary-tensor extension and with JSON tensors.
+    with RunningServer(server_config(model_repository, http_port=0)) as server:
+        command = [
+            perf_analyzer,
+            *("-m", "classifier", "-u", f"127.0.0.1:{server.http_port}", "-i", "http"),
+            *("-b", "2", "--concurrency-range", "4", "--request-count", "200"),
+            *("--input-tensor-format", tensor_format, "--output-tensor-format", tensor_format),
+        ]
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "must be the same" not in output
+    assert "Successful request count" in output
