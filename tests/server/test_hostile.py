@@ -1,6 +1,8 @@
 """Hostile traffic against one real server: each case gets a clear status code, memory stays
 bounded, nothing is INTERNAL, and health stays SERVING; then a short soak of mixed valid and
-invalid traffic with flat memory after warm-up (SOAK_SECONDS, default 10)."""
+invalid traffic with flat memory after warm-up (SOAK_SECONDS, default 10). Both transports: the
+gRPC APIs, and OIP over HTTP/REST with its classify endpoint (the same cases as HTTP requests:
+400 where gRPC says INVALID_ARGUMENT, never a 500)."""
 
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 
+import aiohttp
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_helpers import infer_request
+from http_helpers import request as http_request
 from PIL import Image
 from repository_factory import make_model_repository
 from server_harness import RunningServer, server_config
@@ -146,7 +150,8 @@ def cases() -> list[Case]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     repository = make_model_repository(tmp_path_factory.mktemp("hostile") / "models")
-    with RunningServer(server_config(repository, preprocess_workers=2)) as running:
+    config = server_config(repository, preprocess_workers=2, http_port=0)
+    with RunningServer(config) as running:
         yield running
 
 
@@ -226,3 +231,152 @@ def test_soak_of_mixed_traffic(server: RunningServer) -> None:
     assert growth < 64 * MIB, f"RSS grew {growth / MIB:.0f} MiB in the second half of the soak"
     with grpc.insecure_channel(server.target) as channel:
         assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+# ---- the same over HTTP/REST ----------------------------------------------------------------
+
+CLASSIFY = "/v2/models/classifier/classify"
+INFER = "/v2/models/classifier/infer"
+HTTP_STATUS = {OK: 200, INVALID: 400}
+HttpCase = tuple[str, str, bytes, dict[str, str], int]
+
+
+def _multipart(images: list[bytes]) -> tuple[bytes, dict[str, str]]:
+    boundary = "hostile-boundary"
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + image
+        + b"\r\n"
+        for i, image in enumerate(images)
+    )
+    body += f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def _infer_json(document: dict) -> tuple[bytes, dict[str, str]]:
+    import json
+
+    return json.dumps(document).encode(), {"Content-Type": "application/json"}
+
+
+def http_cases() -> list[HttpCase]:
+    """The battery's images as classify bodies, and its OIP requests as JSON infer bodies."""
+    raw = {"Content-Type": "application/octet-stream"}
+    images = {
+        "sliver": _encode(Image.new("L", (1, 400_000)), "PNG"),
+        "rotated sliver": rotated_sliver_jpeg(),
+        "bomb header": png_declaring(100_000, 100_000),
+        "huge dims": png_declaring(2**31 - 1, 2**31 - 1),
+        "many-frame GIF": many_frames("GIF"),
+        "many-frame WebP": many_frames("WEBP"),
+        "TIFF": _encode(Image.new("RGB", (40, 40)), "TIFF"),
+        "16-bit PNG": sixteen_bit_png(),
+        "CMYK JPEG": _encode(Image.new("CMYK", (40, 40)), "JPEG"),
+    }
+    grpc_codes = {name: expected for name, _, expected in cases()}
+    grpc_codes["sliver"] = grpc_codes["sliver 0"]
+    zeros = np.zeros((1, 32, 32, 3), np.uint8).reshape(-1).tolist()
+    image = {"name": "image", "datatype": "UINT8", "shape": [1, 32, 32, 3], "data": zeros}
+    return [
+        *(
+            (name, CLASSIFY, body, raw, HTTP_STATUS[grpc_codes[name]])
+            for name, body in images.items()
+        ),
+        ("too many images", CLASSIFY, *_multipart([sixteen_bit_png()] * 65), 400),
+        (
+            "repeated outputs",
+            INFER,
+            *_infer_json({"inputs": [image], "outputs": [{"name": "probabilities"}] * 100_000}),
+            400,
+        ),
+        (
+            "overflowing shape",
+            INFER,
+            *_infer_json({"inputs": [{**image, "shape": [2**62, 2**62, 16], "data": [0] * 16}]}),
+            400,
+        ),
+        (
+            "4 MB typed contents",
+            INFER,
+            *_infer_json(
+                {
+                    "inputs": [
+                        {
+                            **image,
+                            "datatype": "FP32",
+                            "shape": [1_000_000],
+                            "data": [0.0] * 1_000_000,
+                        }
+                    ]
+                }
+            ),
+            400,
+        ),
+    ]
+
+
+def _post(server: RunningServer, path: str, body: bytes, headers: dict[str, str]) -> int:
+    return http_request(server.http_port, "POST", path, body, headers).status
+
+
+def test_hostile_battery_over_http(server: RunningServer) -> None:
+    battery = http_cases()
+    for _name, path, body, headers, _status in battery[:2]:  # warm-up
+        _post(server, path, body, headers)
+    before = rss_bytes()
+    got = {name: _post(server, path, body, headers) for name, path, body, headers, _ in battery}
+    grown = rss_bytes() - before
+    assert got == {name: status for name, _, _, _, status in battery}
+    assert grown < 300 * MIB, f"RSS grew {grown / MIB:.0f} MiB over the HTTP battery"
+    assert http_request(server.http_port, "GET", "/v2/health/ready").status == 200
+
+
+async def _http_soak(port: int, seconds: float) -> tuple[dict[int, int], list[int]]:
+    valid = _encode(Image.new("RGB", (48, 40), (10, 200, 30)), "JPEG")
+    raw = {"Content-Type": "application/octet-stream"}
+    zeros = np.zeros((2, 32, 32, 3), np.uint8).reshape(-1).tolist()
+    good_infer = {
+        "inputs": [{"name": "image", "datatype": "UINT8", "shape": [2, 32, 32, 3], "data": zeros}]
+    }
+    requests: list[tuple[str, bytes, dict[str, str]]] = [
+        (CLASSIFY, valid, raw),
+        (CLASSIFY, *_multipart([valid, valid])),
+        (CLASSIFY, _encode(Image.new("L", (1, 20_000)), "PNG"), raw),
+        (CLASSIFY, b"not an image", raw),
+        (CLASSIFY, png_declaring(30_000, 30_000), raw),
+        (INFER, *_infer_json(good_infer)),
+        (INFER, b"{not json", {"Content-Type": "application/json"}),
+        ("/v2/models/missing/infer", *_infer_json(good_infer)),
+    ]
+    statuses: dict[int, int] = {}
+    samples: list[int] = []
+    rng = random.Random(0)
+    ends = time.monotonic() + seconds
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+
+        async def worker() -> None:
+            while time.monotonic() < ends:
+                path, body, headers = rng.choice(requests)
+                async with session.post(path, data=body, headers=headers) as reply:
+                    await reply.read()
+                    statuses[reply.status] = statuses.get(reply.status, 0) + 1
+
+        async def sampler() -> None:
+            while time.monotonic() < ends:
+                samples.append(rss_bytes())
+                await asyncio.sleep(0.25)
+
+        await asyncio.gather(sampler(), *(worker() for _ in range(4)))
+    return statuses, samples
+
+
+def test_soak_of_mixed_traffic_over_http(server: RunningServer) -> None:
+    seconds = float(os.environ.get("SOAK_SECONDS", "10"))
+    statuses, samples = asyncio.run(_http_soak(server.http_port, seconds))
+    assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0
+    assert not set(statuses) - {200, 400, 404}, statuses
+    warm = samples[len(samples) // 4 :]
+    growth = max(warm[len(warm) // 2 :]) - max(warm[: len(warm) // 2])
+    assert growth < 64 * MIB, f"RSS grew {growth / MIB:.0f} MiB in the second half of the soak"
+    assert http_request(server.http_port, "GET", "/v2/health/ready").status == 200
