@@ -692,6 +692,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=None,
+        help="the batcher's max_queue_delay_microseconds in every model's config.pbtxt "
+        "(default: per model, 500)",
+    )
+    parser.add_argument(
         "--models",
         nargs="+",
         default=["demo", "resnet50"],
@@ -729,6 +736,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--rounds and --time-scale must be positive")
     if any(c < 1 for c in args.concurrency):
         parser.error("--concurrency values must be >= 1")
+    if args.max_queue_delay_us is not None and args.max_queue_delay_us < 0:
+        parser.error("--max-queue-delay-us must be >= 0")
     return args
 
 
@@ -766,6 +775,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_at_start = os.getloadavg()
     cells: list[Cell] = []
     logs = args.output.parent / "serve_throughput_logs"
+    cases = {
+        name: case
+        if args.max_queue_delay_us is None
+        else dataclasses.replace(case, max_queue_delay_us=args.max_queue_delay_us)
+        for name, case in CASES.items()
+    }
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         workdir = Path(tmp)
         repo = workdir / "repository"
@@ -774,11 +789,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         spawn = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
             onnx_paths = {
-                name: pool.submit(build_repository, repo, CASES[name]).result()
+                name: pool.submit(build_repository, repo, cases[name]).result()
                 for name in args.models
             }
         for name in args.models:
-            cells += bench_model(CASES[name], repo, onnx_paths[name], args, logs, workdir)
+            cells += bench_model(cases[name], repo, onnx_paths[name], args, logs, workdir)
     checks = evaluate_targets(cells, args.models, max(args.concurrency))
     print()
     print(format_table(cells))
@@ -797,7 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "kserve": kserve_versions(args.kserve_python),
         },
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "cases": [dataclasses.asdict(CASES[n]) for n in args.models],
+        "cases": [dataclasses.asdict(cases[n]) for n in args.models],
         "cells": [dataclasses.asdict(c) for c in cells],
         "targets": checks,
         "elapsed_s": time.time() - started,
