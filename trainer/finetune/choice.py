@@ -222,7 +222,7 @@ def choose_finetune(
         return tested, RANGE_TESTED
 
     trials: list[Trial] = []
-    chosen, source, reason = candidates[0], "flag", ""
+    chosen, source, reason = candidates[0], "flag" if config.unfreeze else "only candidate", ""
     if len(candidates) > 1:
         first = _clamp(
             SEARCH_SHARE * planned / _rung_units(len(candidates)), MIN_RUNG_STEPS, MAX_RUNG_STEPS
