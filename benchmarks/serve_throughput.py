@@ -702,7 +702,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--models",
         nargs="+",
         default=["demo", "resnet50"],
-        choices=["demo", "resnet50", "resnet18_128"],
+        choices=["demo", "resnet50", "resnet18_32", "resnet18_128"],
     )
     parser.add_argument(
         "--systems",
@@ -754,6 +754,17 @@ CASES = {
         duration_s=12.0,
         warmup_s=2.0,
         rounds=2,
+    ),
+    # The serving path's own cost: at 32 px the model is cheap and Python's share shows.
+    "resnet18_32": ModelCase(
+        name="resnet18_32",
+        arch="resnet18",
+        size=32,
+        num_classes=5,
+        max_batch_size=8,
+        duration_s=12.0,
+        warmup_s=1.0,
+        rounds=3,
     ),
     # The perf_analyzer target's model: batches of 8 are the ceiling (a) at concurrency 8.
     "resnet18_128": ModelCase(
