@@ -6,7 +6,9 @@ window (after warm-up) count, so warm-up and the drain at the end do not bias th
 
 A server that goes away mid-run makes every call fail at once with UNAVAILABLE, thousands a
 second: a run of ``unavailable_burst`` UNAVAILABLE failures with no other answer between them
-ends the load early, and the report says why instead of counting the spin.
+ends the load early, and the report says why instead of counting the spin. Only an answer to a
+request sent after the run began breaks it: a late reply to a request sent before the server
+went away says nothing about the server now.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ class _Recorder:
         self.latencies: list[float] = []
         self.errors: collections.Counter[str] = collections.Counter()
         self._unavailable_in_a_row = 0
+        # When the first request of the current run of UNAVAILABLE failures was sent.
+        self._burst_sent_at = float("inf")
         # Why the run ended early, and when (None: it ran its course).
         self.stopped: str | None = None
         self.stopped_at: float | None = None
@@ -93,6 +97,7 @@ class _Recorder:
         return self.stopped is None and time.perf_counter() < self.window_end
 
     async def measure(self, call: Call, scheduled: float) -> None:
+        sent = time.perf_counter()
         try:
             await call()
         except asyncio.CancelledError:
@@ -102,15 +107,24 @@ class _Recorder:
             code = status_name(exc)
             if self.window_start <= now <= self.window_end and self.stopped is None:
                 self.errors[code] += 1
-            self._count_unavailable(code == "UNAVAILABLE", now, exc)
+            if code == "UNAVAILABLE":
+                self._count_unavailable(sent, now, exc)
+            else:
+                self._answered(sent)
             return
         done = time.perf_counter()
-        self._unavailable_in_a_row = 0
+        self._answered(sent)
         if self.window_start <= done <= self.window_end:
             self.latencies.append(done - scheduled)
 
-    def _count_unavailable(self, unavailable: bool, now: float, exc: Exception) -> None:
-        self._unavailable_in_a_row = self._unavailable_in_a_row + 1 if unavailable else 0
+    def _answered(self, sent: float) -> None:
+        if sent > self._burst_sent_at:
+            self._unavailable_in_a_row = 0
+            self._burst_sent_at = float("inf")
+
+    def _count_unavailable(self, sent: float, now: float, exc: Exception) -> None:
+        self._burst_sent_at = min(self._burst_sent_at, sent)
+        self._unavailable_in_a_row += 1
         if self._unavailable_in_a_row >= self.unavailable_burst and self.stopped is None:
             self.stopped = (
                 f"{self._unavailable_in_a_row} requests in a row failed UNAVAILABLE (the server "

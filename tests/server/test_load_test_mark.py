@@ -142,6 +142,31 @@ def test_the_load_stops_at_a_burst_of_unavailable(rate: float | None) -> None:
     assert json.loads(json.dumps(report.to_dict()))["stopped"] == report.stopped
 
 
+def test_late_answers_to_requests_sent_before_the_outage_do_not_restart_the_count() -> None:
+    # Three slow requests sent before the server went away answer while the fourth worker
+    # fails every 2 ms: each answer is stale news and must not reset the burst (it did, and a
+    # slow CI host turned the 20-failure stop into 35).
+    sent = 0
+    failed = 0
+
+    async def call() -> None:
+        nonlocal sent, failed
+        sent += 1
+        if sent <= 3:
+            await asyncio.sleep(0.012 * sent)
+            return
+        await asyncio.sleep(0.002)
+        failed += 1
+        raise _unavailable()
+
+    spec = LoadSpec(concurrency=4, duration_s=20.0, warmup_s=0.0)
+    report = asyncio.run(run_load(call, spec, target="t"))
+    assert report.stopped is not None and report.stopped.startswith("20 requests in a row")
+    # The 20th failure stops the run; at most the other three workers' calls already in flight
+    # fail after it.
+    assert 20 <= failed <= 20 + 3
+
+
 def test_other_failures_between_unavailable_ones_do_not_stop_the_load() -> None:
     calls = 0
 
