@@ -63,6 +63,8 @@ BATCH = 32
 HEAD_EPOCHS, FINETUNE_EPOCHS = 2, 8
 TASKS = ("demo", "digits", "photo-patches")
 METHODS = ("trainer", "classic", "probe", "scratch")
+# Not run unless asked: the defaults with the weight interpolation after phase 2 (WiSE-FT).
+OPTIONAL_METHODS = ("wise-ft",)
 # The augmentation a practitioner would pick for each task after looking at it.
 HAND_AUGMENT: dict[str, list[nn.Module]] = {
     "demo": [v2.RandomResizedCrop(SIZE, scale=(0.7, 1.0)), v2.RandomHorizontalFlip()],
@@ -148,6 +150,7 @@ def run_trainer(data: Path, output: Path, **flags: Any) -> dict[str, Any]:
         "ece": calibration.get("ece_after"),
         "seconds": time.perf_counter() - started,
         "augment": summary.get("augment"),
+        "weight_interpolation": summary.get("weight_interpolation"),
     }
 
 
@@ -252,8 +255,15 @@ def main() -> int:
         "(default: a temporary folder)",
     )
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated, of {', '.join(METHODS + OPTIONAL_METHODS)}",
+    )
     args = parser.parse_args()
+    unknown = set(args.methods.split(",")) - set(METHODS + OPTIONAL_METHODS) - {""}
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}: choose from {METHODS + OPTIONAL_METHODS}")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     with contextlib.ExitStack() as stack:
@@ -318,9 +328,10 @@ def run_method(  # noqa: PLR0913  one cell of the table
         return run_trainer(data, work / "c", weights=str(source), finetune_epochs=0)
     if method == "scratch":
         return run_trainer(data, work / "d", weights="none", finetune_epochs=HEAD_EPOCHS + epochs)
-    return run_trainer(
-        data, work / "a", weights=str(source), head_epochs=HEAD_EPOCHS, finetune_epochs=epochs
-    )
+    defaults = {"weights": str(source), "head_epochs": HEAD_EPOCHS, "finetune_epochs": epochs}
+    if method == "wise-ft":
+        return run_trainer(data, work / "e", **defaults, weight_interpolation="on")
+    return run_trainer(data, work / "a", **defaults)
 
 
 def print_rows(task: str, rows: dict[str, dict[str, Any]]) -> None:

@@ -42,6 +42,9 @@ CHECKPOINT_FORMAT = "finetune-checkpoint"
 FORMAT_VERSION = 1
 LAST = "last.pt"
 BEST = "best.pt"
+# The best model as phase 2 found it on entry (the head phase's), for the weight interpolation
+# after the phases (``trainer.stages.interpolation``).
+START_OF_PHASE_2 = "phase2-start.pt"
 EPOCH_DONE = -1
 PHASE_ORDER = {"head": 0, "finetune": 1}
 
@@ -265,6 +268,10 @@ class Checkpoint:
     # The diagonal Fisher information of the best model (``forgetting.FisherInformation``:
     # tensors by parameter name and counts), for EWC in a retrain from it. ``best.pt`` only.
     fisher: dict[str, Any] | None = None
+    # The weight interpolation between the start and the end of phase 2
+    # (``trainer.stages.interpolation``): the mixes tried, their val accuracies, the one kept.
+    # ``best.pt`` only.
+    interpolation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The dict ``torch.save`` writes (flat keys; docs/architecture.md)."""
@@ -284,6 +291,7 @@ class Checkpoint:
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "adaptation": self.adaptation,
             "fisher": self.fisher,
+            "interpolation": self.interpolation,
             **self.progress.to_dict(),
         }
 
@@ -336,6 +344,7 @@ class Checkpoint:
             # Absent from checkpoints written before they existed.
             adaptation=document.get("adaptation"),
             fisher=document.get("fisher"),
+            interpolation=document.get("interpolation"),
         )
 
     @property

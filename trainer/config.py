@@ -105,6 +105,13 @@ class TrainConfig:
         "on",
         ("on", "off"),
     )
+    weight_interpolation: str = _doc(
+        "After phase 2, score mixes of the head phase's weights and phase 2's last ones on "
+        "val (WiSE-FT) and keep the best mix when it beats the best epoch (on), or not (off; "
+        "the default: no mix beat both ends on the benchmark's tasks).",
+        "off",
+        ("on", "off"),
+    )
     unlabeled_data: Path | None = _doc(  # noqa: RUF009
         "Folder of unlabelled images from where the model is used (searched recursively, "
         "names ignored: the server's capture directory works as it is). Phase 2 aligns the "

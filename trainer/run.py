@@ -70,6 +70,7 @@ from trainer.stages.adaptation import adapt_best
 from trainer.stages.calibrate import calibrate_best
 from trainer.stages.fisher import store_fisher
 from trainer.stages.head_and_choice import fit_head_and_choose, keep_augment_decisions, run_facts
+from trainer.stages.interpolation import interpolate_best
 from trainer.stages.phase_two_terms import PhaseTwoTerms, phase_two_terms
 from trainer.stages.resume import settings_for_resume, training_is_finished
 
@@ -162,10 +163,13 @@ def _train(
         return {"status": INTERRUPTED, "checkpoint": str(context.last_checkpoint)}
     # ---- report, export, summary -----------------------------------------------------------
     # Until summary.json is written a re-run with --resume auto completes the run's end.
+    stop.enter_stage("the weight interpolation")
+    interpolation = interpolate_best(context, parts, outcome.progress)
     adapted = adapt_and_store_fisher(context, parts, setup.unlabeled, terms, stop)
     stop.enter_stage("calibration")
     calibration = calibrate_best(context, parts.pipeline, parts.step)
     extra = run_facts(context, decided, balance, calibration) | terms.summary() | adapted
+    extra["weight_interpolation"] = interpolation
     stop.enter_stage("the report and export")
     return finish_run(context, outcome.progress, time.perf_counter() - started, extra)
 

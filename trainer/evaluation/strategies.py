@@ -4,8 +4,9 @@ One row for the probe (the head phase alone, the floor ``best.pt`` never falls b
 per trial of the phase-2 search (``trainer.finetune.choice``): policy, learning rate and
 decay, the rung and steps it got, val accuracy and loss, the train loss beside the val loss
 (the gap shows over-fitting), seconds. Then which strategy won and why, what phase 2 then
-made of it, and what the choice cost. It is written from the summary, so it says exactly
-what ``summary.json`` says.
+made of it, what the mixes of phase 2's start and end scored (WiSE-FT,
+``trainer.stages.interpolation``), and what the choice cost. It is written from the summary,
+so it says exactly what ``summary.json`` says.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def render_strategies(summary: dict[str, Any]) -> str:
     lines.append(HEADER + "".join(rows))
     lines.append(_chosen(choice))
     lines.append(_outcome(summary, probe, best))
+    lines.append(_interpolation(summary.get("weight_interpolation")))
     return "\n".join(lines)
 
 
@@ -90,10 +92,30 @@ def _chosen(choice: dict[str, Any]) -> str:
     return text
 
 
+def _interpolation(record: dict[str, Any] | None) -> str:
+    if not record:
+        return ""
+    rows = "".join(
+        _row(row["mix"], row["val_accuracy"], row["val_loss"]) for row in record["mixes"]
+    )
+    return (
+        "**Weight interpolation (WiSE-FT)** between phase 2's start (mix 0) and its last epoch "
+        f"(mix 1); the best epoch scored {_cell(record['best_val_accuracy_before'])}:\n\n"
+        "| mix | val accuracy | val loss |\n|---:|---:|---:|\n"
+        f"{rows}\n{record['reason']}.\n"
+    )
+
+
 def _outcome(summary: dict[str, Any], probe: float | None, best: float | None) -> str:
     if best is None or probe is None:
         return ""
     gain = best - probe
+    interpolation = summary.get("weight_interpolation") or {}
+    if gain > 0 and interpolation.get("kept_mix") is not None:
+        return (
+            f"**Phase 2 as run:** best val accuracy {best:.3f}, {gain:+.3f} over the probe; "
+            f"`best.pt` holds the mix {interpolation['kept_mix']} of phase 2's start and end.\n"
+        )
     if gain > 0:
         return (
             f"**Phase 2 as run:** best val accuracy {best:.3f}, {gain:+.3f} over the probe; "

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.optim.swa_utils import AveragedModel
 
+from contracts.atomic_files import atomic_write_bytes
 from trainer import checkpoint as ckpt
 from trainer.checkpoint import Checkpoint, PhaseStats, Position, Progress, TrainingState
 from trainer.data.input_pipeline import Pipeline
@@ -271,6 +272,7 @@ class PhaseRunner:
                 return None
         else:
             self.progress.epochs_since_best = 0
+            self._keep_start_of_phase_2(phase)
         trainable = phase.groups_at(resume.position.epoch if resume is not None else epoch)
         set_trainable(self.model.module, self.model.groups, trainable)
         optimizer = build_optimizer(
@@ -298,6 +300,13 @@ class PhaseRunner:
         return _PhaseCursor(
             phase, stats, epoch, step, trainable, optimizer, scheduler, self._wrap()
         )
+
+    def _keep_start_of_phase_2(self, phase: Phase) -> None:
+        """A copy of ``best.pt`` as phase 2 starts (the head phase's model): one end of the
+        weight interpolation after the phases (``trainer.stages.interpolation``)."""
+        best = self.context.best_checkpoint
+        if phase.name == FINETUNE_PHASE and self.context.is_main and best.is_file():
+            atomic_write_bytes(self.context.phase_2_start_checkpoint, best.read_bytes())
 
     def _maybe_unfreeze(self, cursor: _PhaseCursor) -> None:
         """Unfreeze more groups when the phase's policy says so at this epoch."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import BEST, LAST, CheckpointHeader
+from trainer.checkpoint import BEST, LAST, START_OF_PHASE_2, CheckpointHeader
 from trainer.config import TrainConfig
 from trainer.job.process_setup import DistInfo
 
@@ -44,3 +44,7 @@ class RunContext:
     @property
     def best_checkpoint(self) -> Path:
         return self.checkpoints / BEST
+
+    @property
+    def phase_2_start_checkpoint(self) -> Path:
+        return self.checkpoints / START_OF_PHASE_2

@@ -95,6 +95,7 @@ SAFE_TO_CHANGE = frozenset(
         "num_workers",
         "feature_cache_mb",
         "calibrate",
+        "weight_interpolation",
         "patience",
         "amp",
         "channels_last",

@@ -76,3 +76,37 @@ def test_a_given_policy_and_a_phase_2_that_never_beat_the_probe_are_said() -> No
     assert "`--unfreeze top:2` (flag)" in text and "cost" not in text
     assert "`best.pt` holds the probe" in text
     assert "nothing was chosen" in render_strategies({"best_val_accuracy": 0.5})
+
+
+def test_the_mixes_are_rows_and_a_kept_mix_is_what_best_pt_holds() -> None:
+    mixes = [
+        {"mix": 0.25, "val_accuracy": 0.88, "val_loss": 0.31},
+        {"mix": 0.5, "val_accuracy": 0.93, "val_loss": 0.22},
+        {"mix": 0.75, "val_accuracy": 0.9, "val_loss": 0.25},
+    ]
+    kept = {
+        **SEARCHED,
+        "best_val_accuracy": 0.93,
+        "weight_interpolation": {
+            "mixes": mixes,
+            "best_val_accuracy_before": 0.91,
+            "kept_mix": 0.5,
+            "reason": "mix 0.5 beats the best epoch on val (0.9300 > 0.9100)",
+        },
+    }
+    text = render_strategies(kept)
+    assert "| 0.5 | 0.93 | 0.22 |" in text and "| 0.25 | 0.88 | 0.31 |" in text
+    assert "the best epoch scored 0.91" in text
+    assert "`best.pt` holds the mix 0.5 of phase 2's start and end" in text
+    assert "mix 0.5 beats the best epoch on val" in text
+    not_kept = {
+        **SEARCHED,
+        "weight_interpolation": {
+            **kept["weight_interpolation"],
+            "kept_mix": None,
+            "reason": "no mix beats the best epoch on val",
+        },
+    }
+    text = render_strategies(not_kept)
+    assert "holds the phase-2 epoch that reached it" in text
+    assert "no mix beats the best epoch on val." in text
