@@ -5,6 +5,10 @@ Each golden image goes through exactly what a Classify request's image goes thro
 the probabilities are compared with what the trainer computed (``contracts.golden_set``). A
 version whose preprocessing facts, graph or decoder disagree with the trainer's is refused
 before it serves.
+
+The rollout gate's comparisons live here too, as they run the same path: a new version
+against the version it would replace, on that version's golden set (``check_rollout``) and on
+the new version's holdout set of reviewed production images (``check_holdout``).
 """
 
 from __future__ import annotations
@@ -17,13 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from contracts.golden_set import (
-    GoldenSet,
     GoldenVerdict,
     InvalidGoldenSet,
     compare,
     labelled_accuracy,
     read_golden_set,
 )
+from contracts.holdout_set import read_holdout_set
 from contracts.model_metadata import ModelMetadata
 from server.class_scores import class_probabilities
 from server.errors import InvalidInput
@@ -64,20 +68,28 @@ def check_golden_set(
     if found is None:
         return None
     golden, images = found
-    rows, problems = _served_probabilities(golden, images, metadata, sessions, limits, checkpoint)
+    files = [image.file for image in golden.images]
+    rows, problems = _served_probabilities(
+        files, images, len(golden.labels), JudgedVersion(metadata, sessions), limits, checkpoint
+    )
     if not problems:
         problems = compare(golden, [row.tolist() for row in rows])
     return GoldenVerdict(len(images), golden.tolerance, tuple(problems))
 
 
+ON_PREVIOUS_GOLDEN_SET = "the previous version's golden set"
+ON_HOLDOUT_SET = "its holdout set of reviewed production images"
+
+
 @dataclass(frozen=True)
 class RolloutVerdict:
-    """A new version against the golden set of the version it would replace."""
+    """A new version against the version it would replace, on one labelled set."""
 
     baseline_accuracy: float
     accuracy: float
     images: int
     max_drop: float
+    judged_on: str = ON_PREVIOUS_GOLDEN_SET
 
     @property
     def passed(self) -> bool:
@@ -86,10 +98,20 @@ class RolloutVerdict:
     def describe(self) -> str:
         verdict = "passed" if self.passed else "failed"
         return (
-            f"rollout check {verdict}: accuracy {self.accuracy:.3f} on the previous version's "
-            f"golden set ({self.images} labelled images) against its {self.baseline_accuracy:.3f}"
-            f", allowed drop {self.max_drop:.3f}"
+            f"rollout check {verdict}: accuracy {self.accuracy:.3f} on {self.judged_on} "
+            f"({self.images} labelled images) against the previous version's "
+            f"{self.baseline_accuracy:.3f}, allowed drop {self.max_drop:.3f}"
         )
+
+
+@dataclass(frozen=True)
+class JudgedVersion:
+    """What runs an image through one version: its ``model.json``, its sessions, and the class
+    names its outputs stand for."""
+
+    metadata: ModelMetadata | None
+    sessions: OnnxSessions
+    labels: tuple[str, ...] = ()
 
 
 def check_rollout(  # noqa: PLR0913  the check's inputs, and where it may be stopped
@@ -117,13 +139,52 @@ def check_rollout(  # noqa: PLR0913  the check's inputs, and where it may be sto
     baseline = labelled_accuracy(golden, [golden.labels[image.top1] for image in golden.images])
     if baseline is None:
         return None
-    rows, _ = _served_probabilities(golden, images, metadata, sessions, GOLDEN_LIMITS, checkpoint)
-    predicted = [
-        "" if not np.isfinite(row).all() else _label(labels, int(np.argmax(row))) for row in rows
-    ]
+    files = [image.file for image in golden.images]
+    version = JudgedVersion(metadata, sessions, labels)
+    predicted = _predicted_labels(files, images, version, checkpoint)
     accuracy = labelled_accuracy(golden, predicted)
     assert accuracy is not None  # same images, same true classes as the baseline
     return RolloutVerdict(baseline[0], accuracy[0], baseline[1], max_drop)
+
+
+def check_holdout(
+    version_dir: Path,
+    candidate: JudgedVersion,
+    baseline: JudgedVersion,
+    max_drop: float,
+    checkpoint: Checkpoint = _never_stop,
+) -> RolloutVerdict | None:
+    """How a new version and the one it would replace do on the new version's holdout set.
+
+    Both versions see every image through their own decode and graph; class names, not
+    indices, are compared with the true ones. None when the new version carries no holdout
+    set or it holds no image.
+
+    Raises:
+        InvalidHoldoutSet: the holdout set cannot be read or is over its bounds.
+    """
+    found = read_holdout_set(version_dir)
+    if found is None or not found[0].images:
+        return None
+    holdout, images = found
+    files = [image.file for image in holdout.images]
+    truth = [holdout.labels[image.true_label] for image in holdout.images]
+    accuracies = []
+    for version in (candidate, baseline):
+        predicted = _predicted_labels(files, images, version, checkpoint)
+        accuracies.append(sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth))
+    return RolloutVerdict(accuracies[1], accuracies[0], len(truth), max_drop, ON_HOLDOUT_SET)
+
+
+def _predicted_labels(
+    files: list[str], images: list[bytes], version: JudgedVersion, checkpoint: Checkpoint
+) -> list[str]:
+    """Each image's predicted class name through ``version`` ("" where the decoder refused)."""
+    labels = version.labels
+    rows, _ = _served_probabilities(files, images, len(labels), version, GOLDEN_LIMITS, checkpoint)
+    return [
+        "" if not np.isfinite(row).all() else _label(labels, int(np.argmax(row))) for row in rows
+    ]
 
 
 def _label(labels: tuple[str, ...], index: int) -> str:
@@ -131,14 +192,16 @@ def _label(labels: tuple[str, ...], index: int) -> str:
 
 
 def _served_probabilities(  # noqa: PLR0913  the set, the version, and where to stop
-    golden: GoldenSet,
+    files: list[str],
     images: list[bytes],
-    metadata: ModelMetadata | None,
-    sessions: OnnxSessions,
+    classes: int,
+    version: JudgedVersion,
     limits: ImageLimits,
     checkpoint: Checkpoint,
 ) -> tuple[list[np.ndarray], list[str]]:
-    """Each golden image through the server's decode and the graph; refusals as problems."""
+    """Each image through the server's decode and the graph; refusals as problems (their row
+    is NaN)."""
+    metadata, sessions = version.metadata, version.sessions
     if metadata is None or metadata.preprocessing is None:
         raise InvalidGoldenSet("the version has a golden set but no preprocessing (model.json)")
     image_input = sessions.inputs[0]
@@ -152,8 +215,8 @@ def _served_probabilities(  # noqa: PLR0913  the set, the version, and where to 
                 data, index, metadata.preprocessing, metadata.input_format, limits
             )
         except InvalidInput as error:
-            problems.append(f"{golden.images[index].file}: refused by the decoder: {error}")
-            rows.append(np.full(len(golden.labels), np.nan))
+            problems.append(f"{files[index]}: refused by the decoder: {error}")
+            rows.append(np.full(classes, np.nan))
             continue
         batch = pixels[np.newaxis] if batched else pixels
         outputs = sessions.run({image_input.name: batch.astype(image_input.dtype, copy=False)})

@@ -22,13 +22,22 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from contracts.golden_set import GOLDEN_FILENAME, InvalidGoldenSet, golden_dir
+from contracts.holdout_set import HOLDOUT_DIRNAME, HOLDOUT_FILENAME, InvalidHoldoutSet
 from contracts.model_metadata import ModelMetadata
 from contracts.repository_layout import CONFIG_FILENAME
 from server.batching import BatchingSettings
 from server.errors import ModelLoadError
-from server.golden_set import GoldenVerdict, check_golden_set, check_rollout
+from server.golden_set import (
+    GoldenVerdict,
+    JudgedVersion,
+    RolloutVerdict,
+    check_golden_set,
+    check_holdout,
+    check_rollout,
+)
 from server.load_thread import LoadControl, run_in_daemon_thread
 from server.metrics import ServerMetrics
 from server.model_spec import ModelSpec, complete_from_graph, graph_contradictions
@@ -335,15 +344,7 @@ class VersionLoader:
     ) -> LoadedVersion:
         checkpoint = control.checkpoint
         checkpoint()
-        settings = SessionSettings(
-            providers=self.settings.providers,
-            instances=self.settings.instances,
-            intra_op_threads=self.threads.intra_op_threads,
-            inter_op_threads=self.threads.inter_op_threads,
-            allow_spinning=self.threads.allow_spinning,
-            graph_optimization=self.settings.graph_optimization,
-        )
-        sessions = OnnxSessions(source.onnx_path, settings)
+        sessions = OnnxSessions(source.onnx_path, self._session_settings())
         control.started(sessions)
         # Before the warm-up: a batch size the graph cannot take would fail there, less clearly.
         spec = agreed_spec(model_source, source, sessions)
@@ -363,6 +364,16 @@ class VersionLoader:
             self._judge_rollout(model_source, source, loaded, plan, checkpoint)
         return loaded
 
+    def _session_settings(self) -> SessionSettings:
+        return SessionSettings(
+            providers=self.settings.providers,
+            instances=self.settings.instances,
+            intra_op_threads=self.threads.intra_op_threads,
+            inter_op_threads=self.threads.inter_op_threads,
+            allow_spinning=self.threads.allow_spinning,
+            graph_optimization=self.settings.graph_optimization,
+        )
+
     def _judge_rollout(
         self,
         model_source: ModelSource,
@@ -371,53 +382,36 @@ class VersionLoader:
         plan: LoadPlan,
         checkpoint: Callable[[], None],
     ) -> None:
-        """The rollout gate: refuse a version that does worse than the one it would replace
-        on that one's golden set; write the verdict either way."""
-        metadata = loaded.metadata
-        max_drop = self.settings.rollout_max_accuracy_drop
+        """The rollout gate: refuse a version that does worse than the one it would replace,
+        on that one's golden set and on this one's holdout set of reviewed production images;
+        write the verdict either way."""
         record = RolloutRecord(
             model=source.model_name,
             version=source.version,
             accepted=True,
             reason="no older version with a golden set on disk: nothing to compare with",
-            max_drop=max_drop,
+            max_drop=self.settings.rollout_max_accuracy_drop,
             files=plan.files,
             decided_at=utc_now(),
         )
         baseline = plan.baseline
         if baseline is not None:
-            labels = metadata.labels if metadata and metadata.labels else model_source.labels
-            try:
-                verdict = check_rollout(
-                    baseline.directory, metadata, loaded.sessions, labels, max_drop, checkpoint
-                )
-            except InvalidGoldenSet as error:
-                problem = f"cannot be checked on version {baseline.version}'s golden set: {error}"
-                if not self.settings.allow_versions_without_golden_set:
-                    raise ModelLoadError(
-                        f"{problem} (allow_versions_without_golden_set serves it unchecked)"
-                    ) from None
-                log.warning(
-                    "model %s version %d: rollout check skipped (allowed): %s",
-                    source.model_name,
-                    source.version,
-                    problem,
-                )
+            judged = self._judge_on_golden_set(model_source, source, loaded, baseline, checkpoint)
+            if judged is None:
                 return  # no verdict: the next load judges it again
-            if verdict is None:
-                reason = f"version {baseline.version}'s golden set has no labelled images"
-                record = dataclasses.replace(
-                    record, reason=reason, baseline_version=baseline.version
-                )
-            else:
+            record = dataclasses.replace(record, **judged)
+            on_holdout = self._judge_on_holdout(model_source, source, loaded, baseline, checkpoint)
+            if on_holdout is not None:
                 record = dataclasses.replace(
                     record,
-                    accepted=verdict.passed,
-                    reason=f"against version {baseline.version}: {verdict.describe()}",
-                    baseline_version=baseline.version,
-                    baseline_accuracy=verdict.baseline_accuracy,
-                    accuracy=verdict.accuracy,
-                    images=verdict.images,
+                    accepted=record.accepted and on_holdout.passed,
+                    reason=(
+                        f"{record.reason}; against version {baseline.version}: "
+                        f"{on_holdout.describe()}"
+                    ),
+                    holdout_baseline_accuracy=on_holdout.baseline_accuracy,
+                    holdout_accuracy=on_holdout.accuracy,
+                    holdout_images=on_holdout.images,
                 )
         where = self.records.write_verdict(source, record)
         kept = f" (verdict in {where})" if where is not None else ""
@@ -427,6 +421,91 @@ class VersionLoader:
         log.info(
             "model %s version %d: %s%s", source.model_name, source.version, record.describe(), kept
         )
+
+    def _judge_on_golden_set(
+        self,
+        model_source: ModelSource,
+        source: VersionSource,
+        loaded: LoadedVersion,
+        baseline: VersionSource,
+        checkpoint: Callable[[], None],
+    ) -> dict[str, Any] | None:
+        """The verdict's fields from ``baseline``'s golden set; None when it cannot be read and
+        that is allowed (the version serves unjudged)."""
+        metadata = loaded.metadata
+        labels = _labels(metadata, model_source)
+        max_drop = self.settings.rollout_max_accuracy_drop
+        try:
+            verdict = check_rollout(
+                baseline.directory, metadata, loaded.sessions, labels, max_drop, checkpoint
+            )
+        except InvalidGoldenSet as error:
+            problem = f"cannot be checked on version {baseline.version}'s golden set: {error}"
+            if not self.settings.allow_versions_without_golden_set:
+                raise ModelLoadError(
+                    f"{problem} (allow_versions_without_golden_set serves it unchecked)"
+                ) from None
+            log.warning(
+                "model %s version %d: rollout check skipped (allowed): %s",
+                source.model_name,
+                source.version,
+                problem,
+            )
+            return None
+        if verdict is None:
+            reason = f"version {baseline.version}'s golden set has no labelled images"
+            return {"reason": reason, "baseline_version": baseline.version}
+        return {
+            "accepted": verdict.passed,
+            "reason": f"against version {baseline.version}: {verdict.describe()}",
+            "baseline_version": baseline.version,
+            "baseline_accuracy": verdict.baseline_accuracy,
+            "accuracy": verdict.accuracy,
+            "images": verdict.images,
+        }
+
+    def _judge_on_holdout(
+        self,
+        model_source: ModelSource,
+        source: VersionSource,
+        loaded: LoadedVersion,
+        baseline: VersionSource,
+        checkpoint: Callable[[], None],
+    ) -> RolloutVerdict | None:
+        """This version and ``baseline`` on this version's holdout set; None without one.
+
+        The baseline runs in sessions of its own, opened for this and dropped after: it may
+        not be loaded (after a restart nothing older is), and one thread is enough for a few
+        hundred images.
+
+        Raises:
+            ModelLoadError: the holdout set cannot be read (a broken version, not a verdict).
+        """
+        if not (source.directory / HOLDOUT_DIRNAME / HOLDOUT_FILENAME).is_file():
+            return None
+        settings = dataclasses.replace(
+            self._session_settings(), instances=1, intra_op_threads=1, allow_spinning=False
+        )
+        sessions = OnnxSessions(baseline.onnx_path, settings)
+        baseline_metadata = read_metadata(baseline, sessions.custom_metadata)
+        metadata = loaded.metadata
+        candidate = JudgedVersion(metadata, loaded.sessions, _labels(metadata, model_source))
+        previous = JudgedVersion(
+            baseline_metadata, sessions, _labels(baseline_metadata, model_source)
+        )
+        try:
+            return check_holdout(
+                source.directory,
+                candidate,
+                previous,
+                self.settings.rollout_max_accuracy_drop,
+                checkpoint,
+            )
+        except InvalidHoldoutSet as error:
+            raise ModelLoadError(
+                f"model {source.model_name} version {source.version}: its holdout set cannot "
+                f"be read: {error}"
+            ) from None
 
     def _check_golden_set(
         self,
@@ -532,3 +611,8 @@ def _ranges(sizes: list[int]) -> str:
 def precision_label(metadata: ModelMetadata | None) -> str:
     """The ``precision`` label of a version's ``model_info`` series."""
     return (metadata.precision if metadata else None) or "unknown"
+
+
+def _labels(metadata: ModelMetadata | None, model_source: ModelSource) -> tuple[str, ...]:
+    """A version's class names: its ``model.json``'s, else the model directory's."""
+    return metadata.labels if metadata and metadata.labels else model_source.labels

@@ -84,8 +84,11 @@ class RolloutRecord:
     Attributes:
         baseline_version: the older version whose golden set judged it; None when there was
             none with a golden set.
-        baseline_accuracy, accuracy, images: the figures (None, None, 0 when nothing could be
-            compared: no older version, or no labelled images in its golden set).
+        baseline_accuracy, accuracy, images: the figures on the baseline's golden set (None,
+            None, 0 when nothing could be compared: no older version, or no labelled images
+            in its golden set).
+        holdout_baseline_accuracy, holdout_accuracy, holdout_images: the figures on this
+            version's holdout set of reviewed production images (None, None, 0 without one).
         max_drop: the allowed accuracy drop when it was judged.
         files: the version's files when it was judged (``version_fingerprint``).
     """
@@ -98,6 +101,9 @@ class RolloutRecord:
     baseline_accuracy: float | None = None
     accuracy: float | None = None
     images: int = 0
+    holdout_baseline_accuracy: float | None = None
+    holdout_accuracy: float | None = None
+    holdout_images: int = 0
     max_drop: float = 0.0
     files: Files = ()
     decided_at: str = ""
@@ -111,9 +117,17 @@ class RolloutRecord:
         """
         if self.accepted:
             return False
-        if self.accuracy is None or self.baseline_accuracy is None:
+        pairs = [
+            (accuracy, baseline)
+            for accuracy, baseline in (
+                (self.accuracy, self.baseline_accuracy),
+                (self.holdout_accuracy, self.holdout_baseline_accuracy),
+            )
+            if accuracy is not None and baseline is not None
+        ]
+        if not pairs:
             return True
-        return self.accuracy < self.baseline_accuracy - max_drop - 1e-9
+        return any(accuracy < baseline - max_drop - 1e-9 for accuracy, baseline in pairs)
 
     def describe(self) -> str:
         verdict = "accepted" if self.accepted else "refused"

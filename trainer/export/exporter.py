@@ -26,6 +26,7 @@ from trainer.export import metadata as meta
 from trainer.export.errors import ExportError
 from trainer.export.golden import build_golden_set
 from trainer.export.graph import ServingModel
+from trainer.export.holdout import build_holdout_set
 from trainer.export.images import ImageSet, SplitRule, list_split, load_split
 from trainer.export.onnx_export import export_onnx
 from trainer.export.optimize import optimize_offline
@@ -252,14 +253,15 @@ class _Source:
 
 @dataclass(frozen=True)
 class _Built:
-    """The verified graph of a version, its parity, metadata facts and golden set files."""
+    """The verified graph of a version, its parity, metadata facts, and the files of its golden
+    and holdout sets."""
 
     path: Path
     parity: ParityReport
     exporter: str
     # ``model.json`` facts of the later steps, by their ``ModelMetadata`` field names.
     extra: dict[str, Any]
-    golden_files: dict[str, bytes]
+    set_files: dict[str, bytes]
 
 
 def _load_source(checkpoint_path: Path, options: _Options) -> _Source:
@@ -337,7 +339,12 @@ def _build_version(source: _Source, work: Path, options: _Options) -> _Built:
     with export_step("golden_set") as facts:
         golden_files = _golden_set(options.data_dir, source, serving, final_path, extra)
         facts.update(extra.get("golden_set") or {"images": 0})
-    return _Built(final_path, parity, exporter, extra, golden_files)
+    holdout_files: dict[str, bytes] = {}
+    if options.data_dir is not None:
+        with export_step("holdout_set") as facts:
+            holdout_files, holdout = build_holdout_set(options.data_dir, checkpoint.header.classes)
+            facts.update(holdout)
+    return _Built(final_path, parity, exporter, extra, golden_files | holdout_files)
 
 
 def _parity_facts(parity: ParityReport) -> dict[str, Any]:
@@ -384,7 +391,7 @@ def _publish(
         version_files={
             MODEL_FILENAME: model_bytes,
             METADATA_FILENAME: document.to_json_bytes(),
-            **built.golden_files,
+            **built.set_files,
         },
         config_text=config_text,
         labels=list(document.labels),
