@@ -108,7 +108,9 @@ with labels_csv.open("w", newline="") as handle:
             rows.writerow([image.relative_to(captures).as_posix(), label])
     print(f"{held_out} captures of held-out images discarded (never trained on)")
 PY
-trainer ingest --captures "$CAPTURES" --labels "$LOOP/labels.csv" --data "$LOOP_DATA"
+# A third of the reviewed images become the holdout set the rollout gate judges version 2 on.
+trainer ingest --captures "$CAPTURES" --labels "$LOOP/labels.csv" --data "$LOOP_DATA" \
+  --holdout-share 0.3
 
 step 5 "fine-tune from the last model on the grown training set, export version 2"
 trainer train --data "$LOOP_DATA" --output "$LOOP/run" \

@@ -8,12 +8,19 @@ into ``DATA/<split>/<label>/`` under its content hash (temp file, fsync, rename)
 a provenance record to ``DATA/ingested.jsonl``, and only then deletes the capture and its JSON
 sidecar. A crash at any point leaves either the capture or its copy, never half a file; a rerun
 finishes the job, and an image already in the ledger is not added twice.
+
+``--holdout-share F`` sends that share of the rows to ``DATA/holdout/<label>/`` instead: images
+the trainer never trains on or picks an epoch with, which the export ships with the version
+(``contracts.holdout_set``) so the rollout gate can compare versions where the model is used.
+Which rows go is decided by the image's content hash, so it is the same on every rerun and
+does not depend on the CSV's order. The classes are ``DATA/train``'s whatever the split.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import json
 import time
@@ -25,10 +32,12 @@ from PIL import Image, UnidentifiedImageError
 
 from contracts.atomic_files import atomic_write_bytes, fsync_directory
 from contracts.capture_files import InvalidCaptureSidecar, read_sidecar, sidecar_path
+from contracts.holdout_set import HOLDOUT_DIRNAME
 from contracts.image_formats import SUPPORTED_FORMATS, has_image_extension
 from trainer.errors import DataError
 
 LEDGER = "ingested.jsonl"
+SPLITS = ("train", "val", HOLDOUT_DIRNAME)
 # A labels file is written by a person's tool; anything larger is not a review of captures.
 MAX_LABEL_ROWS = 1_000_000
 
@@ -49,13 +58,16 @@ class IngestReport:
     added: dict[str, int]
     already_present: int
     conflicts: tuple[str, ...]
+    # Of ``added``, how many went to ``DATA/holdout`` (``--holdout-share``), by label.
+    held_out: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def describe(self) -> str:
         """One line for the terminal."""
         added = ", ".join(f"{label} {n}" for label, n in sorted(self.added.items())) or "none"
+        held_out = f" ({sum(self.held_out.values())} of them to holdout/)" if self.held_out else ""
         return (
-            f"added {sum(self.added.values())} image(s) ({added}); "
-            f"{self.already_present} already in the training set; "
+            f"added {sum(self.added.values())} image(s) ({added}){held_out}; "
+            f"{self.already_present} already in the data; "
             f"{len(self.conflicts)} labelled differently before (kept as they were)"
         )
 
@@ -116,17 +128,33 @@ def _check_row(
     return None, LabelledCapture(number, source, label)
 
 
-def ingest(
-    captures: Path, labels_csv: Path, data: Path, *, split: str = "train", allow_new: bool = False
+def ingest(  # noqa: PLR0913  the inputs, then one keyword per choice
+    captures: Path,
+    labels_csv: Path,
+    data: Path,
+    *,
+    split: str = "train",
+    allow_new: bool = False,
+    holdout_share: float = 0.0,
 ) -> IngestReport:
-    """Move the labelled captures into ``data/split/<label>/``; see the module docstring."""
-    split_dir = data / split
-    if not split_dir.is_dir():
-        raise DataError(f"data: {split_dir} is not a directory (an ImageFolder split)")
-    known = {p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    """Move the labelled captures into ``data/split/<label>/`` (a ``holdout_share`` of them
+    into ``data/holdout/<label>/``); see the module docstring."""
+    if split not in SPLITS:
+        raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    if not 0.0 <= holdout_share <= 1.0:
+        raise DataError(f"holdout share {holdout_share} must be between 0 and 1")
+    train_dir = data / "train"
+    if not train_dir.is_dir():
+        raise DataError(f"data: {train_dir} is not a directory (an ImageFolder split)")
+    if split == "val" and not (data / "val").is_dir():
+        # A val/ holding only some classes would stop every later run: its classes must be
+        # train's. Create it with every class folder first, or ingest into train.
+        raise DataError(f"data: {data / 'val'} is not a directory (an ImageFolder split)")
+    known = {p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
     rows = read_labels(captures, labels_csv, known, allow_new)
     ledger = _read_ledger(data / LEDGER)
     added: Counter[str] = Counter()
+    held_out: Counter[str] = Counter()
     present, conflicts = 0, []
     for row in rows:
         payload = row.source.read_bytes()
@@ -137,11 +165,20 @@ def ingest(
         elif previous is not None:
             present += 1
         else:
-            _add(data, split_dir, row, payload, digest)
+            goes_to = HOLDOUT_DIRNAME if _share_of(digest) < holdout_share else split
+            _add(data, data / goes_to, row, payload, digest)
             ledger[digest] = row.label
             added[row.label] += 1
+            held_out[row.label] += goes_to == HOLDOUT_DIRNAME
         _remove_capture(row.source)
-    return IngestReport(dict(added), present, tuple(conflicts))
+    return IngestReport(
+        dict(added), present, tuple(conflicts), {k: n for k, n in held_out.items() if n}
+    )
+
+
+def _share_of(digest: str) -> float:
+    """Where an image falls in [0, 1), from its content hash: the same on every rerun."""
+    return int(digest[:8], 16) / 16**8
 
 
 def _is_readable_image(path: Path) -> bool:
@@ -218,7 +255,18 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--data", type=Path, required=True, help="the training ImageFolder root")
     parser.add_argument(
-        "--split", default="train", help="split folder to add to (default: %(default)s)"
+        "--split",
+        default="train",
+        choices=SPLITS,
+        help="split folder to add to (default: %(default)s; val must exist already)",
+    )
+    parser.add_argument(
+        "--holdout-share",
+        type=float,
+        default=0.0,
+        help="share of the images (chosen by content hash, the same on every rerun) that go to "
+        "DATA/holdout/<label>/ instead: never trained on, shipped with the exported version "
+        "for the rollout gate (default: %(default)s)",
     )
     parser.add_argument(
         "--allow-new-classes",
@@ -230,7 +278,12 @@ def add_parser(subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     report = ingest(
-        args.captures, args.labels, args.data, split=args.split, allow_new=args.allow_new_classes
+        args.captures,
+        args.labels,
+        args.data,
+        split=args.split,
+        allow_new=args.allow_new_classes,
+        holdout_share=args.holdout_share,
     )
     print(report.describe())
     for conflict in report.conflicts:

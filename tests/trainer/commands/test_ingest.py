@@ -152,3 +152,52 @@ def test_cli_exit_codes(layout, tmp_path, capsys) -> None:
     labels.write_text("unlabeled/dog/c1.png,dog\n")
     assert main(args) == 0
     assert "added 1 image(s) (dog 1)" in capsys.readouterr().out
+
+
+def _many_captures(captures: Path, count: int) -> str:
+    rows = ["path,label"]
+    for i in range(count):
+        label = ("cat", "dog")[i % 2]
+        _image(captures / "unlabeled" / label / f"m{i}.png", seed=500 + i)
+        rows.append(f"unlabeled/{label}/m{i}.png,{label}")
+    return "\n".join(rows) + "\n"
+
+
+def test_a_holdout_share_goes_to_holdout_by_content_hash(layout, tmp_path) -> None:
+    data, captures = layout
+    labels = tmp_path / "labels.csv"
+    labels.write_text(_many_captures(captures, 40))
+    keep = {p: p.read_bytes() for p in (captures / "unlabeled").rglob("m*.png")}
+    report = ingest(captures, labels, data, holdout_share=0.3)
+    held = sorted(p.read_bytes() for p in (data / "holdout").rglob("*.png"))
+    trained = [p for p in (data / "train").rglob("ingested-*.png")]
+    assert sum(report.added.values()) == 40 == len(held) + len(trained)
+    assert sum(report.held_out.values()) == len(held)
+    assert 4 <= len(held) <= 20  # about 12 of 40 (the hash decides, not a count)
+    assert "of them to holdout/" in report.describe()
+    # The same rows in another order on a fresh copy split the same way.
+    fresh = tmp_path / "fresh"
+    for label in ("cat", "dog"):
+        _image(fresh / "train" / label / "0.png", seed=hash(label) % 1000)
+    for path, payload in keep.items():
+        path.write_bytes(payload)
+    header, *rows = labels.read_text().splitlines()
+    labels.write_text("\n".join([header, *reversed(rows)]) + "\n")
+    ingest(captures, labels, fresh, holdout_share=0.3)
+    assert sorted(p.read_bytes() for p in (fresh / "holdout").rglob("*.png")) == held
+
+
+def test_the_split_and_share_are_checked(layout, tmp_path, capsys) -> None:
+    data, captures = layout
+    labels = tmp_path / "labels.csv"
+    labels.write_text("unlabeled/dog/c1.png,dog\n")
+    with pytest.raises(DataError, match="split 'test' is not one of train, val, holdout"):
+        ingest(captures, labels, data, split="test")
+    with pytest.raises(DataError, match=r"holdout share 1\.5 must be between 0 and 1"):
+        ingest(captures, labels, data, holdout_share=1.5)
+    with pytest.raises(DataError, match="val is not a directory"):
+        ingest(captures, labels, data, split="val")
+    # Holdout takes train's classes and is created when needed.
+    args = ["ingest", "--captures", str(captures), "--labels", str(labels), "--data", str(data)]
+    assert main([*args, "--split", "holdout"]) == 0
+    assert len(_files(data / "holdout" / "dog")) == 1
