@@ -27,6 +27,14 @@ done
 
 loop_start=$SECONDS
 step() { printf '\n==> [%s/7] %s   (%ds so far)\n' "$1" "$2" $((SECONDS - loop_start)); }
+# old_val VERSION: top-1 accuracy of a repository version on version 1's val split (what the
+# retrain must not forget), through onnxruntime as the server feeds it.
+old_val() {
+  trainer evaluate --model-repository "$REPOSITORY" --model classifier --version "$1" \
+    --data "$DATA/target/val" --output "$LOOP/old-val-$1" >/dev/null
+  python -c 'import json, sys; print("%.3f" % json.load(open(sys.argv[1]))["top1_accuracy"])' \
+    "$LOOP/old-val-$1/evaluation.json"
+}
 free_port() {
   python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
@@ -133,12 +141,15 @@ fi
 
 step 7 "held-out production images, before and after"
 read -r after_accuracy after_abstained _ < <(measure "$HELD_OUT")
+before_old_val=$(old_val 1)
+after_old_val=$([[ -d $REPOSITORY/classifier/2 ]] && old_val 2 || echo "-")
 kill -TERM "$server_pid"
 wait "$server_pid" && status=0 || status=$?
 server_pid=
 printf '\n%-34s %-10s %-10s\n' "" "version 1" "version 2"
 printf '%-34s %-10s %-10s\n' "accuracy on held-out production" "$before_accuracy" "$after_accuracy"
 printf '%-34s %-10s %-10s\n' "abstention rate on held-out" "$before_abstained" "$after_abstained"
+printf '%-34s %-10s %-10s\n' "accuracy on version 1's val split" "$before_old_val" "$after_old_val"
 ingested=$(grep -c '"sha256"' "$LOOP_DATA/ingested.jsonl" || true)
 printf '\nVersion 2 rolled out: %s; %s images captured, %s of the traffic half labelled and' \
   "$rolled_out" "$captured" "$ingested"
