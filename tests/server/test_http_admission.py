@@ -305,7 +305,7 @@ def _partial_infer(port: int) -> RawRequest:
     return raw
 
 
-def _wait_until(condition: object, timeout: float = 10.0) -> None:
+def _wait_until(condition: object, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]
         assert time.monotonic() < deadline, "timed out"
@@ -318,7 +318,8 @@ def test_requests_in_flight_beyond_the_limit_get_429_with_retry_after(repository
         raw = _partial_infer(server.http_port)
         try:
             _wait_until(lambda: server.sample("inference_inflight_requests") == 0)
-            time.sleep(0.1)  # the first request is being read
+            # Admitted and its body being read: it holds the only place.
+            _wait_until(lambda: server.handle.state.active == 1)
             answer = request(server.http_port, "POST", INFER, GOOD, JSON)
             assert answer.status == 429
             assert int(answer.headers["Retry-After"]) >= 1
@@ -339,8 +340,7 @@ def test_drain_turns_readiness_503_then_refuses_new_work_and_finishes_running_re
     port = server.http_port
     raw = _partial_infer(port)
     try:
-        time.sleep(0.1)
-        assert server.handle.state.active == 1  # the drain waits for it
+        _wait_until(lambda: server.handle.state.active == 1)  # the drain waits for it
         drained = server.submit(server.handle.drain())
         _wait_until(lambda: request(port, "GET", "/v2/health/ready").status == 503)
         assert request(port, "GET", "/v2/health/live").status == 200
