@@ -88,7 +88,12 @@ def test_rolling_stop_behind_round_robin_loses_nothing(tmp_path: Path) -> None:
                 _stream_until_told(pb_grpc.GRPCInferenceServiceStub(channels[0]))
             )
             workers = [asyncio.ensure_future(worker()) for _ in range(6)]
-            await asyncio.sleep(0.5)
+            # Both serve before the stop (a fixed wait could end first on a loaded machine).
+            deadline = time.monotonic() + 30
+            while {index for _, index in results} != {0, 1}:
+                assert time.monotonic() < deadline, results
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
             started = time.monotonic()
             await asyncio.wrap_future(first.submit(first.handle.drain()))
             drained_s = time.monotonic() - started
