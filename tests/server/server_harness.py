@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -119,3 +120,39 @@ def test_config(repository: Path, **overrides: Any) -> ServerConfig:
 
 # Not a test, although its name says so when a test module imports it.
 test_config.__test__ = False  # type: ignore[attr-defined]
+
+
+@dataclasses.dataclass(frozen=True)
+class Seen:
+    """When a polled change was first seen, and what polling cost.
+
+    Attributes:
+        after_s: from the start until the probe that saw it was sent: a probe's own latency
+            is not counted, so a loaded host does not make a reload look slow.
+        slowest_probe_s: the longest probe; the change can be seen that much (plus the poll
+            pause) after it happened.
+    """
+
+    after_s: float
+    slowest_probe_s: float
+
+    def within(self, interval_s: float, slack_s: float = 0.35) -> bool:
+        """Seen at the first file check after the change: one check interval, one probe and
+        its pause, and ``slack_s`` for the reload itself."""
+        return self.after_s < interval_s + self.slowest_probe_s + POLL_PAUSE_S + slack_s
+
+
+POLL_PAUSE_S = 0.05
+
+
+def seconds_until(condition: Callable[[], bool], within_s: float, what: str) -> Seen:
+    """Polls ``condition`` until it holds; fails after ``within_s`` naming ``what``."""
+    started = time.monotonic()
+    slowest = 0.0
+    while True:
+        probe = time.monotonic()
+        if condition():
+            return Seen(probe - started, max(slowest, time.monotonic() - probe))
+        slowest = max(slowest, time.monotonic() - probe)
+        assert time.monotonic() - started < within_s, f"{what} was not seen in time"
+        time.sleep(POLL_PAUSE_S)
