@@ -54,7 +54,9 @@ from protocol.inference import grpc_service_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 
-DRAIN_DELAY_S = 1.0
+# What a health-watching client has to see NOT_SERVING and leave before the server rejects; a
+# loaded CI host can take a second to deliver and act on the Watch update.
+DRAIN_DELAY_S = 2.5
 GRACE_PERIOD_S = 10.0
 CLIENT_THREADS = 4
 # Load requests each server must have answered before the restart, and the restarted one after.
