@@ -444,7 +444,8 @@ def start_servers(  # noqa: PLR0913  the systems under test need the case, its f
         if system in args.systems:
             port, metrics = free_port(), free_port()
             http = free_port() if system == "b" else None
-            command = server_command(repo, case, port, metrics, max_batch, http or -1) + extra
+            command = server_command(repo, case, port, metrics, max_batch, http or -1)
+            command += extra + args.server_flag
             commands.append((system, command, port, metrics, http))
     if "d" in args.systems:
         port = free_port()
@@ -722,6 +723,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         default=os.environ.get("PERF_ANALYZER") or None,
         help="Triton's perf_analyzer binary, for (g) (default: $PERF_ANALYZER)",
+    )
+    parser.add_argument(
+        "--server-flag",
+        action="append",
+        default=[],
+        help="a flag added to every command of our server, e.g. --server-flag=--event-loop=uvloop "
+        "(repeatable)",
     )
     parser.add_argument("--start-timeout-s", type=float, default=120.0)
     parser.add_argument(

@@ -97,7 +97,8 @@ class ServerConfig:
         default="auto",
         metadata=_doc(
             "onnxruntime intra- and inter-op thread spinning: auto (on only when the CPU budget "
-            "is every host core), on, off."
+            "is every host core and the intra-op threads leave one of them free for the event "
+            "loop), on, off."
         ),
     )
     graph_optimization: str = field(

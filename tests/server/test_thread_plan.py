@@ -34,10 +34,12 @@ def test_plan_divides_the_budget_between_sessions() -> None:
     assert "spinning off" in plan.describe()
 
 
-def test_plan_gives_every_session_a_thread_and_spins_on_a_whole_machine() -> None:
+def test_plan_gives_every_session_a_thread_and_spins_only_with_a_core_to_spare() -> None:
     plan = plan_threads(_budget(2, 2), instances=4)
     assert plan.intra_op_threads == 1
-    assert plan.allow_spinning is True
+    assert plan.allow_spinning is False  # the sessions' threads take every core
+    spare = plan_threads(_budget(4, 4), instances=1, intra_op_threads=3)
+    assert spare.allow_spinning is True  # a whole machine, and a core left for the event loop
 
 
 def test_explicit_settings_win_over_the_budget() -> None:
@@ -50,7 +52,7 @@ def test_explicit_settings_win_over_the_budget() -> None:
 def test_spinning_can_be_forced_either_way() -> None:
     assert plan_threads(_budget(1, 8), instances=1, spinning="on").allow_spinning is True
     assert plan_threads(_budget(2, 2), instances=1, spinning="off").allow_spinning is False
-    assert plan_threads(_budget(2, 2), instances=1, spinning="auto").allow_spinning is True
+    assert plan_threads(_budget(2, 2), instances=1, spinning="auto").allow_spinning is False
     with pytest.raises(ValueError, match="spinning"):
         plan_threads(_budget(2, 2), instances=1, spinning="yes")
     with pytest.raises(ConfigError, match="ort_spinning"):
