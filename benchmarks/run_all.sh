@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 mkdir -p bench-output
 python benchmarks/train_throughput.py
 python benchmarks/transfer_quality.py
+python benchmarks/domain_shift.py
 python benchmarks/export_latency.py
 python benchmarks/serve_throughput.py ${KSERVE_PYTHON:+--kserve-python "$KSERVE_PYTHON"}
 python benchmarks/serve_cpu_budget.py
