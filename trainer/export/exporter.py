@@ -14,6 +14,7 @@ import onnx
 from torch import nn
 
 from contracts.graph_signature import INPUT_FORMATS, UINT8_NHWC
+from contracts.holdout_set import HOLDOUT_DIRNAME
 from contracts.model_metadata import ModelMetadata
 from contracts.preprocessing import Preprocessing
 from contracts.repository_layout import METADATA_FILENAME, MODEL_FILENAME
@@ -340,7 +341,7 @@ def _build_version(source: _Source, work: Path, options: _Options) -> _Built:
         golden_files = _golden_set(options.data_dir, source, serving, final_path, extra)
         facts.update(extra.get("golden_set") or {"images": 0})
     holdout_files: dict[str, bytes] = {}
-    if options.data_dir is not None:
+    if options.data_dir is not None and (Path(options.data_dir) / HOLDOUT_DIRNAME).is_dir():
         with export_step("holdout_set") as facts:
             holdout_files, holdout = build_holdout_set(options.data_dir, checkpoint.header.classes)
             facts.update(holdout)
