@@ -121,8 +121,9 @@ class TrainConfig:
     )
     alignment_weight: float = _doc(
         "Largest weight of phase 2's MMD alignment term (--unlabeled-data), reached by "
-        "DANN's ramp 2/(1+exp(-10p))-1 over the phase (0: no alignment term).",
-        1.0,
+        "DANN's ramp 2/(1+exp(-10p))-1 over the phase (0: no alignment term). 10 measured "
+        "best of 0, 3, 10 and 30 on benchmarks/domain_shift.py.",
+        10.0,
     )
     forgetting_guard: str = _doc(
         "Hold phase 2 near the --weights it starts from: ewc (the source checkpoint's "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from trainer_helpers import make_image_folder, tiny_config
+from trainer_helpers import make_capture_folder, make_image_folder, tiny_config
 
 from trainer.config import resolve_config
 from trainer.errors import ConfigError
@@ -254,3 +254,18 @@ def test_report_refuses_a_malformed_range_test_record(tmp_path: Path) -> None:
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"lr_find\.json: not an LR range test record"):
         _read_lr_find(path)
+
+
+def test_with_unlabeled_data_every_layer_trains_without_a_search(
+    source_and_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    source, data = source_and_data
+    captures = make_capture_folder(tmp_path / "captures", count=6, corrupt=0)
+    summary = _fine_tune(source, data, tmp_path / "run", unlabeled_data=captures)
+    choice = summary["finetune_choice"]
+    assert (choice["unfreeze"], choice["unfreeze_source"]) == ("all", "--unlabeled-data")
+    assert choice["trials"] == [] and choice["lr_source"] == "range test"
+    assert "must reach every layer" in choice["reason"]
+    # A policy the user gives still wins.
+    given = _fine_tune(source, data, tmp_path / "given", unlabeled_data=captures, unfreeze="top:1")
+    assert given["finetune_choice"]["unfreeze"] == "top:1"

@@ -55,10 +55,11 @@ def test_phase_two_adds_the_ramped_alignment_term(adapted_run: tuple[Path, dict,
     terms = [r["penalties"]["alignment"] for r in records if r["phase"] == "finetune"]
     assert len(terms) == 2 and all(t["method"] == "mmd" and t["steps"] > 0 for t in terms)
     assert all(t["value"] >= 0 for t in terms)
-    # DANN's ramp: the weight at the end of epoch 2 is above epoch 1's, below the maximum 1.
-    assert 0 < terms[0]["weight"] < terms[1]["weight"] < 1.0
+    # DANN's ramp: the weight at the end of epoch 2 is above epoch 1's, below the maximum
+    # (10, the default).
+    assert 0 < terms[0]["weight"] < terms[1]["weight"] < 10.0
     alignment = summary["adaptation"]["feature_alignment"]
-    assert alignment["method"] == "mmd" and alignment["max_weight"] == 1.0
+    assert alignment["method"] == "mmd" and alignment["max_weight"] == 10.0
     assert alignment["last_epoch"] == terms[-1]
 
 
@@ -87,7 +88,7 @@ def test_adabn_is_tried_and_recorded_with_both_accuracies(
     best = ckpt.load_checkpoint(output / "checkpoints" / "best.pt")
     assert best.adaptation == adaptation
     assert best.header.config["unlabeled_data"].endswith("captures")
-    assert best.header.config["alignment_weight"] == 1.0
+    assert best.header.config["alignment_weight"] == 10.0
     # The kept statistics are in best.pt, the others as trained: best.pt's BN buffers differ
     # from last.pt's (the same epoch's weights) exactly when AdaBN was kept.
     last = ckpt.load_checkpoint(output / "checkpoints" / "last.pt")
