@@ -146,6 +146,8 @@ def ingest(  # noqa: PLR0913  the inputs, then one keyword per choice
     train_dir = data / "train"
     if not train_dir.is_dir():
         raise DataError(f"data: {train_dir} is not a directory (an ImageFolder split)")
+    if allow_new and split != "train":
+        raise DataError("new classes can only be added to train/ (--split train)")
     if split == "val" and not (data / "val").is_dir():
         # A val/ holding only some classes would stop every later run: its classes must be
         # train's. Create it with every class folder first, or ingest into train.

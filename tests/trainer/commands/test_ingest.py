@@ -197,6 +197,8 @@ def test_the_split_and_share_are_checked(layout, tmp_path, capsys) -> None:
         ingest(captures, labels, data, holdout_share=1.5)
     with pytest.raises(DataError, match="val is not a directory"):
         ingest(captures, labels, data, split="val")
+    with pytest.raises(DataError, match="new classes can only be added to train/"):
+        ingest(captures, labels, data, split="holdout", allow_new=True)
     # Holdout takes train's classes and is created when needed.
     args = ["ingest", "--captures", str(captures), "--labels", str(labels), "--data", str(data)]
     assert main([*args, "--split", "holdout"]) == 0
