@@ -9,5 +9,7 @@ python benchmarks/train_throughput.py
 python benchmarks/transfer_quality.py
 python benchmarks/domain_shift.py
 python benchmarks/export_latency.py
+# The serving path's cost needs Triton's perf_analyzer ($PERF_ANALYZER, docs/benchmarks.md).
+[[ -z ${PERF_ANALYZER:-} ]] || python benchmarks/serve_cost.py
 python benchmarks/serve_throughput.py ${KSERVE_PYTHON:+--kserve-python "$KSERVE_PYTHON"}
 python benchmarks/serve_cpu_budget.py

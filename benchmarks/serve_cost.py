@@ -1,0 +1,155 @@
+"""The serving path's own cost: server CPU per request minus the model's CPU per image.
+
+For ResNet-18 at 32 px (the model is cheap, so the serving path's cost shows) the server runs
+as ``serve_throughput.py``'s system (b) (dynamic batching, max batch 8) under Triton's
+perf_analyzer (gRPC, batch 1) at each concurrency. In a measured window:
+
+- **server CPU per request**: the server process's CPU time (``/proc/PID/stat``, every thread,
+  onnxruntime's pool included) over the requests it answered (``inference_requests_total``);
+- the **mean server batch** the dynamic batcher formed (its batch-size histogram);
+- **model CPU per image**: in-process onnxruntime (the same graph, the server's thread count)
+  running batches of that mean size, round to the nearest whole batch, its process CPU time
+  per image.
+
+The **overhead** is the difference: what receiving, decoding the protobuf, batching, answering
+and counting cost per request beyond the model; the target is at most 0.20 ms.
+
+    .venv/bin/python benchmarks/serve_cost.py \\
+        --perf-analyzer "$(../shared/tools/ensure-perf-analyzer)"
+
+Prints a table and writes ``bench-output/serve_cost.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from serve_profile import _cpu_seconds, _server_pid, requests_answered
+from serve_throughput import (
+    ModelCase,
+    batch_histogram,
+    build_repository,
+    free_port,
+    running,
+    server_command,
+    wait_ready,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CASE = ModelCase(name="resnet18_32", arch="resnet18", size=32, num_classes=5, max_batch_size=8)
+GOAL_MS = 0.20
+
+
+def server_window(
+    repo: Path, perf_analyzer: Path, concurrency: int, seconds: float, logs: Path
+) -> dict[str, float]:
+    """Server CPU ms per request and the mean batch under perf_analyzer at ``concurrency``."""
+    port, metrics_port = free_port(), free_port()
+    command = server_command(repo, CASE, port, metrics_port, CASE.max_batch_size)
+    log_path = logs / f"server-c{concurrency}.log"
+    with running(command, log_path):
+        asyncio.run(wait_ready(f"127.0.0.1:{port}", CASE.name, 120, log_path))
+        pid = _server_pid(port)
+        load = subprocess.Popen(
+            [
+                str(perf_analyzer),
+                *("-m", CASE.name, "-u", f"127.0.0.1:{port}", "-i", "grpc", "-b", "1"),
+                *("--concurrency-range", f"{concurrency}:{concurrency}"),
+                *("--measurement-mode", "time_windows", "-p", str(int(seconds * 1000) + 4000)),
+                *("-s", "1000", "-r", "2"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(3.0)  # past perf_analyzer's start and the first batches' warm-up
+            before = (requests_answered(metrics_port), _cpu_seconds(pid))
+            batches_before = batch_histogram(metrics_port) or (0.0, 0.0)
+            time.sleep(seconds)
+            answered = requests_answered(metrics_port) - before[0]
+            cpu = _cpu_seconds(pid) - before[1]
+            batches = batch_histogram(metrics_port) or (0.0, 0.0)
+        finally:
+            load.terminate()
+            load.wait(timeout=30)
+    executions = batches[1] - batches_before[1]
+    return {
+        "requests_per_s": answered / seconds,
+        "server_cpu_ms_per_request": 1000.0 * cpu / max(1, answered),
+        "mean_server_batch": (batches[0] - batches_before[0]) / executions if executions else 0.0,
+    }
+
+
+def model_cpu_ms_per_image(onnx_path: Path, batch: int, seconds: float) -> float:
+    """In-process onnxruntime CPU ms per image at ``batch`` (the server's thread count)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    images = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+    for _ in range(20):
+        session.run(None, {name: images})
+    started, cpu_before, runs = time.monotonic(), time.process_time(), 0
+    while time.monotonic() - started < seconds:
+        session.run(None, {name: images})
+        runs += 1
+    return 1000.0 * (time.process_time() - cpu_before) / (runs * batch)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--perf-analyzer", type=Path, default=os.environ.get("PERF_ANALYZER"))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per cell")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench-output/serve_cost.json")
+    args = parser.parse_args(argv)
+    if args.perf_analyzer is None or not Path(args.perf_analyzer).is_file():
+        print("serve_cost: --perf-analyzer is not set up (see the docstring)", file=sys.stderr)
+        return 2
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="serve-cost-") as tmp:
+        repo = Path(tmp) / "repository"
+        onnx_path = build_repository(repo, CASE)
+        for concurrency in args.concurrency:
+            served = server_window(repo, args.perf_analyzer, concurrency, args.seconds, Path(tmp))
+            batch = max(1, round(served["mean_server_batch"]))
+            model_ms = model_cpu_ms_per_image(onnx_path, batch, args.seconds / 2)
+            row = {
+                "concurrency": concurrency,
+                **served,
+                "model_batch": batch,
+                "model_cpu_ms_per_image": model_ms,
+                "overhead_ms_per_request": served["server_cpu_ms_per_request"] - model_ms,
+            }
+            rows.append(row)
+            print(
+                f"c={concurrency}: {row['requests_per_s']:.0f} req/s, mean batch "
+                f"{row['mean_server_batch']:.2f}; server CPU "
+                f"{row['server_cpu_ms_per_request']:.3f} ms/request, model {model_ms:.3f} "
+                f"ms/image at batch {batch}: overhead "
+                f"{row['overhead_ms_per_request']:.3f} ms (goal <= {GOAL_MS})",
+                flush=True,
+            )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    document = {"case": CASE.name, "load_average_at_end": os.getloadavg(), "rows": rows}
+    args.output.write_text(json.dumps(document, indent=2) + "\n")
+    with contextlib.suppress(ValueError):
+        print(f"wrote {args.output.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
