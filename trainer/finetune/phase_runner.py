@@ -303,9 +303,11 @@ class PhaseRunner:
 
     def _keep_start_of_phase_2(self, phase: Phase) -> None:
         """A copy of ``best.pt`` as phase 2 starts (the head phase's model): one end of the
-        weight interpolation after the phases (``trainer.stages.interpolation``)."""
+        weight interpolation after the phases (``trainer.stages.interpolation``), kept only
+        when that is on."""
         best = self.context.best_checkpoint
-        if phase.name == FINETUNE_PHASE and self.context.is_main and best.is_file():
+        asked = self.config.weight_interpolation == "on"
+        if asked and phase.name == FINETUNE_PHASE and self.context.is_main and best.is_file():
             atomic_write_bytes(self.context.phase_2_start_checkpoint, best.read_bytes())
 
     def _maybe_unfreeze(self, cursor: _PhaseCursor) -> None:

@@ -50,22 +50,29 @@ def test_the_mixes_are_scored_and_the_decision_follows_the_scores(
 
 
 def test_off_and_runs_without_a_head_phase_record_none(data: Path, tmp_path: Path) -> None:
-    off = train(
-        tiny_config(
-            data, tmp_path / "off", head_epochs=1, weight_interpolation="off", calibrate="off"
-        )
-    )
-    assert off["weight_interpolation"] is None
+    off = train(tiny_config(data, tmp_path / "off", head_epochs=1, calibrate="off"))
+    assert off["weight_interpolation"] is None  # off by default, and nothing kept for it
+    assert not (tmp_path / "off" / "checkpoints" / "phase2-start.pt").exists()
     # From scratch there is no head-phase model to mix with.
-    scratch = train(tiny_config(data, tmp_path / "scratch", calibrate="off"))
+    scratch = train(
+        tiny_config(data, tmp_path / "scratch", calibrate="off", weight_interpolation="on")
+    )
     assert scratch["weight_interpolation"] is None
     assert not (tmp_path / "scratch" / "checkpoints" / "phase2-start.pt").exists()
 
 
 def test_a_mix_that_beats_the_best_epoch_replaces_it(data: Path, tmp_path: Path) -> None:
     finished = tmp_path / "run"
-    train(tiny_config(data, finished, head_epochs=1, finetune_epochs=2, calibrate="off"))
-    # Off by default: phase2-start.pt is still kept, and the stage runs when asked.
+    train(
+        tiny_config(
+            data,
+            finished,
+            head_epochs=1,
+            finetune_epochs=2,
+            calibrate="off",
+            weight_interpolation="on",
+        )
+    )
     checkpoints = finished / "checkpoints"
     # Planted: a best epoch every mix beats, and no record yet.
     best = ckpt.load_checkpoint(checkpoints / "best.pt")
