@@ -25,13 +25,14 @@ dataset, a few steps per epoch, the floor dominates). Every trial's cost is logg
 whole choice's seconds are in ``summary.json`` and ``report/strategies.md``.
 
 A value the user gave is kept: ``--unfreeze`` skips the search (and ``--lr-decay`` keeps only
-the candidates at that decay), ``--lr`` the range test. With ``--unlabeled-data`` the policy
-is ``all`` without a search: the alignment toward the unlabelled images has to reach the low
-layers, where a shift of colour and texture lives, and the search ranks on the labelled val
-split, which cannot see the target domain (measured in ``benchmarks/domain_shift.py``: the
-search's ``top:2`` kept 0.276 on the field images, ``all`` reached 0.336). When the head was
-not fitted on the cache (the streamed head phase), from scratch, or without a phase 2, nothing
-is tested and the classic values (``top:1``, ``1e-4``, decay 0.3) are used, logged.
+the candidates at that decay), ``--lr`` the range test. With ``--unlabeled-data`` (and the
+alignment term on) the policy is ``all`` without a search: the alignment toward the unlabelled
+images has to reach the low layers, where a shift of colour and texture lives, and the search
+ranks on the labelled val split, which cannot see the target domain (measured in
+``benchmarks/domain_shift.py``: the search's ``top:2`` kept 0.276 on the field images, ``all``
+reached 0.336). When the head was not fitted on the cache (the streamed head phase), from
+scratch, or without a phase 2, nothing is tested and the classic values (``top:1``, ``1e-4``,
+decay 0.3) are used, logged.
 
 Under DDP every rank runs the same test and trials on its shard of the training batches; the
 range test's losses and the trials' val confusions are summed over the ranks, so each rank
@@ -209,7 +210,9 @@ def choose_finetune(
     started = time.perf_counter()
     planned = config.finetune_epochs * pipeline.steps_per_epoch
     bench = _TrialBench(context, trained, pipeline, step)
-    adapting = config.unlabeled_data is not None and not config.unfreeze
+    adapting = (
+        config.unlabeled_data is not None and config.alignment_weight > 0 and not config.unfreeze
+    )
     candidates = (
         [Candidate("all", config.lr_decay or FALLBACK_LR_DECAY)]
         if adapting

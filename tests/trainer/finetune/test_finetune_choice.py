@@ -266,6 +266,10 @@ def test_with_unlabeled_data_every_layer_trains_without_a_search(
     assert (choice["unfreeze"], choice["unfreeze_source"]) == ("all", "--unlabeled-data")
     assert choice["trials"] == [] and choice["lr_source"] == "range test"
     assert "must reach every layer" in choice["reason"]
-    # A policy the user gives still wins.
+    # A policy the user gives still wins; without the alignment term the search runs.
     given = _fine_tune(source, data, tmp_path / "given", unlabeled_data=captures, unfreeze="top:1")
     assert given["finetune_choice"]["unfreeze"] == "top:1"
+    unaligned = _fine_tune(
+        source, data, tmp_path / "unaligned", unlabeled_data=captures, alignment_weight=0.0
+    )
+    assert unaligned["finetune_choice"]["unfreeze_source"] == "search"
