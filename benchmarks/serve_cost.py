@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from serve_profile import _cpu_seconds, _server_pid, requests_answered
+from serve_profile import _cpu_seconds, _server_pid, perf_analyzer_load, requests_answered
 from serve_throughput import (
     ModelCase,
     batch_histogram,
@@ -61,17 +60,7 @@ def server_window(
     with running(command, log_path):
         asyncio.run(wait_ready(f"127.0.0.1:{port}", CASE.name, 120, log_path))
         pid = _server_pid(port)
-        load = subprocess.Popen(
-            [
-                str(perf_analyzer),
-                *("-m", CASE.name, "-u", f"127.0.0.1:{port}", "-i", "grpc", "-b", "1"),
-                *("--concurrency-range", f"{concurrency}:{concurrency}"),
-                *("--measurement-mode", "time_windows", "-p", str(int(seconds * 1000) + 4000)),
-                *("-s", "1000", "-r", "2"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        load = perf_analyzer_load(perf_analyzer, CASE.name, port, concurrency, seconds + 4.0)
         try:
             time.sleep(3.0)  # past perf_analyzer's start and the first batches' warm-up
             before = (requests_answered(metrics_port), _cpu_seconds(pid))

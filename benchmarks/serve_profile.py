@@ -137,17 +137,7 @@ def profile_case(  # noqa: PLR0913  one case: the tools, the case, the window, t
 
         asyncio.run(wait_ready(f"127.0.0.1:{port}", case.name, 120, log_path))
         pid = _server_pid(port)
-        load = subprocess.Popen(
-            [
-                str(perf_analyzer),
-                *("-m", case.name, "-u", f"127.0.0.1:{port}", "-i", "grpc", "-b", "1"),
-                *("--concurrency-range", f"{CONCURRENCY}:{CONCURRENCY}"),
-                *("--measurement-mode", "time_windows", "-p", str(int(seconds * 1000))),
-                *("-s", "1000", "-r", "2"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        load = perf_analyzer_load(perf_analyzer, case.name, port, CONCURRENCY, seconds)
         try:
             time.sleep(3.0)  # past perf_analyzer's start and the first batches' warm-up
             before = requests_answered(metrics_port)
@@ -183,6 +173,24 @@ def profile_case(  # noqa: PLR0913  one case: the tools, the case, the window, t
         rate,
         dict(by_layer.most_common()),
         dict(by_function.most_common(15)),
+    )
+
+
+def perf_analyzer_load(
+    perf_analyzer: Path, model: str, port: int, concurrency: int, seconds: float
+) -> subprocess.Popen[bytes]:
+    """perf_analyzer driving ``model`` over gRPC at batch 1 and ``concurrency``, in windows of
+    ``seconds``, for as long as the caller measures (it terminates it)."""
+    return subprocess.Popen(
+        [
+            str(perf_analyzer),
+            *("-m", model, "-u", f"127.0.0.1:{port}", "-i", "grpc", "-b", "1"),
+            *("--concurrency-range", f"{concurrency}:{concurrency}"),
+            *("--measurement-mode", "time_windows", "-p", str(int(seconds * 1000))),
+            *("-s", "1000", "-r", "2"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
