@@ -150,6 +150,8 @@ def run_trainer(data: Path, output: Path, **flags: Any) -> dict[str, Any]:
         "ece": calibration.get("ece_after"),
         "seconds": time.perf_counter() - started,
         "augment": summary.get("augment"),
+        "init": (summary.get("init_choice") or {}).get("init"),
+        "chosen": (summary.get("finetune_choice") or {}).get("unfreeze"),
         "weight_interpolation": summary.get("weight_interpolation"),
     }
 
@@ -339,12 +341,15 @@ def print_rows(task: str, rows: dict[str, dict[str, Any]]) -> None:
         return "-" if value is None else format(value, spec)
 
     print(f"\n{task}")
-    print(f"  {'method':<9} {'best val':>9} {'head phase':>11} {'ECE':>7} {'seconds':>8}")
+    print(f"  {'method':<9} {'best val':>9} {'head phase':>11} {'ECE':>7} {'seconds':>8}  chosen")
     for method, row in rows.items():
+        chosen = " ".join(
+            f"{key} {row[key]}" for key in ("init", "chosen") if row.get(key) is not None
+        )
         print(
             f"  {method:<9} {fmt(row['best_val_accuracy'], '.3f'):>9} "
             f"{fmt(row['head_val_accuracy'], '.3f'):>11} {fmt(row['ece'], '.3f'):>7} "
-            f"{row['seconds']:>8.1f}"
+            f"{row['seconds']:>8.1f}  {chosen}"
         )
 
 

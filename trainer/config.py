@@ -51,6 +51,13 @@ class TrainConfig:
         "dict or trainer checkpoint.",
         "DEFAULT",
     )
+    init: str = _doc(
+        "Where phase 2 starts: weights (the --weights), random (a random initialisation: the "
+        "from-scratch recipe, every epoch training every layer), or auto: the --weights, "
+        "unless a linear probe on a random initialisation's features scores higher on val "
+        "than the probe on theirs (docs/trainer.md).",
+        "",
+    )
     image_size: int | None = _doc(
         "Training/eval crop size in pixels; default: the weights' own (224 without metadata).",
         None,
@@ -231,7 +238,9 @@ RESOLVED_AT_START = frozenset(
 DECIDED_BY_PROBE = frozenset({"hflip", "vflip", "rotate90"})
 # ``auto`` is how a user spells "decide from the data" for these; it is stored as unset.
 AUTO = "auto"
-AUTO_MEANS_UNSET: dict[str, Any] = {"unfreeze": "", "lr": None, "lr_decay": None}
+AUTO_MEANS_UNSET: dict[str, Any] = {"init": "", "unfreeze": "", "lr": None, "lr_decay": None}
+# The values of --init besides auto.
+INIT_WEIGHTS, INIT_RANDOM = "weights", "random"
 # What a number-or-auto setting expects, for the error that names it.
 AUTO_NUMBERS = {"lr": "a positive number", "lr_decay": "a number in (0, 1]"}
 # Errors name a flag by its flag (``--batch-size``) and a file's value by the file and the key.
@@ -432,6 +441,13 @@ def validate(config: TrainConfig) -> None:
             "must be a port number 0-65535",
         ),
         ("unfreeze", _is_unfreeze_policy(config.unfreeze), "must be top:K, all, gradual:N or auto"),
+        ("init", config.init in ("", INIT_WEIGHTS, INIT_RANDOM), "must be weights, random or auto"),
+        (
+            "forgetting_guard",
+            config.init != INIT_RANDOM or config.forgetting_guard in ("auto", "off"),
+            "holds phase 2 near the --weights, but --init random does not start from them; "
+            "use auto or off",
+        ),
     ]
     for name, ok, message in checks:
         if not ok:
@@ -471,8 +487,9 @@ def _is_unfreeze_policy(policy: str) -> bool:
 
 
 def trains_from_scratch(config: TrainConfig) -> bool:
-    """``--weights none``: no pretrained features, so the defaults train everything."""
-    return config.weights.strip().lower() == "none"
+    """``--weights none`` or ``--init random``: no pretrained features, so the defaults train
+    everything."""
+    return config.weights.strip().lower() == "none" or config.init == INIT_RANDOM
 
 
 def resolve_defaults(

@@ -27,7 +27,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from contracts.preprocessing import Preprocessing
 from trainer import checkpoint as ckpt
 from trainer.checkpoint import Checkpoint, CheckpointHeader, HeadSpec, Progress
-from trainer.config import TrainConfig, resolve_defaults, save_config, trains_from_scratch
+from trainer.config import (
+    INIT_RANDOM,
+    TrainConfig,
+    resolve_defaults,
+    save_config,
+    trains_from_scratch,
+)
 from trainer.data.augment import BatchPreparer, augment_settings, batch_mixer
 from trainer.data.class_balance import ClassBalance, class_balance
 from trainer.data.folders import DatasetSplit, scan_dataset
@@ -70,6 +76,7 @@ from trainer.stages.adaptation import adapt_best
 from trainer.stages.calibrate import calibrate_best
 from trainer.stages.fisher import store_fisher
 from trainer.stages.head_and_choice import fit_head_and_choose, keep_augment_decisions, run_facts
+from trainer.stages.init_choice import random_initialisation
 from trainer.stages.interpolation import interpolate_best
 from trainer.stages.phase_two_terms import PhaseTwoTerms, phase_two_terms
 from trainer.stages.resume import settings_for_resume, training_is_finished
@@ -401,6 +408,12 @@ def build_model(
         model.load_state_dict(resume.model_state)
         return model, header.preprocessing, header.weights
     weights = resolve_weights(config.arch, config.weights)
+    if config.init == INIT_RANDOM:
+        # Only the weights' preprocessing is used; the random initialisation is the seeded one
+        # that --init auto tests (trainer.stages.init_choice).
+        log.info("init random: the --weights' values are not loaded, their preprocessing is")
+        model = random_initialisation(config, num_classes)
+        return model, preprocessing_for(weights, config.image_size), weights.source
     dropped = load_starting_weights(model, weights)
     if dropped:
         log.info(
@@ -432,10 +445,15 @@ def plan_phases(config: TrainConfig, group_names: list[str]) -> list[Phase]:
             config.unfreeze,
             config.head_epochs,
         )
+    head_epochs, finetune_epochs = config.head_epochs, config.finetune_epochs
+    if config.init == INIT_RANDOM:
+        # The from-scratch recipe trains every layer in every epoch: a head phase on random
+        # features would only delay it.
+        head_epochs, finetune_epochs = 0, head_epochs + finetune_epochs
     phases = build_phases(
         group_names,
-        head_epochs=config.head_epochs,
-        finetune_epochs=config.finetune_epochs,
+        head_epochs=head_epochs,
+        finetune_epochs=finetune_epochs,
         policy=config.unfreeze or FALLBACK_POLICY,
         lr=config.lr if config.lr is not None else FALLBACK_LR,
         head_lr=config.head_lr,

@@ -81,6 +81,10 @@ def test_torchrun_ranks_reach_one_phase_2_choice(tmp_path: Path) -> None:
     )
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
-    choice = json.loads((output / "summary.json").read_text())["finetune_choice"]
-    assert choice["lr_source"] == "range test" and choice["unfreeze_source"] == "search"
+    summary = json.loads((output / "summary.json").read_text())
+    choice = summary["finetune_choice"]
+    assert summary["init_choice"]["init"] == "weights" and choice["unfreeze_source"] == "search"
+    flat = choice["unfreeze"] == "all" and choice["lr_decay"] == 1.0
+    assert choice["lr_source"] == ("head lr" if flat else "range test")
     assert log.count("event=finetune_choice") == 1  # rank 0 alone logs; every rank chose
+    assert log.count("event=init_choice") == 1

@@ -34,7 +34,19 @@ def render_strategies(summary: dict[str, Any]) -> str:
     probe = summary.get("head_phase_val_accuracy")
     best = summary.get("best_val_accuracy")
     lines = ["# Phase-2 strategies tried on this run's data\n"]
-    rows = [_row("probe (head phase alone)", None, None, None, None, probe, None, None, None)]
+    init = summary.get("init_choice") or {}
+    # Under --init random no head phase is recorded; the source's probe still decided.
+    source_probe = probe if probe is not None else init.get("weights_probe_val_accuracy")
+    rows = [_row("probe (head phase alone)", *(None,) * 4, source_probe, *(None,) * 3)]
+    if init:
+        rows.append(
+            _row(
+                "probe on a random initialisation",
+                *(None,) * 4,
+                init.get("random_init_probe_val_accuracy"),
+                *(None,) * 3,
+            )
+        )
     rows += [
         _row(
             t["name"],
@@ -50,6 +62,8 @@ def render_strategies(summary: dict[str, Any]) -> str:
         for t in choice.get("trials", [])
     ]
     lines.append(HEADER + "".join(rows))
+    if init:
+        lines.append(f"**Start:** `--init {init['init']}`: {init['reason']}.\n")
     lines.append(_chosen(choice))
     lines.append(_outcome(summary, probe, best))
     lines.append(_interpolation(summary.get("weight_interpolation")))

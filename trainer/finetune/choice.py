@@ -189,13 +189,13 @@ class FinetuneChoice:
         }
 
 
-def untested(config: Any, reason: str) -> FinetuneChoice:
-    """The user's values, the classic ones where unset; nothing trained."""
+def untested(config: Any, reason: str, source: str | None = None) -> FinetuneChoice:
+    """The user's values (or ``source``'s), the classic ones where unset; nothing trained."""
     return FinetuneChoice(
         unfreeze=config.unfreeze or FALLBACK_POLICY,
         lr=config.lr if config.lr is not None else FALLBACK_LR,
-        unfreeze_source="flag" if config.unfreeze else "fallback",
-        lr_source="flag" if config.lr is not None else "fallback",
+        unfreeze_source=source or ("flag" if config.unfreeze else "fallback"),
+        lr_source=source or ("flag" if config.lr is not None else "fallback"),
         lr_decay=config.lr_decay if config.lr_decay is not None else FALLBACK_LR_DECAY,
         reason=reason,
     )

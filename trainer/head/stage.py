@@ -46,6 +46,7 @@ class FeatureSettings:
     batch_size: int
     output: Path
     fingerprint_parts: dict[str, Any]
+    cache_name: str = fc.CACHE_FILE.name
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,31 @@ def run_head_stage(  # noqa: PLR0913  the parts of the run the stage reads, each
     return HeadStageResult(result[0], result[1], fallback=streamed)
 
 
+def probe_accuracy(  # noqa: PLR0913  the same parts as run_head_stage
+    model: nn.Module,
+    head_name: str,
+    pipeline: Pipeline,
+    *,
+    pre: Preprocessing,
+    prepare: Any,
+    settings: FeatureSettings,
+    info: DistInfo,
+    num_classes: int,
+    class_weights: torch.Tensor | None,
+) -> float | None:
+    """The val accuracy of a linear probe on ``model``'s frozen features (None: the features
+    exceed the cache budget); the same on every rank."""
+    extract = fc.FeatureExtractor(model, model.get_submodule(head_name), prepare)
+    bank, cache_state = _features(extract, pipeline, pre, settings, info)
+    accuracy: list[float | None] = [None]
+    if info.is_main and cache_state != "none":
+        assert bank is not None
+        accuracy[0] = fit_probe(bank.train, bank.val, num_classes, class_weights).val_accuracy
+    if info.enabled:
+        dist.broadcast_object_list(accuracy, src=0)
+    return accuracy[0]
+
+
 def _features(
     extract: fc.FeatureExtractor,
     pipeline: Pipeline,
@@ -138,7 +164,7 @@ def _features(
 ) -> tuple[fc.FeatureBank | None, str]:
     """The bank (reused when rank 0 holds a valid one, else computed), and which it was."""
     model, head = extract.model, extract.head
-    path = settings.output / fc.CACHE_FILE
+    path = settings.output / fc.CACHE_FILE.parent / settings.cache_name
     head_prefix = next(n for n, m in model.named_modules() if m is head)
     key = fc.fingerprint(
         settings.fingerprint_parts | {"weights": fc.weights_digest(model, head_prefix)}

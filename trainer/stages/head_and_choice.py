@@ -7,7 +7,11 @@ config (so ``config.yaml`` and every checkpoint record them) and switches the tr
 pipeline to the decided augmentation. A resumed run keeps the decisions its checkpoint
 recorded (``keep_augment_decisions``) instead of testing again.
 
-Then, from the fitted head, what phase 2 left to the data (``--unfreeze``, ``--lr`` and
+With ``--init`` and ``--unfreeze`` left to the data, a probe on a random initialisation's
+features is then tested against the source's (``trainer.stages.init_choice``); when it wins,
+the run becomes the from-scratch recipe and nothing more is chosen.
+
+Otherwise, from the fitted head, what phase 2 left to the data (``--unfreeze``, ``--lr`` and
 ``--lr-decay`` auto) is chosen by ``trainer.finetune.choice``; the choice goes into the config
 the same way, and the LR range test's curve into ``report/lr_find.json``.
 """
@@ -23,7 +27,7 @@ from typing import Any
 from contracts.atomic_files import atomic_write_bytes
 from trainer.augment_defaults import CANDIDATES
 from trainer.checkpoint import Checkpoint
-from trainer.config import trains_from_scratch
+from trainer.config import INIT_RANDOM, trains_from_scratch
 from trainer.data.augment import augment_settings, train_transform
 from trainer.data.augment_policy import decide
 from trainer.data.class_balance import ClassBalance
@@ -34,6 +38,7 @@ from trainer.finetune.phases import FINETUNE_PHASE, HEAD_PHASE, Phase
 from trainer.head.stage import FeatureSettings, HeadStageResult, run_head_stage
 from trainer.job.context import RunContext
 from trainer.model.classifier import head_module_name
+from trainer.stages.init_choice import InitChoice, choose_init
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,7 @@ class HeadAndChoice:
     context: RunContext
     result: HeadStageResult
     finetune: FinetuneChoice
+    init: InitChoice | None = None
 
 
 def fit_head_and_choose(
@@ -96,6 +102,37 @@ def fit_head_and_choose(
     if final_aug != probe_aug:
         pipeline.train_loader.dataset.transform = train_transform(pre, final_aug)  # type: ignore[attr-defined]
     context = _with_config(context, config)
+    init = None
+    tests_init = (
+        not config.init
+        and not config.unfreeze
+        and config.forgetting_guard
+        in (
+            "auto",
+            "off",
+        )
+    )
+    if result.head_fit is not None and tests_init:
+        init = choose_init(context, parts, settings, result.head_fit.val_accuracy, balance.tensor)
+        if init.init == INIT_RANDOM:
+            # The from-scratch recipe (config.resolve_defaults with --init random); no head
+            # phase is recorded: the head fitted on the source's features is gone.
+            config = dataclasses.replace(
+                config,
+                init=INIT_RANDOM,
+                unfreeze="all",
+                lr=config.lr if config.lr is not None else config.head_lr,
+                lr_decay=config.lr_decay if config.lr_decay is not None else 1.0,
+                freeze_bn=False,
+            )
+            return HeadAndChoice(
+                _with_config(context, config),
+                dataclasses.replace(result, head_fit=None),
+                untested(config, init.reason, source="--init auto"),
+                init,
+            )
+        config = dataclasses.replace(config, init=init.init)
+        context = _with_config(context, config)
     finetune = _choose_finetune(context, parts, result, phases)
     context = _with_config(
         context,
@@ -103,7 +140,7 @@ def fit_head_and_choose(
             config, unfreeze=finetune.unfreeze, lr=finetune.lr, lr_decay=finetune.lr_decay
         ),
     )
-    return HeadAndChoice(context, result, finetune)
+    return HeadAndChoice(context, result, finetune, init)
 
 
 def _with_config(context: RunContext, config: Any) -> RunContext:
@@ -167,6 +204,8 @@ def run_facts(
     }
     if decided is not None:
         facts["finetune_choice"] = decided.finetune.to_dict()
+        if decided.init is not None:
+            facts["init_choice"] = decided.init.to_dict()
         fit, fallback = decided.result.head_fit, decided.result.fallback
         if fit is not None:
             facts["head_phase"] = fit.to_dict()

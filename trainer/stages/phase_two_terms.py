@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from trainer.config import TrainConfig
+from trainer.config import INIT_RANDOM, TrainConfig
 from trainer.data.augment import augment_settings, train_transform
 from trainer.data.unlabeled import UnlabeledImages, UnlabeledStream
 from trainer.finetune.feature_alignment import FeatureAlignment
@@ -99,6 +99,10 @@ def _forgetting_guard(
     config: TrainConfig, trained: TrainedModel, train_images: int
 ) -> tuple[ForgettingGuard | None, GuardChoice]:
     mode, spec = config.forgetting_guard, config.weights
+    if config.init == INIT_RANDOM:  # config.validate refuses ewc and l2sp with it
+        choice = GuardChoice(OFF, "--init random: phase 2 does not start from the --weights")
+        log_event(log, "forgetting_guard", method=choice.method, reason=choice.reason)
+        return None, choice
     is_file = names_a_file(spec)
     # Torchvision weights are read again only when asked for by name (l2sp).
     needs_source = mode != OFF and spec.strip().lower() != "none" and (is_file or mode == L2SP)

@@ -40,6 +40,7 @@ MEANING_CHANGING = frozenset(
     {
         "arch",
         "weights",
+        "init",
         "image_size",
         "head_hidden",
         "head_dropout",
@@ -109,7 +110,8 @@ SAFE_TO_CHANGE = frozenset(
 # Never taken from the checkpoint: this run's own place and how it found the checkpoint.
 THIS_RUN_ONLY = frozenset({"output", "resume"})
 # An unset value of these means "the run's default", which for a resumed run is the record.
-_UNSET_MEANS_RECORDED = RESOLVED_AT_START | DECIDED_BY_PROBE | {"image_size"}
+# ``init`` is decided by the head stage (trainer.stages.init_choice).
+_UNSET_MEANS_RECORDED = RESOLVED_AT_START | DECIDED_BY_PROBE | {"image_size", "init"}
 
 
 def recorded_settings(resume: Checkpoint) -> dict[str, Any]:
