@@ -103,14 +103,12 @@ def fit_head_and_choose(
         pipeline.train_loader.dataset.transform = train_transform(pre, final_aug)  # type: ignore[attr-defined]
     context = _with_config(context, config)
     init = None
+    # Without a phase 2 the run is the probe on the --weights' features the user asked for.
     tests_init = (
         not config.init
         and not config.unfreeze
-        and config.forgetting_guard
-        in (
-            "auto",
-            "off",
-        )
+        and config.forgetting_guard in ("auto", "off")
+        and any(phase.name == FINETUNE_PHASE for phase in phases)
     )
     if result.head_fit is not None and tests_init:
         init = choose_init(context, parts, settings, result.head_fit.val_accuracy, balance.tensor)

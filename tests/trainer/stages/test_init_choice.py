@@ -91,6 +91,9 @@ def test_a_given_init_or_policy_is_not_tested(
     assert yaml.safe_load((tmp_path / "kept" / "config.yaml").read_text())["init"] == "weights"
     policy = _run(data, tmp_path / "policy", unfreeze="top:1", **common)
     assert "init_choice" not in policy
+    # Without a phase 2 the run is the probe on the weights' features that was asked for.
+    probe_only = _run(data, tmp_path / "probe", **(common | {"finetune_epochs": 0}))
+    assert "init_choice" not in probe_only and probe_only["head_phase_val_accuracy"] is not None
 
 
 def test_init_random_refuses_a_guard_toward_the_weights_and_names_bad_values(
