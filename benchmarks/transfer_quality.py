@@ -15,8 +15,9 @@ Compared, with the same epoch budget:
 
 - (a) ``trainer``: ``trainer train`` with default flags (converged probe, ``--augment auto``,
   calibration), only the epochs and the source weights given.
-- (b) ``classic``: the plain torch loop of the tutorials: freeze; head at 1e-3 with BatchNorm
-  in eval mode; then the top layer group at 1e-4 and the head at 1e-3; AdamW, one-cycle
+- (b) ``classic``: the plain torch loop of the tutorials: freeze; the head with BatchNorm in
+  eval mode, tuned as an expert would (the best on val of ``CLASSIC_HEAD_GRID``'s LRs and
+  epochs); then the top layer group at 1e-4 and the head at 1e-3; AdamW, one-cycle
   schedule, label smoothing 0.1; augmentation chosen by hand for each task (``HAND_AUGMENT``).
 - (c) ``probe``: the trainer's linear probe alone (``--finetune-epochs 0``).
 - (d) ``scratch``: the trainer with ``--weights none`` and default flags.
@@ -159,6 +160,15 @@ def run_trainer(data: Path, output: Path, **flags: Any) -> dict[str, Any]:
 # ---- (b): the classic recipe as a plain loop ---------------------------------------------------
 
 
+# The classic recipe's head phase: (LR, epochs) tried, the best on val kept.
+CLASSIC_HEAD_GRID = (
+    (1e-3, HEAD_EPOCHS),
+    (1e-2, HEAD_EPOCHS),
+    (1e-2, 3 * HEAD_EPOCHS),
+    (3e-2, 3 * HEAD_EPOCHS),
+)
+
+
 def classic_recipe(data: Path, source: Path, task: str, finetune_epochs: int) -> dict[str, Any]:
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -188,9 +198,20 @@ def classic_recipe(data: Path, source: Path, task: str, finetune_epochs: int) ->
     for p in model.parameters():
         p.requires_grad_(False)
     model.fc.requires_grad_(True)
-    head_best = _classic_phase(
-        model, [(model.fc, 1e-3)], HEAD_EPOCHS, train_loader, val_loader, loss_fn, bn_eval=True
-    )
+    # The expert tunes the head: every point of a small grid from the same fresh head, the best
+    # on val goes on to phase 2 (the trainer's probe chooses its L2 on val too).
+    fresh = {k: v.clone() for k, v in model.fc.state_dict().items()}
+    heads = []
+    for lr, epochs in CLASSIC_HEAD_GRID:
+        model.fc.load_state_dict(fresh)
+        scored = _classic_phase(
+            model, [(model.fc, lr)], epochs, train_loader, val_loader, loss_fn, bn_eval=True
+        )
+        heads.append(
+            (scored, (lr, epochs), {k: v.clone() for k, v in model.fc.state_dict().items()})
+        )
+    head_best, head_setting, head_state = max(heads, key=lambda h: h[0][0])
+    model.fc.load_state_dict(head_state)
     model.layer4.requires_grad_(True)
     best = _classic_phase(
         model,
@@ -207,6 +228,11 @@ def classic_recipe(data: Path, source: Path, task: str, finetune_epochs: int) ->
         "head_val_accuracy": head_best[0],
         "ece": expected_calibration_error(probabilities, labels),
         "seconds": time.perf_counter() - started,
+        "chosen": f"head lr {head_setting[0]:g} x {head_setting[1]} epochs",
+        "head_grid": [
+            {"lr": lr, "epochs": epochs, "val_accuracy": scored[0]}
+            for scored, (lr, epochs), _ in heads
+        ],
     }
 
 
