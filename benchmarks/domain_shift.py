@@ -14,6 +14,10 @@ task), with the trainer's defaults and the same epochs:
   (MMD feature alignment in phase 2, AdaBN kept when lab val does not drop).
 - ``field reference``: ``trainer train`` on labelled field images, as many as the lab's: what
   labels from the field would give.
+- ``retrain``: the production loop's retrain: ``--weights`` the ``lab only`` run's
+  ``best.pt`` (its Fisher information inside) on the grown data, lab and labelled field
+  images together (train and val), as ``trainer ingest`` leaves them. Its lab val is the
+  previous version's val split, scored before (the ``lab only`` row) and after.
 
 Reported per row and seed: accuracy on the field test set and on the lab val split, and the
 share of the gap between ``lab only`` and ``field reference`` that ``lab + unlabeled``
@@ -29,6 +33,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -44,7 +49,7 @@ from trainer.commands.demo_data import make_demo_data
 from trainer.commands.evaluate import evaluate_folder, load_checkpoint_model
 
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = ("lab only", "lab + unlabeled", "field reference")
+ROWS = ("lab only", "lab + unlabeled", "field reference", "retrain")
 
 
 def _lab_image(digit: np.ndarray) -> Image.Image:
@@ -117,9 +122,23 @@ def source_model(work: Path, source_epochs: int) -> Path:
     return source
 
 
+def grown_data(parts: dict[str, Path], root: Path) -> Path:
+    """Lab and labelled field images in one ImageFolder (train and val): the retrain's data."""
+    if not root.is_dir():
+        for origin in ("lab", "field"):
+            for image in parts[origin].glob("*/*/*.png"):
+                split, label = image.parent.parent.name, image.parent.name
+                target = root / split / label / f"{origin}-{image.name}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(image, target)
+    return root
+
+
 def run_row(row: str, parts: dict[str, Path], source: Path, out: Path, **flags: Any) -> dict:
-    data = parts["field"] if row == "field reference" else parts["lab"]
+    data = {"field reference": parts["field"], "retrain": parts.get("grown")}.get(row, parts["lab"])
     extra = {"unlabeled_data": parts["unlabeled"]} if row == "lab + unlabeled" else {}
+    if row == "retrain":  # from the lab-only version of the same seed
+        source = out.parent / out.name.replace("retrain", "lab-only") / "checkpoints" / "best.pt"
     trained = run_trainer(data, out, weights=str(source), head_epochs=HEAD_EPOCHS, **flags, **extra)
     model = load_checkpoint_model(out / "checkpoints" / "best.pt")
     return {
@@ -146,6 +165,12 @@ def summarise(rows: dict[str, list[dict]]) -> dict[str, Any]:
         summary["lab only"]["lab_val_accuracy"]["mean"]
         - summary["lab + unlabeled"]["lab_val_accuracy"]["mean"]
     )
+    if "retrain" in summary:
+        retrain = summary["retrain"]
+        summary["retrain_field_below_reference"] = field - retrain["field_test_accuracy"]["mean"]
+        summary["retrain_old_val_change"] = (
+            retrain["lab_val_accuracy"]["mean"] - summary["lab only"]["lab_val_accuracy"]["mean"]
+        )
     return summary
 
 
@@ -166,6 +191,7 @@ def main() -> int:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         source = source_model(work, args.source_epochs)
         parts = build_task(work / "shift", args.per_class, args.test_per_class)
+        parts["grown"] = grown_data(parts, work / "shift" / "grown")
         rows: dict[str, list[dict]] = {row: [] for row in ROWS}
         for seed in args.seeds:
             for row in ROWS:
@@ -181,7 +207,9 @@ def main() -> int:
     closed = summary["gap_closed"]
     print(
         f"gap closed by --unlabeled-data: {'n/a' if closed is None else f'{closed:.2f}'}; "
-        f"lab val cost {summary['lab_val_cost']:+.3f}"
+        f"lab val cost {summary['lab_val_cost']:+.3f}; retrain: field test "
+        f"{summary['retrain_field_below_reference']:+.3f} below the reference, old val "
+        f"{summary['retrain_old_val_change']:+.3f}"
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     document = {"seconds": time.time() - started, "seeds": args.seeds, "rows": rows, **summary}
