@@ -79,6 +79,17 @@ def test_weights_without_useful_features_train_like_a_run_from_scratch(
     assert _val_losses(tmp_path / "auto") == _val_losses(tmp_path / "scratch")
     assert len(_val_losses(tmp_path / "auto")) == 3
     assert summary["best_val_accuracy"] == scratch["best_val_accuracy"]
+    # --init random given: the same run, the weights' values never loaded.
+    given = _run(
+        data,
+        tmp_path / "given",
+        weights=str(weights),
+        init="random",
+        head_epochs=1,
+        finetune_epochs=2,
+    )
+    assert "init_choice" not in given and given["forgetting_guard"]["method"] == "off"
+    assert _val_losses(tmp_path / "given") == _val_losses(tmp_path / "scratch")
 
 
 def test_a_given_init_or_policy_is_not_tested(
