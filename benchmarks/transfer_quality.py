@@ -169,9 +169,11 @@ CLASSIC_HEAD_GRID = (
 )
 
 
-def classic_recipe(data: Path, source: Path, task: str, finetune_epochs: int) -> dict[str, Any]:
+def classic_recipe(
+    data: Path, source: Path, task: str, finetune_epochs: int, seed: int = 0
+) -> dict[str, Any]:
     started = time.perf_counter()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     checkpoint = load_checkpoint(source)
     pre = checkpoint.header.preprocessing
     normalise = [
@@ -284,6 +286,14 @@ def main() -> int:
     )
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
     parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="run every cell with each seed (the trainer's --seed; the classic loop's torch "
+        "seed) and report the mean and the spread",
+    )
+    parser.add_argument(
         "--methods",
         default=",".join(METHODS),
         help=f"comma-separated, of {', '.join(METHODS + OPTIONAL_METHODS)}",
@@ -305,6 +315,7 @@ def main() -> int:
             per_class=args.per_class,
             tasks=[t for t in args.tasks.split(",") if t],
             methods=[m for m in args.methods.split(",") if m],
+            seeds=args.seeds,
         )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -319,8 +330,10 @@ def measure(  # noqa: PLR0913  the script's options
     per_class: int,
     tasks: list[str],
     methods: list[str],
+    seeds: list[int],
 ) -> dict[str, Any]:
-    """Every (task, method) row; the source model is trained once per ``work`` folder."""
+    """Every (task, method) row, per seed and their mean; the source model is trained once
+    per ``work`` folder."""
     results: dict[str, Any] = {"threads": torch.get_num_threads(), "image_size": SIZE, "tasks": {}}
     if not (work / "demo").is_dir():
         make_demo_data(work / "demo")
@@ -338,28 +351,48 @@ def measure(  # noqa: PLR0913  the script's options
     }
     for task in tasks:
         data = builders[task]()
-        results["tasks"][task] = {
-            method: run_method(method, task, data, source, work / task, epochs)
-            for method in methods
-        }
-        print_rows(task, results["tasks"][task])
+        rows: dict[str, Any] = {}
+        for method in methods:
+            runs = [
+                run_method(method, task, data, source, work / task, epochs, seed) for seed in seeds
+            ]
+            rows[method] = _mean_row(runs, seeds)
+        results["tasks"][task] = rows
+        print_rows(task, rows)
     return results
 
 
 def run_method(  # noqa: PLR0913  one cell of the table
-    method: str, task: str, data: Path, source: Path, work: Path, epochs: int
+    method: str, task: str, data: Path, source: Path, work: Path, epochs: int, seed: int = 0
 ) -> dict[str, Any]:
-    """One method's row on one task (outputs under ``work``)."""
+    """One method's row on one task with one seed (outputs under ``work``)."""
     if method == "classic":
-        return classic_recipe(data, source, task, epochs)
+        return classic_recipe(data, source, task, epochs, seed)
     if method == "probe":
-        return run_trainer(data, work / "c", weights=str(source), finetune_epochs=0)
+        return run_trainer(data, work / "c", weights=str(source), finetune_epochs=0, seed=seed)
     if method == "scratch":
-        return run_trainer(data, work / "d", weights="none", finetune_epochs=HEAD_EPOCHS + epochs)
+        scratch_epochs = HEAD_EPOCHS + epochs
+        return run_trainer(
+            data, work / "d", weights="none", finetune_epochs=scratch_epochs, seed=seed
+        )
     defaults = {"weights": str(source), "head_epochs": HEAD_EPOCHS, "finetune_epochs": epochs}
     if method == "wise-ft":
-        return run_trainer(data, work / "e", **defaults, weight_interpolation="on")
-    return run_trainer(data, work / "a", **defaults)
+        return run_trainer(data, work / "e", **defaults, weight_interpolation="on", seed=seed)
+    return run_trainer(data, work / "a", **defaults, seed=seed)
+
+
+def _mean_row(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """The seeds' mean of every number (``min``/``max`` of the accuracy beside it), the first
+    run's other facts, and every run."""
+    row = dict(runs[0])
+    for key, value in runs[0].items():
+        values = [run[key] for run in runs]
+        if isinstance(value, float) and all(isinstance(v, float) for v in values):
+            row[key] = float(np.mean(values))
+    accuracies = [run["best_val_accuracy"] for run in runs]
+    row |= {"min_val_accuracy": min(accuracies), "max_val_accuracy": max(accuracies)}
+    row["seeds"] = {seed: run for seed, run in zip(seeds, runs, strict=True)}
+    return row
 
 
 def print_rows(task: str, rows: dict[str, dict[str, Any]]) -> None:
@@ -367,13 +400,17 @@ def print_rows(task: str, rows: dict[str, dict[str, Any]]) -> None:
         return "-" if value is None else format(value, spec)
 
     print(f"\n{task}")
-    print(f"  {'method':<9} {'best val':>9} {'head phase':>11} {'ECE':>7} {'seconds':>8}  chosen")
+    print(
+        f"  {'method':<9} {'best val':>9} {'range':>13} {'head phase':>11} {'ECE':>7} "
+        f"{'seconds':>8}  chosen (first seed)"
+    )
     for method, row in rows.items():
         chosen = " ".join(
             f"{key} {row[key]}" for key in ("init", "chosen") if row.get(key) is not None
         )
+        spread = f"{row['min_val_accuracy']:.3f}-{row['max_val_accuracy']:.3f}"
         print(
-            f"  {method:<9} {fmt(row['best_val_accuracy'], '.3f'):>9} "
+            f"  {method:<9} {fmt(row['best_val_accuracy'], '.3f'):>9} {spread:>13} "
             f"{fmt(row['head_val_accuracy'], '.3f'):>11} {fmt(row['ece'], '.3f'):>7} "
             f"{row['seconds']:>8.1f}  {chosen}"
         )

@@ -20,8 +20,10 @@ itself stays the floor: ``best.pt`` keeps the head phase's weights when no phase
 beats them on val.
 
 What the search may cost: ``SEARCH_SHARE`` of the planned phase-2 steps for the rungs,
-``RANGE_SHARE`` for the range test, each rung never shorter than ``MIN_RUNG_STEPS`` (on a tiny
-dataset, a few steps per epoch, the floor dominates). Every trial's cost is logged, and the
+``RANGE_SHARE`` for the range test, each rung never shorter than ``MIN_RUNG_STEPS``; on a tiny
+dataset (a few steps per epoch) that floor dominates, so the rungs that would take the trials
+past phase 2's own planned steps are dropped (``affordable_rungs``): the best of the last rung
+run wins. Every trial's cost is logged, and the
 whole choice's seconds are in ``summary.json`` and ``report/strategies.md``.
 
 A value the user gave is kept: ``--unfreeze`` skips the search (and ``--lr-decay`` keeps only
@@ -243,6 +245,7 @@ def choose_finetune(
             SEARCH_SHARE * planned / _rung_units(len(candidates)), MIN_RUNG_STEPS, MAX_RUNG_STEPS
         )
         rungs = [first * RUNG_GROWTH**i for i in range(_rung_count(len(candidates)))]
+        rungs = affordable_rungs(rungs, len(candidates), planned - bench.steps_spent)
         chosen, trials = successive_halving(
             candidates, rungs, lambda c, rung, steps: bench.trial(c, lr_of(c)[0], rung, steps)
         )
@@ -296,6 +299,24 @@ def successive_halving(
         if len(alive) == 1:
             break
     return alive[0], trials
+
+
+def affordable_rungs(rungs: Sequence[int], candidates: int, budget: int) -> list[int]:
+    """The rungs whose trials, added up, stay within ``budget`` steps (the first always).
+
+    On small data the rungs' floor (``MIN_RUNG_STEPS``) makes the search dearer than phase 2
+    itself (the demo's target task: 80 trial steps for 40 planned), and the whole default run
+    is to cost at most 1.5x a from-scratch run; so the search never trains more steps than
+    phase 2 has left after the range test, and drops the later rungs that would exceed it.
+    """
+    kept, spent, alive = [], 0, candidates
+    for steps in rungs:
+        spent += alive * steps
+        if kept and spent > budget:
+            break
+        kept.append(steps)
+        alive = max(1, math.ceil(alive * KEEP_SHARE))
+    return kept
 
 
 def _rank_key(trial: Trial) -> tuple[float, float]:

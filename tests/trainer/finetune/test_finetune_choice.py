@@ -19,6 +19,7 @@ from trainer.finetune.choice import (
     Trial,
     _rung_count,
     _rung_units,
+    affordable_rungs,
     successive_halving,
 )
 from trainer.finetune.lr_finder import FALLBACK_LR, suggest_lr, sweep_lrs
@@ -138,6 +139,14 @@ def test_a_single_survivor_wins_without_another_rung() -> None:
     assert winner.name == "top:1" and [c[1] for c in calls] == [0, 0] and len(trials) == 2
 
 
+def test_rungs_past_phase_2s_own_steps_are_dropped() -> None:
+    # Four candidates, rungs of 8 and 24 steps: 32 + 48 trial steps.
+    assert affordable_rungs([8, 24], 4, budget=80) == [8, 24]
+    assert affordable_rungs([8, 24], 4, budget=79) == [8]
+    assert affordable_rungs([8, 24], 4, budget=0) == [8]  # the first rung always runs
+    assert affordable_rungs([8, 24, 72], 9, budget=9 * 8 + 3 * 24) == [8, 24]
+
+
 def test_the_search_budget_counts_every_rung() -> None:
     # Four candidates: two rungs (4 -> 2 -> the winner), 4 x 1 + 2 x 3 first-rung lengths.
     assert (_rung_count(4), _rung_units(4)) == (2, 10)
@@ -196,12 +205,10 @@ def test_defaults_test_the_lr_and_the_policies_and_record_them(
     assert all(t["steps"] >= 8 for t in choice["trials"])
     # The flat policy retrains everything at the head's rate; the others at the tested one.
     assert all(t["lr"] == (1e-3 if t["name"] == "all flat" else tested) for t in choice["trials"])
-    # The best third of the first rung (two of four) go on to a rung three times as long.
-    second = [t for t in choice["trials"] if t["rung"] == 1]
-    assert len(second) == 2 and all(t["steps"] == 3 * first[0]["steps"] for t in second)
-    ranked = sorted(first, key=lambda t: (t["val_accuracy"], -t["val_loss"]), reverse=True)
-    assert {t["name"] for t in second} == {t["name"] for t in ranked[:2]}
-    best = max(second, key=lambda t: (t["val_accuracy"], -t["val_loss"]))  # ties: shallower
+    # Phase 2 plans 10 steps here: a second rung (2 x 24 steps) would take the trials past
+    # them, so the best of the first rung wins.
+    assert {t["rung"] for t in choice["trials"]} == {0}
+    best = max(first, key=lambda t: (t["val_accuracy"], -t["val_loss"]))  # ties: shallower
     assert (choice["unfreeze"], choice["lr_decay"]) == (best["policy"], best["lr_decay"])
     curve = json.loads((tmp_path / "auto" / "report" / "lr_find.json").read_text())
     assert curve["suggestion"] == choice["lr"] and len(curve["lrs"]) == len(curve["losses"]) >= 16
