@@ -126,7 +126,7 @@ def fit_head_and_choose(
             return HeadAndChoice(
                 _with_config(context, config),
                 dataclasses.replace(result, head_fit=None),
-                untested(config, init.reason, source="--init auto"),
+                untested(config, "the from-scratch recipe of --init random", source="--init auto"),
                 init,
             )
         config = dataclasses.replace(config, init=init.init)
