@@ -105,8 +105,9 @@ def test_train_help_shows_every_default(capsys) -> None:
     assert "(default: resnet18)" in text and "(default: 32)" in text
     assert "(default: on)" in text  # --export
     assert "(choices: fp32, fp16, int8) (default: fp32)" in text
-    auto = len(AUTO_MEANS_UNSET)  # lr and unfreeze: chosen from the data unless given
-    assert text.count("(default: resolved at start)") == len(RESOLVED_AT_START) - auto
+    auto = len(AUTO_MEANS_UNSET)  # init, lr, lr_decay, unfreeze: from the data unless given
+    resolved_auto = len(RESOLVED_AT_START & AUTO_MEANS_UNSET.keys())
+    assert text.count("(default: resolved at start)") == len(RESOLVED_AT_START) - resolved_auto
     assert text.count("(default: auto)") >= auto
     assert text.count("(default: decided by --augment)") == 3  # hflip, vflip, rotate90
     # Every field states its default (or that it is required).

@@ -103,34 +103,12 @@ def fit_head_and_choose(
         pipeline.train_loader.dataset.transform = train_transform(pre, final_aug)  # type: ignore[attr-defined]
     context = _with_config(context, config)
     init = None
-    # Without a phase 2 the run is the probe on the --weights' features the user asked for.
-    tests_init = (
-        not config.init
-        and not config.unfreeze
-        and config.forgetting_guard in ("auto", "off")
-        and any(phase.name == FINETUNE_PHASE for phase in phases)
-    )
-    if result.head_fit is not None and tests_init:
+    if result.head_fit is not None and _tests_init(config, phases):
         init = choose_init(context, parts, settings, result.head_fit.val_accuracy, balance.tensor)
         if init.init == INIT_RANDOM:
-            # The from-scratch recipe (config.resolve_defaults with --init random); no head
-            # phase is recorded: the head fitted on the source's features is gone.
-            config = dataclasses.replace(
-                config,
-                init=INIT_RANDOM,
-                unfreeze="all",
-                lr=config.lr if config.lr is not None else config.head_lr,
-                lr_decay=config.lr_decay if config.lr_decay is not None else 1.0,
-                freeze_bn=False,
-            )
-            return HeadAndChoice(
-                _with_config(context, config),
-                dataclasses.replace(result, head_fit=None),
-                untested(config, "the from-scratch recipe of --init random", source="--init auto"),
-                init,
-            )
-        config = dataclasses.replace(config, init=init.init)
-        context = _with_config(context, config)
+            return _from_scratch(context, result, init)
+        context = _with_config(context, dataclasses.replace(config, init=init.init))
+        config = context.config
     finetune = _choose_finetune(context, parts, result, phases)
     context = _with_config(
         context,
@@ -139,6 +117,38 @@ def fit_head_and_choose(
         ),
     )
     return HeadAndChoice(context, result, finetune, init)
+
+
+def _tests_init(config: Any, phases: list[Phase]) -> bool:
+    """Whether ``--init auto`` is left to test: the source and the policy unset, no guard
+    toward the weights asked for, and a phase 2 planned (without one the run is the probe on
+    the --weights' features the user asked for)."""
+    return (
+        not config.init
+        and not config.unfreeze
+        and config.forgetting_guard in ("auto", "off")
+        and any(phase.name == FINETUNE_PHASE for phase in phases)
+    )
+
+
+def _from_scratch(context: RunContext, result: HeadStageResult, init: InitChoice) -> HeadAndChoice:
+    """The from-scratch recipe (what ``config.resolve_defaults`` gives ``--init random``); no
+    head phase is recorded: the head fitted on the source's features is gone."""
+    config = context.config
+    config = dataclasses.replace(
+        config,
+        init=INIT_RANDOM,
+        unfreeze="all",
+        lr=config.lr if config.lr is not None else config.head_lr,
+        lr_decay=config.lr_decay if config.lr_decay is not None else 1.0,
+        freeze_bn=False,
+    )
+    return HeadAndChoice(
+        _with_config(context, config),
+        dataclasses.replace(result, head_fit=None),
+        untested(config, "the from-scratch recipe of --init random", source="--init auto"),
+        init,
+    )
 
 
 def _with_config(context: RunContext, config: Any) -> RunContext:
