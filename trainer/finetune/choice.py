@@ -309,7 +309,8 @@ def affordable_rungs(rungs: Sequence[int], candidates: int, budget: int) -> list
     is to cost at most 1.5x a from-scratch run; so the search never trains more steps than
     phase 2 has left after the range test, and drops the later rungs that would exceed it.
     """
-    kept, spent, alive = [], 0, candidates
+    kept: list[int] = []
+    spent, alive = 0, candidates
     for steps in rungs:
         spent += alive * steps
         if kept and spent > budget:
