@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,44 @@ def test_init_random_refuses_a_guard_toward_the_weights_and_names_bad_values(
     with pytest.raises(ConfigError, match="init: must be weights, random or auto"):
         tiny_config(data, tmp_path / "bad", init="sometimes")
     assert tiny_config(data, tmp_path / "auto", init="auto").init == ""
+
+
+class _StopAfterFirstEpoch(logging.Handler):
+    """A real SIGTERM to this process when phase 2's first epoch ends."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.fired = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = getattr(record, "structured_event", None)
+        phase = getattr(record, "structured_fields", {}).get("phase")
+        if event == "epoch_end" and phase == "finetune" and not self.fired:
+            self.fired = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_resumed_run_keeps_the_decided_init(
+    blank_source: tuple[Path, Path], tmp_path: Path
+) -> None:
+    weights, data = blank_source
+    flags = {"weights": str(weights), "head_epochs": 1, "finetune_epochs": 2, "deterministic": True}
+    _run(data, tmp_path / "straight", **flags)
+    stop = _StopAfterFirstEpoch()
+    logger = logging.getLogger("trainer.finetune.phase_runner")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(stop)
+    try:
+        stopped = _run(data, tmp_path / "resumed", **flags)
+    finally:
+        logger.removeHandler(stop)
+        logger.setLevel(level)
+    assert stop.fired and stopped["status"] == "interrupted"
+    # The same command again resumes: the recorded init (random) and its three-epoch plan.
+    resumed = _run(data, tmp_path / "resumed", **flags)
+    assert resumed["status"] == "completed" and "init_choice" not in resumed
+    recorded = yaml.safe_load((tmp_path / "resumed" / "config.yaml").read_text())
+    assert recorded["init"] == "random"
+    assert _val_losses(tmp_path / "resumed") == _val_losses(tmp_path / "straight")
+    assert len(_val_losses(tmp_path / "resumed")) == 3
