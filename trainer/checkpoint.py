@@ -179,6 +179,9 @@ class PhaseStats:
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
     early_stopped: bool = False
+    # The phase's own best val accuracy: patience counts from it, not from an earlier
+    # phase's, so a phase that first falls below the probe and then climbs is not cut short.
+    best_val_accuracy: float = -1.0
 
     def summary(self) -> dict[str, Any]:
         ips = self.images / self.train_seconds if self.train_seconds else 0.0
@@ -196,6 +199,7 @@ class Progress:
 
     global_epoch: int = 0
     best_val_accuracy: float = -1.0
+    # Epochs since the running phase last beat its own best (``PhaseStats.best_val_accuracy``).
     epochs_since_best: int = 0
     best_confusion: list[list[int]] | None = None
     stats: dict[str, PhaseStats] = field(default_factory=dict)

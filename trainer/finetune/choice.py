@@ -17,7 +17,8 @@ as long, trained again from the head; the best of the last rung wins. Ranking is
 accuracy, then the lower val loss, then the cheaper (shallower) policy. A policy that starts
 slowly and wins later is still seen, where one short trial each would drop it. The probe
 itself stays the floor: ``best.pt`` keeps the head phase's weights when no phase-2 epoch
-beats them on val.
+beats them on val. When no trial beats the probe, phase 2 goes to the flat policy whatever
+ranked first (``late_winner``): it is the one a short trial cannot judge.
 
 What the search may cost: ``SEARCH_SHARE`` of the planned phase-2 steps for the rungs,
 ``RANGE_SHARE`` for the range test, each rung never shorter than ``MIN_RUNG_STEPS``; on a tiny
@@ -204,10 +205,19 @@ def untested(config: Any, reason: str, source: str | None = None) -> FinetuneCho
 
 
 def choose_finetune(
-    context: RunContext, trained: TrainedModel, pipeline: Pipeline, step: StepSetup
+    context: RunContext,
+    trained: TrainedModel,
+    pipeline: Pipeline,
+    step: StepSetup,
+    probe_accuracy: float | None = None,
 ) -> FinetuneChoice:
     """Test what is unset (the LR, then the policy) from the fitted head; the model and the
-    RNGs are as they were when this returns."""
+    RNGs are as they were when this returns.
+
+    Args:
+        probe_accuracy: the fitted head's val accuracy; when no trial beats it, phase 2 goes
+            to the late-winning flat policy (``late_winner``).
+    """
     config = context.config
     started = time.perf_counter()
     planned = config.finetune_epochs * pipeline.steps_per_epoch
@@ -251,6 +261,15 @@ def choose_finetune(
         )
         source = "search"
         reason = _reason(chosen, trials)
+        late = late_winner(candidates, trials, probe_accuracy)
+        if late is not None and late != chosen:
+            chosen = late
+            reason = (
+                f"{late.name}: no trial beat the probe's val accuracy ({probe_accuracy:.3f}; "
+                f"best {max(t.val_accuracy for t in trials):.3f}), so phase 2 goes to the "
+                "policy a short trial cannot judge: retraining every layer fast overtakes a "
+                "probe only after epochs (best.pt keeps the probe unless an epoch beats it)"
+            )
     lr, lr_source = lr_of(chosen)
     choice = FinetuneChoice(
         unfreeze=chosen.policy,
@@ -299,6 +318,28 @@ def successive_halving(
         if len(alive) == 1:
             break
     return alive[0], trials
+
+
+def late_winner(
+    candidates: Sequence[Candidate], trials: Sequence[Trial], probe_accuracy: float | None
+) -> Candidate | None:
+    """The flat policy when no trial beat the probe, else None.
+
+    A trial that beats the probe says a policy improves on it quickly; when none does, the
+    trials have shown that the policies they can judge add nothing, and phase 2's steps are
+    better spent on the one they cannot: every layer at the head's rate wrecks the probe in
+    its first steps and overtakes it after epochs (``benchmarks/domain_shift.py``'s retrain:
+    0.17 val after an 8-step trial, 0.92 after 8 epochs against the probe's 0.855). The
+    probe stays the floor either way, so the switch costs nothing but the chance of a small
+    gain from a shallow policy that no trial showed.
+    """
+    flat = [c for c in candidates if c.lr_rule == HEAD_RATE]
+    if probe_accuracy is None or not flat or not trials:
+        return None
+    # Four places: the probe's and the trials' accuracies come from different float paths.
+    if any(round(t.val_accuracy, 4) > round(probe_accuracy, 4) for t in trials):
+        return None
+    return flat[0]
 
 
 def affordable_rungs(rungs: Sequence[int], candidates: int, budget: int) -> list[int]:

@@ -149,6 +149,25 @@ class _PhaseCursor:
     wrapped: nn.Module
 
 
+def record_val_accuracy(progress: Progress, stats: PhaseStats, accuracy: float) -> bool:
+    """Update the run's best and the phase's patience with one epoch's val accuracy.
+
+    Returns whether the run's best (what ``best.pt`` holds) improved. Patience counts from the
+    phase's own best, so phase 2 is stopped when its curve stops climbing, not when it has
+    not yet passed the probe: the flat policy falls below the probe first and overtakes it
+    epochs later (``trainer.finetune.choice.late_winner``).
+    """
+    improved = accuracy > progress.best_val_accuracy
+    if improved:
+        progress.best_val_accuracy = accuracy
+    if accuracy > stats.best_val_accuracy:
+        stats.best_val_accuracy = accuracy
+        progress.epochs_since_best = 0
+    else:
+        progress.epochs_since_best += 1
+    return improved
+
+
 class PhaseRunner:
     """Runs the phases of one rank; rank 0 alone writes checkpoints and metrics."""
 
@@ -184,6 +203,7 @@ class PhaseRunner:
         stats.images += fit.train_rows
         stats.train_seconds += fit.seconds
         stats.wall_seconds += fit.seconds
+        stats.best_val_accuracy = fit.val_accuracy
         progress = self.progress
         progress.global_epoch += 1
         progress.best_val_accuracy = fit.val_accuracy
@@ -401,13 +421,9 @@ class PhaseRunner:
         progress = self.progress
         progress.global_epoch += 1
         cursor.stats.epochs += 1
-        improved = evaluated.accuracy > progress.best_val_accuracy
+        improved = record_val_accuracy(progress, cursor.stats, evaluated.accuracy)
         if improved:
-            progress.best_val_accuracy = evaluated.accuracy
             progress.best_confusion = evaluated.confusion.tolist()
-            progress.epochs_since_best = 0
-        else:
-            progress.epochs_since_best += 1
         cursor.stats.early_stopped = (
             progress.epochs_since_best >= self.config.patience
             and cursor.epoch < cursor.phase.epochs

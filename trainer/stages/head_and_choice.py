@@ -171,7 +171,9 @@ def _choose_finetune(
         return untested(config, "given")
     if result.head_fit is None:
         return untested(config, "the head phase streams: no fitted head to test from")
-    choice = choose_finetune(context, parts.trained, parts.pipeline, parts.step)
+    choice = choose_finetune(
+        context, parts.trained, parts.pipeline, parts.step, result.head_fit.val_accuracy
+    )
     if context.is_main and choice.lr_finding is not None:
         path = context.output / "report" / "lr_find.json"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from trainer.finetune.choice import (
     _rung_count,
     _rung_units,
     affordable_rungs,
+    late_winner,
     successive_halving,
 )
 from trainer.finetune.lr_finder import FALLBACK_LR, suggest_lr, sweep_lrs
@@ -139,6 +140,22 @@ def test_a_single_survivor_wins_without_another_rung() -> None:
     assert winner.name == "top:1" and [c[1] for c in calls] == [0, 0] and len(trials) == 2
 
 
+def test_when_no_trial_beats_the_probe_phase_2_goes_to_the_flat_policy() -> None:
+    run, _ = _planted(
+        {"top:1": [0.80, 0.84], "top:2": [0.78, 0.80], "all": [0.7], "all flat": [0.2]}
+    )
+    _, trials = successive_halving(CANDIDATES, [8, 24], run)
+    flat = late_winner(CANDIDATES, trials, probe_accuracy=0.855)
+    assert flat is not None and flat.name == "all flat" and flat.lr_rule == "head lr"
+    # One trial past the probe: the search's own winner stands.
+    assert late_winner(CANDIDATES, trials, probe_accuracy=0.83) is None
+    # A tie with the probe is no gain (the probe's accuracy is recorded to four places).
+    assert late_winner(CANDIDATES, trials, probe_accuracy=0.84) is not None
+    # Without a probe to compare with, or without the flat policy among the candidates: none.
+    assert late_winner(CANDIDATES, trials, probe_accuracy=None) is None
+    assert late_winner(CANDIDATES[:3], trials, probe_accuracy=0.855) is None
+
+
 def test_rungs_past_phase_2s_own_steps_are_dropped() -> None:
     # Four candidates, rungs of 8 and 24 steps: 32 + 48 trial steps.
     assert affordable_rungs([8, 24], 4, budget=80) == [8, 24]
@@ -198,7 +215,7 @@ def test_defaults_test_the_lr_and_the_policies_and_record_them(
     source, data = source_and_data
     summary = _fine_tune(source, data, tmp_path / "auto")
     choice = summary["finetune_choice"]
-    assert choice["lr_source"] == "range test" and choice["unfreeze_source"] == "search"
+    assert choice["unfreeze_source"] == "search"
     first = [t for t in choice["trials"] if t["rung"] == 0]
     assert [t["name"] for t in first] == ["top:1", "top:2", "all", "all flat"]
     tested = choice["lr_range_test"]["suggestion"]
@@ -209,9 +226,17 @@ def test_defaults_test_the_lr_and_the_policies_and_record_them(
     # them, so the best of the first rung wins.
     assert {t["rung"] for t in choice["trials"]} == {0}
     best = max(first, key=lambda t: (t["val_accuracy"], -t["val_loss"]))  # ties: shallower
-    assert (choice["unfreeze"], choice["lr_decay"]) == (best["policy"], best["lr_decay"])
+    # The search's winner, unless no trial beat the probe: then the late-winning flat policy.
+    probe = summary["head_phase"]["val_accuracy"]
+    if any(t["val_accuracy"] > probe for t in first):
+        assert (choice["unfreeze"], choice["lr_decay"]) == (best["policy"], best["lr_decay"])
+        assert choice["lr_source"] == "range test"
+    else:  # on this data the best trial ties the probe (19 of 24 val images)
+        assert (choice["unfreeze"], choice["lr_decay"], choice["lr"]) == ("all", 1.0, 1e-3)
+        assert choice["lr_source"] == "head lr"
+        assert choice["reason"].startswith("all flat: no trial beat the probe")
     curve = json.loads((tmp_path / "auto" / "report" / "lr_find.json").read_text())
-    assert curve["suggestion"] == choice["lr"] and len(curve["lrs"]) == len(curve["losses"]) >= 16
+    assert curve["suggestion"] == tested and len(curve["lrs"]) == len(curve["losses"]) >= 16
     assert (tmp_path / "auto" / "report" / "lr_find.png").stat().st_size > 1000
     recorded = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
     assert recorded["unfreeze"] == choice["unfreeze"] and recorded["lr"] == choice["lr"]

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from trainer_helpers import make_image_folder, tiny_config
 
+from trainer.checkpoint import PhaseStats, Progress
+from trainer.finetune.phase_runner import record_val_accuracy
 from trainer.finetune.phases import (
     build_optimizer,
     build_phases,
@@ -170,3 +172,16 @@ def test_gradual_unfreezing_in_a_real_run(arch: str, tmp_path: Path) -> None:
             assert torch.equal(state["model_state"][key], initial[key]), key
     moved = [k for k, _ in group_parameters(model, groups[order[2]])]
     assert any(not torch.equal(state["model_state"][k], initial[k]) for k in moved)
+
+
+def test_patience_counts_from_the_phases_own_best_not_the_probes() -> None:
+    # The probe scored 0.90; phase 2's flat policy falls to 0.5 and climbs past it.
+    progress, stats = Progress(best_val_accuracy=0.90), PhaseStats()
+    waited, improved = [], []
+    for accuracy in (0.50, 0.70, 0.65, 0.80, 0.92, 0.91):
+        improved.append(record_val_accuracy(progress, stats, accuracy))
+        waited.append(progress.epochs_since_best)
+    # Climbing resets patience even below the probe; only 0.92 is a new best for best.pt.
+    assert waited == [0, 0, 1, 0, 0, 1]
+    assert improved == [False, False, False, False, True, False]
+    assert (progress.best_val_accuracy, stats.best_val_accuracy) == (0.92, 0.92)
