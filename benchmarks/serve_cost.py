@@ -14,8 +14,13 @@ perf_analyzer (gRPC, batch 1) at each concurrency. In a measured window:
 The **overhead** is the difference: what receiving, decoding the protobuf, batching, answering
 and counting cost per request beyond the model; the target is at most 0.20 ms.
 
+``--baseline REF`` also runs the server of another release (``git archive REF``, the same
+virtual environment) in the same run, alternating with this tree's window by window
+(``--rounds``), and reports both servers' CPU per request and their ratio: the server CPU
+per request is the figure that compares, the model's CPU per image being the same graph.
+
     .venv/bin/python benchmarks/serve_cost.py \\
-        --perf-analyzer "$(../shared/tools/ensure-perf-analyzer)"
+        --perf-analyzer "$(../shared/tools/ensure-perf-analyzer)" [--baseline v0.3 --rounds 2]
 
 Prints a table and writes ``bench-output/serve_cost.json``.
 """
@@ -27,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,14 +56,20 @@ CASE = ModelCase(name="resnet18_32", arch="resnet18", size=32, num_classes=5, ma
 GOAL_MS = 0.20
 
 
-def server_window(
-    repo: Path, perf_analyzer: Path, concurrency: int, seconds: float, logs: Path
+def server_window(  # noqa: PLR0913  the tools, the cell and where the server's source is
+    repo: Path,
+    perf_analyzer: Path,
+    concurrency: int,
+    seconds: float,
+    logs: Path,
+    source: Path = ROOT,
 ) -> dict[str, float]:
-    """Server CPU ms per request and the mean batch under perf_analyzer at ``concurrency``."""
+    """Server CPU ms per request and the mean batch under perf_analyzer at ``concurrency``,
+    for the server whose source tree is ``source``."""
     port, metrics_port = free_port(), free_port()
     command = server_command(repo, CASE, port, metrics_port, CASE.max_batch_size)
-    log_path = logs / f"server-c{concurrency}.log"
-    with running(command, log_path):
+    log_path = logs / f"server-{source.name}-c{concurrency}.log"
+    with running(command, log_path, cwd=source):
         asyncio.run(wait_ready(f"127.0.0.1:{port}", CASE.name, 120, log_path))
         pid = _server_pid(port)
         load = perf_analyzer_load(perf_analyzer, CASE.name, port, concurrency, seconds + 4.0)
@@ -98,11 +110,32 @@ def model_cpu_ms_per_image(onnx_path: Path, batch: int, seconds: float) -> float
     return 1000.0 * (time.process_time() - cpu_before) / (runs * batch)
 
 
+def release_tree(ref: str, into: Path) -> Path:
+    """The source tree of ``ref`` (``git archive``), unpacked under ``into``."""
+    tree = into / "baseline"
+    tree.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", ref],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--perf-analyzer", type=Path, default=os.environ.get("PERF_ANALYZER"))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per cell")
+    parser.add_argument(
+        "--baseline", default=None, help="a git ref whose server runs in the same cells"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="windows per server and cell")
     parser.add_argument("--output", type=Path, default=ROOT / "bench-output/serve_cost.json")
     args = parser.parse_args(argv)
     if args.perf_analyzer is None or not Path(args.perf_analyzer).is_file():
@@ -112,8 +145,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="serve-cost-") as tmp:
         repo = Path(tmp) / "repository"
         onnx_path = build_repository(repo, CASE)
+        baseline = release_tree(args.baseline, Path(tmp)) if args.baseline else None
         for concurrency in args.concurrency:
-            served = server_window(repo, args.perf_analyzer, concurrency, args.seconds, Path(tmp))
+            windows: dict[str, list[dict[str, float]]] = {"this": [], "baseline": []}
+            for _ in range(args.rounds):
+                for name, source in (("this", ROOT), ("baseline", baseline)):
+                    if source is not None:
+                        windows[name].append(
+                            server_window(
+                                repo,
+                                args.perf_analyzer,
+                                concurrency,
+                                args.seconds,
+                                Path(tmp),
+                                source,
+                            )
+                        )
+            served = {key: _mean([w[key] for w in windows["this"]]) for key in windows["this"][0]}
             batch = max(1, round(served["mean_server_batch"]))
             model_ms = model_cpu_ms_per_image(onnx_path, batch, args.seconds / 2)
             row = {
@@ -122,7 +170,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "model_batch": batch,
                 "model_cpu_ms_per_image": model_ms,
                 "overhead_ms_per_request": served["server_cpu_ms_per_request"] - model_ms,
+                "windows": windows["this"],
             }
+            if windows["baseline"]:
+                before = {
+                    key: _mean([w[key] for w in windows["baseline"]])
+                    for key in windows["baseline"][0]
+                }
+                row["baseline"] = {"ref": args.baseline, **before, "windows": windows["baseline"]}
+                row["cpu_per_request_vs_baseline"] = (
+                    served["server_cpu_ms_per_request"] / before["server_cpu_ms_per_request"]
+                )
+                print(
+                    f"c={concurrency}: baseline {args.baseline}: {before['requests_per_s']:.0f} "
+                    f"req/s, server CPU {before['server_cpu_ms_per_request']:.3f} ms/request; "
+                    f"this tree / baseline {row['cpu_per_request_vs_baseline']:.3f}",
+                    flush=True,
+                )
             rows.append(row)
             print(
                 f"c={concurrency}: {row['requests_per_s']:.0f} req/s, mean batch "

@@ -304,16 +304,23 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running(
-    command: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+    command: Sequence[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
 ) -> Iterator[None]:
-    """Runs a server process for the duration of the block; SIGTERM, then SIGKILL, after it."""
+    """Runs a server process for the duration of the block; SIGTERM, then SIGKILL, after it.
+
+    Args:
+        cwd: the source tree whose ``server`` package runs (another release's, to compare).
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             list(command),
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=cwd,
             env={**os.environ, **(env or {})},
         )
         try:

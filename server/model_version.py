@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import numpy as np
 
@@ -26,25 +27,41 @@ from server.types import Tensor
 Submit = Callable[[dict[str, np.ndarray], float | None], Awaitable[BatchResult]]
 
 
-def check_input(spec: TensorSpec, tensor: Tensor, max_batch_size: int) -> None:
+class TensorHeader(Protocol):
+    """What ``check_input`` reads: a ``Tensor``, or a staged input not converted yet."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def datatype(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+def check_input(spec: TensorSpec, tensor: TensorHeader, max_batch_size: int) -> None:
     """Refuse a tensor whose datatype or shape the graph does not take."""
-    where = f"input {tensor.name!r}"
     if tensor.datatype != spec.datatype:
         raise InvalidInput(
-            f"{where}: datatype {tensor.datatype}, the model expects {spec.datatype}"
+            f"input {tensor.name!r}: datatype {tensor.datatype}, the model expects {spec.datatype}"
         )
     shape = tensor.shape
     if len(shape) != len(spec.shape):
-        raise InvalidInput(f"{where}: shape {list(shape)}, the model expects {list(spec.shape)}")
+        raise InvalidInput(
+            f"input {tensor.name!r}: shape {list(shape)}, the model expects {list(spec.shape)}"
+        )
     dims = zip(shape, spec.shape, strict=True)
     if max_batch_size > 0:
         if not 1 <= shape[0] <= max_batch_size:
-            raise InvalidInput(f"{where}: batch size {shape[0]} outside 1..{max_batch_size}")
+            raise InvalidInput(
+                f"input {tensor.name!r}: batch size {shape[0]} outside 1..{max_batch_size}"
+            )
         dims = zip(shape[1:], spec.shape[1:], strict=True)
     for got, want in dims:
         if want >= 0 and got != want:
             raise InvalidInput(
-                f"{where}: shape {list(shape)}, the model expects {list(spec.shape)}"
+                f"input {tensor.name!r}: shape {list(shape)}, the model expects {list(spec.shape)}"
             )
 
 

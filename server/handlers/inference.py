@@ -56,7 +56,7 @@ def check_staged_inputs(
     if missing:
         raise InvalidInput(f"missing input(s) {missing}")
     for tensor in inputs:
-        check_input(by_name[tensor.name], tensor.header(), max_batch_size)
+        check_input(by_name[tensor.name], tensor, max_batch_size)
 
 
 async def convert(tensor: StagedTensor) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from server.types import InferRequest, Tensor
+from server.types import InferRequest
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,6 @@ class StagedTensor:
     shape: tuple[int, ...]
     cost_bytes: int
     convert: Callable[[], np.ndarray]
-
-    def header(self) -> Tensor:
-        """A Tensor of this name, datatype and shape whose array takes no memory (every
-        element is one broadcast zero), for checks that read only the header."""
-        return Tensor(self.name, self.datatype, np.broadcast_to(np.zeros((), np.uint8), self.shape))
 
 
 @dataclass(frozen=True)

@@ -108,11 +108,18 @@ def _fields(data: memoryview, limit: int, where: str) -> Iterator[tuple[int, int
         raise InvalidInput(f"{where}: more than {limit} fields")
 
 
+# Packed varints shorter than this are counted in Python: numpy's call costs more than the
+# loop for a shape's few bytes (every request has one).
+_NUMPY_COUNT_BYTES = 64
+
+
 def _packed_count(wire_type: int, value: Any, element_type: int) -> int:
     """Elements in one occurrence of a repeated scalar field, packed or not."""
     if wire_type != LENGTH_DELIMITED or element_type == LENGTH_DELIMITED:
         return 1
     if element_type == VARINT:  # each varint ends with a byte below 0x80
+        if len(value) < _NUMPY_COUNT_BYTES:
+            return sum(byte < 0x80 for byte in value)
         return int(np.count_nonzero(np.frombuffer(value, np.uint8) < 0x80))
     return len(value) // (4 if element_type == FIXED32 else 8)
 
@@ -121,15 +128,24 @@ def _text(value: Any) -> str:
     return bytes(value).decode("utf-8", "replace") if isinstance(value, memoryview) else ""
 
 
+_INPUT_NAME, _INPUT_SHAPE, _INPUT_PARAMETERS = (
+    _INPUT.fields_by_name[name].number for name in ("name", "shape", "parameters")
+)
+_OUTPUT_PARAMETERS = _OUTPUT.fields_by_name["parameters"].number
+_REQUEST_INPUTS, _REQUEST_OUTPUTS = (
+    _REQUEST.fields_by_name[name].number for name in ("inputs", "outputs")
+)
+
+
 def _check_input(index: int, data: memoryview) -> None:
     where = f"inputs[{index}]"
     name, rank, parameters = None, 0, 0
     for number, wire_type, value in _fields(data, MAX_OTHER_FIELDS, where):
-        if number == _INPUT.fields_by_name["name"].number:
+        if number == _INPUT_NAME:
             name = _text(value)
-        elif number == _INPUT.fields_by_name["shape"].number:
+        elif number == _INPUT_SHAPE:
             rank += _packed_count(wire_type, value, VARINT)
-        elif number == _INPUT.fields_by_name["parameters"].number:
+        elif number == _INPUT_PARAMETERS:
             parameters += 1
     if name is not None:
         where = f"{where} ({shown(name)})"
@@ -141,8 +157,8 @@ def _check_input(index: int, data: memoryview) -> None:
 
 def _check_output(index: int, data: memoryview) -> None:
     where = f"outputs[{index}]"
-    parameters = _OUTPUT.fields_by_name["parameters"].number
-    found = sum(number == parameters for number, _, _ in _fields(data, MAX_OTHER_FIELDS, where))
+    fields = _fields(data, MAX_OTHER_FIELDS, where)
+    found = sum(number == _OUTPUT_PARAMETERS for number, _, _ in fields)
     if found > MAX_PARAMETERS:
         raise InvalidInput(f"{where}: more than {MAX_PARAMETERS} parameters")
 
@@ -164,7 +180,6 @@ def check_infer_request(data: bytes) -> None:
             or bytes that are not a message.
     """
     counts = dict.fromkeys(_REPEATED_LIMITS, 0)
-    inputs, outputs = _REQUEST.fields_by_name["inputs"], _REQUEST.fields_by_name["outputs"]
     for number, wire_type, value in _fields(memoryview(data), MAX_OTHER_FIELDS, "request"):
         if number not in counts:
             continue
@@ -174,9 +189,9 @@ def check_infer_request(data: bytes) -> None:
             raise InvalidInput(f"{name}: more than {limit} entries; the limit is {limit}")
         if wire_type != LENGTH_DELIMITED:
             continue  # not the message type: kept as an unknown field, as bytes
-        if number == inputs.number:
+        if number == _REQUEST_INPUTS:
             _check_input(counts[number] - 1, value)
-        elif number == outputs.number:
+        elif number == _REQUEST_OUTPUTS:
             _check_output(counts[number] - 1, value)
 
 
