@@ -251,25 +251,12 @@ def choose_finetune(
         source = "--unlabeled-data"
         reason = "the alignment toward the unlabelled images must reach every layer"
     elif len(candidates) > 1:
-        first = _clamp(
-            SEARCH_SHARE * planned / _rung_units(len(candidates)), MIN_RUNG_STEPS, MAX_RUNG_STEPS
-        )
-        rungs = [first * RUNG_GROWTH**i for i in range(_rung_count(len(candidates)))]
-        rungs = affordable_rungs(rungs, len(candidates), planned - bench.steps_spent)
+        rungs = _search_rungs(len(candidates), planned, bench.steps_spent)
         chosen, trials = successive_halving(
             candidates, rungs, lambda c, rung, steps: bench.trial(c, lr_of(c)[0], rung, steps)
         )
         source = "search"
-        reason = _reason(chosen, trials)
-        late = late_winner(candidates, trials, probe_accuracy)
-        if late is not None and late != chosen:
-            chosen = late
-            reason = (
-                f"{late.name}: no trial beat the probe's val accuracy ({probe_accuracy:.3f}; "
-                f"best {max(t.val_accuracy for t in trials):.3f}), so phase 2 goes to the "
-                "policy a short trial cannot judge: retraining every layer fast overtakes a "
-                "probe only after epochs (best.pt keeps the probe unless an epoch beats it)"
-            )
+        chosen, reason = _winner_or_late(chosen, candidates, trials, probe_accuracy)
     lr, lr_source = lr_of(chosen)
     choice = FinetuneChoice(
         unfreeze=chosen.policy,
@@ -342,6 +329,32 @@ def late_winner(
     return flat[0]
 
 
+def _winner_or_late(
+    winner: Candidate,
+    candidates: Sequence[Candidate],
+    trials: Sequence[Trial],
+    probe_accuracy: float | None,
+) -> tuple[Candidate, str]:
+    """The search's winner, or the late winner when no trial beat the probe; and why."""
+    late = late_winner(candidates, trials, probe_accuracy)
+    if late is None or late == winner:
+        return winner, _reason(winner, trials)
+    return late, (
+        f"{late.name}: no trial beat the probe's val accuracy ({probe_accuracy:.3f}; best "
+        f"{max(t.val_accuracy for t in trials):.3f}), so phase 2 goes to the policy a short "
+        "trial cannot judge: retraining every layer fast overtakes a probe only after epochs "
+        "(best.pt keeps the probe unless an epoch beats it)"
+    )
+
+
+def _search_rungs(candidates: int, planned: int, spent: int) -> list[int]:
+    """Each rung's steps: ``SEARCH_SHARE`` of phase 2's ``planned`` steps over the rungs, the
+    first within the rung bounds, as many rungs as phase 2 affords after ``spent``."""
+    first = _clamp(SEARCH_SHARE * planned / _rung_units(candidates), MIN_RUNG_STEPS, MAX_RUNG_STEPS)
+    rungs = [first * RUNG_GROWTH**i for i in range(_rung_count(candidates))]
+    return affordable_rungs(rungs, candidates, planned - spent)
+
+
 def affordable_rungs(rungs: Sequence[int], candidates: int, budget: int) -> list[int]:
     """The rungs whose trials, added up, stay within ``budget`` steps (the first always).
 
@@ -383,7 +396,7 @@ def _rung_units(candidates: int) -> int:
     return units
 
 
-def _reason(chosen: Candidate, trials: list[Trial]) -> str:
+def _reason(chosen: Candidate, trials: Sequence[Trial]) -> str:
     last = max(t.rung for t in trials)
     finals = ", ".join(
         f"{t.candidate.name} {t.val_accuracy:.3f}/{t.val_loss:.3f}"
