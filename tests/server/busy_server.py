@@ -65,8 +65,19 @@ def occupy(server: RunningServer, stub: Any, count: int, *, max_done: int) -> li
     The state lasts until the last busy request is taken, (count - max_done - 1) full computes
     at least, so a request sent now has that many busy requests ahead of it.
     """
-    futures = [
-        stub.ModelInfer.future(infer_request(busy_images()), timeout=600) for _ in range(count)
+    # The first one alone, until the batcher's worker has taken it: requests that arrive in
+    # the same turn of the event loop all reach the queue before the worker takes any, and a
+    # small max_queue_size would refuse the last of them.
+    futures = [stub.ModelInfer.future(infer_request(busy_images()), timeout=600)]
+
+    def first_computing() -> bool:
+        depth = server.registry.get_sample_value("inference_queue_depth", LABELS)
+        return server.sample("inference_inflight_requests") == 1 and depth == 0
+
+    wait_for(first_computing)
+    futures += [
+        stub.ModelInfer.future(infer_request(busy_images()), timeout=600)
+        for _ in range(count - 1)
     ]
 
     def all_inside() -> bool:

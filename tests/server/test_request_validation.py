@@ -5,6 +5,7 @@ checks, bounded time per request."""
 
 from __future__ import annotations
 
+import math
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -164,7 +165,9 @@ def infer_requests(draw: st.DrawFn) -> bytes:
             datatype = draw(DATATYPE_NAMES)
         shape = draw(shapes())
         dimensions = [d for d in shape if d > 0]
-        count = int(np.prod(dimensions)) if len(dimensions) == len(shape) else 0
+        # math.prod: exact; numpy's int64 product wraps to a huge negative count that
+        # passes the bound below and then cannot size a bytes object.
+        count = math.prod(dimensions) if len(dimensions) == len(shape) else 0
         count = count if count <= 20 * 32 * 32 * 3 else 0
         contents = None if use_raw else draw(typed_contents(count))
         inputs.append(input_tensor(name, datatype, shape, contents))
