@@ -76,8 +76,7 @@ def occupy(server: RunningServer, stub: Any, count: int, *, max_done: int) -> li
 
     wait_for(first_computing)
     futures += [
-        stub.ModelInfer.future(infer_request(busy_images()), timeout=600)
-        for _ in range(count - 1)
+        stub.ModelInfer.future(infer_request(busy_images()), timeout=600) for _ in range(count - 1)
     ]
 
     def all_inside() -> bool:
