@@ -20,7 +20,7 @@ virtual environment) in the same run, alternating with this tree's window by win
 per request is the figure that compares, the model's CPU per image being the same graph.
 
     .venv/bin/python benchmarks/serve_cost.py \\
-        --perf-analyzer "$(../shared/tools/ensure-perf-analyzer)" [--baseline v0.3 --rounds 2]
+        --perf-analyzer "$(../shared/tools/ensure-perf-analyzer)" [--baseline 4a36ff7 --rounds 2]
 
 Prints a table and writes ``bench-output/serve_cost.json``.
 """

@@ -475,7 +475,7 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
         def requests_of(requests: AsyncIterator[Any], context: Any) -> Awaitable[Any]:
             if handler.request_streaming:
                 return _ready(streams.guard(requests, stopping))
-            return _first_request(requests, context)
+            return _first_request(context)
 
         def admit(context: grpc.aio.ServicerContext) -> contextlib.AbstractContextManager[None]:
             if access.checks_names:
@@ -497,7 +497,7 @@ async def _ready(value: Any) -> Any:
     return value
 
 
-async def _first_request(requests: AsyncIterator[Any], context: Any) -> Any:
+async def _first_request(context: Any) -> Any:
     """The one message of a unary call, read only now.
 
     Read with ``context.read()``, which the request iterator only wraps in an async generator
@@ -576,7 +576,10 @@ def _raising(refusal: ServerError) -> Iterator[None]:
 def _refusing(handler: grpc.RpcMethodHandler, refusal: ServerError) -> grpc.RpcMethodHandler:
     """A handler that refuses before reading: the request message is never received."""
     refusing = _reading_after(
-        handler, lambda _: _raising(refusal), _first_request, _limited_deserializer(None, 0)
+        handler,
+        lambda _: _raising(refusal),
+        lambda _, context: _first_request(context),
+        _limited_deserializer(None, 0),
     )
     _behavior(refusing).is_refusal = True  # type: ignore[attr-defined]
     return refusing
