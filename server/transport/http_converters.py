@@ -113,9 +113,12 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     """The JSON header and the binary tensors after it (empty without the extension)."""
     if header_length is None:
         return body, memoryview(b"")
-    if not _HEADER_LENGTH_TEXT.fullmatch(header_length.strip()):
+    # HTTP's optional whitespace is spaces and tabs; str.strip() would also take control
+    # characters such as \x1f, which int() then refuses (found by the property test).
+    text = header_length.strip(" \t")
+    if not _HEADER_LENGTH_TEXT.fullmatch(text):
         raise InvalidInput(f"{HEADER_LENGTH}: {header_length!r} is not a byte count")
-    length = int(header_length)
+    length = int(text)
     if length > len(body):
         raise InvalidInput(f"{HEADER_LENGTH}: {length} is more than the body's {len(body)} bytes")
     view = memoryview(body)
