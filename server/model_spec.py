@@ -90,8 +90,10 @@ class ModelSpec:
         return tuple(o.label_filename for o in self.outputs if o.label_filename)
 
 
-class GraphTensor(Protocol):
-    """A graph input or output as the sessions describe it (the batch dimension included)."""
+class TensorHeader(Protocol):
+    """A tensor's name, datatype and shape without its values: a graph input or output as the
+    sessions describe it (the batch dimension included), a request's tensor, or a staged input
+    not converted yet."""
 
     @property
     def name(self) -> str: ...
@@ -107,7 +109,7 @@ def _type_name(datatype: str) -> str:
     return DATATYPE_TO_CONFIG_TYPE.get(datatype, datatype)
 
 
-def _dims(spec: ModelSpec, tensor: GraphTensor) -> tuple[int, ...]:
+def _dims(spec: ModelSpec, tensor: TensorHeader) -> tuple[int, ...]:
     """The graph's shape as config.pbtxt writes it: without the batch dimension when batching."""
     return tensor.shape[1:] if spec.max_batch_size > 0 else tensor.shape
 
@@ -119,7 +121,7 @@ def _dims_agree(stated: tuple[int, ...], graph: tuple[int, ...]) -> bool:
     )
 
 
-def _batch_contradiction(spec: ModelSpec, inputs: Sequence[GraphTensor]) -> list[str]:
+def _batch_contradiction(spec: ModelSpec, inputs: Sequence[TensorHeader]) -> list[str]:
     # The inputs decide the batches a graph takes; an output's shape is only what onnxruntime's
     # shape inference derived, and a graph that computes wrong shapes fails its warm-up.
     if spec.max_batch_size <= 0:
@@ -139,7 +141,7 @@ def _batch_contradiction(spec: ModelSpec, inputs: Sequence[GraphTensor]) -> list
 
 
 def _tensor_contradictions(
-    spec: ModelSpec, kind: str, stated: TensorConfig, tensor: GraphTensor
+    spec: ModelSpec, kind: str, stated: TensorConfig, tensor: TensorHeader
 ) -> list[str]:
     found = []
     where = f"{kind} {stated.name!r}"
@@ -159,7 +161,7 @@ def _tensor_contradictions(
 
 
 def graph_contradictions(
-    spec: ModelSpec, inputs: Sequence[GraphTensor], outputs: Sequence[GraphTensor]
+    spec: ModelSpec, inputs: Sequence[TensorHeader], outputs: Sequence[TensorHeader]
 ) -> list[str]:
     """Where config.pbtxt contradicts the graph: one phrase each, naming the field and both
     values (config.pbtxt's first, then the graph's).
@@ -192,7 +194,7 @@ def graph_contradictions(
 
 
 def complete_from_graph(
-    spec: ModelSpec, inputs: Sequence[GraphTensor], outputs: Sequence[GraphTensor]
+    spec: ModelSpec, inputs: Sequence[TensorHeader], outputs: Sequence[TensorHeader]
 ) -> ModelSpec:
     """``spec`` with what config.pbtxt leaves unstated taken from the graph: each tensor's
     ``data_type``, and every input (output) when it lists none, so ``ModelConfig`` reports
@@ -204,7 +206,7 @@ def complete_from_graph(
             return stated
         return dataclasses.replace(stated, datatype=by_name[stated.name].datatype)
 
-    def listed(tensors: Sequence[GraphTensor]) -> tuple[TensorConfig, ...]:
+    def listed(tensors: Sequence[TensorHeader]) -> tuple[TensorConfig, ...]:
         return tuple(TensorConfig(t.name, t.datatype, _dims(spec, t)) for t in tensors)
 
     return dataclasses.replace(

@@ -12,32 +12,19 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
 
 import numpy as np
 
 from contracts.model_metadata import ModelMetadata
 from server.batching import BatchingSettings, BatchObserver, BatchResult, DynamicBatcher
 from server.errors import InvalidInput, ModelNotReady
+from server.model_spec import TensorHeader
 from server.onnx_sessions import OnnxSessions, TensorSpec
 from server.repository import ModelSource, VersionSource
 from server.statistics import CountingObserver, ModelStatistics
 from server.types import Tensor
 
 Submit = Callable[[dict[str, np.ndarray], float | None], Awaitable[BatchResult]]
-
-
-class TensorHeader(Protocol):
-    """What ``check_input`` reads: a ``Tensor``, or a staged input not converted yet."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def datatype(self) -> str: ...
-
-    @property
-    def shape(self) -> tuple[int, ...]: ...
 
 
 def check_input(spec: TensorSpec, tensor: TensorHeader, max_batch_size: int) -> None:
