@@ -111,14 +111,20 @@ def model_cpu_ms_per_image(onnx_path: Path, batch: int, seconds: float) -> float
 
 
 def release_tree(ref: str, into: Path) -> Path:
-    """The source tree of ``ref`` (``git archive``), unpacked under ``into``."""
+    """The source tree of ``ref`` (``git archive``), unpacked under ``into``.
+
+    Raises:
+        SystemExit: ``ref`` names no commit of this repository (git's own message).
+    """
     tree = into / "baseline"
     tree.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "--format=tar", ref],
-        check=True,
-        capture_output=True,
-    ).stdout
+    found = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", ref], capture_output=True, check=False
+    )
+    if found.returncode != 0:
+        reason = found.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
+        raise SystemExit(f"serve_cost: --baseline {ref!r} is not a commit here: {reason[0]}")
+    archive = found.stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     return tree
 
@@ -143,9 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     rows = []
     with tempfile.TemporaryDirectory(prefix="serve-cost-") as tmp:
+        # The baseline first: a bad ref is refused before the model is built.
+        baseline = release_tree(args.baseline, Path(tmp)) if args.baseline else None
         repo = Path(tmp) / "repository"
         onnx_path = build_repository(repo, CASE)
-        baseline = release_tree(args.baseline, Path(tmp)) if args.baseline else None
         for concurrency in args.concurrency:
             windows: dict[str, list[dict[str, float]]] = {"this": [], "baseline": []}
             for _ in range(args.rounds):
