@@ -192,6 +192,13 @@ class TrainConfig:
     color_jitter: float = _doc("Brightness/contrast/saturation jitter strength (0: off).", 0.0)
     auto_augment: str = _doc("Automatic augmentation policy.", "none", ("none", "trivial", "rand"))
     random_erasing: float = _doc("RandomErasing probability (0: off).", 0.0)
+    invert: float | None = _doc(
+        "Probability of inverting a labelled training image's intensities (255 - x). "
+        "auto (the default): with --unlabeled-data, the probability that matches the "
+        "labelled images' contrast polarity (centre brighter than border) to the unlabelled "
+        "images', when that differs beyond noise; else 0.",
+        None,
+    )
     mixup_alpha: float = _doc("MixUp alpha (0: off).", 0.0)
     cutmix_alpha: float = _doc("CutMix alpha (0: off).", 0.0)
     amp: str = _doc(
@@ -238,11 +245,21 @@ RESOLVED_AT_START = frozenset(
 DECIDED_BY_PROBE = frozenset({"hflip", "vflip", "rotate90"})
 # ``auto`` is how a user spells "decide from the data" for these; it is stored as unset.
 AUTO = "auto"
-AUTO_MEANS_UNSET: dict[str, Any] = {"init": "", "unfreeze": "", "lr": None, "lr_decay": None}
+AUTO_MEANS_UNSET: dict[str, Any] = {
+    "init": "",
+    "unfreeze": "",
+    "lr": None,
+    "lr_decay": None,
+    "invert": None,
+}
 # The values of --init besides auto.
 INIT_WEIGHTS, INIT_RANDOM = "weights", "random"
 # What a number-or-auto setting expects, for the error that names it.
-AUTO_NUMBERS = {"lr": "a positive number", "lr_decay": "a number in (0, 1]"}
+AUTO_NUMBERS = {
+    "lr": "a positive number",
+    "lr_decay": "a number in (0, 1]",
+    "invert": "a number in [0, 1]",
+}
 # Errors name a flag by its flag (``--batch-size``) and a file's value by the file and the key.
 LOADER = SettingsLoader(
     TrainConfig,
@@ -428,6 +445,7 @@ def validate(config: TrainConfig) -> None:
         ("rotation", config.rotation >= 0, "must be >= 0"),
         ("color_jitter", config.color_jitter >= 0, "must be >= 0"),
         ("random_erasing", 0.0 <= config.random_erasing <= 1.0, "must be in [0, 1]"),
+        ("invert", config.invert is None or 0.0 <= config.invert <= 1.0, "must be in [0, 1]"),
         ("mixup_alpha", config.mixup_alpha >= 0, "must be >= 0"),
         ("cutmix_alpha", config.cutmix_alpha >= 0, "must be >= 0"),
         ("ema_decay", 0.0 < config.ema_decay < 1.0, "must be in (0, 1)"),

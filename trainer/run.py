@@ -38,6 +38,7 @@ from trainer.data.augment import BatchPreparer, augment_settings, batch_mixer
 from trainer.data.class_balance import ClassBalance, class_balance
 from trainer.data.folders import DatasetSplit, scan_dataset
 from trainer.data.input_pipeline import LoaderSettings, build_pipeline, dataset_fits_cache
+from trainer.data.polarity import InversionChoice, choose_inversion, labelled_sample
 from trainer.data.unlabeled import UnlabeledImages, load_unlabeled_images
 from trainer.errors import CheckpointError, ConfigError
 from trainer.evaluation.chance import warn_if_near_chance
@@ -172,10 +173,11 @@ def _train(
     # Until summary.json is written a re-run with --resume auto completes the run's end.
     stop.enter_stage("the weight interpolation")
     interpolation = interpolate_best(context, parts, outcome.progress)
-    adapted = adapt_and_store_fisher(context, parts, setup.unlabeled, terms, stop)
+    adapted = adapt_and_store_fisher(context, parts, setup, terms, stop)
     stop.enter_stage("calibration")
     calibration = calibrate_best(context, parts.pipeline, parts.step)
     extra = run_facts(context, decided, balance, calibration) | terms.summary() | adapted
+    extra["augment"]["invert"] = setup.inversion.to_dict()
     extra["weight_interpolation"] = interpolation
     stop.enter_stage("the report and export")
     return finish_run(context, outcome.progress, time.perf_counter() - started, extra)
@@ -201,20 +203,21 @@ def run_observers(
 def adapt_and_store_fisher(
     context: RunContext,
     parts: TrainingParts,
-    unlabeled: UnlabeledImages | None,
+    setup: RunSetup,
     terms: PhaseTwoTerms,
     stop: StopRequest,
 ) -> dict[str, Any]:
     """AdaBN as a candidate for ``best.pt`` (with ``--unlabeled-data``), then the Fisher
     information of ``best.pt`` for a later retrain's EWC; the summary's entries of both."""
     adaptation = None
-    if unlabeled is not None:
+    if setup.unlabeled is not None:
         stop.enter_stage("domain adaptation")
         adaptation = adapt_best(
             context,
             parts,
-            unlabeled,
+            setup.unlabeled,
             alignment=terms.alignment_facts(),
+            inversion=setup.inversion.to_dict(),
             entropy_before=terms.entropy_before,
         )
     stop.enter_stage("the Fisher information")
@@ -237,6 +240,7 @@ class RunSetup:
         groups: its layer groups, stem to head.
         phases: the phases the resolved config plans.
         unlabeled: the ``--unlabeled-data`` images, if given.
+        inversion: how often a labelled training image is inverted, and why.
     """
 
     context: RunContext
@@ -246,6 +250,7 @@ class RunSetup:
     groups: list[LayerGroup]
     phases: list[Phase]
     unlabeled: UnlabeledImages | None
+    inversion: InversionChoice
 
 
 def set_up(
@@ -271,6 +276,8 @@ def set_up(
     )
     if resume is not None:
         config = keep_augment_decisions(config, resume)
+    inversion = _inversion(config, split, unlabeled, pre.resize_size)
+    config = dataclasses.replace(config, invert=inversion.probability)
     context = RunContext(
         config=config,
         dist=info,
@@ -281,7 +288,24 @@ def set_up(
     )
     groups = layer_groups(model, config.arch)
     phases = plan_phases(config, [g.name for g in groups])
-    return RunSetup(context, resume, split, model, groups, phases, unlabeled)
+    return RunSetup(context, resume, split, model, groups, phases, unlabeled, inversion)
+
+
+def _inversion(
+    config: TrainConfig, split: DatasetSplit, unlabeled: UnlabeledImages | None, shorter_side: int
+) -> InversionChoice:
+    """``--invert`` as given (or recorded by the run resumed), else from the polarity of the
+    labelled and unlabelled images (``trainer.data.polarity``)."""
+    if config.invert is not None:
+        return InversionChoice(config.invert, "setting")
+    if unlabeled is None:
+        return InversionChoice(0.0, "no unlabelled images")
+    labelled = labelled_sample(
+        split.train, shorter_side=shorter_side, seed=config.seed, threads=os.cpu_count() or 1
+    )
+    choice = choose_inversion(labelled, unlabeled.images)
+    log_event(log, "invert_decision", **choice.to_dict())
+    return choice
 
 
 def build_training_parts(setup: RunSetup) -> tuple[TrainingParts, ClassBalance]:

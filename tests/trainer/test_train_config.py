@@ -36,6 +36,8 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
         ({}, {"val_fraction": "1.5"}, "val_fraction: must be between 0 and 1"),
         ({}, {"unfreeze": "top:zero"}, "unfreeze: must be top:K, all, gradual:N or auto"),
         ({}, {"batch_size": "2.5"}, "--batch-size: invalid literal"),
+        ({}, {"invert": "2"}, "invert: must be in"),
+        ({}, {"invert": "often"}, "--invert: expected a number in"),
         ({}, {"model_name": "../x"}, "model_name"),
         ({}, {"model_name": "_x"}, "model_name: model name '_x' is invalid"),
     ],

@@ -32,14 +32,21 @@ class AugmentSettings:
     color_jitter: float = 0.0
     auto_augment: str = "none"
     random_erasing: float = 0.0
+    invert: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+
+
+def _off(default: Any) -> Any:
+    """The "off" value of a setting whose default is ``default``: 0.0 for a probability or
+    strength, False for a switch."""
+    return 0.0 if isinstance(default, float) else False
 
 
 def augment_settings(values: Mapping[str, Any]) -> AugmentSettings:
     """The settings from config values; a transform not decided yet (None) is off."""
     chosen: dict[str, Any] = {
-        f.name: values[f.name] if values[f.name] is not None else False
+        f.name: values[f.name] if values[f.name] is not None else _off(f.default)
         for f in dataclasses.fields(AugmentSettings)
     }
     return AugmentSettings(**chosen)
@@ -77,6 +84,8 @@ def train_transform(pre: Preprocessing, aug: AugmentSettings) -> v2.Compose:
         steps.append(v2.TrivialAugmentWide())
     elif aug.auto_augment == "rand":
         steps.append(v2.RandAugment())
+    if aug.invert > 0:
+        steps.append(v2.RandomInvert(p=aug.invert))
     if aug.random_erasing > 0:
         steps.append(v2.RandomErasing(p=aug.random_erasing, value=0))
     return v2.Compose(steps)

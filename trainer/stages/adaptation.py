@@ -68,12 +68,13 @@ def unlabeled_eval_batches(
     return unlabeled.eval_crops(eval_transform(pre), batch_size)
 
 
-def adapt_best(
+def adapt_best(  # noqa: PLR0913  the run's parts, and what set-up and phase 2 recorded
     context: RunContext,
     parts: TrainingParts,
     unlabeled: UnlabeledImages,
     *,
     alignment: dict[str, Any] | None,
+    inversion: dict[str, Any],
     entropy_before: float | None,
 ) -> dict[str, Any]:
     """Try AdaBN on ``best.pt``, keep it when val accuracy does not drop, record it all.
@@ -108,6 +109,7 @@ def adapt_best(
     record: dict[str, Any] = {
         "unlabeled_data": unlabeled.facts(),
         "feature_alignment": alignment,
+        "polarity_inversion": inversion,
         "adabn": {
             "kept": kept,
             "reason": reason,

@@ -12,6 +12,7 @@ entropy on the unlabelled images is measured here too, on the model phase 2 star
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -79,7 +80,9 @@ def phase_two_terms(
     guard, choice = _forgetting_guard(config, trained, parts.pipeline.train_images)
     alignment = None
     if unlabeled is not None and config.alignment_weight > 0:
-        transform = train_transform(pre, augment_settings(config.to_dict()))
+        # The unlabelled images are the polarity the labelled ones are inverted toward.
+        aug = dataclasses.replace(augment_settings(config.to_dict()), invert=0.0)
+        transform = train_transform(pre, aug)
         alignment = FeatureAlignment(
             trained.module,
             UnlabeledStream(unlabeled.images, transform, config.batch_size, config.seed),

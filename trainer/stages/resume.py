@@ -70,6 +70,7 @@ MEANING_CHANGING = frozenset(
         "color_jitter",
         "auto_augment",
         "random_erasing",
+        "invert",
         "mixup_alpha",
         "cutmix_alpha",
         "ema",
@@ -110,8 +111,9 @@ SAFE_TO_CHANGE = frozenset(
 # Never taken from the checkpoint: this run's own place and how it found the checkpoint.
 THIS_RUN_ONLY = frozenset({"output", "resume"})
 # An unset value of these means "the run's default", which for a resumed run is the record.
-# ``init`` is decided by the head stage (trainer.stages.init_choice).
-_UNSET_MEANS_RECORDED = RESOLVED_AT_START | DECIDED_BY_PROBE | {"image_size", "init"}
+# ``init`` is decided by the head stage (trainer.stages.init_choice), ``invert`` from the
+# images' polarity at set-up (trainer.data.polarity).
+_UNSET_MEANS_RECORDED = RESOLVED_AT_START | DECIDED_BY_PROBE | {"image_size", "init", "invert"}
 
 
 def recorded_settings(resume: Checkpoint) -> dict[str, Any]:
