@@ -11,5 +11,6 @@ python benchmarks/domain_shift.py
 python benchmarks/export_latency.py
 # The serving path's cost needs Triton's perf_analyzer ($PERF_ANALYZER, docs/benchmarks.md).
 [[ -z ${PERF_ANALYZER:-} ]] || python benchmarks/serve_cost.py
+python benchmarks/grpc_floor.py
 python benchmarks/serve_throughput.py ${KSERVE_PYTHON:+--kserve-python "$KSERVE_PYTHON"}
 python benchmarks/serve_cpu_budget.py

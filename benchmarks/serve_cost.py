@@ -2,7 +2,7 @@
 
 For ResNet-18 at 32 px (the model is cheap, so the serving path's cost shows) the server runs
 as ``serve_throughput.py``'s system (b) (dynamic batching, max batch 8) under Triton's
-perf_analyzer (gRPC, batch 1) at each concurrency. In a measured window:
+perf_analyzer (batch 1) at each concurrency. In a measured window:
 
 - **server CPU per request**: the server process's CPU time (``/proc/PID/stat``, every thread,
   onnxruntime's pool included) over the requests it answered (``inference_requests_total``);
@@ -12,15 +12,21 @@ perf_analyzer (gRPC, batch 1) at each concurrency. In a measured window:
   per image.
 
 The **overhead** is the difference: what receiving, decoding the protobuf, batching, answering
-and counting cost per request beyond the model; the target is at most 0.20 ms.
+and counting cost per request beyond the model; the target is at most 0.20 ms (for gRPC,
+below what grpcio's asyncio layer costs on its own: ``grpc_floor.py``).
 
 ``--baseline REF`` also runs the server of another release (``git archive REF``, the same
 virtual environment) in the same run, alternating with this tree's window by window
 (``--rounds``), and reports both servers' CPU per request and their ratio: the server CPU
 per request is the figure that compares, the model's CPU per image being the same graph.
 
+Each cell runs once per protocol in ``--protocol`` (default both): perf_analyzer over gRPC, and
+over the same server's HTTP/REST listener (the Open Inference Protocol's JSON and binary-data
+bodies; perf_analyzer sends binary data).
+
     .venv/bin/python benchmarks/serve_cost.py \\
-        --perf-analyzer "$(../shared/tools/ensure-perf-analyzer)" [--baseline 4a36ff7 --rounds 2]
+        --perf-analyzer "$(../shared/tools/ensure-perf-analyzer)" \\
+        [--baseline 4a36ff7 --rounds 2] [--protocol grpc]
 
 Prints a table and writes ``bench-output/serve_cost.json``.
 """
@@ -37,6 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,23 +63,34 @@ CASE = ModelCase(name="resnet18_32", arch="resnet18", size=32, num_classes=5, ma
 GOAL_MS = 0.20
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One measured cell: the protocol perf_analyzer speaks and its concurrency."""
+
+    protocol: str
+    concurrency: int
+
+
 def server_window(  # noqa: PLR0913  the tools, the cell and where the server's source is
     repo: Path,
     perf_analyzer: Path,
-    concurrency: int,
+    cell: Cell,
     seconds: float,
     logs: Path,
     source: Path = ROOT,
 ) -> dict[str, float]:
-    """Server CPU ms per request and the mean batch under perf_analyzer at ``concurrency``,
-    for the server whose source tree is ``source``."""
-    port, metrics_port = free_port(), free_port()
-    command = server_command(repo, CASE, port, metrics_port, CASE.max_batch_size)
-    log_path = logs / f"server-{source.name}-c{concurrency}.log"
+    """Server CPU ms per request and the mean batch under perf_analyzer in ``cell``, for the
+    server whose source tree is ``source``."""
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
+    command = server_command(repo, CASE, port, metrics_port, CASE.max_batch_size, http_port)
+    log_path = logs / f"server-{source.name}-{cell.protocol}-c{cell.concurrency}.log"
+    load_port = http_port if cell.protocol == "http" else port
     with running(command, log_path, cwd=source):
         asyncio.run(wait_ready(f"127.0.0.1:{port}", CASE.name, 120, log_path))
         pid = _server_pid(port)
-        load = perf_analyzer_load(perf_analyzer, CASE.name, port, concurrency, seconds + 4.0)
+        load = perf_analyzer_load(
+            perf_analyzer, CASE.name, load_port, cell.concurrency, seconds + 4.0, cell.protocol
+        )
         try:
             time.sleep(3.0)  # past perf_analyzer's start and the first batches' warm-up
             before = (requests_answered(metrics_port), _cpu_seconds(pid))
@@ -129,13 +147,67 @@ def release_tree(ref: str, into: Path) -> Path:
     return tree
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
+def _mean(windows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The mean of each figure over ``windows``."""
+    return {key: sum(w[key] for w in windows) / len(windows) for key in windows[0]}
+
+
+def measure_cell(  # noqa: PLR0913  the tools, the cell, the servers and the options
+    repo: Path,
+    onnx_path: Path,
+    perf_analyzer: Path,
+    cell: Cell,
+    baseline: tuple[str, Path] | None,
+    args: argparse.Namespace,
+    logs: Path,
+) -> dict[str, object]:
+    """One cell's row: this tree's server (and the baseline's, window for window), the model's
+    CPU per image at the mean batch, the overhead and the ratio to the baseline."""
+    sources = {"this": ROOT} | ({"baseline": baseline[1]} if baseline else {})
+    windows: dict[str, list[dict[str, float]]] = {name: [] for name in sources}
+    for _ in range(args.rounds):
+        for name, source in sources.items():
+            windows[name].append(
+                server_window(repo, perf_analyzer, cell, args.seconds, logs, source)
+            )
+    served = _mean(windows["this"])
+    batch = max(1, round(served["mean_server_batch"]))
+    model_ms = model_cpu_ms_per_image(onnx_path, batch, args.seconds / 2)
+    row: dict[str, object] = {
+        "protocol": cell.protocol,
+        "concurrency": cell.concurrency,
+        **served,
+        "model_batch": batch,
+        "model_cpu_ms_per_image": model_ms,
+        "overhead_ms_per_request": served["server_cpu_ms_per_request"] - model_ms,
+        "windows": windows["this"],
+    }
+    label = f"{cell.protocol} c={cell.concurrency}"
+    if baseline:
+        before = _mean(windows["baseline"])
+        ratio = served["server_cpu_ms_per_request"] / before["server_cpu_ms_per_request"]
+        row["baseline"] = {"ref": baseline[0], **before, "windows": windows["baseline"]}
+        row["cpu_per_request_vs_baseline"] = ratio
+        print(
+            f"{label}: baseline {baseline[0]}: {before['requests_per_s']:.0f} req/s, server CPU "
+            f"{before['server_cpu_ms_per_request']:.3f} ms/request; this tree / baseline "
+            f"{ratio:.3f}",
+            flush=True,
+        )
+    print(
+        f"{label}: {served['requests_per_s']:.0f} req/s, mean batch "
+        f"{served['mean_server_batch']:.2f}; server CPU "
+        f"{served['server_cpu_ms_per_request']:.3f} ms/request, model {model_ms:.3f} ms/image "
+        f"at batch {batch}: overhead {row['overhead_ms_per_request']:.3f} ms (goal <= {GOAL_MS})",
+        flush=True,
+    )
+    return row
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--perf-analyzer", type=Path, default=os.environ.get("PERF_ANALYZER"))
+    parser.add_argument("--protocol", nargs="+", choices=["grpc", "http"], default=["grpc", "http"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per cell")
     parser.add_argument(
@@ -147,62 +219,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.perf_analyzer is None or not Path(args.perf_analyzer).is_file():
         print("serve_cost: --perf-analyzer is not set up (see the docstring)", file=sys.stderr)
         return 2
-    rows = []
     with tempfile.TemporaryDirectory(prefix="serve-cost-") as tmp:
         # The baseline first: a bad ref is refused before the model is built.
-        baseline = release_tree(args.baseline, Path(tmp)) if args.baseline else None
+        baseline = (
+            (args.baseline, release_tree(args.baseline, Path(tmp))) if args.baseline else None
+        )
         repo = Path(tmp) / "repository"
         onnx_path = build_repository(repo, CASE)
-        for concurrency in args.concurrency:
-            windows: dict[str, list[dict[str, float]]] = {"this": [], "baseline": []}
-            for _ in range(args.rounds):
-                for name, source in (("this", ROOT), ("baseline", baseline)):
-                    if source is not None:
-                        windows[name].append(
-                            server_window(
-                                repo,
-                                args.perf_analyzer,
-                                concurrency,
-                                args.seconds,
-                                Path(tmp),
-                                source,
-                            )
-                        )
-            served = {key: _mean([w[key] for w in windows["this"]]) for key in windows["this"][0]}
-            batch = max(1, round(served["mean_server_batch"]))
-            model_ms = model_cpu_ms_per_image(onnx_path, batch, args.seconds / 2)
-            row = {
-                "concurrency": concurrency,
-                **served,
-                "model_batch": batch,
-                "model_cpu_ms_per_image": model_ms,
-                "overhead_ms_per_request": served["server_cpu_ms_per_request"] - model_ms,
-                "windows": windows["this"],
-            }
-            if windows["baseline"]:
-                before = {
-                    key: _mean([w[key] for w in windows["baseline"]])
-                    for key in windows["baseline"][0]
-                }
-                row["baseline"] = {"ref": args.baseline, **before, "windows": windows["baseline"]}
-                row["cpu_per_request_vs_baseline"] = (
-                    served["server_cpu_ms_per_request"] / before["server_cpu_ms_per_request"]
-                )
-                print(
-                    f"c={concurrency}: baseline {args.baseline}: {before['requests_per_s']:.0f} "
-                    f"req/s, server CPU {before['server_cpu_ms_per_request']:.3f} ms/request; "
-                    f"this tree / baseline {row['cpu_per_request_vs_baseline']:.3f}",
-                    flush=True,
-                )
-            rows.append(row)
-            print(
-                f"c={concurrency}: {row['requests_per_s']:.0f} req/s, mean batch "
-                f"{row['mean_server_batch']:.2f}; server CPU "
-                f"{row['server_cpu_ms_per_request']:.3f} ms/request, model {model_ms:.3f} "
-                f"ms/image at batch {batch}: overhead "
-                f"{row['overhead_ms_per_request']:.3f} ms (goal <= {GOAL_MS})",
-                flush=True,
+        rows = [
+            measure_cell(
+                repo,
+                onnx_path,
+                args.perf_analyzer,
+                Cell(protocol, concurrency),
+                baseline,
+                args,
+                Path(tmp),
             )
+            for protocol in args.protocol
+            for concurrency in args.concurrency
+        ]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     document = {"case": CASE.name, "load_average_at_end": os.getloadavg(), "rows": rows}
     args.output.write_text(json.dumps(document, indent=2) + "\n")

@@ -176,15 +176,21 @@ def profile_case(  # noqa: PLR0913  one case: the tools, the case, the window, t
     )
 
 
-def perf_analyzer_load(
-    perf_analyzer: Path, model: str, port: int, concurrency: int, seconds: float
+def perf_analyzer_load(  # noqa: PLR0913  the tool, the cell and the protocol
+    perf_analyzer: Path,
+    model: str,
+    port: int,
+    concurrency: int,
+    seconds: float,
+    protocol: str = "grpc",
 ) -> subprocess.Popen[bytes]:
-    """perf_analyzer driving ``model`` over gRPC at batch 1 and ``concurrency``, in windows of
-    ``seconds``, for as long as the caller measures (it terminates it)."""
+    """perf_analyzer driving ``model`` over ``protocol`` (``grpc`` or ``http``, at ``port``) at
+    batch 1 and ``concurrency``, in windows of ``seconds``, for as long as the caller measures
+    (it terminates it)."""
     return subprocess.Popen(
         [
             str(perf_analyzer),
-            *("-m", model, "-u", f"127.0.0.1:{port}", "-i", "grpc", "-b", "1"),
+            *("-m", model, "-u", f"127.0.0.1:{port}", "-i", protocol, "-b", "1"),
             *("--concurrency-range", f"{concurrency}:{concurrency}"),
             *("--measurement-mode", "time_windows", "-p", str(int(seconds * 1000))),
             *("-s", "1000", "-r", "2"),
