@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from trainer_helpers import make_capture_folder, make_image_folder, tiny_config
@@ -305,3 +306,79 @@ def test_with_unlabeled_data_every_layer_trains_without_a_search(
         source, data, tmp_path / "unaligned", unlabeled_data=captures, alignment_weight=0.0
     )
     assert unaligned["finetune_choice"]["unfreeze_source"] == "search"
+
+
+# ---- a real retrain where the winning policy only wins late -----------------------------------
+
+
+def _lab_and_field_digits(root: Path, per_class: int) -> tuple[Path, Path]:
+    """scikit-learn's 8x8 digits at 32 px: ``lab`` white on black, ``grown`` the lab images
+    and as many "field" ones (each digit drawn into a patch of a packaged photograph as
+    ``|patch - 255 * digit|``: bright on dark patches, dark on bright ones)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits, load_sample_images
+
+    digits, photos = load_digits(), load_sample_images().images
+    rng = np.random.default_rng(0)
+    val = per_class // 3
+    for label in range(10):
+        chosen = rng.permutation(np.flatnonzero(digits.target == label))
+        parts = np.split(chosen, np.cumsum([per_class, val, per_class, val]))[:4]
+        places = (("train", "lab"), ("val", "lab"), ("train", "field"), ("val", "field"))
+        for (split, origin), indices in zip(places, parts, strict=True):
+            for i in indices:
+                digit = Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8))
+                ink = np.asarray(digit.resize((32, 32), Image.BILINEAR), dtype=np.float32) / 255
+                if origin == "lab":
+                    pixels = np.repeat((ink * 255).astype(np.uint8)[..., None], 3, axis=2)
+                else:
+                    photo = photos[rng.integers(len(photos))]
+                    y, x = (
+                        rng.integers(0, photo.shape[0] - 32),
+                        rng.integers(0, photo.shape[1] - 32),
+                    )
+                    patch = photo[y : y + 32, x : x + 32].astype(np.float32)
+                    pixels = np.abs(patch - 255 * ink[..., None]).astype(np.uint8)
+                folders = [root / "grown"] + ([root / "lab"] if origin == "lab" else [])
+                for folder in folders:
+                    target = folder / split / f"digit-{label}"
+                    target.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(pixels).save(target / f"{origin}-{i}.png")
+    return root / "lab", root / "grown"
+
+
+@pytest.mark.slow
+def test_a_policy_that_only_wins_late_is_what_phase_2_runs_and_it_wins(tmp_path: Path) -> None:
+    # The loop's retrain in miniature (benchmarks/domain_shift.py's retrain row): a model of
+    # the lab images retrained on lab + field images. The probe on its lab features scores
+    # 0.80; every trial the search can afford scores below it (retraining every layer fast
+    # wrecks the probe first: about 0.2 after 8 steps), so the search alone would keep the
+    # probe. The late winner runs instead, and overtakes the probe after a few epochs.
+    lab, grown = _lab_and_field_digits(tmp_path / "data", per_class=20)
+    train(tiny_config(lab, tmp_path / "lab-run", finetune_epochs=8, batch_size=16, calibrate="off"))
+    summary = train(
+        tiny_config(
+            grown,
+            tmp_path / "retrain",
+            weights=str(tmp_path / "lab-run" / "checkpoints" / "best.pt"),
+            init="weights",
+            head_epochs=1,
+            finetune_epochs=8,
+            batch_size=16,
+            calibrate="off",
+        )
+    )
+    choice, probe = summary["finetune_choice"], summary["head_phase"]["val_accuracy"]
+    trials = {(t["name"], t["rung"]): t["val_accuracy"] for t in choice["trials"]}
+    assert trials[("all flat", 0)] < probe - 0.3  # the trial saw it wreck the probe
+    assert max(trials.values()) <= probe
+    assert (choice["unfreeze"], choice["lr_decay"], choice["lr_source"]) == ("all", 1.0, "head lr")
+    assert choice["reason"].startswith("all flat: no trial beat the probe")
+    epochs = [
+        json.loads(line)["val_accuracy"]
+        for line in (tmp_path / "retrain" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["phase"] == "finetune"
+    ]
+    assert epochs[0] < probe  # it starts below the probe ...
+    assert max(epochs) >= probe + 0.04  # ... and wins
+    assert summary["best_val_accuracy"] == pytest.approx(max(epochs))
