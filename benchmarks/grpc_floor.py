@@ -25,10 +25,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from protocol.inference import grpc_service_pb2 as pb  # noqa: E402  after the path
+from protocol.inference import grpc_service_pb2 as pb
 
 SERVICE, METHOD = "inference.GRPCInferenceService", "ModelInfer"
 IMAGE_BYTES = 32 * 32 * 3
